@@ -1,0 +1,5 @@
+"""`python -m eucareg` runs the command line."""
+
+from eucareg.cli import main
+
+main()

@@ -1,0 +1,434 @@
+"""The per-host agent: announces this host's components, collects their credentials, and runs
+the registrar (with its HTTP API) when the host holds the CLC or a CC.
+
+All of it shares one asyncio loop with python-zeroconf and aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from cryptography import x509
+
+from eucareg import credentials as cred
+from eucareg import txt
+from eucareg.api import SIGNATURE_HEADER, build_app
+from eucareg.config import ComponentConfig, Config, usable_addresses
+from eucareg.mdns import Change, ServiceSpec, Sighting, ZeroconfBackend
+from eucareg.model import AnnouncedState, Announcement, Role
+from eucareg.policy import RegistrarSettings
+from eucareg.registrar import Issuer, Registrar, Timing
+from eucareg.store import Store, sqlite_url
+
+log = logging.getLogger(__name__)
+
+LONG_POLL = 25.0  # seconds a collector waits inside one credential request
+COLLECT_RETRY_MAX = 30.0
+
+
+@dataclass
+class Identity:
+    """A component's own stable id and key pair, made at first start."""
+
+    component_id: str
+    key: cred.PrivateKey
+    fingerprint: str
+
+
+def load_or_create_identity(state_dir: Path, role: Role) -> Identity:
+    directory = state_dir / "identity"
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    id_file = directory / f"{role.value}.id"
+    if id_file.exists():
+        component_id = id_file.read_text().strip()
+        if not txt.COMPONENT_ID_RE.match(component_id):
+            raise cred.CredentialError(f"{id_file} holds no valid component id")
+    else:
+        component_id = f"{role.value}-{uuid.uuid4().hex[:12]}"
+        cred.write_atomic(id_file, component_id.encode() + b"\n", mode=0o644)
+    key = cred.load_or_create_key(directory / f"{role.value}.key.pem")
+    return Identity(component_id, key, cred.fingerprint(key.public_key()))
+
+
+def ensure_cloud_ca(key_dir: Path, identity: Identity) -> x509.Certificate:
+    """The CLC's cloud CA: cloud-cert.pem certifies the CLC's own key, made once."""
+    cert_path = key_dir / cred.CLOUD_CERT
+    if cert_path.exists():
+        cert = cred.load_cert(cert_path)
+        if cred.cert_fingerprint(cert) == identity.fingerprint:
+            return cert
+        raise cred.CredentialError(f"{cert_path} does not belong to this CLC's key")
+    cert = cred.create_cloud_ca(identity.key, identity.component_id)
+    cred.write_atomic(key_dir / cred.LAYOUTS[Role.CLC].key, cred.key_pem(identity.key))
+    cred.write_atomic(cert_path, cred.cert_pem(cert).encode(), mode=0o644)
+    return cert
+
+
+@dataclass
+class Endpoint:
+    address: str
+    port: int
+    component_id: str
+
+
+@dataclass
+class ComponentRuntime:
+    config: ComponentConfig
+    identity: Identity
+    registered: bool = False
+    announced: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def role(self) -> Role:
+        return self.config.role
+
+
+class Agent:
+    """Everything one host runs, started and stopped as a unit."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.components = [
+            ComponentRuntime(c, load_or_create_identity(config.state_dir, c.role))
+            for c in config.components
+        ]
+        self.backend = ZeroconfBackend(ipv6=config.ipv6)
+        self.store: Store | None = None
+        self.registrar: Registrar | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._clc: dict[str, Endpoint] = {}  # instance -> CLC endpoint
+        self._clusters: dict[str, tuple[str, Endpoint]] = {}  # instance -> (cluster, endpoint)
+        self._registrars_changed = asyncio.Event()
+        self._cloud_cert: x509.Certificate | None = None
+        self._stopping = asyncio.Event()
+
+    def runtime(self, role: Role) -> ComponentRuntime | None:
+        return next((c for c in self.components if c.role is role), None)
+
+    # -- startup --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        clc = self.runtime(Role.CLC)
+        if clc is not None:
+            self._cloud_cert = ensure_cloud_ca(cfg.key_dir, clc.identity)
+        for comp in self.components:
+            comp.registered = self._credentials_present(comp)
+        if cfg.runs_registrar:
+            await self._start_registrar()
+        await self.backend.start()
+        self.backend.watch(self._on_sighting)
+        if self.registrar is not None:
+            self.backend.watch(self.registrar.on_sighting)
+        for comp in self.components:
+            self._tasks.append(asyncio.create_task(self._announce_loop(comp)))
+            if comp.role is not Role.CLC:
+                self._tasks.append(asyncio.create_task(self._collect_loop(comp)))
+        log.info(
+            "agent started: %s",
+            ", ".join(f"{c.role.value}={c.identity.component_id}" for c in self.components),
+        )
+
+    async def _start_registrar(self) -> None:
+        cfg = self.config
+        cc = self.runtime(Role.CC)
+        registers: set[Role] = set()
+        if self.runtime(Role.CLC) is not None:
+            registers |= {Role.WALRUS, Role.CC, Role.SC}
+        if cc is not None:
+            registers.add(Role.NC)
+        settings = RegistrarSettings(
+            registers=frozenset(registers),
+            own_cluster=cc.config.cluster if cc else None,
+            observes_unmatched_nodes=self.runtime(Role.CLC) is not None,
+        )
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(sqlite_url(cfg.database))
+        self.registrar = Registrar(
+            self.store,
+            settings,
+            hook_dir=cfg.hook_dir,
+            timing=Timing(cfg.pending_timeout, cfg.hook_timeout, cfg.retry_base, cfg.retry_max),
+            issuer_for=self._issuer_for,
+            self_registered=lambda: cc is not None and cc.registered,
+        )
+        self.registrar.resume()
+        app = build_app(self.registrar, self.local_components)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host=None, port=cfg.api_port, reuse_address=True)
+        await site.start()
+        log.info("registrar API listening on port %d", cfg.api_port)
+
+    def local_components(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "role": c.role.value,
+                "component_id": c.identity.component_id,
+                "cluster": c.config.cluster,
+                "address": str(c.config.address),
+                "fingerprint": c.identity.fingerprint,
+                "registered": c.registered,
+                "announced": c.announced,
+            }
+            for c in self.components
+        ]
+
+    def _issuer_for(self, role: Role) -> Issuer | None:
+        if role is Role.NC:
+            cc = self.runtime(Role.CC)
+            if cc is None or not cc.registered:
+                return None
+            key_dir = self.config.key_dir
+            return Issuer(
+                key=cc.identity.key,
+                cert=cred.load_cert(key_dir / cred.LAYOUTS[Role.CC].cert),
+                cloud_cert=cred.load_cert(key_dir / cred.CLOUD_CERT),
+            )
+        clc = self.runtime(Role.CLC)
+        if clc is None or self._cloud_cert is None:
+            return None
+        return Issuer(key=clc.identity.key, cert=self._cloud_cert, cloud_cert=self._cloud_cert)
+
+    def _credentials_present(self, comp: ComponentRuntime) -> bool:
+        return cred.credentials_present(self.config.key_dir, comp.role, comp.identity.key)
+
+    # -- announcing -----------------------------------------------------------------------
+
+    def _spec(self, comp: ComponentRuntime) -> ServiceSpec:
+        cfg = self.config
+        registered = comp.role is Role.CLC or comp.registered
+        state = (
+            AnnouncedState.REGISTERED
+            if comp.role is Role.CC and registered
+            else AnnouncedState.READY
+        )
+        serves_api = comp.role is Role.CLC or (comp.role is Role.CC and registered)
+        record = txt.encode(
+            role=comp.role,
+            component_id=comp.identity.component_id,
+            cluster=comp.config.cluster,
+            state=state,
+            address=comp.config.address,
+            fingerprint=comp.identity.fingerprint,
+            api_port=cfg.api_port if serves_api else None,
+            eucavers=cfg.eucavers,
+        )
+        # A registered CC announces on all its interfaces (design), so offer every address.
+        addresses = (
+            tuple(sorted({str(comp.config.address), *map(str, usable_addresses())}))
+            if comp.role is Role.CC and registered
+            else (str(comp.config.address),)
+        )
+        return ServiceSpec(
+            instance=f"{comp.role.txt_type}-{comp.identity.component_id}",
+            port=cfg.api_port,
+            txt=record,
+            addresses=addresses,
+            server=f"eucareg-{str(comp.config.address).replace('.', '-').replace(':', '-')}.local.",
+        )
+
+    async def _preconditions(self, comp: ComponentRuntime) -> str | None:
+        """Why this component must not announce now, or None when it may."""
+        installed = comp.config.installed
+        if installed is not None and not installed.exists():
+            return f"not installed ({installed} is missing)"
+        sshd = self.config.sshd
+        if sshd is not None and not await sshd_answers(*sshd):
+            return f"sshd does not answer on {sshd[0]}:{sshd[1]}"
+        return None
+
+    async def _announce_loop(self, comp: ComponentRuntime) -> None:
+        last_problem: str | None = "startup"
+        while not self._stopping.is_set():
+            if comp.role is not Role.CLC:
+                present = self._credentials_present(comp)
+                if present != comp.registered:
+                    self._set_registered(comp, present)
+            problem = await self._preconditions(comp)
+            if problem is None:
+                await self.backend.publish(self._spec(comp))
+                comp.announced = True
+                if last_problem is not None:
+                    log.info("announcing %s %s", comp.role.value, comp.identity.component_id)
+            elif comp.announced or last_problem == "startup":
+                await self.backend.withdraw(self._spec(comp).instance)
+                comp.announced = False
+                log.info("not announcing %s: %s", comp.role.value, problem)
+            last_problem = problem
+            comp.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(comp.wake.wait(), self.config.recheck_interval)
+
+    def _set_registered(self, comp: ComponentRuntime, registered: bool) -> None:
+        comp.registered = registered
+        log.info(
+            "%s %s is %s",
+            comp.role.value,
+            comp.identity.component_id,
+            "registered" if registered else "no longer registered (credentials missing)",
+        )
+        comp.wake.set()
+        if comp.role is Role.CC and self.registrar is not None and registered:
+            self.registrar.self_registration_changed()
+
+    # -- finding registrars ---------------------------------------------------------------
+
+    def _on_sighting(self, sighting: Sighting) -> None:
+        if sighting.change is Change.REMOVED:
+            changed = bool(self._clc.pop(sighting.instance, None)) or bool(
+                self._clusters.pop(sighting.instance, None)
+            )
+        else:
+            ann = txt.decode(sighting.instance, sighting.txt)
+            if not isinstance(ann, Announcement) or ann.api_port is None:
+                return
+            endpoint = Endpoint(str(ann.address), ann.api_port, ann.component_id)
+            if ann.role is Role.CLC:
+                self._clc[sighting.instance] = endpoint
+                changed = True
+            elif ann.role is Role.CC and ann.state is AnnouncedState.REGISTERED and ann.cluster:
+                self._clusters[sighting.instance] = (ann.cluster, endpoint)
+                changed = True
+            else:
+                changed = False
+        if changed:
+            self._registrars_changed.set()
+
+    def _registrar_for(self, comp: ComponentRuntime) -> Endpoint | None:
+        if comp.role is Role.NC:
+            return next(
+                (ep for cluster, ep in self._clusters.values() if cluster == comp.config.cluster),
+                None,
+            )
+        if len(self._clc) > 1:
+            log.warning("more than one CLC announces itself: %s", list(self._clc))
+        return next(iter(self._clc.values()), None)
+
+    # -- collecting credentials -----------------------------------------------------------
+
+    async def _collect_loop(self, comp: ComponentRuntime) -> None:
+        delay = 1.0
+        timeout = aiohttp.ClientTimeout(total=LONG_POLL + 10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while not self._stopping.is_set():
+                if comp.registered or not comp.announced:
+                    await self._sleep(comp.wake, self.config.recheck_interval)
+                    continue
+                endpoint = self._registrar_for(comp)
+                if endpoint is None:
+                    self._registrars_changed.clear()
+                    await self._sleep(self._registrars_changed, self.config.recheck_interval)
+                    continue
+                try:
+                    done = await self._collect_once(session, comp, endpoint)
+                    delay = 1.0
+                except (aiohttp.ClientError, TimeoutError, cred.CredentialError, ValueError) as exc:
+                    log.warning(
+                        "collecting credentials for %s from %s:%d failed: %s",
+                        comp.identity.component_id,
+                        endpoint.address,
+                        endpoint.port,
+                        exc or type(exc).__name__,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(COLLECT_RETRY_MAX, delay * 2)
+                    continue
+                if done:
+                    self._set_registered(comp, True)
+
+    async def _collect_once(
+        self, session: aiohttp.ClientSession, comp: ComponentRuntime, endpoint: Endpoint
+    ) -> bool:
+        body = json.dumps(
+            {
+                "component_id": comp.identity.component_id,
+                "public_key": cred.public_pem(comp.identity.key.public_key()),
+                "timestamp": time.time(),
+                "nonce": secrets.token_hex(16),
+            }
+        ).encode()
+        headers = {
+            SIGNATURE_HEADER: cred.sign(comp.identity.key, body),
+            "Content-Type": "application/json",
+        }
+        url = f"http://{endpoint.address}:{endpoint.port}/v1/credentials?wait={LONG_POLL:g}"
+        async with session.post(url, data=body, headers=headers) as response:
+            data = await response.json(content_type=None)
+            if response.status == 202:
+                log.debug("%s not registered yet: %s", comp.identity.component_id, data)
+                return False
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status}: {data.get('error', data)}")
+        files = cred.verify_bundle(data["files"], comp.role, comp.identity.key)
+        cred.write_credentials(self.config.key_dir, comp.role, files)
+        log.info(
+            "credentials for %s %s written to %s",
+            comp.role.value,
+            comp.identity.component_id,
+            self.config.key_dir,
+        )
+        return True
+
+    @staticmethod
+    async def _sleep(event: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.backend.close()
+        if self.registrar is not None:
+            await self.registrar.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.store is not None:
+            self.store.close()
+        log.info("agent stopped")
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+async def sshd_answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when an SSH server answers with its banner (the design's "sshd is running")."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        banner = await asyncio.wait_for(reader.readline(), timeout)
+    except (OSError, TimeoutError):
+        banner = b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return banner.startswith(b"SSH-")

@@ -1,0 +1,316 @@
+"""The agent's configuration file (TOML): parsing, defaults and validation.
+
+Every problem is reported as a ConfigError naming the key and the reason, and the agent does not
+start. docs/configuration.md documents each key; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ifaddr
+
+from eucareg.model import IPAddress, Role
+from eucareg.txt import CLUSTER_RE, address_problem
+
+DEFAULT_STATE_DIR = Path("/var/lib/eucareg")
+DEFAULT_HOOK_DIR = Path("/etc/eucareg/hooks")
+DEFAULT_API_PORT = 8780
+DEFAULT_SSHD = "127.0.0.1:22"
+DEFAULT_EUCAVERS = "3.4"
+
+# dpkg keeps a file list for every installed package; its presence means "installed".
+PACKAGES = {
+    Role.CLC: "eucalyptus-cloud",
+    Role.WALRUS: "eucalyptus-walrus",
+    Role.CC: "eucalyptus-cc",
+    Role.SC: "eucalyptus-sc",
+    Role.NC: "eucalyptus-nc",
+}
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file, the key and the reason."""
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    role: Role
+    cluster: str | None
+    address: IPAddress
+    # Path whose existence means "installed", or None to skip the check.
+    installed: Path | None
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path | None
+    address: IPAddress
+    state_dir: Path
+    key_dir: Path
+    hook_dir: Path
+    api_port: int
+    eucavers: str
+    sshd: tuple[str, int] | None
+    recheck_interval: float
+    pending_timeout: float
+    hook_timeout: float
+    retry_base: float
+    retry_max: float
+    ipv6: bool
+    log_level: str
+    log_format: str
+    components: tuple[ComponentConfig, ...] = field(default_factory=tuple)
+
+    def component(self, role: Role) -> ComponentConfig | None:
+        return next((c for c in self.components if c.role is role), None)
+
+    @property
+    def runs_registrar(self) -> bool:
+        return any(c.role in (Role.CLC, Role.CC) for c in self.components)
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "registry.db"
+
+
+def parse_duration(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration such as '30s', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ConfigError(f"{key}: expected a duration such as '30s', '5m' or '1h', got {value!r}")
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be longer than zero, got {value!r}")
+    return seconds
+
+
+def usable_addresses() -> list[IPAddress]:
+    """This host's addresses that may be announced: no loopback, no link-local (lesson L3)."""
+    found: list[IPAddress] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            raw = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            try:
+                address = ipaddress.ip_address(raw)
+            except ValueError:
+                continue
+            if address.version == 4 and address_problem(address) is None:
+                found.append(address)
+    return sorted(set(found), key=str)
+
+
+def load(path: Path) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return from_mapping(raw, source=path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+_TOP_KEYS = {
+    "address",
+    "state_dir",
+    "key_dir",
+    "hook_dir",
+    "api_port",
+    "eucalyptus_version",
+    "log_level",
+    "log_format",
+    "preconditions",
+    "registrar",
+    "mdns",
+    "components",
+}
+
+
+def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
+    _no_unknown(raw, _TOP_KEYS, "")
+    address = _address(raw.get("address"), "address", auto=True)
+    state_dir = _path(raw.get("state_dir", DEFAULT_STATE_DIR), "state_dir")
+    key_dir = _path(raw.get("key_dir", state_dir / "keys"), "key_dir")
+    hook_dir = _path(raw.get("hook_dir", DEFAULT_HOOK_DIR), "hook_dir")
+    api_port = raw.get("api_port", DEFAULT_API_PORT)
+    if not isinstance(api_port, int) or isinstance(api_port, bool) or not 0 < api_port < 65536:
+        raise ConfigError(f"api_port: expected a TCP port number (1-65535), got {api_port!r}")
+    eucavers = _string(raw.get("eucalyptus_version", DEFAULT_EUCAVERS), "eucalyptus_version")
+    log_level = _choice(raw.get("log_level", "info"), "log_level", ("debug", "info", "warning"))
+    log_format = _choice(raw.get("log_format", "text"), "log_format", ("text", "json"))
+
+    pre = _table(raw.get("preconditions", {}), "preconditions")
+    _no_unknown(pre, {"sshd", "recheck_interval"}, "preconditions.")
+    sshd = _sshd(pre.get("sshd", DEFAULT_SSHD))
+    recheck = parse_duration(pre.get("recheck_interval", "5s"), "preconditions.recheck_interval")
+
+    reg = _table(raw.get("registrar", {}), "registrar")
+    _no_unknown(reg, {"pending_timeout", "hook_timeout", "retry_base", "retry_max"}, "registrar.")
+    mdns = _table(raw.get("mdns", {}), "mdns")
+    _no_unknown(mdns, {"ipv6"}, "mdns.")
+    ipv6 = mdns.get("ipv6", False)
+    if not isinstance(ipv6, bool):
+        raise ConfigError(f"mdns.ipv6: expected true or false, got {ipv6!r}")
+
+    components = _components(raw.get("components"), address)
+    return Config(
+        source=source,
+        address=address,
+        state_dir=state_dir,
+        key_dir=key_dir,
+        hook_dir=hook_dir,
+        api_port=api_port,
+        eucavers=eucavers,
+        sshd=sshd,
+        recheck_interval=recheck,
+        pending_timeout=parse_duration(
+            reg.get("pending_timeout", "1h"), "registrar.pending_timeout"
+        ),
+        hook_timeout=parse_duration(reg.get("hook_timeout", "60s"), "registrar.hook_timeout"),
+        retry_base=parse_duration(reg.get("retry_base", "2s"), "registrar.retry_base"),
+        retry_max=parse_duration(reg.get("retry_max", "5m"), "registrar.retry_max"),
+        ipv6=ipv6,
+        log_level=log_level,
+        log_format=log_format,
+        components=components,
+    )
+
+
+def _components(raw: Any, host_address: IPAddress) -> tuple[ComponentConfig, ...]:
+    if raw is None:
+        raise ConfigError("components: required; name at least one of clc, walrus, cc, sc, nc")
+    table = _table(raw, "components")
+    if not table:
+        raise ConfigError("components: empty; name at least one of clc, walrus, cc, sc, nc")
+    out = []
+    for name, body in table.items():
+        try:
+            role = Role(name)
+        except ValueError:
+            raise ConfigError(
+                f"components.{name}: unknown component; expected clc, walrus, cc, sc or nc"
+            ) from None
+        key = f"components.{name}"
+        body = _table(body, key)
+        _no_unknown(body, {"cluster", "address", "installed"}, f"{key}.")
+        cluster = body.get("cluster")
+        if role.needs_cluster:
+            if cluster is None:
+                raise ConfigError(f"{key}.cluster: required for a {name} (the cluster it serves)")
+            if not isinstance(cluster, str) or not CLUSTER_RE.match(cluster):
+                raise ConfigError(
+                    f"{key}.cluster: {cluster!r} is not a cluster name "
+                    "(letters, digits, '.', '_' and '-', at most 64)"
+                )
+        elif cluster is not None:
+            raise ConfigError(f"{key}.cluster: a {name} belongs to no cluster; remove the key")
+        address = (
+            _address(body["address"], f"{key}.address", auto=False)
+            if "address" in body
+            else host_address
+        )
+        installed_raw = body.get("installed", f"/var/lib/dpkg/info/{PACKAGES[role]}.list")
+        if installed_raw is True:
+            installed = None
+        elif isinstance(installed_raw, str) and installed_raw:
+            installed = Path(installed_raw)
+        else:
+            raise ConfigError(
+                f"{key}.installed: expected a path or true (skip the check), got {installed_raw!r}"
+            )
+        out.append(ComponentConfig(role, cluster, address, installed))
+    clusters = {c.cluster for c in out if c.role is Role.CC}
+    for comp in out:
+        if comp.role is Role.NC and clusters and comp.cluster not in clusters:
+            raise ConfigError(
+                f"components.nc.cluster: {comp.cluster!r} differs from this host's CC cluster"
+            )
+    return tuple(out)
+
+
+def _no_unknown(table: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (allowed here: {', '.join(sorted(allowed))})"
+        )
+
+
+def _table(value: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table, got {value!r}")
+    return value
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _path(value: Any, key: str) -> Path:
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a path, got {value!r}")
+    path = Path(value)
+    if not path.is_absolute():
+        raise ConfigError(f"{key}: {value!r} must be an absolute path")
+    return path
+
+
+def _address(value: Any, key: str, *, auto: bool) -> IPAddress:
+    if value is None and auto:
+        candidates = usable_addresses()
+        if len(candidates) == 1:
+            return candidates[0]
+        listed = ", ".join(map(str, candidates)) or "none"
+        raise ConfigError(
+            f"{key}: not set, and this host has {len(candidates)} usable addresses ({listed}); "
+            "set the preferred one, eucareg never guesses between addresses"
+        )
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected an IP address string, got {value!r}")
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} is not an IP address") from None
+    problem = address_problem(address)
+    if problem is not None:
+        raise ConfigError(f"{key}: {value} {problem}; it cannot be registered")
+    return address
+
+
+def _sshd(value: Any) -> tuple[str, int] | None:
+    if value is False:
+        return None
+    if isinstance(value, str) and ":" in value:
+        host, _, port = value.rpartition(":")
+        if port.isdigit() and 0 < int(port) < 65536 and host:
+            return host.strip("[]"), int(port)
+    raise ConfigError(
+        f"preconditions.sshd: expected 'HOST:PORT' of the local sshd, or false, got {value!r}"
+    )

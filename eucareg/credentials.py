@@ -1,0 +1,355 @@
+"""Keys and credentials: component key pairs, the cloud CA, and the Eucalyptus key layout.
+
+Each component's certificate certifies the key pair the component made itself, so no private key
+ever leaves the host that made it: registrars hand out certificates only (see docs/security.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+from eucareg.model import Role
+
+KEY_BITS = 2048  # what Eucalyptus's own tools generate and expect
+CA_LIFETIME = datetime.timedelta(days=20 * 365)
+CERT_LIFETIME = datetime.timedelta(days=5 * 365)
+
+PrivateKey = rsa.RSAPrivateKey
+PublicKey = rsa.RSAPublicKey
+
+
+class CredentialError(Exception):
+    """A key, certificate or bundle is missing, malformed, or does not verify."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """File names of one role's credentials in the Eucalyptus key directory."""
+
+    cert: str  # this component's own certificate
+    key: str  # this component's own private key
+    issuer: str | None  # certificate of whoever signed `cert`, when that is not the cloud CA
+
+
+LAYOUTS: Mapping[Role, Layout] = {
+    Role.CLC: Layout("cloud-cert.pem", "cloud-pk.pem", None),
+    Role.WALRUS: Layout("walrus-cert.pem", "walrus-pk.pem", None),
+    Role.CC: Layout("cluster-cert.pem", "cluster-pk.pem", None),
+    Role.SC: Layout("sc-cert.pem", "sc-pk.pem", None),
+    Role.NC: Layout("node-cert.pem", "node-pk.pem", "cluster-cert.pem"),
+}
+CLOUD_CERT = "cloud-cert.pem"
+
+
+def required_files(role: Role) -> list[str]:
+    """Every file a registered component of `role` holds."""
+    layout = LAYOUTS[role]
+    files = [CLOUD_CERT, layout.cert, layout.key]
+    if layout.issuer:
+        files.append(layout.issuer)
+    return sorted(set(files))
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def generate_key() -> PrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+
+
+def key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def public_pem(key: PublicKey) -> str:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def load_public_pem(data: str) -> PublicKey:
+    try:
+        key = serialization.load_pem_public_key(data.encode())
+    except ValueError as exc:
+        raise CredentialError(f"not a PEM public key: {exc}") from exc
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise CredentialError("only RSA public keys are accepted")
+    return key
+
+
+def fingerprint(key: PublicKey) -> str:
+    """sha256 over the DER SubjectPublicKeyInfo, as announced in `fp=`."""
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def load_key(path: Path) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise CredentialError(f"cannot read private key {path}: {exc}") from exc
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise CredentialError(f"{path} is not an RSA private key")
+    return key
+
+
+def load_or_create_key(path: Path) -> PrivateKey:
+    """The component's own key pair, made once at first start and kept 0600."""
+    if path.exists():
+        return load_key(path)
+    key = generate_key()
+    write_atomic(path, key_pem(key))
+    return key
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write a file so that readers see either the old content or all of the new."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# -- certificates ----------------------------------------------------------------------------
+
+
+def _name(common_name: str, unit: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "eucareg"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def create_cloud_ca(key: PrivateKey, cloud_id: str) -> x509.Certificate:
+    """The self-signed cloud CA held by the CLC (cloud-cert.pem)."""
+    now = datetime.datetime.now(datetime.UTC)
+    name = _name(f"cloud {cloud_id}", "cloud")
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def issue_certificate(
+    *,
+    issuer_key: PrivateKey,
+    issuer_cert: x509.Certificate,
+    subject_key: PublicKey,
+    role: Role,
+    component_id: str,
+    cluster: str | None,
+) -> x509.Certificate:
+    """Certify a component's own public key for its role; a CC's certificate may sign NCs."""
+    now = datetime.datetime.now(datetime.UTC)
+    label = f"{role.txt_type} {cluster}" if cluster else role.txt_type
+    is_ca = role is Role.CC
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{label} {component_id}", role.txt_type))
+        .issuer_name(issuer_cert.subject)
+        .public_key(subject_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + CERT_LIFETIME)
+        .add_extension(
+            x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), critical=True
+        )
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=is_ca,
+                crl_sign=is_ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+def cert_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def load_cert_pem(data: str | bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(data.encode() if isinstance(data, str) else data)
+    except ValueError as exc:
+        raise CredentialError(f"not a PEM certificate: {exc}") from exc
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    try:
+        return load_cert_pem(path.read_bytes())
+    except OSError as exc:
+        raise CredentialError(f"cannot read certificate {path}: {exc}") from exc
+
+
+def cert_fingerprint(cert: x509.Certificate) -> str:
+    """Fingerprint of the key a certificate certifies (how tokens pin a CA)."""
+    public = cert.public_key()
+    if not isinstance(public, rsa.RSAPublicKey):
+        raise CredentialError("certificate key is not RSA")
+    return fingerprint(public)
+
+
+def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise CredentialError(f"{what} is not signed by {issuer.subject.rfc4514_string()}") from exc
+
+
+# -- bundles ---------------------------------------------------------------------------------
+
+
+def verify_bundle(files: Mapping[str, str], role: Role, own_key: PrivateKey) -> dict[str, bytes]:
+    """Check a credential bundle received from a registrar; return the files to write.
+
+    The bundle must certify exactly our own key and chain up to the cloud CA in it, so a
+    registrar cannot hand us someone else's identity or a certificate it made up.
+    """
+    layout = LAYOUTS[role]
+    expected = {CLOUD_CERT, layout.cert} | ({layout.issuer} if layout.issuer else set())
+    missing = expected - set(files)
+    if missing:
+        raise CredentialError(f"bundle lacks {', '.join(sorted(missing))}")
+    cloud = load_cert_pem(files[CLOUD_CERT])
+    own = load_cert_pem(files[layout.cert])
+    own_public = own.public_key()
+    if not isinstance(own_public, rsa.RSAPublicKey) or fingerprint(own_public) != fingerprint(
+        own_key.public_key()
+    ):
+        raise CredentialError(f"{layout.cert} does not certify this component's key")
+    _check_signed_by(cloud, cloud, CLOUD_CERT)
+    if layout.issuer:
+        issuer = load_cert_pem(files[layout.issuer])
+        _check_signed_by(issuer, cloud, layout.issuer)
+        _check_signed_by(own, issuer, layout.cert)
+    else:
+        _check_signed_by(own, cloud, layout.cert)
+    out = {name: files[name].encode() for name in expected}
+    out[layout.key] = key_pem(own_key)
+    return out
+
+
+def write_credentials(key_dir: Path, role: Role, files: Mapping[str, bytes]) -> None:
+    """Write a verified bundle; the role's own certificate goes last, as the 'registered' mark."""
+    own_cert = LAYOUTS[role].cert
+    for name in sorted(files):
+        if name != own_cert:
+            write_atomic(key_dir / name, files[name])
+    write_atomic(key_dir / own_cert, files[own_cert])
+
+
+def credentials_present(key_dir: Path, role: Role, own_key: PrivateKey) -> bool:
+    """Key presence, as the design defines registration: every file there, certifying our key."""
+    layout = LAYOUTS[role]
+    if not all((key_dir / name).is_file() for name in required_files(role)):
+        return False
+    try:
+        own = load_cert(key_dir / layout.cert)
+        stored_key = load_key(key_dir / layout.key)
+    except CredentialError:
+        return False
+    own_public = own.public_key()
+    mine = fingerprint(own_key.public_key())
+    return (
+        isinstance(own_public, rsa.RSAPublicKey)
+        and fingerprint(own_public) == mine
+        and fingerprint(stored_key.public_key()) == mine
+    )
+
+
+# -- signed requests -------------------------------------------------------------------------
+
+
+def sign(key: PrivateKey, body: bytes) -> str:
+    signature = key.sign(
+        body,
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
+        hashes.SHA256(),
+    )
+    return base64.b64encode(signature).decode()
+
+
+def verify(public_key: PublicKey, body: bytes, signature_b64: str) -> bool:
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+        public_key.verify(
+            signature,
+            body,
+            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
+            hashes.SHA256(),
+        )
+    except (ValueError, InvalidSignature):
+        return False
+    return True

@@ -1,0 +1,206 @@
+"""mDNS/DNS-SD announce and browse, behind a small interface with a python-zeroconf backend.
+
+The rest of eucareg sees only ServiceSpec (what to publish) and Sighting (what was heard), so a
+second backend (the host's avahi-daemon over D-Bus) can replace this one without other changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from eucareg.txt import SERVICE_TYPE
+
+log = logging.getLogger(__name__)
+
+# Bursts of hundreds of announcements overflow the default 208 KiB receive buffer.
+RECEIVE_BUFFER = 4 * 1024 * 1024
+RESOLVE_TIMEOUT_MS = 3000
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One service to publish. `instance` is a label only; identity lives in `txt`."""
+
+    instance: str
+    port: int
+    txt: Mapping[str, str]
+    addresses: tuple[str, ...]
+    server: str  # the responder's host name, e.g. "eucareg-3f2a9c.local."
+
+
+class Change(StrEnum):
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """What a browser heard: one service instance appearing, changing or leaving."""
+
+    instance: str
+    change: Change
+    txt: Mapping[str, str] = field(default_factory=dict)
+    addresses: tuple[str, ...] = ()
+
+
+SightingHandler = Callable[[Sighting], None]
+
+
+class Announcer(Protocol):
+    async def publish(self, spec: ServiceSpec) -> None: ...
+    async def withdraw(self, instance: str) -> None: ...
+
+
+class Watcher(Protocol):
+    def watch(self, handler: SightingHandler) -> None: ...
+
+
+class ZeroconfBackend:
+    """Announcer and Watcher on one python-zeroconf instance, sharing the agent's event loop.
+
+    Instance names embed the component id, so they are unique by construction; we therefore
+    publish without probing (cooperating responders). Probing queries the whole service type,
+    which with N services costs O(N^2) packets and loses records (docs/mdns.md).
+    """
+
+    def __init__(self, *, ipv6: bool = False) -> None:
+        self._aiozc = AsyncZeroconf(ip_version=IPVersion.All if ipv6 else IPVersion.V4Only)
+        self._published: dict[str, AsyncServiceInfo] = {}
+        self._browser: AsyncServiceBrowser | None = None
+        self._handlers: list[SightingHandler] = []
+        self._resolving: set[asyncio.Task[None]] = set()
+
+    @property
+    def zeroconf(self) -> Zeroconf:
+        return self._aiozc.zeroconf
+
+    async def start(self) -> None:
+        await self._aiozc.zeroconf.async_wait_for_start()
+        for reader in self._aiozc.zeroconf.engine.readers:
+            sock = reader.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+
+    async def close(self) -> None:
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        for task in list(self._resolving):
+            task.cancel()
+        # Goodbye packets for everything still published, so browsers drop us at once.
+        for instance in list(self._published):
+            await self.withdraw(instance)
+        await self._aiozc.async_close()
+
+    # -- Announcer ------------------------------------------------------------------------
+
+    def _info(self, spec: ServiceSpec) -> AsyncServiceInfo:
+        return AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{spec.instance}.{SERVICE_TYPE}",
+            port=spec.port,
+            properties=dict(spec.txt),
+            server=spec.server,
+            addresses=[ipaddress.ip_address(a).packed for a in spec.addresses],
+        )
+
+    async def publish(self, spec: ServiceSpec) -> None:
+        """Publish a service, or update it in place when already published."""
+        info = self._info(spec)
+        current = self._published.get(spec.instance)
+        if current is not None:
+            if _same(current, info):
+                return
+            await self._aiozc.async_update_service(info)
+        else:
+            await self._aiozc.async_register_service(info, cooperating_responders=True)
+        self._published[spec.instance] = info
+        log.debug("published %s txt=%s", spec.instance, dict(spec.txt))
+
+    async def withdraw(self, instance: str) -> None:
+        info = self._published.pop(instance, None)
+        if info is not None:
+            await self._aiozc.async_unregister_service(info)
+            log.debug("withdrew %s", instance)
+
+    # -- Watcher --------------------------------------------------------------------------
+
+    def watch(self, handler: SightingHandler) -> None:
+        self._handlers.append(handler)
+        if self._browser is None:
+            self._browser = AsyncServiceBrowser(
+                self._aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
+            )
+
+    def _on_change(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        instance = name.removesuffix("." + service_type)
+        if state_change is ServiceStateChange.Removed:
+            self._emit(Sighting(instance, Change.REMOVED))
+            return
+        change = Change.ADDED if state_change is ServiceStateChange.Added else Change.UPDATED
+        task = asyncio.get_running_loop().create_task(
+            self._resolve(service_type, name, instance, change)
+        )
+        self._resolving.add(task)
+        task.add_done_callback(self._resolving.discard)
+
+    async def _resolve(self, service_type: str, name: str, instance: str, change: Change) -> None:
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(self._aiozc.zeroconf, RESOLVE_TIMEOUT_MS):
+            log.info("could not resolve %s within %d ms", instance, RESOLVE_TIMEOUT_MS)
+            return
+        self._emit(
+            Sighting(
+                instance,
+                change,
+                txt=_decode_properties(info.properties),
+                addresses=tuple(info.parsed_scoped_addresses()),
+            )
+        )
+
+    def _emit(self, sighting: Sighting) -> None:
+        for handler in self._handlers:
+            try:
+                handler(sighting)
+            except Exception:
+                log.exception("sighting handler failed for %s", sighting.instance)
+
+
+def _same(a: AsyncServiceInfo, b: AsyncServiceInfo) -> bool:
+    return (
+        a.properties == b.properties
+        and a.port == b.port
+        and a.server == b.server
+        and a.addresses == b.addresses
+    )
+
+
+def _decode_properties(properties: Mapping[bytes, bytes | None] | Any) -> dict[str, str]:
+    """TXT keys and values as text; undecodable or value-less keys are dropped, not guessed."""
+    out: dict[str, str] = {}
+    for key, value in dict(properties).items():
+        if value is None:
+            continue
+        try:
+            out[key.decode("ascii").lower()] = value.decode("utf-8")
+        except (UnicodeDecodeError, AttributeError):
+            continue
+    return out

@@ -1,0 +1,163 @@
+"""Core vocabulary of eucareg: roles, announcements, registration records and decisions.
+
+Everything here is immutable data. The policy turns these values into decisions; the edges
+(mDNS, HTTP, hooks, database) translate between them and the outside world.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import StrEnum
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Role(StrEnum):
+    """A component kind, named as operators name them in config files."""
+
+    CLC = "clc"
+    WALRUS = "walrus"
+    CC = "cc"
+    SC = "sc"
+    NC = "nc"
+
+    @property
+    def txt_type(self) -> str:
+        """The `type=` value of the Eucalyptus DNS-SD protocol."""
+        return _TXT_TYPES[self]
+
+    @property
+    def hook_name(self) -> str:
+        """The registration script run for this role (the 10.04 script names)."""
+        return _HOOK_NAMES[self]
+
+    @property
+    def needs_cluster(self) -> bool:
+        return self in (Role.CC, Role.SC, Role.NC)
+
+    @classmethod
+    def from_txt_type(cls, value: str) -> Role:
+        for role, txt in _TXT_TYPES.items():
+            if txt == value:
+                return role
+        raise ValueError(f"unknown component type {value!r}")
+
+
+_TXT_TYPES = {
+    Role.CLC: "cloud",
+    Role.WALRUS: "walrus",
+    Role.CC: "cluster",
+    Role.SC: "storage",
+    Role.NC: "node",
+}
+_HOOK_NAMES = {
+    Role.CLC: "cloud",
+    Role.WALRUS: "walrus",
+    Role.CC: "cluster",
+    Role.SC: "storage",
+    Role.NC: "node",
+}
+
+
+class AnnouncedState(StrEnum):
+    """What a component says about itself in its TXT record."""
+
+    READY = "ready"
+    REGISTERED = "registered"
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """One component's announcement, decoded and validated from a DNS-SD sighting.
+
+    Identity is (component_id, fingerprint); `instance` is the DNS-SD instance name and is
+    kept for logs only, because responders rename colliding names (lesson L2).
+    """
+
+    role: Role
+    component_id: str
+    cluster: str | None
+    state: AnnouncedState
+    address: IPAddress
+    fingerprint: str
+    api_port: int | None
+    eucavers: str
+    instance: str
+
+
+class Status(StrEnum):
+    """Where a component stands in a registrar's records."""
+
+    PENDING = "pending"  # waiting for a dependency (see waiting_for)
+    REGISTERING = "registering"  # decided; hook running
+    REGISTERED = "registered"
+    FAILED = "failed"  # hook failed; retried with backoff
+    REFUSED = "refused"  # a consistency check said no
+    EXPIRED = "expired"  # waited too long for its dependency
+    UNMATCHED = "unmatched"  # an NC whose cluster no registered CC has (seen by the CLC)
+
+
+# Statuses that hold a uniqueness slot (one Walrus, one CC per name, one SC per cluster).
+HOLDS_SLOT = frozenset({Status.REGISTERING, Status.REGISTERED, Status.FAILED})
+
+
+@dataclass(frozen=True)
+class Record:
+    """A registrar's stored view of one component."""
+
+    component_id: str
+    role: Role
+    cluster: str | None
+    address: str
+    fingerprint: str
+    status: Status
+    reason: str
+    waiting_for: str | None = None
+    instance: str = ""
+    first_seen: float = 0.0
+    updated_at: float = 0.0
+    registered_at: float | None = None
+    expires_at: float | None = None
+    attempts: int = 0
+    next_retry_at: float | None = None
+    credentials_issued_at: float | None = None
+    credentials_collected_at: float | None = None
+
+
+class DecisionKind(StrEnum):
+    REGISTER = "register"
+    PENDING = "pending"
+    REFUSE = "refuse"
+    UNMATCHED = "unmatched"
+    KEEP = "keep"  # nothing to change: already registered, in progress, or expired
+    IGNORE = "ignore"  # not this registrar's business
+    FORGET = "forget"  # drop an observation record that no longer applies
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy says to do with one announcement, and why."""
+
+    kind: DecisionKind
+    code: str
+    reason: str
+    waiting_for: str | None = None
+    # A refusal that must not overwrite the existing record (e.g. someone else claiming a
+    # registered component's id): it is logged as an event only.
+    event_only: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    """One recorded decision or effect, as listed by `eucareg events`."""
+
+    seq: int
+    at: float
+    component_id: str
+    role: str
+    cluster: str | None
+    address: str
+    kind: str
+    code: str
+    reason: str
