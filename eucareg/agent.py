@@ -89,7 +89,8 @@ class ComponentRuntime:
     identity: Identity
     registered: bool = False
     announced: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # re-check announcement now
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # announced/registered moved
 
     @property
     def role(self) -> Role:
@@ -262,12 +263,15 @@ class Agent:
             problem = await self._preconditions(comp)
             if problem is None:
                 await self.backend.publish(self._spec(comp))
-                comp.announced = True
+                if not comp.announced:
+                    comp.announced = True
+                    comp.changed.set()
                 if last_problem is not None:
                     log.info("announcing %s %s", comp.role.value, comp.identity.component_id)
             elif comp.announced or last_problem == "startup":
                 await self.backend.withdraw(self._spec(comp).instance)
                 comp.announced = False
+                comp.changed.set()
                 log.info("not announcing %s: %s", comp.role.value, problem)
             last_problem = problem
             comp.wake.clear()
@@ -283,6 +287,7 @@ class Agent:
             "registered" if registered else "no longer registered (credentials missing)",
         )
         comp.wake.set()
+        comp.changed.set()
         if comp.role is Role.CC and self.registrar is not None and registered:
             self.registrar.self_registration_changed()
 
@@ -327,7 +332,8 @@ class Agent:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while not self._stopping.is_set():
                 if comp.registered or not comp.announced:
-                    await self._sleep(comp.wake, self.config.recheck_interval)
+                    comp.changed.clear()
+                    await self._sleep(comp.changed, self.config.recheck_interval)
                     continue
                 endpoint = self._registrar_for(comp)
                 if endpoint is None:

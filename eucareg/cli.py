@@ -25,8 +25,10 @@ from eucareg.logs import setup_logging
 
 DEFAULT_CONFIG = Path("/etc/eucareg/eucareg.toml")
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output is not cut to 80 columns: tables stay one row per line for grep and less.
+_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

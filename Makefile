@@ -1,0 +1,43 @@
+# eucareg: `make demo` runs the demo, `make test` runs every test (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test unit integration lint bench system-deps venv clean
+
+demo: system-deps $(STAMP)
+	$(BIN)/eucareg demo
+
+test: system-deps $(STAMP)
+	$(BIN)/pytest
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit tests/test_static.py
+
+integration: system-deps $(STAMP)
+	$(BIN)/pytest tests/integration
+
+lint: $(STAMP)
+	$(BIN)/ruff check eucareg tests bench
+	$(BIN)/ruff format --check eucareg tests bench
+	$(BIN)/mypy
+
+bench: system-deps $(STAMP)
+	$(BIN)/python -m bench.run
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "eucareg needs Python 3.11 or newer as $(PYTHON)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,257 @@
+"""A cloud in the lab: eucareg agents on lab hosts, with configs, hooks and status probes.
+
+The integration tests, the demo and the benchmarks describe which components run on which
+host; this module writes each host's config and counting hooks, starts and restarts agents by
+PID, and reads the registrar's API from inside the namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eucareg.config import DEFAULT_API_PORT
+from eucareg.lab import Lab, LabError, LabProcess, Topology, parse_topology
+from eucareg.model import Role
+
+# role -> cluster (None for roles without one), per host
+HostPlan = Mapping[str, str | None]
+CloudPlan = Mapping[str, HostPlan]
+
+HOOK_TYPES = ("walrus", "cluster", "storage", "node")
+
+# The design's test topologies (EucalyptusRemoteAutoRegistration, "Test/Demo Plan").
+TOPOLOGY_1: dict[str, dict[str, str | None]] = {
+    "cloud": {"clc": None, "walrus": None, "cc": "cluster1", "sc": "cluster1"},
+    "node1": {"nc": "cluster1"},
+    "node2": {"nc": "cluster1"},
+}
+TOPOLOGY_3: dict[str, dict[str, str | None]] = {
+    "clc": {"clc": None},
+    "walrus": {"walrus": None},
+    "cc": {"cc": "cluster1"},
+    "sc": {"sc": "cluster1"},
+    "node1": {"nc": "cluster1"},
+    "node2": {"nc": "cluster1"},
+}
+TOPOLOGY_4: dict[str, dict[str, str | None]] = {
+    "cloud": {"clc": None, "walrus": None},
+    "cc1": {"cc": "cluster1", "sc": "cluster1"},
+    "node1": {"nc": "cluster1"},
+    "cc2": {"cc": "cluster2", "sc": "cluster2"},
+    "node2": {"nc": "cluster2"},
+}
+
+
+def single_lan(hosts: list[str], network: str = "10.77.1.0/24") -> Topology:
+    lines = [f"subnet lan {network}"] + [f"host {h} lan" for h in hosts]
+    return parse_topology("\n".join(lines))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+@dataclass
+class LabCloud:
+    """Agents for a CloudPlan on a running Lab."""
+
+    lab: Lab
+    plan: CloudPlan
+    workdir: Path
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    agents: dict[str, LabProcess] = field(default_factory=dict)
+    starts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    # -- files ----------------------------------------------------------------------------
+
+    def host_dir(self, host: str) -> Path:
+        return self.workdir / host
+
+    def key_dir(self, host: str) -> Path:
+        return self.host_dir(host) / "state" / "keys"
+
+    def hook_log(self, host: str) -> list[str]:
+        path = self.host_dir(host) / "hooks.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def config_text(self, host: str) -> str:
+        """The TOML config a host's agent runs with."""
+        base = self.host_dir(host)
+        registrar = {"pending_timeout": "10m", "hook_timeout": "20s", "retry_base": "1s"}
+        registrar.update(self.settings.get("registrar", {}))
+        lines = [
+            f"address = {_toml_value(str(self.lab.address(host)))}",
+            f"state_dir = {_toml_value(str(base / 'state'))}",
+            f"hook_dir = {_toml_value(str(base / 'hooks'))}",
+            f"api_port = {DEFAULT_API_PORT}",
+            'log_format = "json"',
+            f"log_level = {_toml_value(self.settings.get('log_level', 'info'))}",
+            "",
+            "[preconditions]",
+            f"sshd = {_toml_value(self.settings.get('sshd', False))}",
+            f"recheck_interval = {_toml_value(self.settings.get('recheck_interval', '1s'))}",
+            "",
+            "[registrar]",
+            *(f"{k} = {_toml_value(v)}" for k, v in registrar.items()),
+        ]
+        installed = self.settings.get("installed", {}).get(host, {})
+        for role, cluster in self.plan[host].items():
+            lines += ["", f"[components.{role}]"]
+            if cluster is not None:
+                lines.append(f"cluster = {_toml_value(cluster)}")
+            lines.append(f"installed = {_toml_value(installed.get(role, True))}")
+        return "\n".join(lines) + "\n"
+
+    def prepare(self, host: str) -> Path:
+        """Write a host's config and counting hooks; returns the config path."""
+        base = self.host_dir(host)
+        hooks = base / "hooks"
+        hooks.mkdir(parents=True, exist_ok=True)
+        for name in HOOK_TYPES:
+            script = hooks / name
+            script.write_text(
+                "#!/bin/sh\n"
+                "# lab hook: record the call, so tests can count registrations\n"
+                f'echo "{name} $EUCAREG_ID $EUCAREG_ADDRESS $EUCAREG_CLUSTER" >> {base}/hooks.log\n'
+            )
+            script.chmod(0o755)
+        config = base / "eucareg.toml"
+        config.write_text(self.config_text(host))
+        return config
+
+    # -- agents ---------------------------------------------------------------------------
+
+    def start(self, host: str) -> LabProcess:
+        if host in self.agents and self.agents[host].popen.poll() is None:
+            raise LabError(f"agent on {host} is already running")
+        config = self.prepare(host)
+        # One log per start, so a restart keeps the previous run's log for diagnosis.
+        self.starts[host] = self.starts.get(host, 0) + 1
+        proc = self.lab.spawn(
+            host,
+            f"agent{self.starts[host]}",
+            [sys.executable, "-m", "eucareg", "agent", "--config", str(config)],
+        )
+        self.agents[host] = proc
+        return proc
+
+    def start_all(self, order: list[str] | None = None, gap: float = 0.0) -> None:
+        for host in order or list(self.plan):
+            self.start(host)
+            if gap:
+                time.sleep(gap)
+
+    def stop(self, host: str) -> int | None:
+        proc = self.agents.get(host)
+        if proc is None:
+            return None
+        return self.lab.stop(proc, timeout=10)
+
+    def restart(self, host: str) -> LabProcess:
+        self.stop(host)
+        return self.start(host)
+
+    def logs(self, host: str) -> str:
+        proc = self.agents.get(host)
+        return proc.log_text() if proc else ""
+
+    # -- probes ---------------------------------------------------------------------------
+
+    def api(self, host: str, path: str, timeout: float = 20) -> dict[str, Any]:
+        """GET the registrar API from inside the host's namespace."""
+        url = f"http://127.0.0.1:{DEFAULT_API_PORT}{path}"
+        script = (
+            "import sys, urllib.request\n"
+            "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=15).read().decode())"
+        )
+        result = self.lab.run(host, [sys.executable, "-c", script, url], timeout=timeout)
+        if result.returncode != 0:
+            raise LabError(f"GET {path} on {host} failed: {result.stderr.strip()[-500:]}")
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def status(self, host: str) -> dict[str, Any]:
+        return self.api(host, "/v1/status")
+
+    def events(self, host: str, query: str = "") -> list[dict[str, Any]]:
+        return list(self.api(host, f"/v1/events?limit=100000{query}")["events"])
+
+    def wait_for(
+        self,
+        host: str,
+        done: Callable[[dict[str, Any]], bool],
+        timeout: float = 60,
+        interval: float = 0.3,
+    ) -> dict[str, Any]:
+        """Poll a registrar's status until `done(status)`; LabError with the last status."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] | str = "no answer yet"
+        while time.monotonic() < deadline:
+            try:
+                last = self.status(host)
+            except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                last = str(exc)
+            else:
+                if done(last):
+                    return last
+            time.sleep(interval)
+        summary = json.dumps(last, indent=1)[-4000:] if isinstance(last, dict) else last
+        raise LabError(f"status on {host} not reached within {timeout}s; last:\n{summary}")
+
+    def expected(self) -> dict[str, int]:
+        """How many components of each role the plan registers (the CLC registers itself)."""
+        counts: dict[str, int] = {}
+        for host_plan in self.plan.values():
+            for role in host_plan:
+                if role != Role.CLC.value:
+                    counts[role] = counts.get(role, 0) + 1
+        return counts
+
+    def credentials_complete(self) -> bool:
+        from eucareg.credentials import required_files
+
+        for host, host_plan in self.plan.items():
+            present = {p.name for p in self.key_dir(host).glob("*.pem")}
+            for role in host_plan:
+                if not set(required_files(Role(role))) <= present:
+                    return False
+        return True
+
+
+def registered_components(status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every component row in a status tree, whatever its state."""
+    tree = status.get("tree", {})
+    rows: list[dict[str, Any]] = list(tree.get("walrus", [])) + list(tree.get("unmatched", []))
+    for cluster in tree.get("clusters", []):
+        for role in ("cc", "sc", "nc"):
+            rows.extend(cluster[role])
+    return rows
+
+
+def all_registered(expected: Mapping[str, int]) -> Callable[[dict[str, Any]], bool]:
+    """A status predicate: exactly the expected components, all registered and collected."""
+
+    def check(status: dict[str, Any]) -> bool:
+        rows = registered_components(status)
+        counts: dict[str, int] = {}
+        for row in rows:
+            if row["status"] != "registered" or not row.get("credentials_collected_at"):
+                return False
+            counts[row["role"]] = counts.get(row["role"], 0) + 1
+        return counts == dict(expected)
+
+    return check

@@ -1,0 +1,59 @@
+"""Builders for announcements and sightings used across the unit tests."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import itertools
+
+from eucareg import txt
+from eucareg.mdns import Change, Sighting
+from eucareg.model import AnnouncedState, Announcement, Role
+
+_counter = itertools.count(1)
+
+
+def fake_fingerprint(seed: str) -> str:
+    return "sha256:" + hashlib.sha256(seed.encode()).hexdigest()
+
+
+def ann(
+    role: Role,
+    cluster: str | None = None,
+    *,
+    component_id: str | None = None,
+    address: str | None = None,
+    fingerprint: str | None = None,
+    state: AnnouncedState = AnnouncedState.READY,
+    instance: str | None = None,
+    api_port: int | None = None,
+) -> Announcement:
+    n = next(_counter)
+    component_id = component_id or f"{role.value}-{n:012x}"
+    return Announcement(
+        role=role,
+        component_id=component_id,
+        cluster=cluster,
+        state=state,
+        address=ipaddress.ip_address(address or f"10.77.{n // 250}.{n % 250 + 2}"),
+        fingerprint=fingerprint or fake_fingerprint(component_id),
+        api_port=api_port,
+        eucavers="3.4",
+        instance=instance or f"{role.txt_type}-{component_id}",
+    )
+
+
+def sighting(
+    a: Announcement, change: Change = Change.ADDED, instance: str | None = None
+) -> Sighting:
+    record = txt.encode(
+        role=a.role,
+        component_id=a.component_id,
+        cluster=a.cluster,
+        state=a.state,
+        address=a.address,
+        fingerprint=a.fingerprint,
+        api_port=a.api_port,
+        eucavers=a.eucavers,
+    )
+    return Sighting(instance or a.instance, change, txt=record, addresses=(str(a.address),))

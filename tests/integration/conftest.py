@@ -1,0 +1,69 @@
+"""Fixtures for tests that build network-namespace labs (root and iproute2 required)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from eucareg.lab import Lab, Topology, cleanup_stale, parse_topology
+
+LabFactory = Callable[..., Lab]
+
+
+def _why_no_lab() -> str | None:
+    if os.geteuid() != 0:
+        return "lab tests need root (network namespaces)"
+    if shutil.which("ip") is None:
+        return "lab tests need the 'ip' command (iproute2)"
+    return None
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+@pytest.fixture(scope="session")
+def lab_host() -> None:
+    """Skip unless this machine can build labs; clear namespaces left by crashed runs once."""
+    reason = _why_no_lab()
+    if reason is not None:
+        pytest.skip(reason)
+    cleanup_stale()
+
+
+@pytest.fixture
+def lab_factory(lab_host: None, tmp_path: Path) -> Iterator[LabFactory]:
+    """Create labs under tmp_path; every one is torn down after the test, pass or fail.
+
+    Call as ``lab_factory(description_or_topology, start=True, prefix=None)``.
+    """
+    labs: list[Lab] = []
+
+    def make(topology: str | Topology, *, start: bool = True, prefix: str | None = None) -> Lab:
+        topo = parse_topology(topology) if isinstance(topology, str) else topology
+        lab = Lab(topo, tmp_path / f"lab{len(labs)}", prefix=prefix)
+        labs.append(lab)
+        if start:
+            lab.start()
+        return lab
+
+    yield make
+
+    errors: list[BaseException] = []
+    for lab in reversed(labs):
+        try:
+            lab.teardown()
+        except Exception as exc:
+            errors.append(exc)
+    leaked = sorted(ns for ns in netns_names() for lab in labs if ns.startswith(lab.prefix + "-"))
+    if errors:
+        raise errors[0]
+    assert not leaked, f"lab namespaces left behind: {leaked}"

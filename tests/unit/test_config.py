@@ -1,0 +1,107 @@
+"""Configuration: defaults that make a one-line file work, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eucareg import config
+from eucareg.model import Role
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "eucareg.toml"
+    path.write_text(text)
+    return path
+
+
+def test_one_line_config_with_defaults(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, 'address = "10.1.2.3"\ncomponents.nc.cluster = "c1"\n'))
+    assert [c.role for c in cfg.components] == [Role.NC]
+    assert cfg.api_port == config.DEFAULT_API_PORT
+    assert cfg.key_dir == cfg.state_dir / "keys"
+    assert cfg.sshd == ("127.0.0.1", 22)
+    nc = cfg.component(Role.NC)
+    assert nc is not None and str(nc.address) == "10.1.2.3"
+    assert nc.installed == Path("/var/lib/dpkg/info/eucalyptus-nc.list")
+    assert not cfg.runs_registrar
+
+
+def test_full_config(tmp_path: Path) -> None:
+    cfg = config.load(
+        write(
+            tmp_path,
+            """
+address = "10.1.2.3"
+state_dir = "/srv/eucareg"
+hook_dir = "/srv/hooks"
+api_port = 9000
+[preconditions]
+sshd = false
+recheck_interval = "250ms"
+[registrar]
+pending_timeout = "30m"
+hook_timeout = 10
+[components.clc]
+installed = true
+[components.cc]
+cluster = "c1"
+[components.nc]
+cluster = "c1"
+address = "10.9.9.9"
+""",
+        )
+    )
+    assert cfg.sshd is None and cfg.recheck_interval == 0.25
+    assert cfg.pending_timeout == 1800 and cfg.hook_timeout == 10
+    assert cfg.runs_registrar and cfg.api_port == 9000
+    assert str(cfg.component(Role.NC).address) == "10.9.9.9"  # type: ignore[union-attr]
+    assert cfg.component(Role.CLC).installed is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('address = "10.1.2.3"\n', "components: required"),
+        ('address = "10.1.2.3"\n[components.nc]\n', "components.nc.cluster: required"),
+        ('address = "10.1.2.3"\n[components.toaster]\n', "components.toaster: unknown"),
+        ('address = "fe80::1"\n[components.clc]\n', "address: fe80::1 is a link-local"),
+        ('address = "10.1.2.3"\napi_port = 0\n[components.clc]\n', "api_port"),
+        ('address = "10.1.2.3"\nstate_dir = "rel"\n[components.clc]\n', "state_dir"),
+        ('address = "10.1.2.3"\nfoo = 1\n[components.clc]\n', "foo: unknown key"),
+        (
+            'address = "10.1.2.3"\n[registrar]\npending_timeout = "soon"\n[components.clc]\n',
+            "registrar.pending_timeout",
+        ),
+        (
+            'address = "10.1.2.3"\n[preconditions]\nsshd = "nope"\n[components.clc]\n',
+            "preconditions.sshd",
+        ),
+        ('address = "10.1.2.3"\n[components.walrus]\ncluster = "c1"\n', "belongs to no cluster"),
+        (
+            'address = "10.1.2.3"\n[components.cc]\ncluster="a"\n[components.nc]\ncluster="b"\n',
+            "differs from this host's CC",
+        ),
+        ("address = \n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_key_and_reason(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.load(write(tmp_path, text))
+    assert needle in str(err.value)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load(tmp_path / "absent.toml")
+
+
+def test_durations() -> None:
+    assert config.parse_duration("1h", "k") == 3600
+    assert config.parse_duration("1.5m", "k") == 90
+    assert config.parse_duration(2, "k") == 2
+    for bad in ("", "0s", "-1s", True, "5 parsecs"):
+        with pytest.raises(config.ConfigError, match=r"^k:"):
+            config.parse_duration(bad, "k")

@@ -1,0 +1,167 @@
+"""The pure decision function: every check of the design, on hand-built states."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from eucareg.model import AnnouncedState, Announcement, DecisionKind, Record, Role, Status
+from eucareg.policy import RegistrarSettings, View, decide
+from tests.factories import ann, fake_fingerprint
+
+CLC = RegistrarSettings(
+    registers=frozenset({Role.WALRUS, Role.CC, Role.SC}), observes_unmatched_nodes=True
+)
+CC1 = RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="c1")
+
+
+def record_of(a: Announcement, status: Status = Status.REGISTERED, reason: str = "ok") -> Record:
+    return Record(
+        component_id=a.component_id,
+        role=a.role,
+        cluster=a.cluster,
+        address=str(a.address),
+        fingerprint=a.fingerprint,
+        status=status,
+        reason=reason,
+    )
+
+
+def view(*records: Record, live: frozenset[str] = frozenset(), me: bool = False) -> View:
+    return View({r.component_id: r for r in records}, live, me)
+
+
+def test_first_walrus_is_registered_and_a_second_is_refused_naming_the_first() -> None:
+    first, second = ann(Role.WALRUS), ann(Role.WALRUS)
+    assert decide(view(), first, CLC).kind is DecisionKind.REGISTER
+    decision = decide(view(record_of(first)), second, CLC)
+    assert decision.kind is DecisionKind.REFUSE
+    assert decision.code == "walrus-exists"
+    assert first.component_id in decision.reason
+
+
+def test_walrus_slot_is_held_while_the_first_is_still_registering_or_failing() -> None:
+    first, second = ann(Role.WALRUS), ann(Role.WALRUS)
+    for status in (Status.REGISTERING, Status.FAILED):
+        assert decide(view(record_of(first, status)), second, CLC).code == "walrus-exists"
+    # A refused or expired walrus holds nothing.
+    for status in (Status.REFUSED, Status.EXPIRED):
+        assert decide(view(record_of(first, status)), second, CLC).kind is DecisionKind.REGISTER
+
+
+def test_duplicate_cluster_name_is_refused_but_another_name_is_accepted() -> None:
+    cc1 = ann(Role.CC, "c1")
+    dup, other = ann(Role.CC, "c1"), ann(Role.CC, "c2")
+    state = view(record_of(cc1))
+    refused = decide(state, dup, CLC)
+    assert (refused.kind, refused.code) == (DecisionKind.REFUSE, "cluster-name-taken")
+    assert decide(state, other, CLC).kind is DecisionKind.REGISTER
+
+
+def test_sc_waits_for_a_live_registered_cluster_announcement() -> None:
+    cc1, sc = ann(Role.CC, "c1"), ann(Role.SC, "c1")
+    pending = decide(view(record_of(cc1)), sc, CLC)
+    assert pending.kind is DecisionKind.PENDING
+    assert pending.waiting_for == "cluster c1"
+    ready = decide(view(record_of(cc1), live=frozenset({"c1"})), sc, CLC)
+    assert ready.kind is DecisionKind.REGISTER
+
+
+def test_second_sc_of_a_cluster_is_refused_even_when_the_cluster_is_live() -> None:
+    sc1, sc2 = ann(Role.SC, "c1"), ann(Role.SC, "c1")
+    decision = decide(view(record_of(sc1), live=frozenset({"c1"})), sc2, CLC)
+    assert (decision.kind, decision.code) == (DecisionKind.REFUSE, "cluster-has-sc")
+
+
+def test_cc_registrar_waits_for_itself_then_registers_its_own_nodes_only() -> None:
+    nc = ann(Role.NC, "c1")
+    waiting = decide(view(me=False), nc, CC1)
+    assert waiting.kind is DecisionKind.PENDING
+    assert "c1" in (waiting.waiting_for or "")
+    assert decide(view(me=True), nc, CC1).kind is DecisionKind.REGISTER
+    foreign = decide(view(me=True), ann(Role.NC, "c2"), CC1)
+    assert foreign.kind is DecisionKind.IGNORE
+
+
+def test_already_registered_component_is_kept_not_registered_again() -> None:
+    nc = ann(Role.NC, "c1")
+    decision = decide(view(record_of(nc), me=True), nc, CC1)
+    assert decision.kind is DecisionKind.KEEP
+    # The same component under another DNS-SD instance name (an Avahi rename) is the same.
+    renamed = replace(nc, instance="node-x #2")
+    assert decide(view(record_of(nc), me=True), renamed, CC1).kind is DecisionKind.KEEP
+
+
+def test_someone_else_announcing_a_registered_id_is_refused_without_touching_the_record() -> None:
+    nc = ann(Role.NC, "c1")
+    impostor = replace(nc, fingerprint=fake_fingerprint("impostor"), address="10.77.200.9")
+    decision = decide(view(record_of(nc), me=True), impostor, CC1)
+    assert decision.kind is DecisionKind.REFUSE
+    assert decision.code == "identity-conflict"
+    assert decision.event_only
+
+
+def test_one_key_cannot_register_two_ids() -> None:
+    nc = ann(Role.NC, "c1")
+    clone = ann(Role.NC, "c1", fingerprint=nc.fingerprint)
+    decision = decide(view(record_of(nc), me=True), clone, CC1)
+    assert decision.code == "key-in-use"
+
+
+def test_two_nodes_cannot_share_an_address() -> None:
+    nc = ann(Role.NC, "c1", address="10.77.5.5")
+    other = ann(Role.NC, "c1", address="10.77.5.5")
+    assert decide(view(record_of(nc), me=True), other, CC1).code == "address-in-use"
+
+
+def test_registered_sc_announcing_another_cluster_is_refused_as_changed_identity() -> None:
+    sc = ann(Role.SC, "c1")
+    moved = replace(sc, cluster="c2")
+    decision = decide(view(record_of(sc), live=frozenset({"c2"})), moved, CLC)
+    assert (decision.code, decision.event_only) == ("changed-identity", True)
+
+
+def test_expired_wait_is_revived_only_by_a_fresh_sighting() -> None:
+    sc = ann(Role.SC, "c1")
+    expired = record_of(sc, Status.EXPIRED)
+    assert decide(view(expired), sc, CLC).kind is DecisionKind.KEEP
+    assert decide(view(expired), sc, CLC, fresh=True).kind is DecisionKind.PENDING
+
+
+def test_clc_flags_a_node_whose_cluster_no_registered_cc_has() -> None:
+    cc1 = ann(Role.CC, "c1")
+    stray = ann(Role.NC, "nowhere")
+    decision = decide(view(record_of(cc1)), stray, CLC)
+    assert decision.kind is DecisionKind.UNMATCHED
+    assert "nowhere" in decision.reason and "c1" in decision.reason
+    # A node of a registered cluster is the CC's business, not the CLC's.
+    assert decide(view(record_of(cc1)), ann(Role.NC, "c1"), CLC).kind is DecisionKind.IGNORE
+    # Once its cluster registers, the CLC drops the observation.
+    cc9 = ann(Role.CC, "nowhere")
+    after = view(record_of(cc1), record_of(cc9), record_of(stray, Status.UNMATCHED))
+    assert decide(after, stray, CLC).kind is DecisionKind.FORGET
+
+
+def test_clc_with_a_local_cc_registers_its_nodes_and_still_flags_strays() -> None:
+    both = RegistrarSettings(
+        registers=frozenset({Role.WALRUS, Role.CC, Role.SC, Role.NC}),
+        own_cluster="c1",
+        observes_unmatched_nodes=True,
+    )
+    cc1 = ann(Role.CC, "c1")
+    mine = ann(Role.NC, "c1")
+    stray = ann(Role.NC, "c2")
+    state = view(record_of(cc1), me=True)
+    assert decide(state, mine, both).kind is DecisionKind.REGISTER
+    assert decide(state, stray, both).kind is DecisionKind.UNMATCHED
+
+
+def test_clc_ignores_itself_and_a_cc_registrar_ignores_clc_roles() -> None:
+    assert decide(view(), ann(Role.CLC), CLC).kind is DecisionKind.IGNORE
+    for role, cluster in ((Role.WALRUS, None), (Role.CC, "c1"), (Role.SC, "c1")):
+        assert decide(view(me=True), ann(role, cluster), CC1).kind is DecisionKind.IGNORE
+
+
+def test_registered_state_announcement_of_a_known_cc_changes_nothing() -> None:
+    cc = ann(Role.CC, "c1")
+    registered = replace(cc, state=AnnouncedState.REGISTERED)
+    assert decide(view(record_of(cc)), registered, CLC).kind is DecisionKind.KEEP

@@ -1,0 +1,399 @@
+"""The registrar with a real SQLite file and real hook scripts, fed sightings directly.
+
+Orderings, races, restarts and retries are exercised here without the network; the
+integration tests repeat the important ones over real multicast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from eucareg import credentials as cred
+from eucareg.mdns import Change, Sighting
+from eucareg.model import AnnouncedState, Announcement, Record, Role, Status
+from eucareg.policy import RegistrarSettings
+from eucareg.registrar import CredentialRefused, Issuer, Registrar, Timing
+from eucareg.store import Store, sqlite_url
+from tests.factories import ann, sighting
+
+CLC_SETTINGS = RegistrarSettings(
+    registers=frozenset({Role.WALRUS, Role.CC, Role.SC}), observes_unmatched_nodes=True
+)
+
+
+def write_hook(hook_dir: Path, name: str, body: str) -> None:
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    path = hook_dir / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+
+
+def counting_hooks(hook_dir: Path, log: Path) -> None:
+    for name in ("walrus", "cluster", "storage", "node"):
+        write_hook(hook_dir, name, f'echo "{name} $EUCAREG_ID $EUCAREG_ADDRESS" >> {log}')
+
+
+def hook_lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def make_registrar(
+    tmp_path: Path,
+    settings: RegistrarSettings = CLC_SETTINGS,
+    *,
+    timing: Timing | None = None,
+    me: list[bool] | None = None,
+    issuer: Issuer | None = None,
+) -> Registrar:
+    store = Store(sqlite_url(tmp_path / "registry.db"))
+    flag = me if me is not None else [False]
+    return Registrar(
+        store,
+        settings,
+        hook_dir=tmp_path / "hooks",
+        timing=timing or Timing(retry_base=0.05, retry_max=0.2, hook_timeout=5),
+        issuer_for=lambda _role: issuer,
+        self_registered=lambda: flag[0],
+    )
+
+
+async def settle(registrar: Registrar) -> None:
+    for _ in range(3):
+        await registrar.idle()
+        await asyncio.sleep(0)
+
+
+def registered_cc(cc: Announcement) -> Announcement:
+    return replace(cc, state=AnnouncedState.REGISTERED, api_port=8780)
+
+
+async def test_same_component_seen_many_times_at_once_registers_once(tmp_path: Path) -> None:
+    """L1 and L2: two interfaces, an Avahi rename and repeats, all at the same moment."""
+    log = tmp_path / "hooks.log"
+    counting_hooks(tmp_path / "hooks", log)
+    reg = make_registrar(tmp_path)
+    walrus = ann(Role.WALRUS)
+    for name in (walrus.instance, walrus.instance + " #2", "walrus on eth1", walrus.instance):
+        reg.on_sighting(sighting(walrus, instance=name))
+    await settle(reg)
+    assert hook_lines(log) == [f"walrus {walrus.component_id} {walrus.address}"]
+    record = reg.store.get(walrus.component_id)
+    assert record is not None and record.status is Status.REGISTERED
+    assert [e.kind for e in reg.store.events()] == ["registering", "registered"]
+    # The instance name never becomes identity.
+    assert "#2" not in record.component_id
+
+
+async def test_two_walruses_racing_leave_exactly_one_registered(tmp_path: Path) -> None:
+    counting_hooks(tmp_path / "hooks", tmp_path / "hooks.log")
+    reg = make_registrar(tmp_path)
+    first, second = ann(Role.WALRUS), ann(Role.WALRUS)
+    reg.on_sighting(sighting(first))
+    reg.on_sighting(sighting(second))
+    await settle(reg)
+    statuses = sorted(r.status.value for r in reg.store.records().values())
+    assert statuses == ["refused", "registered"]
+    refused = next(r for r in reg.store.records().values() if r.status is Status.REFUSED)
+    assert "already has a Walrus" in refused.reason
+    assert len(hook_lines(tmp_path / "hooks.log")) == 1
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_any_arrival_order_converges_to_every_component_registered_once(
+    tmp_path: Path, seed: int
+) -> None:
+    """CLC view of topology 4 (two clusters), in shuffled order with duplicates."""
+    log = tmp_path / "hooks.log"
+    counting_hooks(tmp_path / "hooks", log)
+    reg = make_registrar(tmp_path)
+    walrus = ann(Role.WALRUS)
+    cc1, cc2 = ann(Role.CC, "c1"), ann(Role.CC, "c2")
+    sc1, sc2 = ann(Role.SC, "c1"), ann(Role.SC, "c2")
+    rng = random.Random(seed)
+    arrivals = [walrus, cc1, cc2, sc1, sc2, sc1, cc1]
+    rng.shuffle(arrivals)
+    for item in arrivals:
+        reg.on_sighting(sighting(item))
+        if rng.random() < 0.5:
+            await settle(reg)
+    await settle(reg)
+    # A CC announces "registered" once it holds its credentials, in either order.
+    for cc in rng.sample([cc1, cc2], 2):
+        reg.on_sighting(sighting(registered_cc(cc), Change.UPDATED))
+    await settle(reg)
+    records = reg.store.records()
+    assert {r.status for r in records.values()} == {Status.REGISTERED}
+    assert len(records) == 5
+    assert sorted(hook_lines(log)) == sorted(
+        f"{a.role.hook_name} {a.component_id} {a.address}" for a in (walrus, cc1, cc2, sc1, sc2)
+    )
+
+
+async def test_sc_before_its_cc_is_pending_then_registers_when_cc_announces(
+    tmp_path: Path,
+) -> None:
+    counting_hooks(tmp_path / "hooks", tmp_path / "hooks.log")
+    reg = make_registrar(tmp_path)
+    sc, cc = ann(Role.SC, "c1"), ann(Role.CC, "c1")
+    reg.on_sighting(sighting(sc))
+    await settle(reg)
+    pending = reg.store.get(sc.component_id)
+    assert pending is not None and pending.status is Status.PENDING
+    assert pending.waiting_for == "cluster c1"
+    reg.on_sighting(sighting(cc))
+    await settle(reg)
+    assert reg.store.get(sc.component_id).status is Status.PENDING  # type: ignore[union-attr]
+    reg.on_sighting(sighting(registered_cc(cc), Change.UPDATED))
+    await settle(reg)
+    assert reg.store.get(sc.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
+    kinds = [e.kind for e in reg.store.events(component_id=sc.component_id)]
+    assert kinds == ["pending", "registering", "registered"]
+
+
+async def test_a_cc_announcing_registered_that_we_did_not_register_frees_no_sc(
+    tmp_path: Path,
+) -> None:
+    reg = make_registrar(tmp_path)
+    sc = ann(Role.SC, "c1")
+    rogue = registered_cc(ann(Role.CC, "c1"))
+    reg.on_sighting(sighting(sc))
+    await settle(reg)
+    # The rogue is not in our records as registered, so its claim does not count.
+    reg.live[rogue.component_id] = rogue
+    reg.on_sighting(sighting(sc, Change.UPDATED))
+    await settle(reg)
+    assert reg.store.get(sc.component_id).status is Status.PENDING  # type: ignore[union-attr]
+
+
+async def test_nodes_wait_for_their_cc_and_register_when_it_is(tmp_path: Path) -> None:
+    counting_hooks(tmp_path / "hooks", tmp_path / "hooks.log")
+    me = [False]
+    reg = make_registrar(
+        tmp_path, RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="c1"), me=me
+    )
+    nodes = [ann(Role.NC, "c1") for _ in range(3)]
+    foreign = ann(Role.NC, "c2")
+    for node in [*nodes, foreign]:
+        reg.on_sighting(sighting(node))
+    await settle(reg)
+    assert {r.status for r in reg.store.records().values()} == {Status.PENDING}
+    assert foreign.component_id not in reg.store.records()
+    me[0] = True
+    reg.self_registration_changed()
+    await settle(reg)
+    assert {r.status for r in reg.store.records().values()} == {Status.REGISTERED}
+    assert len(hook_lines(tmp_path / "hooks.log")) == 3
+
+
+async def test_failed_hook_is_visible_and_retried_with_backoff_until_it_works(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "fail-count"
+    # Fails twice, then succeeds: a site script that hits a transient error.
+    write_hook(
+        tmp_path / "hooks",
+        "walrus",
+        f"n=$(cat {marker} 2>/dev/null || echo 0); echo $((n+1)) > {marker}\n"
+        f'[ "$n" -ge 2 ] || {{ echo "euca_conf: connection refused" >&2; exit 3; }}',
+    )
+    reg = make_registrar(tmp_path)
+    walrus = ann(Role.WALRUS)
+    reg.on_sighting(sighting(walrus))
+    await settle(reg)
+    failed = reg.store.get(walrus.component_id)
+    assert failed is not None and failed.status is Status.FAILED
+    assert "exit 3" in failed.reason and "connection refused" in failed.reason
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        await settle(reg)
+        record = reg.store.get(walrus.component_id)
+        if record is not None and record.status is Status.REGISTERED:
+            break
+    runs = reg.store.hook_runs(walrus.component_id)
+    assert [r.outcome for r in runs] == ["failed", "failed", "ok"]
+    assert [r.exit_code for r in runs] == [3, 3, 0]
+    assert reg.store.get(walrus.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
+    await reg.close()
+
+
+async def test_hanging_hook_times_out_and_is_recorded(tmp_path: Path) -> None:
+    write_hook(tmp_path / "hooks", "walrus", "sleep 30")
+    reg = make_registrar(tmp_path, timing=Timing(hook_timeout=0.3, retry_base=60))
+    walrus = ann(Role.WALRUS)
+    reg.on_sighting(sighting(walrus))
+    await settle(reg)
+    record = reg.store.get(walrus.component_id)
+    assert record is not None and record.status is Status.FAILED
+    assert reg.store.hook_runs()[0].outcome == "timeout"
+    await reg.close()
+
+
+async def test_missing_hook_is_skipped_and_registration_completes(tmp_path: Path) -> None:
+    reg = make_registrar(tmp_path)
+    cc = ann(Role.CC, "c1")
+    reg.on_sighting(sighting(cc))
+    await settle(reg)
+    assert reg.store.get(cc.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
+    assert reg.store.hook_runs()[0].outcome == "skipped"
+
+
+async def test_restarted_registrar_neither_registers_again_nor_reruns_hooks(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "hooks.log"
+    counting_hooks(tmp_path / "hooks", log)
+    first = make_registrar(tmp_path)
+    parts = [ann(Role.WALRUS), ann(Role.CC, "c1"), ann(Role.SC, "c9")]
+    for part in parts:
+        first.on_sighting(sighting(part))
+    await settle(first)
+    events_before = len(first.store.events())
+    await first.close()
+    first.store.close()
+
+    second = make_registrar(tmp_path)
+    second.resume()
+    for part in parts:
+        second.on_sighting(sighting(part))
+    await settle(second)
+    assert len(hook_lines(log)) == 2  # walrus and cc; the SC still waits for c9
+    assert len(second.store.events()) == events_before
+    assert second.store.get(parts[2].component_id).status is Status.PENDING  # type: ignore[union-attr]
+
+
+async def test_crash_during_a_hook_reruns_it_on_resume(tmp_path: Path) -> None:
+    log = tmp_path / "hooks.log"
+    counting_hooks(tmp_path / "hooks", log)
+    reg = make_registrar(tmp_path)
+    walrus = ann(Role.WALRUS)
+    reg.store.put(
+        replace(
+            _record(walrus),
+            status=Status.REGISTERING,
+            reason="was running when we died",
+        )
+    )
+    reg.resume()
+    await asyncio.sleep(0.05)
+    await settle(reg)
+    assert reg.store.get(walrus.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
+    assert len(hook_lines(log)) == 1
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("fe80::1", "link-local"),
+        ("169.254.7.7", "link-local"),
+        ("127.0.0.1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+    ],
+)
+async def test_unusable_addresses_are_rejected_visibly_and_never_registered(
+    tmp_path: Path, address: str, why: str
+) -> None:
+    reg = make_registrar(tmp_path)
+    walrus = ann(Role.WALRUS)
+    bad = sighting(walrus)
+    bad = Sighting(bad.instance, bad.change, txt={**bad.txt, "addr": address})
+    reg.on_sighting(bad)
+    reg.on_sighting(bad)  # a repeat does not repeat the event
+    await settle(reg)
+    assert reg.store.records() == {}
+    events = reg.store.events()
+    assert len(events) == 1
+    assert events[0].kind == "rejected" and why in events[0].reason
+
+
+async def test_pending_wait_expires_visibly_and_a_fresh_sighting_restarts_it(
+    tmp_path: Path,
+) -> None:
+    reg = make_registrar(tmp_path, timing=Timing(pending_timeout=0.2))
+    sc = ann(Role.SC, "c1")
+    reg.on_sighting(sighting(sc))
+    await settle(reg)
+    await asyncio.sleep(0.35)
+    record = reg.store.get(sc.component_id)
+    assert record is not None and record.status is Status.EXPIRED
+    assert "cluster c1" in record.reason
+    reg.on_sighting(sighting(sc, Change.UPDATED))  # same announcement again: stays expired
+    await settle(reg)
+    assert reg.store.get(sc.component_id).status is Status.EXPIRED  # type: ignore[union-attr]
+    reg.on_sighting(Sighting(sc.instance, Change.REMOVED))
+    reg.on_sighting(sighting(sc))  # it went away and came back
+    await settle(reg)
+    assert reg.store.get(sc.component_id).status is Status.PENDING  # type: ignore[union-attr]
+    kinds = [e.kind for e in reg.store.events(component_id=sc.component_id)]
+    assert kinds == ["pending", "expired", "pending"]
+    await reg.close()
+
+
+async def test_unmatched_node_is_visible_and_cleared_when_its_cluster_registers(
+    tmp_path: Path,
+) -> None:
+    reg = make_registrar(tmp_path)
+    stray = ann(Role.NC, "c7")
+    reg.on_sighting(sighting(stray))
+    await settle(reg)
+    record = reg.store.get(stray.component_id)
+    assert record is not None and record.status is Status.UNMATCHED
+    reg.on_sighting(sighting(ann(Role.CC, "c7")))
+    await settle(reg)
+    assert reg.store.get(stray.component_id) is None
+    assert [e.kind for e in reg.store.events(component_id=stray.component_id)] == [
+        "unmatched",
+        "matched",
+    ]
+
+
+def _record(a: Announcement) -> Record:
+    return Record(
+        component_id=a.component_id,
+        role=a.role,
+        cluster=a.cluster,
+        address=str(a.address),
+        fingerprint=a.fingerprint,
+        status=Status.PENDING,
+        reason="",
+        first_seen=1.0,
+        updated_at=1.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def cloud_issuer() -> Issuer:
+    key = cred.generate_key()
+    ca = cred.create_cloud_ca(key, "test")
+    return Issuer(key=key, cert=ca, cloud_cert=ca)
+
+
+async def test_credentials_only_for_the_registered_key_and_long_poll_wakes(
+    tmp_path: Path, cloud_issuer: Issuer
+) -> None:
+    reg = make_registrar(tmp_path, issuer=cloud_issuer)
+    key = cred.generate_key()
+    cc = ann(Role.CC, "c1", fingerprint=cred.fingerprint(key.public_key()))
+    # Before anything is known: no credentials, no error.
+    early = await reg.credentials(cc.component_id, key.public_key(), wait=0)
+    assert early.files is None and early.status is None
+    # A waiting collector is answered as soon as the registration completes.
+    waiter = asyncio.create_task(reg.credentials(cc.component_id, key.public_key(), wait=5))
+    await asyncio.sleep(0.05)
+    reg.on_sighting(sighting(cc))
+    answer = await asyncio.wait_for(waiter, 5)
+    assert answer.status is Status.REGISTERED and answer.files is not None
+    written = cred.verify_bundle(answer.files, Role.CC, key)
+    cred.write_credentials(tmp_path / "keys", Role.CC, written)
+    assert cred.credentials_present(tmp_path / "keys", Role.CC, key)
+    # Same certificate on a second request: issuing is idempotent.
+    again = await reg.credentials(cc.component_id, key.public_key(), wait=0)
+    assert again.files == answer.files
+    # Another key asking for this component's credentials is refused.
+    with pytest.raises(CredentialRefused) as refused:
+        await reg.credentials(cc.component_id, cred.generate_key().public_key(), wait=0)
+    assert refused.value.status == 403

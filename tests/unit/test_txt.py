@@ -1,0 +1,61 @@
+"""Decoding TXT records: identity from TXT only, and every bad value named."""
+
+from __future__ import annotations
+
+import pytest
+
+from eucareg import txt
+from eucareg.model import Announcement, Role
+from tests.factories import ann, sighting
+
+
+def test_round_trip_keeps_every_field_and_the_eucalyptus_keys() -> None:
+    original = ann(Role.NC, "c1")
+    record = sighting(original).txt
+    assert record["type"] == "node" and record["txtvers"] == "1" and record["protovers"] == "1"
+    assert "eucavers" in record
+    decoded = txt.decode("anything at all", record)
+    assert isinstance(decoded, Announcement)
+    assert decoded.component_id == original.component_id
+    assert decoded.fingerprint == original.fingerprint
+    assert decoded.address == original.address
+    assert decoded.instance == "anything at all"
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"txtvers": "2"}, "txtvers"),
+        ({"type": "toaster"}, "type="),
+        ({"id": "X"}, "id="),
+        ({"fp": "md5:abc"}, "fp="),
+        ({"cluster": "bad name!"}, "cluster="),
+        ({"state": "maybe"}, "state="),
+        ({"addr": "not-an-ip"}, "addr="),
+        ({"addr": "fe80::1"}, "link-local"),
+        ({"addr": "127.0.0.5"}, "loopback"),
+        ({"addr": "224.0.0.251"}, "multicast"),
+        ({"port": "99999"}, "port="),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key_named(change: dict[str, str], needle: str) -> None:
+    record = {**sighting(ann(Role.NC, "c1")).txt, **change}
+    result = txt.decode("x", record)
+    assert isinstance(result, txt.Rejected)
+    assert needle in result.reason
+
+
+def test_missing_address_is_refused_rather_than_guessed() -> None:
+    record = dict(sighting(ann(Role.NC, "c1")).txt)
+    del record["addr"]
+    result = txt.decode("x", record)
+    assert isinstance(result, txt.Rejected) and result.code == "no-address"
+
+
+def test_node_without_cluster_is_rejected_and_walrus_cluster_is_dropped() -> None:
+    record = dict(sighting(ann(Role.NC, "c1")).txt)
+    del record["cluster"]
+    assert isinstance(txt.decode("x", record), txt.Rejected)
+    walrus = {**sighting(ann(Role.WALRUS)).txt, "cluster": "c1"}
+    decoded = txt.decode("x", walrus)
+    assert isinstance(decoded, Announcement) and decoded.cluster is None
