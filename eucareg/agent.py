@@ -72,7 +72,7 @@ def ensure_cloud_ca(key_dir: Path, identity: Identity) -> x509.Certificate:
         raise cred.CredentialError(f"{cert_path} does not belong to this CLC's key")
     cert = cred.create_cloud_ca(identity.key, identity.component_id)
     cred.write_atomic(key_dir / cred.LAYOUTS[Role.CLC].key, cred.key_pem(identity.key))
-    cred.write_atomic(cert_path, cred.cert_pem(cert).encode(), mode=0o644)
+    cred.write_atomic(cert_path, cred.cert_pem(cert).encode())
     return cert
 
 

@@ -1,8 +1,6 @@
-"""Throwaway network labs built from network namespaces, for integration tests and demos.
-
-A short text description becomes bridges, veths and hosts in namespaces this module owns;
-processes run inside them, and teardown removes everything again by name and PID.
-"""
+"""Throwaway network labs for integration tests and demos: a short text description becomes
+namespaces, bridges and veths on this machine, processes run inside them, and teardown
+removes everything again by name and PID."""
 
 from __future__ import annotations
 
@@ -34,6 +32,7 @@ __all__ = [
     "Topology",
     "cleanup_stale",
     "parse_topology",
+    "router_address",
 ]
 
 # Names end up inside namespace and interface names ("v-" + name must fit IFNAMSIZ-1 = 15),
@@ -50,6 +49,7 @@ _MCAST_NET = "224.0.0.0/4"
 # Unix socket paths are limited to 108 bytes including the terminator.
 _MAX_SOCKET_PATH = 100
 
+_PID_MAX_LIMIT = 1 << 22
 _IP_TIMEOUT = 10.0
 _KILL_WAIT = 5.0
 _POLL = 0.02
@@ -95,12 +95,6 @@ class Topology:
     subnets: tuple[Subnet, ...]
     hosts: tuple[Host, ...]
     routers: tuple[Router, ...]
-
-    def subnet(self, name: str) -> Subnet:
-        for s in self.subnets:
-            if s.name == name:
-                return s
-        raise LabError(f"unknown subnet {name!r}")
 
     def router_for(self, subnet: str) -> Router | None:
         for r in self.routers:
@@ -311,8 +305,8 @@ class LabProcess:
         while True:
             if needle in self.log_text():
                 return
-            # returncode (not poll()) so the process is never reaped here; see Lab.stop.
-            if self.popen.returncode is not None or _exited(self.popen):
+            # _exited() rather than poll(): reaping here would make Lab.stop's killpg unsafe.
+            if _exited(self.popen):
                 raise LabError(
                     f"{self.host}/{self.name} exited before logging {needle!r}:\n"
                     f"{_tail(self.log_text())}"
@@ -464,7 +458,8 @@ def cleanup_stale(prefix_base: str = "eucr") -> list[str]:
         if m is None:
             continue
         pid = int(m.group(1))
-        if pid <= 0 or _pid_alive(pid):
+        # Out-of-range numbers cannot come from a PID, so such a name is not one of ours.
+        if not 0 < pid <= _PID_MAX_LIMIT or _pid_alive(pid):
             continue
         _kill_netns_processes(ns)
         if _delete_netns(ns) is None:
@@ -568,7 +563,8 @@ class Lab:
                 "starting with a letter, at most 24 characters"
             )
         self.topology = topology
-        self.workdir = Path(workdir)
+        # Absolute, because paths under it end up in daemon config files.
+        self.workdir = Path(workdir).absolute()
         self.prefix = prefix
         self._hosts = {h.name: h for h in topology.hosts}
         self._routers = {r.name: r for r in topology.routers}
@@ -670,8 +666,8 @@ class Lab:
         for subnet in self.topology.subnets:
             brns = self.bridge_netns(subnet.name)
             self._add_netns(brns, no_v6)
-            # Without snooping the bridge floods multicast to every port, so mDNS reaches
-            # all hosts even though nobody acts as IGMP querier.
+            # Without snooping the bridge floods every multicast group to every port, so
+            # delivery never depends on IGMP membership state (there is no querier here).
             _ip("-n", brns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
             _ip("-n", brns, "link", "set", "br0", "up")
 
@@ -686,8 +682,7 @@ class Lab:
                 brns = self.bridge_netns(subnet_name)
                 # Created directly inside the lab namespaces, so nothing ever appears in the
                 # root namespace.
-                _ip("-n", ns, "link", "add", dev, "type", "veth", "peer", "name", port,
-                    "netns", brns)  # fmt: skip
+                _ip(*f"-n {ns} link add {dev} type veth peer name {port} netns {brns}".split())
                 _ip("-n", brns, "link", "set", port, "master", "br0", "up")
                 addr = self.address(node, subnet=subnet_name)
                 _ip("-n", ns, "addr", "add", f"{addr}/{subnet.network.prefixlen}", "dev", dev)
@@ -828,12 +823,15 @@ class Lab:
         ns = self.netns(host)
         if host in self._avahi:
             raise LabError(f"avahi already started on {host!r}")
+        tools: dict[str, str] = {}
         for tool in ("dbus-daemon", "avahi-daemon", "dbus-send"):
-            if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+            found = shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+            if found is None:
                 raise LabError(
                     f"{tool} not found; install with: apt-get install -y avahi-daemon "
                     "avahi-utils dbus"
                 )
+            tools[tool] = found
         confdir = self.workdir / f"avahi-{host}"
         confdir.mkdir(parents=True, exist_ok=True)
         socket_path = confdir / "dbus.sock"
@@ -856,41 +854,45 @@ class Lab:
         dbus = self.spawn(
             host,
             "dbus",
-            ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={dbus_conf}"],
+            [tools["dbus-daemon"], "--nofork", "--nopidfile", f"--config-file={dbus_conf}"],
         )
         deadline = time.monotonic() + timeout
         while not socket_path.exists():
             if _exited(dbus.popen) or time.monotonic() >= deadline:
                 self.stop(dbus)
-                raise LabError(f"private dbus-daemon for {host!r} did not start:\n"
-                               f"{_tail(dbus.log_text())}")  # fmt: skip
+                raise LabError(
+                    f"private dbus-daemon for {host!r} did not start:\n{_tail(dbus.log_text())}"
+                )
             time.sleep(_POLL)
 
         # --no-drop-root: the 'avahi' user could not reach a bus socket inside a root-only
         # workdir such as pytest's tmp_path (/tmp/pytest-of-root is mode 0700).
+        avahi_argv = [tools["avahi-daemon"], "--no-chroot", "--no-rlimits", "--no-drop-root"]
+        avahi_argv += ["--no-proc-title", "-f", str(avahi_conf)]
         daemon = self.spawn(
-            host,
-            "avahi",
-            ["sh", "-c", _AVAHI_SHELL, "lab-avahi", "avahi-daemon", "--no-chroot",
-             "--no-rlimits", "--no-drop-root", "--no-proc-title", "-f", str(avahi_conf)],
-            env=bus_env,
-        )  # fmt: skip
+            host, "avahi", ["sh", "-c", _AVAHI_SHELL, "lab-avahi", *avahi_argv], env=bus_env
+        )
         avahi = AvahiDaemon(
             host=host, dbus=dbus, daemon=daemon, bus_address=bus_address, config=avahi_conf
         )
         try:
-            self._wait_avahi_running(avahi, deadline)
+            self._wait_avahi_running(avahi, tools["dbus-send"], deadline)
         except BaseException:
             self._stop_many([daemon, dbus], 5)
             raise
         self._avahi[host] = avahi
         return avahi
 
-    def _wait_avahi_running(self, avahi: AvahiDaemon, deadline: float) -> None:
+    def _wait_avahi_running(self, avahi: AvahiDaemon, dbus_send: str, deadline: float) -> None:
         get_state = [
-            "dbus-send", "--system", "--print-reply", "--reply-timeout=2000",
-            "--dest=org.freedesktop.Avahi", "/", "org.freedesktop.Avahi.Server.GetState",
-        ]  # fmt: skip
+            dbus_send,
+            "--system",
+            "--print-reply",
+            "--reply-timeout=2000",
+            "--dest=org.freedesktop.Avahi",
+            "/",
+            "org.freedesktop.Avahi.Server.GetState",
+        ]
         state = "unknown"
         while True:
             if _exited(avahi.daemon.popen):
@@ -924,25 +926,33 @@ class Lab:
         Safe to call repeatedly and after partial failures; raises LabError only if something
         could not be removed.
         """
-        if self._torn_down or not self._started:
+        if not self._started:
             return
+        # Blocks new run()/spawn(). The work below is driven by what is still recorded, not by
+        # this flag, so a teardown that was interrupted is finished by the next call (atexit).
         self._torn_down = True
         errors: list[str] = []
-        # Reverse order: each avahi-daemon goes before the bus it is attached to.
-        self._stop_many(list(reversed(self._procs)), timeout=_KILL_WAIT)
+        try:
+            # Reverse order: each avahi-daemon goes before the bus it is attached to.
+            self._stop_many(list(reversed(self._procs)), timeout=_KILL_WAIT)
+        except Exception as exc:
+            errors.append(f"stopping processes: {exc!r}")
         self._procs.clear()
         self._avahi.clear()
-        for ns in reversed(self._namespaces):
-            leftover = _kill_netns_processes(ns)
-            if leftover:
-                errors.append(f"processes {leftover} in {ns} survived SIGKILL")
-            problem = _delete_netns(ns)
-            if problem is not None:
-                errors.append(problem)
-        self._namespaces.clear()
-        for d in self._tempdirs:
-            shutil.rmtree(d, ignore_errors=True)
-        self._tempdirs.clear()
+        while self._namespaces:
+            ns = self._namespaces[-1]
+            try:
+                leftover = _kill_netns_processes(ns)
+                if leftover:
+                    errors.append(f"processes {leftover} in {ns} survived SIGKILL")
+                problem = _delete_netns(ns)
+                if problem is not None:
+                    errors.append(problem)
+            except Exception as exc:
+                errors.append(f"removing {ns}: {exc!r}")
+            self._namespaces.pop()
+        while self._tempdirs:
+            shutil.rmtree(self._tempdirs.pop(), ignore_errors=True)
         atexit.unregister(self._atexit)
         if errors:
             raise LabError("teardown incomplete: " + "; ".join(errors))

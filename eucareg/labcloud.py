@@ -255,3 +255,49 @@ def all_registered(expected: Mapping[str, int]) -> Callable[[dict[str, Any]], bo
         return counts == dict(expected)
 
     return check
+
+
+def publisher_argv(instance: str, txt: Mapping[str, str], addresses: list[str]) -> list[str]:
+    """Command that publishes one arbitrary service until killed (spoofs, twins, strays)."""
+    argv = [sys.executable, "-m", "eucareg.labcloud", "publish", instance]
+    argv += [f"--addr={a}" for a in addresses]
+    return argv + [f"--txt={k}={v}" for k, v in txt.items()]
+
+
+async def _publish(instance: str, addresses: list[str], txt: dict[str, str]) -> None:
+    import asyncio
+    import signal
+
+    from eucareg.mdns import ServiceSpec, ZeroconfBackend
+
+    backend = ZeroconfBackend()
+    await backend.start()
+    spec = ServiceSpec(
+        instance=instance,
+        port=DEFAULT_API_PORT,
+        txt=txt,
+        addresses=tuple(addresses),
+        server=f"lab-{abs(hash(instance)) % 10**8}.local.",
+    )
+    await backend.publish(spec)
+    print(f"published {instance!r}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await backend.close()
+
+
+if __name__ == "__main__":
+    import argparse
+    import asyncio
+
+    parser = argparse.ArgumentParser(description="Publish one raw _eucalyptus._tcp service.")
+    parser.add_argument("command", choices=["publish"])
+    parser.add_argument("instance")
+    parser.add_argument("--addr", action="append", default=[])
+    parser.add_argument("--txt", action="append", default=[], help="KEY=VALUE")
+    args = parser.parse_args()
+    pairs = dict(item.split("=", 1) for item in args.txt)
+    asyncio.run(_publish(args.instance, args.addr, pairs))

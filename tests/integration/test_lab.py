@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -248,8 +249,9 @@ def test_router_forwards_unicast_but_not_multicast(lab_factory: LabFactory) -> N
 @pytest.mark.integration
 def test_run_captures_output_env_and_exit_status(lab_factory: LabFactory) -> None:
     lab = lab_factory(ONE_SUBNET)
-    result = lab.run("a", ["sh", "-c", 'echo "$LABVAR"; echo oops >&2; exit 3'],
-                     env={"LABVAR": "x1"})  # fmt: skip
+    result = lab.run(
+        "a", ["sh", "-c", 'echo "$LABVAR"; echo oops >&2; exit 3'], env={"LABVAR": "x1"}
+    )
     assert (result.returncode, result.stdout, result.stderr) == (3, "x1\n", "oops\n")
     with pytest.raises(LabError, match="oops"):
         lab.run("a", ["sh", "-c", "echo oops >&2; exit 1"], check=True)
@@ -276,10 +278,13 @@ def test_spawn_logs_and_stop_escalates(lab_factory: LabFactory) -> None:
     stubborn = lab.spawn(
         "a",
         "stubborn",
-        [sys.executable, "-c",
-         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-         "print('armed'); time.sleep(300)"],
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('armed'); time.sleep(300)",
+        ],
+    )
     stubborn.wait_for_log("armed")
     t0 = time.monotonic()
     assert lab.stop(stubborn, timeout=0.5) == -9
@@ -407,6 +412,15 @@ finally:
 """
 
 
+@pytest.fixture
+def avahi_tools() -> None:
+    path = os.environ.get("PATH", "") + ":/usr/sbin"
+    tools = ("avahi-daemon", "avahi-browse", "avahi-publish", "dbus-daemon")
+    missing = [t for t in tools if shutil.which(t, path=path) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (apt-get install avahi-daemon avahi-utils dbus)")
+
+
 def avahi_browse(lab: Lab, host: str, name: str, timeout: float = 10.0) -> list[str]:
     """Resolved avahi-browse record (split on ';') for service ``name``; fails on timeout."""
     deadline = time.monotonic() + timeout
@@ -423,7 +437,9 @@ def avahi_browse(lab: Lab, host: str, name: str, timeout: float = 10.0) -> list[
 
 
 @pytest.mark.integration
-def test_avahi_publish_is_browsed_from_another_host(lab_factory: LabFactory) -> None:
+def test_avahi_publish_is_browsed_from_another_host(
+    lab_factory: LabFactory, avahi_tools: None
+) -> None:
     lab = lab_factory(AVAHI_TOPOLOGY)
     daemons = [lab.start_avahi("alpha"), lab.start_avahi("beta")]
     # Each daemon has its own bus, so both could claim org.freedesktop.Avahi.
@@ -447,7 +463,9 @@ def test_avahi_publish_is_browsed_from_another_host(lab_factory: LabFactory) -> 
 
 
 @pytest.mark.integration
-def test_python_zeroconf_and_avahi_see_each_other(lab_factory: LabFactory) -> None:
+def test_python_zeroconf_and_avahi_see_each_other(
+    lab_factory: LabFactory, avahi_tools: None
+) -> None:
     lab = lab_factory(AVAHI_TOPOLOGY)
     lab.start_avahi("beta")
     gamma = str(lab.address("gamma"))
@@ -470,7 +488,9 @@ def test_python_zeroconf_and_avahi_see_each_other(lab_factory: LabFactory) -> No
 
 
 @pytest.mark.integration
-def test_avahi_reflector_on_router_relays_between_subnets(lab_factory: LabFactory) -> None:
+def test_avahi_reflector_on_router_relays_between_subnets(
+    lab_factory: LabFactory, avahi_tools: None
+) -> None:
     lab = lab_factory(ROUTED)
     lab.start_avahi("a")
     lab.start_avahi("c")

@@ -1,0 +1,309 @@
+"""Whole clouds in network namespaces: real agents, real multicast, real HTTP and SQLite.
+
+Each test builds a lab from the design's topologies, starts agents in a shuffled order, and
+checks what an operator would: everything registered once, with credentials, and every
+refusal visible with its reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eucareg import credentials as cred
+from eucareg.lab import Lab
+from eucareg.labcloud import (
+    TOPOLOGY_1,
+    TOPOLOGY_3,
+    TOPOLOGY_4,
+    LabCloud,
+    all_registered,
+    publisher_argv,
+    registered_components,
+    single_lan,
+)
+from eucareg.model import Role
+
+pytestmark = pytest.mark.integration
+
+CloudFactory = Callable[..., LabCloud]
+
+
+@pytest.fixture
+def cloud_factory(lab_factory: Callable[..., Lab], tmp_path: Path) -> Iterator[CloudFactory]:
+    clouds: list[LabCloud] = []
+
+    def make(plan: dict[str, dict[str, str | None]], **settings: Any) -> LabCloud:
+        lab = lab_factory(single_lan(list(plan)))
+        cloud = LabCloud(lab, plan, tmp_path / f"cloud{len(clouds)}", settings=settings)
+        clouds.append(cloud)
+        return cloud
+
+    yield make
+    # On failure, the agents' logs are the first thing anyone needs.
+    for cloud in clouds:
+        for host, proc in cloud.agents.items():
+            print(f"==== {host} ({proc.log.name})\n{proc.log_text()[-3000:]}")
+
+
+def clc_host(plan: dict[str, dict[str, str | None]]) -> str:
+    return next(h for h, roles in plan.items() if "clc" in roles)
+
+
+def component_ids(cloud: LabCloud) -> dict[str, str]:
+    """component id -> host, read from each host's identity files."""
+    ids = {}
+    for host in cloud.plan:
+        for path in (cloud.host_dir(host) / "state" / "identity").glob("*.id"):
+            ids[path.read_text().strip()] = host
+    return ids
+
+
+def hook_calls(cloud: LabCloud) -> collections.Counter[str]:
+    calls: collections.Counter[str] = collections.Counter()
+    for host in cloud.plan:
+        for line in cloud.hook_log(host):
+            calls[line.split()[1]] += 1
+    return calls
+
+
+def assert_credentials_everywhere(cloud: LabCloud) -> None:
+    for host, roles in cloud.plan.items():
+        for role_name in roles:
+            role = Role(role_name)
+            key = cred.load_key(
+                cloud.host_dir(host) / "state" / "identity" / f"{role_name}.key.pem"
+            )
+            assert cred.credentials_present(cloud.key_dir(host), role, key), (host, role_name)
+            for name in cred.required_files(role):
+                mode = stat.S_IMODE((cloud.key_dir(host) / name).stat().st_mode)
+                assert mode == 0o600, (host, name, oct(mode))
+
+
+def converge(cloud: LabCloud, timeout: float = 45) -> dict[str, Any]:
+    status = cloud.wait_for(clc_host(dict(cloud.plan)), all_registered(cloud.expected()), timeout)
+    deadline = time.monotonic() + 10
+    while not cloud.credentials_complete() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return status
+
+
+@pytest.mark.parametrize(
+    ("plan", "seed"),
+    [
+        pytest.param(TOPOLOGY_1, 1, id="t1-clc+walrus+cc+sc/ncs-a"),
+        pytest.param(TOPOLOGY_1, 2, id="t1-clc+walrus+cc+sc/ncs-b"),
+        pytest.param(TOPOLOGY_3, 3, id="t3-every-component-alone-a"),
+        pytest.param(TOPOLOGY_3, 4, id="t3-every-component-alone-b"),
+        pytest.param(TOPOLOGY_4, 5, id="t4-two-clusters-one-lan-a"),
+        pytest.param(TOPOLOGY_4, 6, id="t4-two-clusters-one-lan-b"),
+    ],
+)
+def test_design_topology_registers_everything_exactly_once(
+    cloud_factory: CloudFactory, plan: dict[str, dict[str, str | None]], seed: int
+) -> None:
+    cloud = cloud_factory(plan)
+    order = list(plan)
+    random.Random(seed).shuffle(order)
+    cloud.start_all(order, gap=random.Random(seed).choice([0.0, 0.4]))
+    status = converge(cloud)
+
+    rows = registered_components(status)
+    ids = component_ids(cloud)
+    expected_ids = {cid for cid in ids if not cid.startswith("clc-")}
+    assert {r["component_id"] for r in rows} == expected_ids
+    assert len(rows) == len(expected_ids)  # no component twice
+    # Every hook ran exactly once, for exactly the registered components.
+    assert hook_calls(cloud) == collections.Counter(expected_ids)
+    assert_credentials_everywhere(cloud)
+    # The tree puts each NC under its own cluster.
+    for cluster in status["tree"]["clusters"]:
+        assert len(cluster["cc"]) == 1 and len(cluster["sc"]) == 1
+        assert all(nc["cluster"] == cluster["name"] for nc in cluster["nc"])
+
+
+def test_second_walrus_and_duplicate_cluster_name_are_refused_visibly(
+    cloud_factory: CloudFactory,
+) -> None:
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None, "walrus": None},
+        "cc1": {"cc": "cluster1"},
+        "walrus2": {"walrus": None},
+        "ccdup": {"cc": "cluster1"},
+    }
+    cloud = cloud_factory(plan)
+    cloud.start_all(["cloud", "cc1"])
+    cloud.wait_for("cloud", all_registered({"walrus": 1, "cc": 1}))
+    cloud.start_all(["walrus2", "ccdup"])
+
+    def refused_both(status: dict[str, Any]) -> bool:
+        return sum(r["status"] == "refused" for r in registered_components(status)) == 2
+
+    status = cloud.wait_for("cloud", refused_both, timeout=30)
+    ids = component_ids(cloud)
+    by_host = {host: cid for cid, host in ids.items()}
+    rows = {r["component_id"]: r for r in registered_components(status)}
+    assert rows[by_host["walrus2"]]["status"] == "refused"
+    assert "already has a Walrus" in rows[by_host["walrus2"]]["reason"]
+    assert rows[by_host["ccdup"]]["status"] == "refused"
+    assert "cluster name cluster1 is taken" in rows[by_host["ccdup"]]["reason"]
+    refusals = {e["component_id"]: e["code"] for e in cloud.events("cloud", "&kind=refused")}
+    assert refusals == {by_host["walrus2"]: "walrus-exists", by_host["ccdup"]: "cluster-name-taken"}
+    # The refused ones got no credentials and ran no hook.
+    assert not list(cloud.key_dir("walrus2").glob("walrus-cert.pem"))
+    assert not list(cloud.key_dir("ccdup").glob("cluster-cert.pem"))
+    assert by_host["walrus2"] not in hook_calls(cloud)
+
+
+def test_sc_before_its_cc_is_pending_then_registers(cloud_factory: CloudFactory) -> None:
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None},
+        "sc": {"sc": "cluster1"},
+        "cc": {"cc": "cluster1"},
+    }
+    cloud = cloud_factory(plan)
+    cloud.start_all(["cloud", "sc"])
+
+    def sc_pending(status: dict[str, Any]) -> bool:
+        return any(r["status"] == "pending" for r in registered_components(status))
+
+    status = cloud.wait_for("cloud", sc_pending, timeout=20)
+    pending = registered_components(status)[0]
+    assert pending["role"] == "sc" and pending["waiting_for"] == "cluster cluster1"
+    cloud.start("cc")
+    converge(cloud)
+    sc_id = next(cid for cid, host in component_ids(cloud).items() if host == "sc")
+    kinds = [e["kind"] for e in cloud.events("cloud", f"&component={sc_id}")]
+    assert kinds[:3] == ["pending", "registering", "registered"]
+    assert_credentials_everywhere(cloud)
+
+
+def test_node_of_an_unknown_cluster_is_unmatched_and_no_cc_takes_it(
+    cloud_factory: CloudFactory,
+) -> None:
+    plan = {**TOPOLOGY_4, "ghost": {"nc": "nosuchcluster"}}
+    cloud = cloud_factory(plan)
+    cloud.start_all()
+
+    def settled(status: dict[str, Any]) -> bool:
+        rows = registered_components(status)
+        return (
+            sum(r["status"] == "registered" for r in rows) == 7
+            and len(status["tree"]["unmatched"]) == 1
+        )
+
+    status = cloud.wait_for("cloud", settled, timeout=45)
+    ghost_id = next(cid for cid, host in component_ids(cloud).items() if host == "ghost")
+    stray = status["tree"]["unmatched"][0]
+    assert stray["component_id"] == ghost_id
+    assert "no registered CC has cluster nosuchcluster" in stray["reason"]
+    for cc_host in ("cc1", "cc2"):
+        registry = cloud.api(cc_host, "/v1/registry")
+        assert ghost_id not in {c["component_id"] for c in registry["components"]}
+    assert ghost_id not in hook_calls(cloud)
+    assert not list(cloud.key_dir("ghost").glob("node-cert.pem"))
+    events = cloud.events("cloud", f"&component={ghost_id}")
+    assert [e["kind"] for e in events] == ["unmatched"]
+
+
+def test_restarts_lead_back_to_the_same_state_without_duplicates(
+    cloud_factory: CloudFactory,
+) -> None:
+    cloud = cloud_factory(TOPOLOGY_4)
+    cloud.start_all()
+    before = converge(cloud)
+    hooks_before = hook_calls(cloud)
+    events_before = {h: len(cloud.events(h)) for h in ("cloud", "cc1", "cc2")}
+    # The CLC's registrar, then a CC registrar, then components, one after the other.
+    for host in ("cloud", "cc1", "node1", "cc2", "node2"):
+        cloud.restart(host)
+    after = converge(cloud)
+    time.sleep(1.5)  # let any late duplicate show itself
+    after = cloud.status("cloud")
+    key = lambda r: (r["component_id"], r["status"], r["fingerprint"])  # noqa: E731
+    assert sorted(map(key, registered_components(after))) == sorted(
+        map(key, registered_components(before))
+    )
+    assert hook_calls(cloud) == hooks_before
+    # Registrations are not re-decided; at most nothing new is logged.
+    for host, count in events_before.items():
+        kinds = [e["kind"] for e in cloud.events(host)[count:]]
+        assert not {"registering", "registered", "refused"} & set(kinds), (host, kinds)
+
+
+def test_twin_announcements_register_once_and_link_local_never(
+    cloud_factory: CloudFactory,
+) -> None:
+    """One NC announced under its own name, an Avahi-style '#2' rename and a second address
+    family at once (L1, L2); plus a stray whose only address is link-local (L3)."""
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None, "cc": "cluster1"},
+        "node1": {"nc": "cluster1"},
+    }
+    cloud = cloud_factory(plan)
+    # Create node1's identity first, so its twins can be published before it starts.
+    cloud.prepare("node1")
+    result = cloud.lab.run(
+        "node1",
+        [
+            sys.executable,
+            "-m",
+            "eucareg",
+            "fingerprint",
+            "--json",
+            "--config",
+            str(cloud.host_dir("node1") / "eucareg.toml"),
+        ],
+        check=True,
+    )
+    ident = json.loads(result.stdout)[0]
+    address = str(cloud.lab.address("node1"))
+    record = {
+        "txtvers": "1",
+        "protovers": "1",
+        "eucavers": "3.4",
+        "type": "node",
+        "state": "ready",
+        "cluster": "cluster1",
+        "addr": address,
+        "id": ident["component_id"],
+        "fp": ident["fingerprint"],
+    }
+    instance = f"node-{ident['component_id']}"
+    twins = [
+        cloud.lab.spawn(
+            "node1", "twin-rename", publisher_argv(f"{instance} #2", record, [address])
+        ),
+        cloud.lab.spawn(
+            "node1", "twin-v6", publisher_argv(f"{instance} v6", record, [address, "fd00::77"])
+        ),
+    ]
+    stray_txt = {**record, "id": "nc-11111111aaaa", "fp": "sha256:" + "ab" * 32, "addr": "fe80::1"}
+    stray = cloud.lab.spawn("node1", "stray", publisher_argv("stray", stray_txt, ["fe80::1"]))
+    for proc in [*twins, stray]:
+        proc.wait_for_log("published", timeout=15)
+    cloud.start_all(["node1", "cloud"])
+    converge(cloud)
+    time.sleep(1.0)
+    calls = hook_calls(cloud)
+    assert calls[ident["component_id"]] == 1
+    registry = cloud.api("cloud", "/v1/registry")["components"]
+    nodes = [c for c in registry if c["role"] == "nc"]
+    assert [n["component_id"] for n in nodes] == [ident["component_id"]]
+    assert nodes[0]["address"] == address
+    # Identity and the hook's arguments come from TXT, never from the (renamed) instance name.
+    node_lines = [line for line in cloud.hook_log("cloud") if line.startswith("node ")]
+    assert node_lines == [f"node {ident['component_id']} {address} cluster1"]
+    rejected = cloud.events("cloud", "&kind=rejected")
+    assert any("link-local" in e["reason"] for e in rejected)
+    assert "nc-11111111aaaa" not in {c["component_id"] for c in registry}
+    assert "nc-11111111aaaa" not in calls
