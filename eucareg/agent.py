@@ -312,6 +312,7 @@ class Agent:
             else:
                 changed = False
         if changed:
+            log.debug("registrars changed: %s %s", sighting.change.value, sighting.instance)
             self._registrars_changed.set()
 
     def _registrar_for(self, comp: ComponentRuntime) -> Endpoint | None:

@@ -7,6 +7,7 @@ scripts (docs/cli.md documents the output).
 from __future__ import annotations
 
 import asyncio
+import csv
 import datetime
 import json
 import logging
@@ -292,6 +293,7 @@ def render_tree(data: dict[str, Any]) -> Tree:
 @click.option("--cluster", help="Only this cluster.")
 @click.option("--since", type=int, default=0, show_default=True, help="Only after this seq.")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=200, show_default=True)
+@click.option("--csv", "as_csv", is_flag=True, help="Export as CSV (one row per event).")
 def events(
     api: str | None,
     config_path: Path | None,
@@ -302,8 +304,9 @@ def events(
     cluster: str | None,
     since: int,
     limit: int,
+    as_csv: bool,
 ) -> None:
-    """List the registrar's decisions with their reasons, oldest first."""
+    """List the registrar's decisions with their reasons, oldest first (the newest LIMIT)."""
     params = {"since": str(since), "limit": str(limit)}
     for key, value in (
         ("component", component),
@@ -317,6 +320,12 @@ def events(
     rows = data.get("events", [])
     if as_json:
         click.echo(json.dumps(rows, indent=2))
+        return
+    if as_csv:
+        fields = ["seq", "at", "kind", "code", "role", "cluster", "component_id", "address"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=[*fields, "reason"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
         return
     table = Table(show_lines=False, header_style="bold")
     for column in ("seq", "time", "kind", "role", "cluster", "component", "address", "reason"):

@@ -156,6 +156,7 @@ class ZeroconfBackend:
             self._emit(Sighting(instance, Change.REMOVED))
             return
         change = Change.ADDED if state_change is ServiceStateChange.Added else Change.UPDATED
+        log.debug("browser: %s %s", change.value, instance)
         task = asyncio.get_running_loop().create_task(
             self._resolve(service_type, name, instance, change)
         )
