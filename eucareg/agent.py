@@ -361,35 +361,9 @@ class Agent:
     async def _collect_once(
         self, session: aiohttp.ClientSession, comp: ComponentRuntime, endpoint: Endpoint
     ) -> bool:
-        body = json.dumps(
-            {
-                "component_id": comp.identity.component_id,
-                "public_key": cred.public_pem(comp.identity.key.public_key()),
-                "timestamp": time.time(),
-                "nonce": secrets.token_hex(16),
-            }
-        ).encode()
-        headers = {
-            SIGNATURE_HEADER: cred.sign(comp.identity.key, body),
-            "Content-Type": "application/json",
-        }
-        url = f"http://{endpoint.address}:{endpoint.port}/v1/credentials?wait={LONG_POLL:g}"
-        async with session.post(url, data=body, headers=headers) as response:
-            data = await response.json(content_type=None)
-            if response.status == 202:
-                log.debug("%s not registered yet: %s", comp.identity.component_id, data)
-                return False
-            if response.status != 200:
-                raise ValueError(f"HTTP {response.status}: {data.get('error', data)}")
-        files = cred.verify_bundle(data["files"], comp.role, comp.identity.key)
-        cred.write_credentials(self.config.key_dir, comp.role, files)
-        log.info(
-            "credentials for %s %s written to %s",
-            comp.role.value,
-            comp.identity.component_id,
-            self.config.key_dir,
+        return await collect_credentials(
+            session, comp.identity, comp.role, endpoint, self.config.key_dir
         )
-        return True
 
     @staticmethod
     async def _sleep(event: asyncio.Event, seconds: float) -> None:
@@ -422,6 +396,47 @@ class Agent:
             await stop.wait()
         finally:
             await self.stop()
+
+
+async def collect_credentials(
+    session: aiohttp.ClientSession,
+    identity: Identity,
+    role: Role,
+    endpoint: Endpoint,
+    key_dir: Path,
+    wait: float = LONG_POLL,
+) -> bool:
+    """One signed, long-polling request for credentials; True once they are written.
+
+    The body carries our public key, a timestamp and a nonce, signed with our private key; the
+    registrar answers only the key it registered, and we accept only a bundle certifying it.
+    """
+    body = json.dumps(
+        {
+            "component_id": identity.component_id,
+            "public_key": cred.public_pem(identity.key.public_key()),
+            "timestamp": time.time(),
+            "nonce": secrets.token_hex(16),
+        }
+    ).encode()
+    headers = {
+        SIGNATURE_HEADER: cred.sign(identity.key, body),
+        "Content-Type": "application/json",
+    }
+    url = f"http://{endpoint.address}:{endpoint.port}/v1/credentials?wait={wait:g}"
+    log.debug("requesting credentials for %s from %s", identity.component_id, url)
+    async with session.post(url, data=body, headers=headers) as response:
+        data = await response.json(content_type=None)
+        if response.status == 202:
+            log.debug("%s not registered yet: %s", identity.component_id, data)
+            return False
+        if response.status != 200:
+            raise ValueError(f"HTTP {response.status}: {data.get('error', data)}")
+    log.debug("credentials for %s received", identity.component_id)
+    files = cred.verify_bundle(data["files"], role, identity.key)
+    cred.write_credentials(key_dir, role, files)
+    log.info("credentials for %s %s written to %s", role.value, identity.component_id, key_dir)
+    return True
 
 
 async def sshd_answers(host: str, port: int, timeout: float = 2.0) -> bool:

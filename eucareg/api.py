@@ -95,6 +95,7 @@ def build_app(
         return web.json_response({"hook_runs": [asdict(r) for r in runs]})
 
     async def collect(request: web.Request) -> web.Response:
+        log.debug("credential request from %s", request.remote)
         body = await request.read()
         signature = request.headers.get(SIGNATURE_HEADER, "")
         try:

@@ -81,12 +81,37 @@ class LabCloud:
     def host_dir(self, host: str) -> Path:
         return self.workdir / host
 
+    def fake_sshd(self, host: str, port: int = 2222) -> LabProcess:
+        """A stand-in sshd on the host's loopback: answers with an SSH banner, nothing more."""
+        script = (
+            "import socket\n"
+            "s = socket.socket()\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(('127.0.0.1', {port}))\n"
+            "s.listen()\n"
+            "print('listening', flush=True)\n"
+            "while True:\n"
+            "    c, _ = s.accept()\n"
+            "    c.sendall(b'SSH-2.0-eucareg-lab\\r\\n')\n"
+            "    c.close()\n"
+        )
+        proc = self.lab.spawn(host, f"sshd{port}", [sys.executable, "-c", script])
+        proc.wait_for_log("listening", timeout=10)
+        return proc
+
     def key_dir(self, host: str) -> Path:
         return self.host_dir(host) / "state" / "keys"
 
     def hook_log(self, host: str) -> list[str]:
         path = self.host_dir(host) / "hooks.log"
         return path.read_text().splitlines() if path.exists() else []
+
+    def setting(self, name: str, host: str, default: Any) -> Any:
+        """A setting for one host: a plain value applies to all, a dict is per host."""
+        value = self.settings.get(name, default)
+        if isinstance(value, dict):
+            return value.get(host, default)
+        return value
 
     def config_text(self, host: str) -> str:
         """The TOML config a host's agent runs with."""
@@ -102,13 +127,13 @@ class LabCloud:
             f"log_level = {_toml_value(self.settings.get('log_level', 'info'))}",
             "",
             "[preconditions]",
-            f"sshd = {_toml_value(self.settings.get('sshd', False))}",
+            f"sshd = {_toml_value(self.setting('sshd', host, False))}",
             f"recheck_interval = {_toml_value(self.settings.get('recheck_interval', '1s'))}",
             "",
             "[registrar]",
             *(f"{k} = {_toml_value(v)}" for k, v in registrar.items()),
         ]
-        installed = self.settings.get("installed", {}).get(host, {})
+        installed = self.setting("installed", host, {})
         for role, cluster in self.plan[host].items():
             lines += ["", f"[components.{role}]"]
             if cluster is not None:

@@ -76,17 +76,25 @@ class ZeroconfBackend:
     """
 
     def __init__(self, *, ipv6: bool = False) -> None:
-        self._aiozc = AsyncZeroconf(ip_version=IPVersion.All if ipv6 else IPVersion.V4Only)
+        self._ip_version = IPVersion.All if ipv6 else IPVersion.V4Only
+        self._started: AsyncZeroconf | None = None
         self._published: dict[str, AsyncServiceInfo] = {}
         self._browser: AsyncServiceBrowser | None = None
         self._handlers: list[SightingHandler] = []
         self._resolving: set[asyncio.Task[None]] = set()
 
     @property
-    def zeroconf(self) -> Zeroconf:
-        return self._aiozc.zeroconf
+    def _aiozc(self) -> AsyncZeroconf:
+        if self._started is None:
+            raise RuntimeError("ZeroconfBackend.start() has not been awaited")
+        return self._started
 
     async def start(self) -> None:
+        # Made here, inside the running loop, with use_asyncio=True: otherwise python-zeroconf
+        # starts a thread with a loop of its own, and its callbacks would drive the registrar
+        # from a second loop, racing the HTTP API's.
+        zc = Zeroconf(ip_version=self._ip_version, use_asyncio=True)
+        self._started = AsyncZeroconf(zc=zc)
         await self._aiozc.zeroconf.async_wait_for_start()
         for reader in self._aiozc.zeroconf.engine.readers:
             sock = reader.transport.get_extra_info("socket")
@@ -95,6 +103,8 @@ class ZeroconfBackend:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
     async def close(self) -> None:
+        if self._started is None:
+            return
         if self._browser is not None:
             await self._browser.async_cancel()
         for task in list(self._resolving):

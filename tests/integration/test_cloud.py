@@ -307,3 +307,75 @@ def test_twin_announcements_register_once_and_link_local_never(
     assert any("link-local" in e["reason"] for e in rejected)
     assert "nc-11111111aaaa" not in {c["component_id"] for c in registry}
     assert "nc-11111111aaaa" not in calls
+
+
+def test_component_announces_only_while_installed_and_sshd_answers(
+    cloud_factory: CloudFactory, tmp_path: Path
+) -> None:
+    marker = tmp_path / "eucalyptus-nc.installed"
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None, "cc": "cluster1"},
+        "node1": {"nc": "cluster1"},
+    }
+    cloud = cloud_factory(
+        plan,
+        sshd={"node1": "127.0.0.1:2222"},
+        installed={"node1": {"nc": str(marker)}},
+        recheck_interval="300ms",
+    )
+    cloud.start_all(["cloud", "node1"])
+    cloud.wait_for("cloud", all_registered({"cc": 1}))
+
+    def nodes(status: dict[str, Any]) -> list[dict[str, Any]]:
+        return [r for r in registered_components(status) if r["role"] == "nc"]
+
+    time.sleep(1.5)
+    assert nodes(cloud.status("cloud")) == []  # neither installed nor sshd: silent
+    marker.write_text("")
+    time.sleep(1.0)
+    assert nodes(cloud.status("cloud")) == []  # installed, but sshd does not answer
+    sshd = cloud.fake_sshd("node1")
+    status = cloud.wait_for("cloud", all_registered({"cc": 1, "nc": 1}), timeout=20)
+    assert nodes(status)[0]["online"] is True
+    # sshd stops: the node withdraws (goodbye packets), and the registrar sees it go at once.
+    cloud.lab.stop(sshd)
+    status = cloud.wait_for("cloud", lambda s: not nodes(s)[0]["online"], timeout=10)
+    assert nodes(status)[0]["status"] == "registered"  # withdrawal does not deregister
+    assert "sshd does not answer" in cloud.logs("node1")
+
+
+MDNS_LOOP_PROBE = """
+import asyncio, threading
+from eucareg.mdns import ServiceSpec, ZeroconfBackend
+
+# Built before the loop runs, as the agent builds it.
+backend = ZeroconfBackend()
+
+async def main():
+    await backend.start()
+    seen = asyncio.get_running_loop().create_future()
+    def handler(sighting):
+        # Must run on the agent's own loop and thread, where aiohttp and the registrar live.
+        same = asyncio.get_running_loop() is loop and threading.current_thread() is main
+        if not seen.done():
+            seen.set_result(same)
+    loop, main = asyncio.get_running_loop(), threading.main_thread()
+    backend.watch(handler)
+    await backend.publish(ServiceSpec("probe-0001", 1, {"a": "b"}, (ADDRESS,), "probe.local."))
+    print("same-loop" if await asyncio.wait_for(seen, 10) else "OTHER-LOOP")
+    print("threads", threading.active_count())
+    await backend.close()
+
+asyncio.run(main())
+"""
+
+
+def test_mdns_callbacks_run_on_the_agents_own_loop(
+    lab_factory: Callable[..., Lab],
+) -> None:
+    """python-zeroconf must not run a loop of its own: sightings would race the HTTP API."""
+    lab = lab_factory(single_lan(["probe"]))
+    script = MDNS_LOOP_PROBE.replace("ADDRESS", repr(str(lab.address("probe"))))
+    result = lab.run("probe", [sys.executable, "-c", script], timeout=30, check=True)
+    assert "same-loop" in result.stdout
+    assert "threads 1" in result.stdout
