@@ -134,10 +134,13 @@ class LabCloud:
             *(f"{k} = {_toml_value(v)}" for k, v in registrar.items()),
         ]
         installed = self.setting("installed", host, {})
+        addresses = self.setting("addresses", host, {})
         for role, cluster in self.plan[host].items():
             lines += ["", f"[components.{role}]"]
             if cluster is not None:
                 lines.append(f"cluster = {_toml_value(cluster)}")
+            if role in addresses:
+                lines.append(f"address = {_toml_value(addresses[role])}")
             lines.append(f"installed = {_toml_value(installed.get(role, True))}")
         return "\n".join(lines) + "\n"
 

@@ -8,6 +8,7 @@ refusal visible with its reason.
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import random
 import stat
@@ -379,3 +380,46 @@ def test_mdns_callbacks_run_on_the_agents_own_loop(
     result = lab.run("probe", [sys.executable, "-c", script], timeout=30, check=True)
     assert "same-loop" in result.stdout
     assert "threads 1" in result.stdout
+
+
+def test_operator_commands_preferred_address_and_credential_repair(
+    cloud_factory: CloudFactory,
+) -> None:
+    """L7: an NC registers with its configured preferred address; L10: the operator lists,
+    filters and exports decisions; L9: a lost credential file is repaired by itself."""
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None, "cc": "cluster1"},
+        "node1": {"nc": "cluster1"},
+    }
+    cloud = cloud_factory(plan, addresses={"node1": {"nc": "10.77.1.200"}})
+    cloud.lab.run("node1", ["ip", "addr", "add", "10.77.1.200/24", "dev", "eth0"], check=True)
+    cloud.start_all()
+    status = converge(cloud)
+    node = next(r for r in registered_components(status) if r["role"] == "nc")
+    assert node["address"] == "10.77.1.200"
+
+    def cli(*args: str) -> str:
+        argv = [sys.executable, "-m", "eucareg", *args, "--api", "http://127.0.0.1:8780"]
+        return cloud.lab.run("cloud", argv, check=True, timeout=30).stdout
+
+    text = cli("status")
+    assert "cluster cluster1" in text and "10.77.1.200" in text and "registered" in text
+    assert json.loads(cli("status", "--json"))["tree"]["clusters"][0]["name"] == "cluster1"
+    registered = json.loads(cli("events", "--json", "--kind", "registered"))
+    assert {e["role"] for e in registered} == {"cc", "nc"}
+    assert {e["kind"] for e in registered} == {"registered"}
+    rows = list(csv.DictReader(cli("events", "--csv", "--role", "nc").splitlines()))
+    assert rows and {r["role"] for r in rows} == {"nc"}
+    assert [r["kind"] for r in rows][:2] == ["registering", "registered"]
+
+    # A credential file disappears: the agent notices and collects the same certificate again.
+    cert = cloud.key_dir("node1") / "node-cert.pem"
+    original = cert.read_bytes()
+    hooks = hook_calls(cloud)
+    cert.unlink()
+    deadline = time.monotonic() + 15
+    while not cert.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cert.read_bytes() == original
+    assert hook_calls(cloud) == hooks
+    assert "no longer registered (credentials missing)" in cloud.logs("node1")
