@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import signal
@@ -24,16 +23,25 @@ from cryptography import x509
 
 from eucareg import credentials as cred
 from eucareg import txt
-from eucareg.api import SIGNATURE_HEADER, build_app
+from eucareg.api import ApiContext, build_app, signed_body
 from eucareg.config import ComponentConfig, Config, usable_addresses
 from eucareg.mdns import Change, ServiceSpec, Sighting, ZeroconfBackend
 from eucareg.model import AnnouncedState, Announcement, Role
 from eucareg.policy import RegistrarSettings
 from eucareg.registrar import Issuer, Registrar, Timing
 from eucareg.store import Store, sqlite_url
+from eucareg.trust import (
+    PROOF_MAX_AGE,
+    ParsedToken,
+    make_proof,
+    new_master_key,
+    parse_token,
+    proof_message,
+)
 
 log = logging.getLogger(__name__)
 
+ADMIN_TOKEN_FILE = "admin.token"
 LONG_POLL = 25.0  # seconds a collector waits inside one credential request
 COLLECT_RETRY_MAX = 30.0
 
@@ -81,6 +89,7 @@ class Endpoint:
     address: str
     port: int
     component_id: str
+    fingerprint: str = ""
 
 
 @dataclass
@@ -89,6 +98,8 @@ class ComponentRuntime:
     identity: Identity
     registered: bool = False
     announced: bool = False
+    token: ParsedToken | None = None
+    proof_stamp: int = 0  # when the announced token proof was made
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # re-check announcement now
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # announced/registered moved
 
@@ -103,7 +114,11 @@ class Agent:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.components = [
-            ComponentRuntime(c, load_or_create_identity(config.state_dir, c.role))
+            ComponentRuntime(
+                c,
+                load_or_create_identity(config.state_dir, c.role),
+                token=parse_token(c.token) if c.token else None,
+            )
             for c in config.components
         ]
         self.backend = ZeroconfBackend(ipv6=config.ipv6)
@@ -159,6 +174,12 @@ class Agent:
         )
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(sqlite_url(cfg.database))
+        master_key = read_or_create_secret(
+            cfg.state_dir / "registrar.key", new_master_key().hex().encode()
+        )
+        admin_token = read_or_create_secret(
+            cfg.state_dir / ADMIN_TOKEN_FILE, secrets.token_urlsafe(32).encode()
+        ).decode()
         self.registrar = Registrar(
             self.store,
             settings,
@@ -166,9 +187,17 @@ class Agent:
             timing=Timing(cfg.pending_timeout, cfg.hook_timeout, cfg.retry_base, cfg.retry_max),
             issuer_for=self._issuer_for,
             self_registered=lambda: cc is not None and cc.registered,
+            master_key=master_key,
         )
         self.registrar.resume()
-        app = build_app(self.registrar, self.local_components)
+        clc = self.runtime(Role.CLC)
+        context = ApiContext(
+            admin_token=admin_token,
+            local_components=self.local_components,
+            ca_fingerprint=self._ca_fingerprint,
+            peer_key=clc.identity.key if clc else None,
+        )
+        app = build_app(self.registrar, context)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host=None, port=cfg.api_port, reuse_address=True)
@@ -188,6 +217,19 @@ class Agent:
             }
             for c in self.components
         ]
+
+    def _ca_fingerprint(self) -> str | None:
+        """The cloud CA this host belongs to: its own on the CLC, else from cloud-cert.pem."""
+        if self._cloud_cert is not None:
+            return cred.cert_fingerprint(self._cloud_cert)
+        path = self.config.key_dir / cred.CLOUD_CERT
+        cc = self.runtime(Role.CC)
+        if cc is None or not cc.registered or not path.exists():
+            return None
+        try:
+            return cred.cert_fingerprint(cred.load_cert(path))
+        except cred.CredentialError:
+            return None
 
     def _issuer_for(self, role: Role) -> Issuer | None:
         if role is Role.NC:
@@ -228,6 +270,7 @@ class Agent:
             fingerprint=comp.identity.fingerprint,
             api_port=cfg.api_port if serves_api else None,
             eucavers=cfg.eucavers,
+            token=self._token_proof(comp) if not registered else None,
         )
         # A registered CC announces on all its interfaces (design), so offer every address.
         addresses = (
@@ -242,6 +285,23 @@ class Agent:
             addresses=addresses,
             server=f"eucareg-{str(comp.config.address).replace('.', '-').replace(':', '-')}.local.",
         )
+
+    def _token_proof(self, comp: ComponentRuntime) -> tuple[str, int, str] | None:
+        """(token id, stamp, proof) to announce; the stamp is renewed well within its life."""
+        if comp.token is None:
+            return None
+        now = int(time.time())
+        if now - comp.proof_stamp > PROOF_MAX_AGE / 3:
+            comp.proof_stamp = now
+        message = proof_message(
+            component_id=comp.identity.component_id,
+            fingerprint=comp.identity.fingerprint,
+            role=comp.role,
+            cluster=comp.config.cluster,
+            address=str(comp.config.address),
+            stamp=comp.proof_stamp,
+        )
+        return comp.token.token_id, comp.proof_stamp, make_proof(comp.token.secret, message)
 
     async def _preconditions(self, comp: ComponentRuntime) -> str | None:
         """Why this component must not announce now, or None when it may."""
@@ -302,7 +362,7 @@ class Agent:
             ann = txt.decode(sighting.instance, sighting.txt)
             if not isinstance(ann, Announcement) or ann.api_port is None:
                 return
-            endpoint = Endpoint(str(ann.address), ann.api_port, ann.component_id)
+            endpoint = Endpoint(str(ann.address), ann.api_port, ann.component_id, ann.fingerprint)
             if ann.role is Role.CLC:
                 self._clc[sighting.instance] = endpoint
                 changed = True
@@ -321,18 +381,27 @@ class Agent:
                 (ep for cluster, ep in self._clusters.values() if cluster == comp.config.cluster),
                 None,
             )
-        if len(self._clc) > 1:
+        pin = comp.token.ca_fingerprint if comp.token else None
+        candidates = [ep for ep in self._clc.values() if pin is None or ep.fingerprint == pin]
+        if len(self._clc) > 1 and len(candidates) != 1:
             log.warning("more than one CLC announces itself: %s", list(self._clc))
-        return next(iter(self._clc.values()), None)
+        if not candidates and self._clc:
+            log.warning(
+                "no announced CLC has the CA key our token pins (%s); ignoring %s",
+                pin,
+                ", ".join(ep.address for ep in self._clc.values()),
+            )
+        return candidates[0] if candidates else None
 
     # -- collecting credentials -----------------------------------------------------------
 
     async def _collect_loop(self, comp: ComponentRuntime) -> None:
+        """Collect credentials while unregistered; once registered, watch for revocation."""
         delay = 1.0
         timeout = aiohttp.ClientTimeout(total=LONG_POLL + 10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while not self._stopping.is_set():
-                if comp.registered or not comp.announced:
+                if not comp.registered and not comp.announced:
                     comp.changed.clear()
                     await self._sleep(comp.changed, self.config.recheck_interval)
                     continue
@@ -341,12 +410,33 @@ class Agent:
                     self._registrars_changed.clear()
                     await self._sleep(self._registrars_changed, self.config.recheck_interval)
                     continue
+                have = self._own_serial(comp) if comp.registered else None
+                comp.changed.clear()
+                request = asyncio.ensure_future(
+                    collect_credentials(
+                        session,
+                        comp.identity,
+                        comp.role,
+                        endpoint,
+                        self.config.key_dir,
+                        have=have,
+                        pin=comp.token.ca_fingerprint if comp.token else None,
+                    )
+                )
+                change = asyncio.ensure_future(comp.changed.wait())
+                await asyncio.wait({request, change}, return_when=asyncio.FIRST_COMPLETED)
+                change.cancel()
+                if not request.done():
+                    # Our own state moved (e.g. a credential file vanished): ask afresh.
+                    request.cancel()
+                    await asyncio.gather(request, return_exceptions=True)
+                    continue
                 try:
-                    done = await self._collect_once(session, comp, endpoint)
+                    outcome = request.result()
                     delay = 1.0
                 except (aiohttp.ClientError, TimeoutError, cred.CredentialError, ValueError) as exc:
                     log.warning(
-                        "collecting credentials for %s from %s:%d failed: %s",
+                        "credentials for %s from %s:%d: %s",
                         comp.identity.component_id,
                         endpoint.address,
                         endpoint.port,
@@ -355,15 +445,18 @@ class Agent:
                     await asyncio.sleep(delay)
                     delay = min(COLLECT_RETRY_MAX, delay * 2)
                     continue
-                if done:
+                if outcome == "written" and not comp.registered:
                     self._set_registered(comp, True)
+                elif outcome == "revoked":
+                    remove_credentials(self.config.key_dir, comp.role)
+                    self._set_registered(comp, False)
 
-    async def _collect_once(
-        self, session: aiohttp.ClientSession, comp: ComponentRuntime, endpoint: Endpoint
-    ) -> bool:
-        return await collect_credentials(
-            session, comp.identity, comp.role, endpoint, self.config.key_dir
-        )
+    def _own_serial(self, comp: ComponentRuntime) -> str | None:
+        try:
+            cert = cred.load_cert(self.config.key_dir / cred.LAYOUTS[comp.role].cert)
+        except cred.CredentialError:
+            return None
+        return format(cert.serial_number, "x")
 
     @staticmethod
     async def _sleep(event: asyncio.Event, seconds: float) -> None:
@@ -405,38 +498,62 @@ async def collect_credentials(
     endpoint: Endpoint,
     key_dir: Path,
     wait: float = LONG_POLL,
-) -> bool:
-    """One signed, long-polling request for credentials; True once they are written.
+    have: str | None = None,
+    pin: str | None = None,
+) -> str:
+    """One signed, long-polling credential request: "written", "pending", or, when watching
+    credentials we hold (`have`: our certificate's serial), "unchanged" or "revoked".
 
-    The body carries our public key, a timestamp and a nonce, signed with our private key; the
-    registrar answers only the key it registered, and we accept only a bundle certifying it.
+    The signature proves we hold the announced key; the registrar answers only that key, and
+    we accept only a bundle that certifies it and chains to the pinned CA, if any.
     """
-    body = json.dumps(
-        {
-            "component_id": identity.component_id,
-            "public_key": cred.public_pem(identity.key.public_key()),
-            "timestamp": time.time(),
-            "nonce": secrets.token_hex(16),
-        }
-    ).encode()
-    headers = {
-        SIGNATURE_HEADER: cred.sign(identity.key, body),
-        "Content-Type": "application/json",
-    }
+    fields: dict[str, Any] = {"component_id": identity.component_id}
+    if have is not None:
+        fields["have"] = have
+    body, headers = signed_body(identity.key, fields)
     url = f"http://{endpoint.address}:{endpoint.port}/v1/credentials?wait={wait:g}"
     log.debug("requesting credentials for %s from %s", identity.component_id, url)
     async with session.post(url, data=body, headers=headers) as response:
         data = await response.json(content_type=None)
+        if response.status == 410 and have is not None:
+            log.warning("credentials of %s revoked: %s", identity.component_id, data.get("error"))
+            return "revoked"
         if response.status == 202:
             log.debug("%s not registered yet: %s", identity.component_id, data)
-            return False
+            return "pending"
         if response.status != 200:
             raise ValueError(f"HTTP {response.status}: {data.get('error', data)}")
-    log.debug("credentials for %s received", identity.component_id)
     files = cred.verify_bundle(data["files"], role, identity.key)
+    if pin is not None:
+        ca = cred.cert_fingerprint(cred.load_cert_pem(files[cred.CLOUD_CERT]))
+        if ca != pin:
+            raise cred.CredentialError(
+                f"registrar at {endpoint.address} belongs to CA {ca}, but our token pins {pin}: "
+                "refusing a rogue registrar"
+            )
+    if have is not None and cred.load_cert_pem(files[cred.LAYOUTS[role].cert]).serial_number == int(
+        have, 16
+    ):
+        return "unchanged"
     cred.write_credentials(key_dir, role, files)
     log.info("credentials for %s %s written to %s", role.value, identity.component_id, key_dir)
-    return True
+    return "written"
+
+
+def remove_credentials(key_dir: Path, role: Role) -> None:
+    """Drop a deregistered component's own certificate and key copy (never cloud-cert.pem,
+    which other components on the host may share)."""
+    layout = cred.LAYOUTS[role]
+    for name in (layout.cert, layout.key):
+        (key_dir / name).unlink(missing_ok=True)
+
+
+def read_or_create_secret(path: Path, fresh: bytes) -> bytes:
+    """A root-only secret file, made once (the admin credential, the token master key)."""
+    if path.exists():
+        return path.read_bytes().strip()
+    cred.write_atomic(path, fresh + b"\n")
+    return fresh
 
 
 async def sshd_answers(host: str, port: int, timeout: float = 2.0) -> bool:

@@ -1,26 +1,33 @@
-"""The registrar's HTTP API (aiohttp): status, events, hook runs and credential collection.
+"""The registrar's HTTP API (aiohttp): operator endpoints, and the component endpoints.
 
-Operators' commands read status and events here. Components collect their credentials here with
-a request signed by their own key; the registrar answers only the key whose fingerprint it
-registered, and only with certificates (no private key crosses the network).
+Operator (admin) endpoints answer only on loopback and only with the local admin credential,
+a bearer token in a root-only file. Component endpoints answer only requests signed by a
+component key: the registrar hands certificates to the key it registered, nothing else, and no
+private key ever crosses the network. The CLC reads CC registries with requests signed by the
+cloud CA key. docs/security.md describes the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import secrets
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from eucareg import credentials as cred
+from eucareg.config import ConfigError, parse_duration
 from eucareg.model import Record, Role, Status
 from eucareg.registrar import CredentialRefused, Registrar
+from eucareg.trust import Mode, Task
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +36,19 @@ CLOCK_SKEW = 300.0  # seconds a signed request may be early or late
 MAX_WAIT = 30.0  # longest long-poll a component may ask for
 PEER_TIMEOUT = 3.0  # when the CLC asks a CC for its NCs
 
-REGISTRAR_KEY: web.AppKey[Registrar] = web.AppKey("registrar", Registrar)
-IDENTITY_KEY: web.AppKey[Callable[[], list[dict[str, Any]]]] = web.AppKey("identity")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What the API needs from the agent besides the registrar."""
+
+    admin_token: str
+    local_components: Callable[[], list[dict[str, Any]]]
+    # The cloud CA's fingerprint: who may read this registry as a peer, and what tokens pin.
+    ca_fingerprint: Callable[[], str | None]
+    # The CLC's key, to sign its requests to CC registrars (None elsewhere).
+    peer_key: cred.PrivateKey | None = None
 
 
 def record_json(record: Record, online: bool) -> dict[str, Any]:
@@ -56,22 +74,100 @@ class NonceCache:
         return True
 
 
-def build_app(
-    registrar: Registrar, local_components: Callable[[], list[dict[str, Any]]]
-) -> web.Application:
+class SignedRequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def signed_body(key: cred.PrivateKey, fields: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """A request body carrying our public key, a time and a nonce, and its signature header."""
+    body = json.dumps(
+        {
+            **fields,
+            "public_key": cred.public_pem(key.public_key()),
+            "timestamp": time.time(),
+            "nonce": secrets.token_hex(16),
+        }
+    ).encode()
+    return body, {SIGNATURE_HEADER: cred.sign(key, body), "Content-Type": "application/json"}
+
+
+def verify_signed(
+    body: bytes, signature: str, nonces: NonceCache
+) -> tuple[dict[str, Any], cred.PublicKey]:
+    """Check a signed request: well formed, signature, freshness, no replay."""
+    try:
+        payload = json.loads(body)
+        public_key = cred.load_public_pem(str(payload["public_key"]))
+        stamp = float(payload["timestamp"])
+        nonce = str(payload["nonce"])
+    except (ValueError, KeyError, TypeError, cred.CredentialError) as exc:
+        raise SignedRequestError(400, f"malformed signed request: {exc}") from exc
+    now = time.time()
+    if not cred.verify(public_key, body, signature):
+        raise SignedRequestError(401, "signature does not verify with the enclosed key")
+    if abs(now - stamp) > CLOCK_SKEW:
+        raise SignedRequestError(401, f"request time is {now - stamp:+.0f}s off; check the clocks")
+    if not nonces.fresh(nonce, now):
+        raise SignedRequestError(401, "replayed request (nonce already used)")
+    return payload, public_key
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
-    app[REGISTRAR_KEY] = registrar
-    app[IDENTITY_KEY] = local_components
     nonces = NonceCache()
+
+    def admin(handler: Handler) -> Handler:
+        async def checked(request: web.Request) -> web.StreamResponse:
+            if not _is_loopback(request.remote):
+                return _error(403, "operator endpoints answer on loopback only")
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not given or not hmac.compare_digest(given, ctx.admin_token):
+                return _error(401, "the local admin credential is required (see docs/security.md)")
+            try:
+                return await handler(request)
+            except (KeyError, ValueError, ConfigError) as exc:
+                message = exc.args[0] if exc.args else str(exc)
+                return _error(400, str(message))
+
+        return checked
+
+    async def read_json(request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"body is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError("body must be a JSON object")
+        return data
 
     async def health(_request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
     async def registry(_request: web.Request) -> web.Response:
-        return web.json_response(_registry(registrar, local_components))
+        return web.json_response(_registry(registrar, ctx))
+
+    async def peer_registry(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            _payload, key = verify_signed(body, request.headers.get(SIGNATURE_HEADER, ""), nonces)
+        except SignedRequestError as exc:
+            return _error(exc.status, str(exc))
+        allowed = ctx.ca_fingerprint()
+        if allowed is None or cred.fingerprint(key) != allowed:
+            return _error(403, "only the cloud controller may read this registry")
+        return web.json_response(_registry(registrar, ctx))
 
     async def status(_request: web.Request) -> web.Response:
-        return web.json_response(await _status_tree(registrar, local_components))
+        return web.json_response(await _status_tree(registrar, ctx))
 
     async def events(request: web.Request) -> web.Response:
         query = request.query
@@ -94,30 +190,120 @@ def build_app(
         runs = registrar.store.hook_runs(request.query.get("component") or None)
         return web.json_response({"hook_runs": [asdict(r) for r in runs]})
 
-    async def collect(request: web.Request) -> web.Response:
-        log.debug("credential request from %s", request.remote)
-        body = await request.read()
-        signature = request.headers.get(SIGNATURE_HEADER, "")
+    async def trust(_request: web.Request) -> web.Response:
+        return web.json_response(_trust_json(registrar))
+
+    async def set_mode(request: web.Request) -> web.Response:
+        data = await read_json(request)
+        registrar.set_mode(Mode(str(data.get("mode"))))
+        return web.json_response(_trust_json(registrar))
+
+    async def set_lock(request: web.Request) -> web.Response:
+        data = await read_json(request)
+        tasks = _tasks(registrar, data.get("tasks"))
+        registrar.set_locked(tasks, bool(data.get("locked", True)))
+        return web.json_response(_trust_json(registrar))
+
+    async def install_window(request: web.Request) -> web.Response:
+        data = await read_json(request)
+        if data.get("open"):
+            seconds = parse_duration(data.get("for"), "for")
+            registrar.open_install_window(seconds)
+        else:
+            registrar.close_install_window()
+        return web.json_response(_trust_json(registrar))
+
+    async def pending(_request: web.Request) -> web.Response:
+        waiting = {Status.PENDING, Status.AWAITING_KEY, Status.EXPIRED, Status.REFUSED}
+        rows = [
+            record_json(r, r.component_id in registrar.live)
+            for r in sorted(registrar.store.records().values(), key=lambda r: r.first_seen)
+            if r.status in waiting
+        ]
+        return web.json_response({"pending": rows})
+
+    async def approve(request: web.Request) -> web.Response:
+        data = await read_json(request)
+        record = registrar.find(data.get("component_id"), data.get("fingerprint"))
+        updated = registrar.approve(record)
+        return web.json_response({"component": record_json(updated, True)})
+
+    async def reject(request: web.Request) -> web.Response:
+        data = await read_json(request)
+        record = registrar.find(data.get("component_id"), data.get("fingerprint"))
+        updated = registrar.reject(record)
+        return web.json_response({"component": record_json(updated, True)})
+
+    async def deregister(request: web.Request) -> web.Response:
+        data = await read_json(request)
+        record = registrar.find(data.get("component_id"), data.get("fingerprint"))
+        registrar.deregister(record)
+        return web.json_response({"deregistered": record.component_id})
+
+    async def create_token(request: web.Request) -> web.Response:
+        data = await read_json(request)
+        ca = ctx.ca_fingerprint()
+        if ca is None:
+            raise ValueError("this registrar has no cloud CA yet (is its CC registered?)")
         try:
-            payload = json.loads(body)
-            component_id = str(payload["component_id"])
-            public_key = cred.load_public_pem(str(payload["public_key"]))
-            stamp = float(payload["timestamp"])
-            nonce = str(payload["nonce"])
-            wait = min(MAX_WAIT, max(0.0, float(request.query.get("wait", "0"))))
-        except (ValueError, KeyError, TypeError, cred.CredentialError) as exc:
-            return _error(400, f"malformed credential request: {exc}")
+            role = Role(str(data.get("role")))
+        except ValueError:
+            raise ValueError(f"role {data.get('role')!r}: expected walrus, cc, sc or nc") from None
+        uses = data.get("uses")
+        token = registrar.create_token(
+            role,
+            data.get("cluster") or None,
+            parse_duration(data.get("ttl", "1h"), "ttl"),
+            int(uses) if uses is not None else None,
+            ca,
+        )
+        return web.json_response({"token": token})
+
+    async def list_tokens(_request: web.Request) -> web.Response:
         now = time.time()
-        if not cred.verify(public_key, body, signature):
-            return _error(401, "signature does not verify with the enclosed key")
-        if abs(now - stamp) > CLOCK_SKEW:
-            return _error(401, f"request time is {now - stamp:+.0f}s off; check the clocks")
-        if not nonces.fresh(nonce, now):
-            return _error(401, "replayed request (nonce already used)")
+        rows = []
+        for token in registrar.trust_store.tokens():
+            row = asdict(token)
+            row["role"] = token.role.value
+            row["used_by"] = sorted(token.used_by)
+            row["spent_by"] = sorted(token.spent_by)
+            row["state"] = (
+                "revoked"
+                if token.revoked_at
+                else "expired"
+                if now >= token.expires_at
+                else "used-up"
+                if token.uses is not None and len(token.used_by) >= token.uses
+                else "valid"
+            )
+            rows.append(row)
+        return web.json_response({"tokens": rows})
+
+    async def revoke_token(request: web.Request) -> web.Response:
+        data = await read_json(request)
+        registrar.revoke_token(str(data.get("token_id")))
+        return web.json_response({"revoked": data.get("token_id")})
+
+    async def collect(request: web.Request) -> web.Response:
+        body = await request.read()
         try:
-            answer = await registrar.credentials(component_id, public_key, wait)
+            payload, public_key = verify_signed(
+                body, request.headers.get(SIGNATURE_HEADER, ""), nonces
+            )
+            component_id = str(payload["component_id"])
+            have = payload.get("have")
+            wait = min(MAX_WAIT, max(0.0, float(request.query.get("wait", "0"))))
+        except SignedRequestError as exc:
+            return _error(exc.status, str(exc))
+        except (KeyError, ValueError) as exc:
+            return _error(400, f"malformed credential request: {exc}")
+        try:
+            answer = await registrar.credentials(
+                component_id, public_key, wait, str(have) if have else None
+            )
         except CredentialRefused as exc:
-            log.warning("credential request for %s refused: %s", component_id, exc)
+            if exc.status != 410:
+                log.warning("credential request for %s refused: %s", component_id, exc)
             return _error(exc.status, str(exc))
         if answer.files is None:
             return web.json_response(
@@ -131,12 +317,62 @@ def build_app(
         return web.json_response({"status": "registered", "files": answer.files})
 
     app.router.add_get("/v1/health", health)
-    app.router.add_get("/v1/registry", registry)
-    app.router.add_get("/v1/status", status)
-    app.router.add_get("/v1/events", events)
-    app.router.add_get("/v1/hooks", hooks)
     app.router.add_post("/v1/credentials", collect)
+    app.router.add_post("/v1/peer/registry", peer_registry)
+    for path, handler in (
+        ("/v1/registry", registry),
+        ("/v1/status", status),
+        ("/v1/events", events),
+        ("/v1/hooks", hooks),
+        ("/v1/trust", trust),
+        ("/v1/pending", pending),
+        ("/v1/tokens", list_tokens),
+    ):
+        app.router.add_get(path, admin(handler))
+    for path, handler in (
+        ("/v1/trust/mode", set_mode),
+        ("/v1/trust/lock", set_lock),
+        ("/v1/trust/install-window", install_window),
+        ("/v1/approve", approve),
+        ("/v1/reject", reject),
+        ("/v1/deregister", deregister),
+        ("/v1/tokens", create_token),
+        ("/v1/tokens/revoke", revoke_token),
+    ):
+        app.router.add_post(path, admin(handler))
     return app
+
+
+def _tasks(registrar: Registrar, raw: Any) -> frozenset[Task]:
+    mine = {Task.CLC} if Role.WALRUS in registrar.settings.registers else set()
+    if Role.NC in registrar.settings.registers:
+        mine.add(Task.CC)
+    if raw in (None, "all", []):
+        return frozenset(mine)
+    names = [raw] if isinstance(raw, str) else list(raw)
+    tasks = set()
+    for name in names:
+        try:
+            task = Task(str(name))
+        except ValueError:
+            raise ValueError(f"task {name!r}: expected clc, cc or all") from None
+        if task not in mine:
+            raise ValueError(f"this registrar has no {task.value} task")
+        tasks.add(task)
+    return frozenset(tasks)
+
+
+def _trust_json(registrar: Registrar) -> dict[str, Any]:
+    trust = registrar.trust
+    now = time.time()
+    until = trust.install_until
+    return {
+        "mode": trust.mode.value,
+        "locked": sorted(t.value for t in trust.locked),
+        "install_until": until,
+        "install_open": trust.install_open(now),
+        "install_remaining": max(0.0, until - now) if until is not None else 0.0,
+    }
 
 
 def _sort_key(record: Record) -> tuple[str, str, str]:
@@ -147,9 +383,7 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _registry(
-    registrar: Registrar, local_components: Callable[[], list[dict[str, Any]]]
-) -> dict[str, Any]:
+def _registry(registrar: Registrar, ctx: ApiContext) -> dict[str, Any]:
     records = registrar.store.records()
     settings = registrar.settings
     return {
@@ -157,22 +391,19 @@ def _registry(
             "registers": sorted(r.value for r in settings.registers),
             "cluster": settings.own_cluster,
             "started_at": registrar.started_at,
+            "trust": _trust_json(registrar),
         },
-        "local": local_components(),
+        "local": ctx.local_components(),
         "components": [
             record_json(r, r.component_id in registrar.live)
-            for r in sorted(
-                records.values(), key=lambda r: (r.role.value, r.cluster or "", r.address)
-            )
+            for r in sorted(records.values(), key=_sort_key)
         ],
     }
 
 
-async def _status_tree(
-    registrar: Registrar, local_components: Callable[[], list[dict[str, Any]]]
-) -> dict[str, Any]:
+async def _status_tree(registrar: Registrar, ctx: ApiContext) -> dict[str, Any]:
     """The cloud as a tree. The CLC asks each live registered CC for its NCs."""
-    own = _registry(registrar, local_components)
+    own = _registry(registrar, ctx)
     components: list[dict[str, Any]] = list(own["components"])
     errors: list[str] = []
     peers = [
@@ -184,18 +415,21 @@ async def _status_tree(
         and (rec := registrar.store.get(ann.component_id)) is not None
         and rec.status is Status.REGISTERED
     ]
-    if peers:
+    if peers and ctx.peer_key is not None:
+        key = ctx.peer_key
         timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             results = await asyncio.gather(
-                *(_fetch(session, f"http://{a.address}:{a.api_port}/v1/registry") for a in peers),
+                *(
+                    _fetch_peer(session, key, f"http://{a.address}:{a.api_port}/v1/peer/registry")
+                    for a in peers
+                ),
                 return_exceptions=True,
             )
         for ann, result in zip(peers, results, strict=True):
             if isinstance(result, BaseException):
-                errors.append(
-                    f"CC {ann.cluster} at {ann.address}: {result or type(result).__name__}"
-                )
+                problem = str(result) or type(result).__name__
+                errors.append(f"CC {ann.cluster} at {ann.address}: {problem}")
                 continue
             components.extend(
                 c for c in result.get("components", []) if c.get("role") == Role.NC.value
@@ -208,8 +442,11 @@ async def _status_tree(
     }
 
 
-async def _fetch(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with session.get(url) as response:
+async def _fetch_peer(
+    session: aiohttp.ClientSession, key: cred.PrivateKey, url: str
+) -> dict[str, Any]:
+    body, headers = signed_body(key, {})
+    async with session.post(url, data=body, headers=headers) as response:
         response.raise_for_status()
         data: dict[str, Any] = await response.json()
         return data

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime
+import functools
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -163,62 +165,116 @@ def fingerprint(config_path: Path, as_json: bool) -> None:
 # -- operator queries --------------------------------------------------------------------------
 
 
-def api_base(api: str | None, config_path: Path | None) -> str:
-    if api:
-        return api.rstrip("/")
+@dataclass(frozen=True)
+class Api:
+    """The local registrar's API, with the admin credential operator endpoints require."""
+
+    base: str
+    token: str | None
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+        async def fetch() -> tuple[int, dict[str, Any]]:
+            timeout = aiohttp.ClientTimeout(total=15)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.request(
+                    method, self.base + path, params=params, json=body, headers=headers
+                ) as response,
+            ):
+                data: dict[str, Any] = await response.json(content_type=None)
+                return response.status, data
+
+        try:
+            code, data = asyncio.run(fetch())
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            fail(f"cannot reach the registrar at {self.base}: {exc or type(exc).__name__}", 3)
+        if code == 401 and not self.token:
+            fail("no admin credential: run as root, or pass --admin-token-file", 4)
+        if code != 200:
+            fail(f"{data.get('error', data)} (HTTP {code})", 4 if code in (401, 403) else 1)
+        return data
+
+    def get(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        return self.call("GET", path, params=params)
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.call("POST", path, body=body)
+
+
+def make_api(api_url: str | None, config_path: Path | None, token_file: Path | None) -> Api:
     path = config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    if path is not None:
-        cfg = load_config(path)
-        return f"http://127.0.0.1:{cfg.api_port}"
-    return f"http://127.0.0.1:{config_mod.DEFAULT_API_PORT}"
-
-
-def api_get(base: str, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
-    async def fetch() -> dict[str, Any]:
-        timeout = aiohttp.ClientTimeout(total=15)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(base + path, params=params) as response,
-        ):
-            data: dict[str, Any] = await response.json(content_type=None)
-            if response.status != 200:
-                raise click.ClickException(f"{base}{path}: HTTP {response.status}: {data}")
-            return data
-
+    cfg = load_config(path) if path is not None else None
+    port = cfg.api_port if cfg else config_mod.DEFAULT_API_PORT
+    base = api_url.rstrip("/") if api_url else f"http://127.0.0.1:{port}"
+    state_dir = cfg.state_dir if cfg else config_mod.DEFAULT_STATE_DIR
+    token_path = token_file or state_dir / "admin.token"
     try:
-        return asyncio.run(fetch())
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        fail(f"cannot reach the registrar at {base}: {exc or type(exc).__name__}", code=3)
-
-
-api_options = [
-    click.option(
-        "--api",
-        envvar="EUCAREG_API",
-        help="Registrar API base URL [default: from --config, else http://127.0.0.1:8780].",
-    ),
-    click.option(
-        "--config",
-        "config_path",
-        type=click.Path(path_type=Path, dir_okay=False, exists=True),
-        help="Take the API port from this configuration file.",
-    ),
-    click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
-]
+        token: str | None = token_path.read_text().strip()
+    except PermissionError:
+        fail(f"cannot read the admin credential {token_path}: permission denied (run as root)", 4)
+    except OSError:
+        if token_file is not None:
+            fail(f"cannot read the admin credential {token_path}", 4)
+        token = None
+    return Api(base, token)
 
 
 def with_api_options(func: Any) -> Any:
-    for option in reversed(api_options):
-        func = option(func)
-    return func
+    """Add --api, --config and --admin-token-file, handing the command a ready `api`."""
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        api_url: str | None,
+        config_path: Path | None,
+        admin_token_file: Path | None,
+        **kwargs: Any,
+    ) -> Any:
+        return func(*args, api=make_api(api_url, config_path, admin_token_file), **kwargs)
+
+    options = [
+        click.option(
+            "--api",
+            "api_url",
+            envvar="EUCAREG_API",
+            help="Registrar API base URL [default: from --config, else http://127.0.0.1:8780].",
+        ),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path, dir_okay=False, exists=True),
+            help="Take the API port and state_dir from this configuration file.",
+        ),
+        click.option(
+            "--admin-token-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            envvar="EUCAREG_ADMIN_TOKEN_FILE",
+            help="The local admin credential [default: STATE_DIR/admin.token].",
+        ),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 @main.command()
 @with_api_options
-def status(api: str | None, config_path: Path | None, as_json: bool) -> None:
+@json_option
+def status(api: Api, as_json: bool) -> None:
     """Show the cloud as a tree: cloud -> Walrus, clusters -> CC, SC and NCs, with each
     component's state, address and whether it is announcing right now."""
-    data = api_get(api_base(api, config_path), "/v1/status")
+    data = api.get("/v1/status")
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
@@ -235,6 +291,8 @@ STATUS_STYLE = {
     "refused": "red",
     "expired": "magenta",
     "unmatched": "magenta",
+    "awaiting-key": "cyan",
+    "rejected": "red",
 }
 
 
@@ -257,11 +315,12 @@ def _line(comp: dict[str, Any]) -> str:
 def render_tree(data: dict[str, Any]) -> Tree:
     tree_data = data.get("tree", {})
     clc = tree_data.get("clc")
+    registrar = data.get("registrar", {})
+    trust = f" [dim]{trust_line(registrar['trust'])}[/]" if "trust" in registrar else ""
     if clc:
-        root = Tree(f"[bold]cloud[/] (CLC {clc['component_id']} at {clc['address']})")
+        root = Tree(f"[bold]cloud[/] (CLC {clc['component_id']} at {clc['address']}){trust}")
     else:
-        clusters = data.get("registrar", {}).get("cluster")
-        root = Tree(f"[bold]cluster registrar[/] {clusters or ''}")
+        root = Tree(f"[bold]cluster registrar[/] {registrar.get('cluster') or ''}{trust}")
     walrus = tree_data.get("walrus", [])
     walrus_node = root.add("[bold]walrus[/]")
     if not walrus:
@@ -283,6 +342,7 @@ def render_tree(data: dict[str, Any]) -> Tree:
 
 @main.command()
 @with_api_options
+@json_option
 @click.option("--component", help="Only events of this component id.")
 @click.option(
     "--kind",
@@ -295,8 +355,7 @@ def render_tree(data: dict[str, Any]) -> Tree:
 @click.option("--limit", type=click.IntRange(1, 100_000), default=200, show_default=True)
 @click.option("--csv", "as_csv", is_flag=True, help="Export as CSV (one row per event).")
 def events(
-    api: str | None,
-    config_path: Path | None,
+    api: Api,
     as_json: bool,
     component: str | None,
     kind: str | None,
@@ -316,7 +375,7 @@ def events(
     ):
         if value:
             params[key] = value
-    data = api_get(api_base(api, config_path), "/v1/events", params)
+    data = api.get("/v1/events", params)
     rows = data.get("events", [])
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -344,6 +403,227 @@ def events(
             row["reason"],
         )
     console.print(table)
+
+
+# -- trust and lock-down -----------------------------------------------------------------------
+
+
+def _print_trust(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    console.print(trust_line(data), highlight=False)
+
+
+def trust_line(trust: dict[str, Any]) -> str:
+    locked = ", ".join(trust.get("locked", [])) or "nothing"
+    if trust.get("install_open"):
+        window = f"open for {trust['install_remaining']:.0f}s more"
+    else:
+        window = "closed"
+    return f"mode {trust['mode']}; locked: {locked}; install window {window}"
+
+
+@main.command()
+@with_api_options
+@json_option
+def trust(api: Api, as_json: bool) -> None:
+    """Show the registrar's mode, locks and install window."""
+    _print_trust(api.get("/v1/trust"), as_json)
+
+
+task_option = click.option(
+    "--task",
+    type=click.Choice(["clc", "cc", "all"]),
+    default="all",
+    show_default=True,
+    help="clc: Walrus/CC/SC registration; cc: NC registration.",
+)
+
+
+@main.command()
+@with_api_options
+@json_option
+@task_option
+def lock(api: Api, as_json: bool, task: str) -> None:
+    """Lock down auto-registration at once: new announcements are refused (and logged);
+    existing registrations stay. Kept across restarts."""
+    _print_trust(api.post("/v1/trust/lock", {"tasks": task, "locked": True}), as_json)
+
+
+@main.command()
+@with_api_options
+@json_option
+@task_option
+def unlock(api: Api, as_json: bool, task: str) -> None:
+    """Undo `eucareg lock`; refused announcements still on the network are decided again."""
+    _print_trust(api.post("/v1/trust/lock", {"tasks": task, "locked": False}), as_json)
+
+
+@main.command()
+@with_api_options
+@json_option
+@click.argument("mode", type=click.Choice(["local", "any", "off"]))
+def mode(api: Api, as_json: bool, mode: str) -> None:
+    """Set the registration mode: local (components announced on this network), any (also
+    signed HTTP fallback requests from anywhere), or off (register nothing new)."""
+    _print_trust(api.post("/v1/trust/mode", {"mode": mode}), as_json)
+
+
+@main.command("install-mode")
+@with_api_options
+@json_option
+@click.argument("action", type=click.Choice(["open", "close", "status"]))
+@click.option("--for", "duration", default="30m", show_default=True, help="Window length.")
+def install_mode(api: Api, as_json: bool, action: str, duration: str) -> None:
+    """Open or close an install window, in which announcements without a join token are
+    accepted without approval. It closes by itself when its time is up."""
+    if action == "status":
+        data = api.get("/v1/trust")
+    else:
+        data = api.post("/v1/trust/install-window", {"open": action == "open", "for": duration})
+    _print_trust(data, as_json)
+
+
+@main.command()
+@with_api_options
+@json_option
+def pending(api: Api, as_json: bool) -> None:
+    """List components that are not registered: waiting for approval or a dependency,
+    waiting to prove their key, expired, or refused."""
+    rows = api.get("/v1/pending")["pending"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(header_style="bold")
+    for column in ("id", "role", "cluster", "address", "status", "fingerprint", "why"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        style = STATUS_STYLE.get(row["status"], "")
+        table.add_row(
+            row["component_id"],
+            row["role"],
+            row["cluster"] or "-",
+            row["address"],
+            f"[{style}]{row['status']}[/]",
+            row["fingerprint"],
+            row["reason"],
+        )
+    console.print(table)
+
+
+def _target(component_id: str | None, fingerprint: str | None) -> dict[str, str]:
+    if bool(component_id) == bool(fingerprint):
+        fail("name the component by ID or by --fingerprint (one of the two)")
+    return {"component_id": component_id} if component_id else {"fingerprint": fingerprint or ""}
+
+
+@main.command()
+@with_api_options
+@json_option
+@click.argument("component_id", required=False)
+@click.option("--fingerprint", help="Approve by key fingerprint (sha256:…) instead of id.")
+def approve(api: Api, as_json: bool, component_id: str | None, fingerprint: str | None) -> None:
+    """Approve a pending component, after checking its fingerprint out of band
+    (`eucareg fingerprint` on that host)."""
+    data = api.post("/v1/approve", _target(component_id, fingerprint))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        comp = data["component"]
+        console.print(f"approved {comp['role']} {comp['component_id']} ({comp['fingerprint']})")
+
+
+@main.command()
+@with_api_options
+@json_option
+@click.argument("component_id", required=False)
+@click.option("--fingerprint", help="Reject by key fingerprint instead of id.")
+def reject(api: Api, as_json: bool, component_id: str | None, fingerprint: str | None) -> None:
+    """Reject a pending component: it stays out, whatever it announces, until approved."""
+    data = api.post("/v1/reject", _target(component_id, fingerprint))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        comp = data["component"]
+        console.print(f"rejected {comp['role']} {comp['component_id']}")
+
+
+@main.command()
+@with_api_options
+@json_option
+@click.argument("component_id", required=False)
+@click.option("--fingerprint", help="Deregister by key fingerprint instead of id.")
+def deregister(api: Api, as_json: bool, component_id: str | None, fingerprint: str | None) -> None:
+    """Remove a component and revoke its credentials. The component notices, deletes them,
+    and is then treated like a newcomer under the current trust settings."""
+    data = api.post("/v1/deregister", _target(component_id, fingerprint))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        console.print(f"deregistered {data['deregistered']}; its credentials are revoked")
+
+
+@main.group()
+def token() -> None:
+    """Join tokens: proof that a component was meant to join, bound to its own key."""
+
+
+@token.command("create")
+@with_api_options
+@json_option
+@click.option("--role", type=click.Choice(["walrus", "cc", "sc", "nc"]), required=True)
+@click.option("--cluster", help="The cluster it may join (cc, sc, nc).")
+@click.option("--ttl", default="1h", show_default=True, help="How long the token is valid.")
+@click.option("--uses", type=click.IntRange(1), help="How many components it may admit.")
+def token_create(
+    api: Api, as_json: bool, role: str, cluster: str | None, ttl: str, uses: int | None
+) -> None:
+    """Print a new join token. Put it in the component's config (components.ROLE.token)."""
+    data = api.post("/v1/tokens", {"role": role, "cluster": cluster, "ttl": ttl, "uses": uses})
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(data["token"])
+
+
+@token.command("list")
+@with_api_options
+@json_option
+def token_list(api: Api, as_json: bool) -> None:
+    """List tokens with their scope, expiry, uses and state (never their secrets)."""
+    rows = api.get("/v1/tokens")["tokens"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(header_style="bold")
+    for column in ("token", "role", "cluster", "expires", "uses", "used by", "state"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        expires = datetime.datetime.fromtimestamp(row["expires_at"]).strftime("%Y-%m-%d %H:%M")
+        table.add_row(
+            row["token_id"],
+            row["role"],
+            row["cluster"] or "-",
+            expires,
+            "unlimited" if row["uses"] is None else str(row["uses"]),
+            ", ".join(row["used_by"]) or "-",
+            row["state"],
+        )
+    console.print(table)
+
+
+@token.command("revoke")
+@with_api_options
+@json_option
+@click.argument("token_id")
+def token_revoke(api: Api, as_json: bool, token_id: str) -> None:
+    """Revoke a token: it admits nothing more (registrations it made stay)."""
+    data = api.post("/v1/tokens/revoke", {"token_id": token_id})
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        console.print(f"revoked token {data['revoked']}")
 
 
 # -- demo --------------------------------------------------------------------------------------

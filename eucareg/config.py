@@ -17,6 +17,7 @@ from typing import Any
 import ifaddr
 
 from eucareg.model import IPAddress, Role
+from eucareg.trust import TokenError, parse_token
 from eucareg.txt import CLUSTER_RE, address_problem
 
 DEFAULT_STATE_DIR = Path("/var/lib/eucareg")
@@ -49,6 +50,8 @@ class ComponentConfig:
     address: IPAddress
     # Path whose existence means "installed", or None to skip the check.
     installed: Path | None
+    # Join token the operator issued for this component (eucareg1.…), if any.
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ def _components(raw: Any, host_address: IPAddress) -> tuple[ComponentConfig, ...
             ) from None
         key = f"components.{name}"
         body = _table(body, key)
-        _no_unknown(body, {"cluster", "address", "installed"}, f"{key}.")
+        _no_unknown(body, {"cluster", "address", "installed", "token"}, f"{key}.")
         cluster = body.get("cluster")
         if role.needs_cluster:
             if cluster is None:
@@ -235,7 +238,15 @@ def _components(raw: Any, host_address: IPAddress) -> tuple[ComponentConfig, ...
             raise ConfigError(
                 f"{key}.installed: expected a path or true (skip the check), got {installed_raw!r}"
             )
-        out.append(ComponentConfig(role, cluster, address, installed))
+        token = body.get("token")
+        if token is not None:
+            if not isinstance(token, str):
+                raise ConfigError(f"{key}.token: expected the token string, got {token!r}")
+            try:
+                parse_token(token)
+            except TokenError as exc:
+                raise ConfigError(f"{key}.token: {exc}") from None
+        out.append(ComponentConfig(role, cluster, address, installed, token))
     clusters = {c.cluster for c in out if c.role is Role.CC}
     for comp in out:
         if comp.role is Role.NC and clusters and comp.cluster not in clusters:

@@ -141,6 +141,9 @@ class LabCloud:
                 lines.append(f"cluster = {_toml_value(cluster)}")
             if role in addresses:
                 lines.append(f"address = {_toml_value(addresses[role])}")
+            token = self.setting("tokens", host, {}).get(role)
+            if token:
+                lines.append(f"token = {_toml_value(token)}")
             lines.append(f"installed = {_toml_value(installed.get(role, True))}")
         return "\n".join(lines) + "\n"
 
@@ -175,7 +178,39 @@ class LabCloud:
             [sys.executable, "-m", "eucareg", "agent", "--config", str(config)],
         )
         self.agents[host] = proc
+        # An operator installing a cloud opens an install window on each registrar; tests of
+        # trust itself set trust="manual" and do it their own way.
+        if self.settings.get("trust", "install-window") == "install-window" and (
+            self.runs_registrar(host) and self.starts[host] == 1
+        ):
+            self.open_install_window(host)
         return proc
+
+    def runs_registrar(self, host: str) -> bool:
+        return bool({"clc", "cc"} & set(self.plan[host]))
+
+    def cli(self, host: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run `eucareg ARGS` as the host's operator (inside its namespace)."""
+        config = str(self.host_dir(host) / "eucareg.toml")
+        argv = [sys.executable, "-m", "eucareg", *args]
+        if args and args[0] not in ("fingerprint", "check-config", "agent"):
+            argv += ["--config", config]
+        return self.lab.run(host, argv, timeout=30, check=check)
+
+    def wait_for_api(self, host: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.api(host, "/v1/trust")
+                return
+            except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def open_install_window(self, host: str, duration: str = "30m") -> None:
+        self.wait_for_api(host)
+        self.cli(host, "install-mode", "open", "--for", duration)
 
     def start_all(self, order: list[str] | None = None, gap: float = 0.0) -> None:
         for host in order or list(self.plan):
@@ -199,14 +234,22 @@ class LabCloud:
 
     # -- probes ---------------------------------------------------------------------------
 
+    def admin_token(self, host: str) -> str:
+        return (self.host_dir(host) / "state" / "admin.token").read_text().strip()
+
     def api(self, host: str, path: str, timeout: float = 20) -> dict[str, Any]:
-        """GET the registrar API from inside the host's namespace."""
+        """GET the registrar API from inside the host's namespace, as its operator."""
         url = f"http://127.0.0.1:{DEFAULT_API_PORT}{path}"
         script = (
             "import sys, urllib.request\n"
-            "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=15).read().decode())"
+            "req = urllib.request.Request(sys.argv[1], headers={'Authorization': sys.argv[2]})\n"
+            "sys.stdout.write(urllib.request.urlopen(req, timeout=15).read().decode())"
         )
-        result = self.lab.run(host, [sys.executable, "-c", script, url], timeout=timeout)
+        try:
+            bearer = f"Bearer {self.admin_token(host)}"
+        except FileNotFoundError as exc:
+            raise LabError(f"no admin credential on {host} yet") from exc
+        result = self.lab.run(host, [sys.executable, "-c", script, url, bearer], timeout=timeout)
         if result.returncode != 0:
             raise LabError(f"GET {path} on {host} failed: {result.stderr.strip()[-500:]}")
         data: dict[str, Any] = json.loads(result.stdout)

@@ -84,22 +84,30 @@ class Announcement:
     api_port: int | None
     eucavers: str
     instance: str
+    # Join token proof (trust.py): token id, HMAC proof and the time it was made.
+    token_id: str | None = None
+    token_proof: str | None = None
+    token_stamp: int | None = None
+    # "mdns" for announcements heard on the LAN, "fallback" for signed HTTP requests.
+    source: str = "mdns"
 
 
 class Status(StrEnum):
     """Where a component stands in a registrar's records."""
 
-    PENDING = "pending"  # waiting for a dependency (see waiting_for)
+    PENDING = "pending"  # waiting for a dependency or for the operator (see waiting_for)
+    AWAITING_KEY = "awaiting-key"  # accepted; waits for a request signed by the announced key
     REGISTERING = "registering"  # decided; hook running
     REGISTERED = "registered"
     FAILED = "failed"  # hook failed; retried with backoff
-    REFUSED = "refused"  # a consistency check said no
+    REFUSED = "refused"  # a consistency or trust check said no
+    REJECTED = "rejected"  # the operator said no; stays out until approved
     EXPIRED = "expired"  # waited too long for its dependency
     UNMATCHED = "unmatched"  # an NC whose cluster no registered CC has (seen by the CLC)
 
 
 # Statuses that hold a uniqueness slot (one Walrus, one CC per name, one SC per cluster).
-HOLDS_SLOT = frozenset({Status.REGISTERING, Status.REGISTERED, Status.FAILED})
+HOLDS_SLOT = frozenset({Status.AWAITING_KEY, Status.REGISTERING, Status.REGISTERED, Status.FAILED})
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,8 @@ class Record:
     next_retry_at: float | None = None
     credentials_issued_at: float | None = None
     credentials_collected_at: float | None = None
+    approved: bool = False  # the operator approved this id and key
+    admitted_by: str = ""  # token:<id> | install-window | approval
 
 
 class DecisionKind(StrEnum):
@@ -143,6 +153,8 @@ class Decision:
     code: str
     reason: str
     waiting_for: str | None = None
+    # How an accepted component earned trust: token:<id>, install-window or approval.
+    admitted_by: str = ""
     # A refusal that must not overwrite the existing record (e.g. someone else claiming a
     # registered component's id): it is logged as an event only.
     event_only: bool = False

@@ -7,7 +7,7 @@ That is what lets the tests run every ordering and race against it directly.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from eucareg.model import (
     HOLDS_SLOT,
@@ -18,6 +18,7 @@ from eucareg.model import (
     Role,
     Status,
 )
+from eucareg.trust import Mode, Task, TokenVerdict, TrustSettings
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class View:
     live_registered_clusters: frozenset[str]
     # Whether the CC on this host holds its own credentials (design: CC waits for itself).
     self_registered: bool
+    # The operator's trust settings, the time, and the verdict on the announcement's token.
+    trust: TrustSettings = field(default_factory=TrustSettings)
+    now: float = 0.0
+    token: TokenVerdict | None = None
 
 
 def decide(
@@ -81,7 +86,67 @@ def decide(
                 f"address {ann.address} is already registered to {other.component_id}",
             )
 
-    return _check_role(view, ann, settings)
+    refusal = _trust_refusal(view, ann, existing)
+    if refusal is not None:
+        return refusal
+    verdict = _check_role(view, ann, settings)
+    if verdict.kind is not DecisionKind.REGISTER:
+        return verdict
+    return _admit(view, ann, existing)
+
+
+def _trust_refusal(view: View, ann: Announcement, existing: Record | None) -> Decision | None:
+    """The operator's switches and a bad token refuse before anything else is considered."""
+    trust = view.trust
+    if trust.mode is Mode.OFF:
+        return _refuse("registration-off", "auto-registration is off (mode off)")
+    task = Task.of(ann.role)
+    if task in trust.locked:
+        return _refuse(
+            "locked", f"the {task.value} registration task is locked; no new registrations"
+        )
+    if ann.source == "fallback" and trust.mode is not Mode.ANY:
+        return _refuse(
+            "fallback-not-allowed",
+            f"HTTP fallback registration from {ann.address} needs mode any (mode is "
+            f"{trust.mode.value})",
+        )
+    approved = existing is not None and existing.approved
+    if view.token is not None and not view.token.ok and not approved:
+        return _refuse(view.token.code, view.token.reason)
+    return None
+
+
+def _admit(view: View, ann: Announcement, existing: Record | None) -> Decision:
+    """A component that passed every check still needs a reason to be trusted (lesson L8)."""
+    if view.token is not None and view.token.ok:
+        return Decision(
+            DecisionKind.REGISTER,
+            "accepted",
+            f"{ann.role.value} passes every check; {view.token.reason}",
+            admitted_by=f"token:{ann.token_id}",
+        )
+    if existing is not None and existing.approved:
+        return Decision(
+            DecisionKind.REGISTER,
+            "accepted",
+            f"{ann.role.value} passes every check; approved by the operator",
+            admitted_by="approval",
+        )
+    if view.trust.install_open(view.now):
+        return Decision(
+            DecisionKind.REGISTER,
+            "accepted",
+            f"{ann.role.value} passes every check; install window open",
+            admitted_by="install-window",
+        )
+    return Decision(
+        DecisionKind.PENDING,
+        "awaiting-approval",
+        f"no join token and no install window: waiting for the operator to approve key "
+        f"{ann.fingerprint}",
+        waiting_for="operator approval",
+    )
 
 
 def _against_existing(existing: Record, ann: Announcement, fresh: bool) -> Decision | None:
@@ -106,6 +171,10 @@ def _against_existing(existing: Record, ann: Announcement, fresh: bool) -> Decis
         )
     if existing.status is Status.REGISTERED:
         return Decision(DecisionKind.KEEP, "registered", existing.reason)
+    if existing.status is Status.REJECTED:
+        return Decision(DecisionKind.KEEP, "rejected", existing.reason)
+    if existing.status is Status.AWAITING_KEY:
+        return Decision(DecisionKind.KEEP, "awaiting-key", existing.reason)
     if existing.status is Status.REGISTERING:
         return Decision(DecisionKind.KEEP, "registering", existing.reason)
     if existing.status is Status.FAILED:

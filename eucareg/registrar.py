@@ -23,6 +23,7 @@ from eucareg import credentials as cred
 from eucareg.hooks import run_hook
 from eucareg.mdns import Change, Sighting
 from eucareg.model import (
+    HOLDS_SLOT,
     AnnouncedState,
     Announcement,
     Decision,
@@ -32,7 +33,17 @@ from eucareg.model import (
     Status,
 )
 from eucareg.policy import RegistrarSettings, View, decide
-from eucareg.store import IssuedCertificate, Store
+from eucareg.store import IssuedCertificate, Store, TrustStore
+from eucareg.trust import (
+    Mode,
+    Task,
+    Token,
+    TrustSettings,
+    check_token,
+    format_token,
+    new_token_id,
+    token_secret,
+)
 from eucareg.txt import Rejected, decode
 
 log = logging.getLogger(__name__)
@@ -95,6 +106,7 @@ class Registrar:
         issuer_for: Callable[[Role], Issuer | None],
         self_registered: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.time,
+        master_key: bytes = b"",
     ) -> None:
         self.store = store
         self.settings = settings
@@ -106,7 +118,12 @@ class Registrar:
         self.live: dict[str, Announcement] = {}
         self._instances: dict[str, str] = {}  # DNS-SD instance -> component id
         self._locks: dict[str, asyncio.Lock] = {}
-        self._registered: dict[str, asyncio.Event] = {}
+        self._changed: dict[str, asyncio.Event] = {}  # woken when a record changes
+        self._proven: set[tuple[str, str]] = set()  # (id, fingerprint) that signed a request
+        self.trust_store = TrustStore(store)
+        self.trust = self.trust_store.load_settings()
+        self._master_key = master_key
+        self._install_timer: asyncio.TimerHandle | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._noted: dict[str, str] = {}  # last event-only note per key, to avoid repeats
@@ -117,8 +134,9 @@ class Registrar:
     def resume(self) -> None:
         """Pick up where a previous run stopped: re-arm expiry and retry timers."""
         now = self._clock()
+        self._arm_install_close()
         for record in self.store.records().values():
-            if record.status is Status.PENDING and record.expires_at is not None:
+            if record.status in WAITING and record.expires_at is not None:
                 self._arm_expiry(record.component_id, record.expires_at)
             elif record.status is Status.FAILED:
                 self._arm_retry(record.component_id, record.next_retry_at or now)
@@ -127,6 +145,8 @@ class Registrar:
                 self._arm_retry(record.component_id, now)
 
     async def close(self) -> None:
+        if self._install_timer is not None:
+            self._install_timer.cancel()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -199,21 +219,33 @@ class Registrar:
         """The CC on this host got its credentials: NCs waiting on it may proceed."""
         self._reevaluate(lambda a: a.role is Role.NC)
 
-    def _reevaluate(self, wanted: Callable[[Announcement], bool]) -> None:
+    def _reevaluate(
+        self,
+        wanted: Callable[[Announcement], bool],
+        statuses: frozenset[Status] = frozenset({Status.PENDING, Status.UNMATCHED}),
+        *,
+        unrecorded: bool = False,
+    ) -> None:
+        """Decide again for live announcements whose verdict may have changed."""
         records = self.store.records()
         for ann in list(self.live.values()):
             record = records.get(ann.component_id)
-            if (
-                wanted(ann)
-                and record is not None
-                and record.status in (Status.PENDING, Status.UNMATCHED)
+            if not wanted(ann):
+                continue
+            if (record is None and unrecorded) or (
+                record is not None and record.status in statuses
             ):
                 self._spawn(self._process(ann, fresh=False))
 
     # -- decisions ------------------------------------------------------------------------
 
-    def view(self) -> View:
+    def view(self, ann: Announcement | None = None) -> View:
         records = self.store.records()
+        now = self._clock()
+        verdict = None
+        if ann is not None and ann.token_id is not None:
+            token = self.trust_store.token(ann.token_id)
+            verdict = check_token(token, ann, self._master_key, now)
         live_clusters = frozenset(
             ann.cluster
             for ann in self.live.values()
@@ -228,11 +260,14 @@ class Registrar:
             records=records,
             live_registered_clusters=live_clusters,
             self_registered=self._self_registered(),
+            trust=self.trust,
+            now=now,
+            token=verdict,
         )
 
     async def _process(self, ann: Announcement, *, fresh: bool) -> None:
         async with self._lock(ann.component_id):
-            view = self.view()
+            view = self.view(ann)
             existing = view.records.get(ann.component_id)
             decision = decide(view, ann, self.settings, fresh=fresh)
             # No await between decide() and apply(): see the module docstring.
@@ -252,8 +287,9 @@ class Registrar:
         if decision.event_only:
             self._note(ann, decision)
             return False
+        proven = (ann.component_id, ann.fingerprint) in self._proven
         status = {
-            DecisionKind.REGISTER: Status.REGISTERING,
+            DecisionKind.REGISTER: Status.REGISTERING if proven else Status.AWAITING_KEY,
             DecisionKind.PENDING: Status.PENDING,
             DecisionKind.REFUSE: Status.REFUSED,
             DecisionKind.UNMATCHED: Status.UNMATCHED,
@@ -265,6 +301,9 @@ class Registrar:
             and existing.address == str(ann.address)
         ):
             return False  # same verdict as last time: no new event
+        reason = decision.reason
+        if status is Status.AWAITING_KEY:
+            reason += "; waiting for a request signed by its key"
         record = Record(
             component_id=ann.component_id,
             role=ann.role,
@@ -272,23 +311,28 @@ class Registrar:
             address=str(ann.address),
             fingerprint=ann.fingerprint,
             status=status,
-            reason=decision.reason,
-            waiting_for=decision.waiting_for,
+            reason=reason,
+            waiting_for=(
+                "proof of key possession" if status is Status.AWAITING_KEY else decision.waiting_for
+            ),
             instance=ann.instance,
             first_seen=existing.first_seen if existing else now,
             updated_at=now,
-            expires_at=now + self.timing.pending_timeout if status is Status.PENDING else None,
+            expires_at=now + self.timing.pending_timeout if status in WAITING else None,
+            approved=existing.approved if existing else False,
+            admitted_by=decision.admitted_by,
         )
-        self.store.put(record, event=(status.value, decision.code, decision.reason))
+        self.store.put(record, event=(status.value, decision.code, reason))
+        self._notify(ann.component_id)
         log.info(
             "%s %s %s (%s): %s",
             status.value,
             ann.role.value,
             ann.component_id,
             ann.address,
-            decision.reason,
+            reason,
         )
-        if status is Status.PENDING and record.expires_at is not None:
+        if status in WAITING and record.expires_at is not None:
             self._arm_expiry(ann.component_id, record.expires_at)
         else:
             self._cancel_timer(ann.component_id)
@@ -337,7 +381,10 @@ class Registrar:
                 event=("registered", run.outcome, reason),
             )
             log.info("registered %s %s at %s", ann.role.value, ann.component_id, ann.address)
-            self._registered_event(ann.component_id).set()
+            if record.admitted_by.startswith("token:"):
+                token_id = record.admitted_by.removeprefix("token:")
+                self.trust_store.use_token(token_id, ann.component_id, now)
+            self._notify(ann.component_id)
             if ann.role is Role.CC:
                 # NCs of this cluster that the CLC saw as unmatched now have a home.
                 self._reevaluate(lambda a: a.role is Role.NC and a.cluster == ann.cluster)
@@ -363,6 +410,7 @@ class Registrar:
             event=("failed", f"hook-{run.outcome}", reason),
         )
         log.warning("registration of %s failed: %s", ann.component_id, reason)
+        self._notify(ann.component_id)
         self._arm_retry(ann.component_id, now + delay)
 
     async def _retry(self, component_id: str) -> None:
@@ -381,7 +429,7 @@ class Registrar:
 
     def _expire(self, component_id: str) -> None:
         record = self.store.get(component_id)
-        if record is None or record.status is not Status.PENDING:
+        if record is None or record.status not in WAITING:
             return
         waited = self.timing.pending_timeout
         reason = f"gave up after {waited:g}s waiting for {record.waiting_for}; re-announce to retry"
@@ -390,35 +438,244 @@ class Registrar:
             event=("expired", "pending-timeout", reason),
         )
         log.warning("pending %s expired: %s", component_id, reason)
+        self._notify(component_id)
+
+    # -- operator actions (trust) --------------------------------------------------------
+
+    def _trust_event(self, code: str, reason: str) -> None:
+        self.store.add_event(
+            component_id="-",
+            role="registrar",
+            cluster=None,
+            address="",
+            kind="trust",
+            code=code,
+            reason=reason,
+        )
+        log.info("trust: %s", reason)
+
+    def _set_trust(self, trust: TrustSettings, code: str, reason: str) -> None:
+        self.trust = trust
+        self.trust_store.save_settings(trust)
+        self._trust_event(code, reason)
+        self._arm_install_close()
+        # Anything not yet registered may now be decided differently.
+        self._reevaluate(
+            lambda _a: True,
+            frozenset({Status.PENDING, Status.REFUSED, Status.UNMATCHED}),
+            unrecorded=True,
+        )
+
+    def set_mode(self, mode: Mode) -> None:
+        self._set_trust(replace(self.trust, mode=mode), "mode", f"mode set to {mode.value}")
+
+    def set_locked(self, tasks: frozenset[Task], locked: bool) -> None:
+        new = self.trust.locked | tasks if locked else self.trust.locked - tasks
+        names = ", ".join(sorted(t.value for t in tasks))
+        what = "locked" if locked else "unlocked"
+        self._set_trust(replace(self.trust, locked=frozenset(new)), what, f"{what} {names}")
+
+    def open_install_window(self, seconds: float) -> float:
+        until = self._clock() + seconds
+        self._set_trust(
+            replace(self.trust, install_until=until),
+            "install-window-open",
+            f"install window open for {seconds:g}s: unsigned announcements are accepted",
+        )
+        return until
+
+    def close_install_window(self, reason: str = "closed by the operator") -> None:
+        self._set_trust(
+            replace(self.trust, install_until=None),
+            "install-window-closed",
+            f"install window {reason}",
+        )
+
+    def _arm_install_close(self) -> None:
+        if self._install_timer is not None:
+            self._install_timer.cancel()
+            self._install_timer = None
+        until = self.trust.install_until
+        if until is None:
+            return
+        delay = max(0.0, until - self._clock())
+        self._install_timer = asyncio.get_running_loop().call_later(
+            delay, lambda: self.close_install_window("closed: its time ran out")
+        )
+
+    def find(self, component_id: str | None, fingerprint: str | None) -> Record:
+        """The record an operator names, by id or by key fingerprint; KeyError otherwise."""
+        records = self.store.records()
+        if component_id:
+            if component_id not in records:
+                raise KeyError(f"no component {component_id} in this registrar's records")
+            return records[component_id]
+        matches = [r for r in records.values() if r.fingerprint == fingerprint]
+        if not matches:
+            raise KeyError(f"no component with key {fingerprint} in this registrar's records")
+        return matches[0]
+
+    def approve(self, record: Record) -> Record:
+        if record.status in HOLDS_SLOT:
+            raise ValueError(f"{record.component_id} is already {record.status.value}")
+        reason = f"approved by the operator (key {record.fingerprint})"
+        updated = replace(
+            record,
+            approved=True,
+            status=Status.PENDING,
+            reason=reason,
+            waiting_for="re-evaluation",
+            updated_at=self._clock(),
+        )
+        self.store.put(updated, event=("approved", "operator", reason))
+        ann = self.live.get(record.component_id)
+        if ann is not None:
+            self._spawn(self._process(ann, fresh=True))
+        return updated
+
+    def reject(self, record: Record) -> Record:
+        if record.status in HOLDS_SLOT:
+            raise ValueError(
+                f"{record.component_id} is {record.status.value}; deregister it instead"
+            )
+        reason = "rejected by the operator; it stays out until approved"
+        updated = replace(
+            record,
+            approved=False,
+            status=Status.REJECTED,
+            reason=reason,
+            waiting_for=None,
+            expires_at=None,
+            updated_at=self._clock(),
+        )
+        self.store.put(updated, event=("rejected", "operator", reason))
+        self._cancel_timer(record.component_id)
+        self._notify(record.component_id)
+        return updated
+
+    def deregister(self, record: Record) -> None:
+        """Remove a component and revoke its credentials; it then meets the current trust
+        settings again like any newcomer (lesson L9)."""
+        reason = "deregistered by the operator; credentials revoked"
+        self.store.delete(
+            record.component_id,
+            event=("deregistered", "operator", reason),
+            revoke_reason="deregistered by the operator",
+        )
+        if record.admitted_by.startswith("token:"):
+            self.trust_store.spend_token(
+                record.admitted_by.removeprefix("token:"), record.component_id
+            )
+        self._proven.discard((record.component_id, record.fingerprint))
+        self._cancel_timer(record.component_id)
+        self._notify(record.component_id)
+        ann = self.live.get(record.component_id)
+        if ann is not None:
+            self._spawn(self._process(ann, fresh=True))
+
+    def create_token(
+        self, role: Role, cluster: str | None, ttl: float, uses: int | None, ca_fingerprint: str
+    ) -> str:
+        if role not in self.settings.registers:
+            raise ValueError(f"this registrar does not register {role.value} components")
+        if role is Role.NC:
+            cluster = cluster or self.settings.own_cluster
+            if cluster != self.settings.own_cluster:
+                raise ValueError(f"this CC registers nodes of {self.settings.own_cluster} only")
+        elif role is Role.WALRUS and cluster:
+            raise ValueError("a walrus belongs to no cluster")
+        if uses is not None and uses < 1:
+            raise ValueError("uses must be at least 1")
+        if not self._master_key:
+            raise ValueError("this registrar has no master key; cannot issue tokens")
+        now = self._clock()
+        token = Token(
+            token_id=new_token_id(),
+            role=role,
+            cluster=cluster,
+            created_at=now,
+            expires_at=now + ttl,
+            uses=uses,
+            revoked_at=None,
+            ca_fingerprint=ca_fingerprint,
+        )
+        self.trust_store.add_token(token)
+        scope = f"{role.value}" + (f" of cluster {cluster}" if cluster else "")
+        limit = f", {uses} use(s)" if uses else ""
+        self._trust_event("token-created", f"token {token.token_id} created for {scope}{limit}")
+        secret = token_secret(self._master_key, token.token_id)
+        return format_token(token.token_id, secret, ca_fingerprint)
+
+    def revoke_token(self, token_id: str) -> None:
+        if not self.trust_store.revoke_token(token_id, self._clock()):
+            raise KeyError(f"no unrevoked token {token_id}")
+        self._trust_event("token-revoked", f"token {token_id} revoked")
 
     # -- credentials ----------------------------------------------------------------------
 
     async def credentials(
-        self, component_id: str, public_key: cred.PublicKey, wait: float
+        self,
+        component_id: str,
+        public_key: cred.PublicKey,
+        wait: float,
+        have: str | None = None,
     ) -> CredentialAnswer:
-        """Answer a component's (already signature-checked) request for its credentials."""
+        """Answer a component's (already signature-checked) request for its credentials.
+
+        The signed request is the component's proof that it holds the announced key: an
+        accepted component waits for it before its hook runs. With `have` (the serial of the
+        certificate it holds), the request watches for revocation instead.
+        """
         fingerprint = cred.fingerprint(public_key)
         deadline = self._clock() + max(0.0, wait)
+        status: Status | None
         while True:
+            event = self._change_event(component_id)
             record = self.store.get(component_id)
+            if have is not None and self.trust_store.revoked(have):
+                raise CredentialRefused(410, "these credentials were revoked (deregistered)")
             if record is None:
+                if have is not None:
+                    raise CredentialRefused(410, f"{component_id} is not registered here")
                 status, reason = None, "not known to this registrar (yet)"
             elif record.fingerprint != fingerprint:
                 raise CredentialRefused(403, f"{component_id} is registered with another key")
             elif record.status is Status.REGISTERED:
-                return CredentialAnswer(
-                    Status.REGISTERED, record.reason, self._bundle(record, public_key)
-                )
+                files, serial = self._bundle(record, public_key)
+                if have != serial or self._clock() >= deadline:
+                    return CredentialAnswer(Status.REGISTERED, record.reason, files)
+                status, reason = record.status, record.reason
             else:
+                if record.status is Status.AWAITING_KEY:
+                    self._key_proven(record)
                 status, reason = record.status, record.reason
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return CredentialAnswer(status, reason, None)
-            event = self._registered_event(component_id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), remaining)
 
-    def _bundle(self, record: Record, public_key: cred.PublicKey) -> dict[str, str]:
+    def _key_proven(self, record: Record) -> None:
+        key = (record.component_id, record.fingerprint)
+        if key not in self._proven:
+            self._proven.add(key)
+            self._spawn(self._after_proof(record.component_id))
+
+    async def _after_proof(self, component_id: str) -> None:
+        async with self._lock(component_id):
+            record = self.store.get(component_id)
+            if record is None or record.status is not Status.AWAITING_KEY:
+                return
+            reason = "proved possession of its key; running the registration hook"
+            self.store.put(
+                replace(record, status=Status.REGISTERING, reason=reason, updated_at=self._clock()),
+                event=("registering", "key-proven", reason),
+            )
+            self._cancel_timer(component_id)
+            ann = self.live.get(component_id) or _announcement_from_record(record)
+            await self._register(ann)
+
+    def _bundle(self, record: Record, public_key: cred.PublicKey) -> tuple[dict[str, str], str]:
         issuer = self._issuer_for(record.role)
         if issuer is None:
             raise CredentialRefused(503, f"no issuer for {record.role.value} credentials here")
@@ -449,7 +706,7 @@ class Registrar:
                 code="issued",
                 reason=f"certificate {issued.serial} issued for {record.fingerprint[:19]}…",
             )
-        return issuer.bundle(record, cred.load_cert_pem(issued.cert_pem))
+        return issuer.bundle(record, cred.load_cert_pem(issued.cert_pem)), issued.serial
 
     def mark_collected(self, component_id: str) -> None:
         record = self.store.get(component_id)
@@ -461,8 +718,14 @@ class Registrar:
     def _lock(self, component_id: str) -> asyncio.Lock:
         return self._locks.setdefault(component_id, asyncio.Lock())
 
-    def _registered_event(self, component_id: str) -> asyncio.Event:
-        return self._registered.setdefault(component_id, asyncio.Event())
+    def _change_event(self, component_id: str) -> asyncio.Event:
+        return self._changed.setdefault(component_id, asyncio.Event())
+
+    def _notify(self, component_id: str) -> None:
+        """Wake every request waiting on this component; later waiters get a fresh event."""
+        event = self._changed.pop(component_id, None)
+        if event is not None:
+            event.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -493,6 +756,9 @@ class Registrar:
         self._timers[component_id] = asyncio.get_running_loop().call_later(
             delay, lambda: self._spawn(self._retry(component_id))
         )
+
+
+WAITING = frozenset({Status.PENDING, Status.AWAITING_KEY})
 
 
 def _announcement_from_record(record: Record) -> Announcement:

@@ -6,6 +6,7 @@ transaction, so a crash leaves the last committed state, and a restarted registr
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from eucareg.model import Event, Record, Role, Status
+from eucareg.trust import Mode, Task, Token, TrustSettings
 
 metadata = sa.MetaData()
 
@@ -40,6 +42,48 @@ components = sa.Table(
     sa.Column("next_retry_at", sa.Float),
     sa.Column("credentials_issued_at", sa.Float),
     sa.Column("credentials_collected_at", sa.Float),
+    sa.Column("approved", sa.Boolean, nullable=False, default=False),
+    sa.Column("admitted_by", sa.String(64), nullable=False, default=""),
+)
+
+settings = sa.Table(
+    "settings",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),  # JSON
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("token_id", sa.String(16), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("cluster", sa.String(64)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("uses", sa.Integer),
+    sa.Column("revoked_at", sa.Float),
+    sa.Column("ca_fingerprint", sa.String(80), nullable=False),
+)
+
+token_uses = sa.Table(
+    "token_uses",
+    metadata,
+    sa.Column("token_id", sa.String(16), primary_key=True),
+    sa.Column("component_id", sa.String(64), primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+    # Set when the component was deregistered: the token no longer admits it.
+    sa.Column("spent", sa.Boolean, nullable=False, default=False),
+)
+
+revocations = sa.Table(
+    "revocations",
+    metadata,
+    sa.Column("serial", sa.String(64), primary_key=True),
+    sa.Column("component_id", sa.String(64), nullable=False),
+    sa.Column("fingerprint", sa.String(80), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
 )
 
 certificates = sa.Table(
@@ -173,7 +217,13 @@ class Store:
                 _insert_event(conn, record, *event, at=record.updated_at)
         return record
 
-    def delete(self, component_id: str, event: tuple[str, str, str] | None = None) -> None:
+    def delete(
+        self,
+        component_id: str,
+        event: tuple[str, str, str] | None = None,
+        revoke_reason: str | None = None,
+    ) -> None:
+        """Remove a record (and its certificate, revoked when `revoke_reason` is given)."""
         with self._tx() as conn:
             row = (
                 conn.execute(sa.select(components).where(components.c.component_id == component_id))
@@ -182,6 +232,23 @@ class Store:
             )
             if row is None:
                 return
+            cert = (
+                conn.execute(
+                    sa.select(certificates).where(certificates.c.component_id == component_id)
+                )
+                .mappings()
+                .first()
+            )
+            if cert is not None and revoke_reason is not None:
+                conn.execute(
+                    revocations.insert().values(
+                        serial=cert["serial"],
+                        component_id=component_id,
+                        fingerprint=cert["fingerprint"],
+                        at=time.time(),
+                        reason=revoke_reason,
+                    )
+                )
             conn.execute(components.delete().where(components.c.component_id == component_id))
             conn.execute(certificates.delete().where(certificates.c.component_id == component_id))
             if event is not None:
@@ -278,6 +345,116 @@ class Store:
                 .where(components.c.component_id == cert.component_id)
                 .values(credentials_issued_at=cert.issued_at)
             )
+
+
+class TrustStore:
+    """Trust settings, tokens and revocations; shares the registry's database."""
+
+    def __init__(self, store: Store) -> None:
+        self.engine = store.engine
+
+    def load_settings(self) -> TrustSettings:
+        with self.engine.begin() as conn:
+            rows = dict(conn.execute(sa.select(settings.c.key, settings.c.value)).all())
+        raw = {k: json.loads(v) for k, v in rows.items()}
+        return TrustSettings(
+            mode=Mode(raw.get("mode", Mode.LOCAL.value)),
+            locked=frozenset(Task(t) for t in raw.get("locked", [])),
+            install_until=raw.get("install_until"),
+        )
+
+    def save_settings(self, trust: TrustSettings) -> None:
+        values = {
+            "mode": trust.mode.value,
+            "locked": sorted(t.value for t in trust.locked),
+            "install_until": trust.install_until,
+        }
+        with self.engine.begin() as conn:
+            for key, value in values.items():
+                conn.execute(settings.delete().where(settings.c.key == key))
+                conn.execute(settings.insert().values(key=key, value=json.dumps(value)))
+
+    def add_token(self, token: Token) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                tokens.insert().values(
+                    token_id=token.token_id,
+                    role=token.role.value,
+                    cluster=token.cluster,
+                    created_at=token.created_at,
+                    expires_at=token.expires_at,
+                    uses=token.uses,
+                    revoked_at=token.revoked_at,
+                    ca_fingerprint=token.ca_fingerprint,
+                )
+            )
+
+    def tokens(self) -> list[Token]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(tokens).order_by(tokens.c.created_at)).mappings().all()
+            uses = conn.execute(
+                sa.select(token_uses.c.token_id, token_uses.c.component_id, token_uses.c.spent)
+            ).all()
+        used: dict[str, set[str]] = {}
+        spent: dict[str, set[str]] = {}
+        for token_id, component_id, is_spent in uses:
+            used.setdefault(token_id, set()).add(component_id)
+            if is_spent:
+                spent.setdefault(token_id, set()).add(component_id)
+        return [
+            Token(
+                token_id=row["token_id"],
+                role=Role(row["role"]),
+                cluster=row["cluster"],
+                created_at=row["created_at"],
+                expires_at=row["expires_at"],
+                uses=row["uses"],
+                revoked_at=row["revoked_at"],
+                ca_fingerprint=row["ca_fingerprint"],
+                used_by=frozenset(used.get(row["token_id"], set())),
+                spent_by=frozenset(spent.get(row["token_id"], set())),
+            )
+            for row in rows
+        ]
+
+    def token(self, token_id: str) -> Token | None:
+        return next((t for t in self.tokens() if t.token_id == token_id), None)
+
+    def revoke_token(self, token_id: str, at: float) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                tokens.update()
+                .where(tokens.c.token_id == token_id, tokens.c.revoked_at.is_(None))
+                .values(revoked_at=at)
+            )
+        return bool(result.rowcount)
+
+    def use_token(self, token_id: str, component_id: str, at: float) -> None:
+        with self.engine.begin() as conn:
+            exists = conn.execute(
+                sa.select(token_uses.c.token_id).where(
+                    token_uses.c.token_id == token_id, token_uses.c.component_id == component_id
+                )
+            ).first()
+            if exists is None:
+                conn.execute(
+                    token_uses.insert().values(token_id=token_id, component_id=component_id, at=at)
+                )
+
+    def spend_token(self, token_id: str, component_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                token_uses.update()
+                .where(token_uses.c.token_id == token_id, token_uses.c.component_id == component_id)
+                .values(spent=True)
+            )
+
+    def revoked(self, serial: str) -> bool:
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(revocations.c.serial).where(revocations.c.serial == serial)
+            ).first()
+        return row is not None
 
 
 def _insert_event(

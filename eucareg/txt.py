@@ -20,6 +20,8 @@ PROTOCOL_VERSION = "1"
 COMPONENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{7,63}$")
 CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+TOKEN_ID_RE = re.compile(r"^[a-z0-9]{12}$")
+PROOF_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,9 @@ def encode(
     fingerprint: str,
     api_port: int | None,
     eucavers: str,
+    token: tuple[str, int, str] | None = None,
 ) -> dict[str, str]:
-    """Build the TXT key/value pairs a component publishes."""
+    """Build the TXT key/value pairs a component publishes; `token` is (id, stamp, proof)."""
     txt = {
         "txtvers": TXT_VERSION,
         "protovers": PROTOCOL_VERSION,
@@ -56,6 +59,8 @@ def encode(
         txt["cluster"] = cluster
     if api_port is not None:
         txt["port"] = str(api_port)
+    if token is not None:
+        txt["tok"], txt["tts"], txt["tproof"] = token[0], str(token[1]), token[2]
     return txt
 
 
@@ -72,11 +77,15 @@ def address_problem(address: IPAddress) -> str | None:
     return None
 
 
-def decode(instance: str, txt: Mapping[str, str]) -> Announcement | Rejected:
+def decode(
+    instance: str, txt: Mapping[str, str], addresses: tuple[str, ...] = ()
+) -> Announcement | Rejected:
     """Turn a sighting's TXT data into an Announcement, or say precisely why not.
 
     Identity comes from `id` and `fp` only, never from the instance name (lesson L2), and the
     address only from `addr`, never from whatever A/AAAA records the responder offered (L3).
+    When the responder's addresses are known, `addr` must be one of them: a TXT record copied
+    to another host is refused as a replay.
     """
     if txt.get("txtvers") != TXT_VERSION:
         return Rejected("bad-txt", f"txtvers={txt.get('txtvers')!r}, expected {TXT_VERSION!r}")
@@ -116,12 +125,21 @@ def decode(instance: str, txt: Mapping[str, str]) -> Announcement | Rejected:
     problem = address_problem(address)
     if problem is not None:
         return Rejected("bad-address", f"addr={raw_address} {problem}")
+    if addresses and str(address) not in {_plain(a) for a in addresses}:
+        return Rejected(
+            "replayed",
+            f"addr={raw_address} is not an address of the announcing host "
+            f"({', '.join(addresses)}); a copied announcement?",
+        )
     api_port: int | None = None
     if "port" in txt:
         raw_port = txt["port"]
         if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
             return Rejected("bad-txt", f"port={raw_port!r} is not a TCP port")
         api_port = int(raw_port)
+    token = _token_fields(txt)
+    if isinstance(token, Rejected):
+        return token
     return Announcement(
         role=role,
         component_id=component_id,
@@ -132,4 +150,27 @@ def decode(instance: str, txt: Mapping[str, str]) -> Announcement | Rejected:
         api_port=api_port,
         eucavers=txt.get("eucavers", ""),
         instance=instance,
+        token_id=token[0] if token else None,
+        token_stamp=token[1] if token else None,
+        token_proof=token[2] if token else None,
     )
+
+
+def _plain(address: str) -> str:
+    """An address without its IPv6 scope ('fe80::1%eth0' -> 'fe80::1')."""
+    return str(ipaddress.ip_address(address.split("%", 1)[0]))
+
+
+def _token_fields(txt: Mapping[str, str]) -> tuple[str, int, str] | Rejected | None:
+    present = [k for k in ("tok", "tts", "tproof") if k in txt]
+    if not present:
+        return None
+    if len(present) != 3:
+        return Rejected("bad-txt", "tok=, tts= and tproof= must come together")
+    if not TOKEN_ID_RE.match(txt["tok"]):
+        return Rejected("bad-txt", f"tok={txt['tok']!r} is not a token id")
+    if not txt["tts"].isdigit():
+        return Rejected("bad-txt", f"tts={txt['tts']!r} is not a time")
+    if not PROOF_RE.match(txt["tproof"]):
+        return Rejected("bad-txt", f"tproof={txt['tproof']!r} is not a token proof")
+    return txt["tok"], int(txt["tts"]), txt["tproof"]

@@ -6,11 +6,25 @@ import hashlib
 import ipaddress
 import itertools
 
+from eucareg import credentials as cred
 from eucareg import txt
 from eucareg.mdns import Change, Sighting
 from eucareg.model import AnnouncedState, Announcement, Role
 
 _counter = itertools.count(1)
+_POOL_SIZE = 24
+_pool: list[cred.PrivateKey] = []
+# Every key the factories handed out, by fingerprint, so tests can prove possession.
+KEYS: dict[str, cred.PrivateKey] = {}
+
+
+def pool_key(n: int) -> cred.PrivateKey:
+    """Real RSA keys, made once per test session and reused (generation is slow)."""
+    while len(_pool) < _POOL_SIZE:
+        key = cred.generate_key()
+        _pool.append(key)
+        KEYS[cred.fingerprint(key.public_key())] = key
+    return _pool[n % _POOL_SIZE]
 
 
 def fake_fingerprint(seed: str) -> str:
@@ -36,7 +50,7 @@ def ann(
         cluster=cluster,
         state=state,
         address=ipaddress.ip_address(address or f"10.77.{n // 250}.{n % 250 + 2}"),
-        fingerprint=fingerprint or fake_fingerprint(component_id),
+        fingerprint=fingerprint or cred.fingerprint(pool_key(n).public_key()),
         api_port=api_port,
         eucavers="3.4",
         instance=instance or f"{role.txt_type}-{component_id}",

@@ -184,7 +184,7 @@ def test_sc_before_its_cc_is_pending_then_registers(cloud_factory: CloudFactory)
     converge(cloud)
     sc_id = next(cid for cid, host in component_ids(cloud).items() if host == "sc")
     kinds = [e["kind"] for e in cloud.events("cloud", f"&component={sc_id}")]
-    assert kinds[:3] == ["pending", "registering", "registered"]
+    assert kinds[:4] == ["pending", "awaiting-key", "registering", "registered"]
     assert_credentials_everywhere(cloud)
 
 
@@ -399,8 +399,7 @@ def test_operator_commands_preferred_address_and_credential_repair(
     assert node["address"] == "10.77.1.200"
 
     def cli(*args: str) -> str:
-        argv = [sys.executable, "-m", "eucareg", *args, "--api", "http://127.0.0.1:8780"]
-        return cloud.lab.run("cloud", argv, check=True, timeout=30).stdout
+        return cloud.cli("cloud", *args).stdout
 
     text = cli("status")
     assert "cluster cluster1" in text and "10.77.1.200" in text and "registered" in text
@@ -410,7 +409,7 @@ def test_operator_commands_preferred_address_and_credential_repair(
     assert {e["kind"] for e in registered} == {"registered"}
     rows = list(csv.DictReader(cli("events", "--csv", "--role", "nc").splitlines()))
     assert rows and {r["role"] for r in rows} == {"nc"}
-    assert [r["kind"] for r in rows][:2] == ["registering", "registered"]
+    assert [r["kind"] for r in rows][:3] == ["awaiting-key", "registering", "registered"]
 
     # A credential file disappears: the agent notices and collects the same certificate again.
     cert = cloud.key_dir("node1") / "node-cert.pem"

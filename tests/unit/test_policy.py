@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from eucareg.model import AnnouncedState, Announcement, DecisionKind, Record, Role, Status
 from eucareg.policy import RegistrarSettings, View, decide
+from eucareg.trust import Mode, Task, TokenVerdict, TrustSettings
 from tests.factories import ann, fake_fingerprint
 
 CLC = RegistrarSettings(
@@ -26,8 +27,18 @@ def record_of(a: Announcement, status: Status = Status.REGISTERED, reason: str =
     )
 
 
-def view(*records: Record, live: frozenset[str] = frozenset(), me: bool = False) -> View:
-    return View({r.component_id: r for r in records}, live, me)
+# The operator opened an install window: these tests are about the design's checks.
+OPEN = TrustSettings(install_until=1e12)
+
+
+def view(
+    *records: Record,
+    live: frozenset[str] = frozenset(),
+    me: bool = False,
+    trust: TrustSettings = OPEN,
+    token: TokenVerdict | None = None,
+) -> View:
+    return View({r.component_id: r for r in records}, live, me, trust, 1000.0, token)
 
 
 def test_first_walrus_is_registered_and_a_second_is_refused_naming_the_first() -> None:
@@ -165,3 +176,67 @@ def test_registered_state_announcement_of_a_known_cc_changes_nothing() -> None:
     cc = ann(Role.CC, "c1")
     registered = replace(cc, state=AnnouncedState.REGISTERED)
     assert decide(view(record_of(cc)), registered, CLC).kind is DecisionKind.KEEP
+
+
+# -- trust (issue: trust and lock-down) ----------------------------------------------------------
+
+
+def test_by_default_an_unknown_component_waits_for_the_operator() -> None:
+    nc = ann(Role.NC, "c1")
+    decision = decide(view(me=True, trust=TrustSettings()), nc, CC1)
+    assert (decision.kind, decision.code) == (DecisionKind.PENDING, "awaiting-approval")
+    assert nc.fingerprint in decision.reason
+    approved = replace(record_of(nc, Status.PENDING), approved=True)
+    accepted = decide(view(approved, me=True, trust=TrustSettings()), nc, CC1)
+    assert (accepted.kind, accepted.admitted_by) == (DecisionKind.REGISTER, "approval")
+
+
+def test_install_window_admits_only_while_open() -> None:
+    nc = ann(Role.NC, "c1")
+    open_until_500 = TrustSettings(install_until=500.0)  # view time is 1000
+    assert decide(view(me=True, trust=open_until_500), nc, CC1).kind is DecisionKind.PENDING
+    admitted = decide(view(me=True, trust=TrustSettings(install_until=2000.0)), nc, CC1)
+    assert admitted.admitted_by == "install-window"
+
+
+def test_valid_token_admits_and_a_bad_one_refuses_with_its_reason() -> None:
+    nc = ann(Role.NC, "c1")
+    good = TokenVerdict(True, "token", "admitted by token abc")
+    admitted = decide(
+        view(me=True, trust=TrustSettings(), token=good), replace(nc, token_id="t"), CC1
+    )
+    assert admitted.kind is DecisionKind.REGISTER and admitted.admitted_by == "token:t"
+    bad = TokenVerdict(False, "token-expired", "token t has expired")
+    refused = decide(view(me=True, trust=OPEN, token=bad), nc, CC1)
+    # A bad token is refused even inside an install window: it is a claim that failed.
+    assert (refused.kind, refused.code) == (DecisionKind.REFUSE, "token-expired")
+    approved = replace(record_of(nc, Status.REFUSED), approved=True)
+    assert decide(view(approved, me=True, token=bad), nc, CC1).kind is DecisionKind.REGISTER
+
+
+def test_locks_and_mode_off_refuse_new_components_but_keep_registered_ones() -> None:
+    nc, walrus = ann(Role.NC, "c1"), ann(Role.WALRUS)
+    both = RegistrarSettings(
+        registers=frozenset({Role.WALRUS, Role.CC, Role.SC, Role.NC}), own_cluster="c1"
+    )
+    cc_locked = replace(OPEN, locked=frozenset({Task.CC}))
+    assert decide(view(me=True, trust=cc_locked), nc, both).code == "locked"
+    assert decide(view(me=True, trust=cc_locked), walrus, both).kind is DecisionKind.REGISTER
+    off = replace(OPEN, mode=Mode.OFF)
+    assert decide(view(me=True, trust=off), walrus, both).code == "registration-off"
+    kept = decide(view(record_of(nc), me=True, trust=off), nc, both)
+    assert kept.kind is DecisionKind.KEEP
+
+
+def test_http_fallback_needs_mode_any() -> None:
+    walrus = replace(ann(Role.WALRUS), source="fallback")
+    assert decide(view(), walrus, CLC).code == "fallback-not-allowed"
+    assert (
+        decide(view(trust=replace(OPEN, mode=Mode.ANY)), walrus, CLC).kind is DecisionKind.REGISTER
+    )
+
+
+def test_rejected_and_awaiting_key_components_are_left_alone() -> None:
+    nc = ann(Role.NC, "c1")
+    for status in (Status.REJECTED, Status.AWAITING_KEY):
+        assert decide(view(record_of(nc, status), me=True), nc, CC1).kind is DecisionKind.KEEP

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from eucareg.model import AnnouncedState, Announcement, Record, Role, Status
 from eucareg.policy import RegistrarSettings
 from eucareg.registrar import CredentialRefused, Issuer, Registrar, Timing
 from eucareg.store import Store, sqlite_url
-from tests.factories import ann, sighting
+from tests.factories import KEYS, ann, sighting
 
 CLC_SETTINGS = RegistrarSettings(
     registers=frozenset({Role.WALRUS, Role.CC, Role.SC}), observes_unmatched_nodes=True
@@ -49,23 +50,35 @@ def make_registrar(
     timing: Timing | None = None,
     me: list[bool] | None = None,
     issuer: Issuer | None = None,
+    install_window: bool = True,
 ) -> Registrar:
     store = Store(sqlite_url(tmp_path / "registry.db"))
     flag = me if me is not None else [False]
-    return Registrar(
+    registrar = Registrar(
         store,
         settings,
         hook_dir=tmp_path / "hooks",
         timing=timing or Timing(retry_base=0.05, retry_max=0.2, hook_timeout=5),
         issuer_for=lambda _role: issuer,
         self_registered=lambda: flag[0],
+        master_key=b"test-master-key",
     )
+    if install_window:
+        # These tests are about ordering, not trust: the operator opened an install window.
+        registrar.open_install_window(3600)
+    return registrar
 
 
 async def settle(registrar: Registrar) -> None:
-    for _ in range(3):
+    """Run all scheduled work, and let every accepted component prove its key as its agent
+    would (a signed credential request)."""
+    for _ in range(4):
         await registrar.idle()
         await asyncio.sleep(0)
+        for record in registrar.store.records().values():
+            if record.status is Status.AWAITING_KEY and record.fingerprint in KEYS:
+                key = KEYS[record.fingerprint].public_key()
+                await registrar.credentials(record.component_id, key, wait=0)
 
 
 def registered_cc(cc: Announcement) -> Announcement:
@@ -84,7 +97,8 @@ async def test_same_component_seen_many_times_at_once_registers_once(tmp_path: P
     assert hook_lines(log) == [f"walrus {walrus.component_id} {walrus.address}"]
     record = reg.store.get(walrus.component_id)
     assert record is not None and record.status is Status.REGISTERED
-    assert [e.kind for e in reg.store.events()] == ["registering", "registered"]
+    kinds = [e.kind for e in reg.store.events(component_id=walrus.component_id)]
+    assert kinds == ["awaiting-key", "registering", "registered"]
     # The instance name never becomes identity.
     assert "#2" not in record.component_id
 
@@ -152,7 +166,7 @@ async def test_sc_before_its_cc_is_pending_then_registers_when_cc_announces(
     await settle(reg)
     assert reg.store.get(sc.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
     kinds = [e.kind for e in reg.store.events(component_id=sc.component_id)]
-    assert kinds == ["pending", "registering", "registered"]
+    assert kinds == ["pending", "awaiting-key", "registering", "registered"]
 
 
 async def test_a_cc_announcing_registered_that_we_did_not_register_frees_no_sc(
@@ -256,7 +270,9 @@ async def test_restarted_registrar_neither_registers_again_nor_reruns_hooks(
     await first.close()
     first.store.close()
 
-    second = make_registrar(tmp_path)
+    # No new install window: the one opened before the restart is still recorded as open.
+    second = make_registrar(tmp_path, install_window=False)
+    assert second.trust.install_open(time.time())
     second.resume()
     for part in parts:
         second.on_sighting(sighting(part))
@@ -305,7 +321,7 @@ async def test_unusable_addresses_are_rejected_visibly_and_never_registered(
     reg.on_sighting(bad)  # a repeat does not repeat the event
     await settle(reg)
     assert reg.store.records() == {}
-    events = reg.store.events()
+    events = [e for e in reg.store.events() if e.kind != "trust"]
     assert len(events) == 1
     assert events[0].kind == "rejected" and why in events[0].reason
 
