@@ -359,7 +359,7 @@ class Agent:
                 self._clusters.pop(sighting.instance, None)
             )
         else:
-            ann = txt.decode(sighting.instance, sighting.txt)
+            ann = txt.decode(sighting.instance, sighting.txt, sighting.addresses)
             if not isinstance(ann, Announcement) or ann.api_port is None:
                 return
             endpoint = Endpoint(str(ann.address), ann.api_port, ann.component_id, ann.fingerprint)

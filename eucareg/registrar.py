@@ -167,7 +167,7 @@ class Registrar:
         if sighting.change is Change.REMOVED:
             self._forget_instance(sighting.instance)
             return
-        result = decode(sighting.instance, sighting.txt)
+        result = decode(sighting.instance, sighting.txt, sighting.addresses)
         if isinstance(result, Rejected):
             self._note_rejected(sighting, result)
             return

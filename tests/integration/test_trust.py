@@ -1,0 +1,356 @@
+"""Trust and lock-down with real agents, real multicast, real Avahi and attacker hosts.
+
+The registrars here run with the default trust settings (no install window): every
+admission is by token, by approval or by an explicitly opened window.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eucareg.lab import Lab
+from eucareg.labcloud import LabCloud, all_registered, registered_components, single_lan
+
+pytestmark = pytest.mark.integration
+
+CloudFactory = Callable[..., LabCloud]
+
+
+@pytest.fixture
+def cloud_factory(lab_factory: Callable[..., Lab], tmp_path: Path) -> Iterator[CloudFactory]:
+    clouds: list[LabCloud] = []
+
+    def make(plan: dict[str, dict[str, str | None]], **settings: Any) -> LabCloud:
+        lab = lab_factory(single_lan(list(plan)))
+        settings.setdefault("trust", "manual")
+        cloud = LabCloud(lab, plan, tmp_path / f"cloud{len(clouds)}", settings=settings)
+        clouds.append(cloud)
+        return cloud
+
+    yield make
+    for cloud in clouds:
+        for host, proc in cloud.agents.items():
+            print(f"==== {host} ({proc.log.name})\n{proc.log_text()[-2500:]}")
+
+
+def approve_own_cc(cloud: LabCloud) -> None:
+    """Start the CLC+CC host; its CC waits for approval like anything else. The operator
+    checks the fingerprint (`eucareg fingerprint` on the host) and approves it by key."""
+    cloud.start("cloud")
+    cloud.wait_for_api("cloud")
+    config = str(cloud.host_dir("cloud") / "eucareg.toml")
+    mine = json.loads(cloud.cli("cloud", "fingerprint", "--json", "--config", config).stdout)
+    cc_fingerprint = next(r["fingerprint"] for r in mine if r["role"] == "cc")
+    queued = _wait_pending(cloud, 1)
+    assert [r["fingerprint"] for r in queued] == [cc_fingerprint]
+    cloud.cli("cloud", "approve", "--fingerprint", cc_fingerprint)
+    cloud.wait_for("cloud", all_registered({"cc": 1}), timeout=30)
+
+
+def ids_by_host(cloud: LabCloud) -> dict[str, str]:
+    """host -> component id of its (single non-CLC) component."""
+    out = {}
+    for host in cloud.plan:
+        for path in (cloud.host_dir(host) / "state" / "identity").glob("*.id"):
+            cid = path.read_text().strip()
+            if not cid.startswith("clc-"):
+                out[host] = cid
+    return out
+
+
+def rows_by_id(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["component_id"]: r for r in registered_components(status)}
+
+
+def token(cloud: LabCloud, host: str, *args: str) -> str:
+    return cloud.cli(host, "token", "create", *args).stdout.strip()
+
+
+def fingerprint_of(cloud: LabCloud, host: str) -> dict[str, str]:
+    cloud.prepare(host)
+    config = str(cloud.host_dir(host) / "eucareg.toml")
+    out = cloud.cli(host, "fingerprint", "--json", "--config", config).stdout
+    return dict(json.loads(out)[0])
+
+
+def start_with_id(cloud: LabCloud, host: str) -> str:
+    """Start a host's agent; its component id (made beforehand, as `eucareg fingerprint` does)."""
+    component_id = fingerprint_of(cloud, host)["component_id"]
+    cloud.start(host)
+    return component_id
+
+
+def has_credentials(cloud: LabCloud, host: str, cert: str) -> bool:
+    return (cloud.key_dir(host) / cert).exists()
+
+
+def test_attackers_get_nothing_and_every_refusal_says_why(cloud_factory: CloudFactory) -> None:
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None, "cc": "cluster1"},
+        "node1": {"nc": "cluster1"},
+        "notoken": {"nc": "cluster1"},
+        "wrongtok": {"nc": "cluster1"},
+        "expired": {"nc": "cluster1"},
+        "revoked": {"nc": "cluster1"},
+        "otherrole": {"nc": "cluster1"},
+        "othercl": {"sc": "cluster1"},
+        "avahi": {"nc": "cluster1"},
+    }
+    cloud = cloud_factory(plan)
+    approve_own_cc(cloud)
+
+    good = token(cloud, "cloud", "--role", "nc", "--cluster", "cluster1", "--uses", "1")
+    prefix, token_id, _secret, ca = good.split(".")
+    wrong = f"{prefix}.{token_id}.{'A' * 43}.{ca}"
+    expired = token(cloud, "cloud", "--role", "nc", "--cluster", "cluster1", "--ttl", "1s")
+    revoked = token(cloud, "cloud", "--role", "nc", "--cluster", "cluster1")
+    cloud.cli("cloud", "token", "revoke", revoked.split(".")[1])
+    sc_token = token(cloud, "cloud", "--role", "sc", "--cluster", "cluster1")
+    other_cluster = token(cloud, "cloud", "--role", "sc", "--cluster", "cluster9")
+    time.sleep(1.5)  # let the 1s token expire
+    cloud.settings = {
+        **cloud.settings,
+        "tokens": {
+            "node1": {"nc": good},
+            "wrongtok": {"nc": wrong},
+            "expired": {"nc": expired},
+            "revoked": {"nc": revoked},
+            "otherrole": {"nc": sc_token},
+            "othercl": {"sc": other_cluster},
+        },
+    }
+    for host in ("node1", "notoken", "wrongtok", "expired", "revoked", "otherrole", "othercl"):
+        cloud.start(host)
+
+    # Through Avahi: an unknown NC, and a copy of node1's real, token-proven TXT record.
+    cloud.agents["node1"].wait_for_log("announcing nc", timeout=20)
+    node1 = fingerprint_of(cloud, "node1")
+    cloud.lab.start_avahi("avahi")
+    real_txt = _wait_for_txt(cloud, "avahi", node1["component_id"])
+    env = cloud.lab.avahi_env("avahi")
+    replay = cloud.lab.spawn(
+        "avahi",
+        "replay",
+        ["avahi-publish", "-s", "node copy", "_eucalyptus._tcp", "8780", *real_txt],
+        env=env,
+    )
+    stranger_txt = [
+        "txtvers=1",
+        "protovers=1",
+        "eucavers=3.4",
+        "type=node",
+        "state=ready",
+        "cluster=cluster1",
+        f"addr={cloud.lab.address('avahi')}",
+        "id=nc-0a0a0a0a0a0a",
+        "fp=sha256:" + "0a" * 32,
+    ]
+    stranger = cloud.lab.spawn(
+        "avahi",
+        "stranger",
+        ["avahi-publish", "-s", "node stranger", "_eucalyptus._tcp", "8780", *stranger_txt],
+        env=env,
+    )
+    for proc in (replay, stranger):
+        proc.wait_for_log("Established", timeout=20)
+
+    ids = ids_by_host(cloud)
+    expect = {
+        ids["wrongtok"]: ("refused", "bad-proof"),
+        ids["expired"]: ("refused", "token-expired"),
+        ids["revoked"]: ("refused", "token-revoked"),
+        ids["otherrole"]: ("refused", "token-wrong-role"),
+        ids["othercl"]: ("refused", "token-wrong-cluster"),
+        ids["notoken"]: ("pending", "awaiting-approval"),
+        "nc-0a0a0a0a0a0a": ("pending", "awaiting-approval"),
+    }
+
+    def settled(status: dict[str, Any]) -> bool:
+        rows = rows_by_id(status)
+        return (
+            all(cid in rows for cid in expect)
+            and rows.get(ids["node1"], {}).get("status") == "registered"
+        )
+
+    status = cloud.wait_for("cloud", settled, timeout=40)
+    time.sleep(2.0)  # give any wrong registration time to show
+    status = cloud.status("cloud")
+    rows = rows_by_id(status)
+    events = cloud.events("cloud")
+    for cid, (state, code) in expect.items():
+        assert rows[cid]["status"] == state, (cid, rows[cid])
+        assert any(e["component_id"] == cid and e["code"] == code for e in events), (cid, code)
+    # The copy of node1's record was refused as a replay; node1 itself registered once.
+    replayed = [e for e in events if e["kind"] == "rejected" and e["code"] == "replayed"]
+    assert [e["component_id"] for e in replayed] == [node1["component_id"]]
+    assert sum(1 for line in cloud.hook_log("cloud") if line.startswith("node ")) == 1
+    assert has_credentials(cloud, "node1", "node-cert.pem")
+    for host, cert in (
+        ("notoken", "node-cert.pem"),
+        ("wrongtok", "node-cert.pem"),
+        ("expired", "node-cert.pem"),
+        ("revoked", "node-cert.pem"),
+        ("otherrole", "node-cert.pem"),
+        ("othercl", "sc-cert.pem"),
+    ):
+        assert not has_credentials(cloud, host, cert), host
+    registered = {cid for cid, row in rows.items() if row["status"] == "registered"}
+    assert registered == {ids["cloud"], ids["node1"]}
+
+
+def _wait_for_txt(cloud: LabCloud, host: str, component_id: str) -> list[str]:
+    """node1's TXT record as avahi-browse on another host sees it (key=value strings)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        result = cloud.lab.run(
+            host,
+            ["avahi-browse", "-r", "-t", "-p", "-k", "_eucalyptus._tcp"],
+            env=cloud.lab.avahi_env(host),
+            timeout=20,
+        )
+        for line in result.stdout.splitlines():
+            fields = line.split(";")
+            if fields[0] == "=" and f'"id={component_id}"' in line:
+                return [item.strip('"') for item in fields[9].split('" "')]
+        time.sleep(0.5)
+    raise AssertionError(f"avahi-browse on {host} never saw {component_id}")
+
+
+def test_approval_reject_install_window_lock_off_and_deregistration(
+    cloud_factory: CloudFactory,
+) -> None:
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None, "cc": "cluster1"},
+        "node1": {"nc": "cluster1"},
+        "node2": {"nc": "cluster1"},
+        "node3": {"nc": "cluster1"},
+        "node4": {"nc": "cluster1"},
+        "node5": {"nc": "cluster1"},
+    }
+    cloud = cloud_factory(plan)
+    approve_own_cc(cloud)
+
+    # Default settings: an unknown NC waits; approve lets it in, reject keeps one out.
+    cloud.start("node1")
+    cloud.start("node2")
+    queue = {r["component_id"]: r for r in _wait_pending(cloud, 2)}
+    ids = ids_by_host(cloud)
+    assert queue[ids["node1"]]["waiting_for"] == "operator approval"
+    cloud.cli("cloud", "approve", ids["node1"])
+    cloud.cli("cloud", "reject", ids["node2"])
+    _wait_status(cloud, ids["node1"], "registered")
+    time.sleep(1.5)
+    rows = rows_by_id(cloud.status("cloud"))
+    assert rows[ids["node2"]]["status"] == "rejected"
+    assert not has_credentials(cloud, "node2", "node-cert.pem")
+
+    # An install window admits, then closes by itself on time.
+    opened = time.time()
+    cloud.cli("cloud", "install-mode", "open", "--for", "4s")
+    _wait_status(cloud, start_with_id(cloud, "node3"), "registered")
+    trust = json.loads(cloud.cli("cloud", "trust", "--json").stdout)
+    assert trust["install_open"]
+    while time.time() < opened + 5:
+        time.sleep(0.2)
+    trust = json.loads(cloud.cli("cloud", "trust", "--json").stdout)
+    assert not trust["install_open"]
+    closed = [
+        e for e in cloud.events("cloud", "&kind=trust") if e["code"] == "install-window-closed"
+    ]
+    assert closed and closed[-1]["at"] - opened < 5.5
+
+    # Lock: refused at once, kept across a registrar restart.
+    cloud.cli("cloud", "lock")
+    cloud.restart("cloud")
+    cloud.wait_for_api("cloud")
+    node4 = start_with_id(cloud, "node4")
+    _wait_status(cloud, node4, "refused")
+    assert "locked" in rows_by_id(cloud.status("cloud"))[node4]["reason"]
+    assert json.loads(cloud.cli("cloud", "trust", "--json").stdout)["locked"] == ["cc", "clc"]
+
+    # Mode off registers nothing, even what the operator approves.
+    cloud.cli("cloud", "unlock")
+    cloud.cli("cloud", "mode", "off")
+    node5 = start_with_id(cloud, "node5")
+    _wait_status(cloud, node5, "refused")
+    cloud.cli("cloud", "approve", node5)
+    time.sleep(1.5)
+    assert rows_by_id(cloud.status("cloud"))[node5]["status"] == "refused"
+    cloud.cli("cloud", "mode", "local")
+
+    # Deregister node1: its credentials are revoked, it notices, and it is a newcomer again.
+    node1 = ids["node1"]
+    cloud.cli("cloud", "deregister", node1)
+    deadline = time.monotonic() + 15
+    while has_credentials(cloud, "node1", "node-cert.pem") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not has_credentials(cloud, "node1", "node-cert.pem")
+    _wait_status(cloud, node1, "pending")
+    kinds = [e["kind"] for e in cloud.events("cloud", f"&component={node1}")]
+    assert "deregistered" in kinds and kinds[-1] == "pending"
+    cloud.cli("cloud", "approve", node1)
+    _wait_status(cloud, node1, "registered")
+    deadline = time.monotonic() + 15
+    while not has_credentials(cloud, "node1", "node-cert.pem") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert has_credentials(cloud, "node1", "node-cert.pem")
+
+
+def _wait_pending(cloud: LabCloud, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = json.loads(cloud.cli("cloud", "pending", "--json").stdout)
+        waiting = [r for r in rows if r["waiting_for"] == "operator approval"]
+        if len(waiting) >= count:
+            return waiting
+        time.sleep(0.3)
+    raise AssertionError(f"fewer than {count} components waiting for approval: {rows}")
+
+
+def _wait_status(cloud: LabCloud, component_id: str, state: str, timeout: float = 30) -> None:
+    def done(status: dict[str, Any]) -> bool:
+        return rows_by_id(status).get(component_id, {}).get("status") == state
+
+    cloud.wait_for("cloud", done, timeout=timeout)
+
+
+def test_component_with_a_pinned_token_refuses_a_rogue_registrar(
+    cloud_factory: CloudFactory,
+) -> None:
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None, "cc": "cluster1"},
+        "rogue": {"clc": None, "cc": "cluster1"},
+        "node1": {"nc": "cluster1"},
+    }
+    cloud = cloud_factory(plan)
+    cloud.start("cloud")
+    cloud.open_install_window("cloud")
+    cloud.wait_for("cloud", all_registered({"cc": 1}), timeout=30)
+    genuine = token(cloud, "cloud", "--role", "nc", "--cluster", "cluster1")
+    cloud.stop("cloud")  # only the rogue answers from now on
+
+    cloud.start("rogue")
+    cloud.open_install_window("rogue")
+    cloud.wait_for("rogue", all_registered({"cc": 1}), timeout=30)
+    cloud.settings = {**cloud.settings, "tokens": {"node1": {"nc": genuine}}}
+    node1 = start_with_id(cloud, "node1")
+    # The rogue does not know the token; its operator lets the node in anyway.
+    _wait_status_on(cloud, "rogue", node1, "refused")
+    cloud.cli("rogue", "approve", node1)
+    _wait_status_on(cloud, "rogue", node1, "registered")
+    cloud.agents["node1"].wait_for_log("refusing a rogue registrar", timeout=20)
+    time.sleep(1.0)
+    assert not has_credentials(cloud, "node1", "node-cert.pem")
+
+
+def _wait_status_on(cloud: LabCloud, host: str, component_id: str, state: str) -> None:
+    def done(status: dict[str, Any]) -> bool:
+        return rows_by_id(status).get(component_id, {}).get("status") == state
+
+    cloud.wait_for(host, done, timeout=30)
