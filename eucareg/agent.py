@@ -377,10 +377,11 @@ class Agent:
 
     def _registrar_for(self, comp: ComponentRuntime) -> Endpoint | None:
         if comp.role is Role.NC:
-            return next(
+            found = next(
                 (ep for cluster, ep in self._clusters.values() if cluster == comp.config.cluster),
                 None,
             )
+            return found or self._fallback_endpoint()
         pin = comp.token.ca_fingerprint if comp.token else None
         candidates = [ep for ep in self._clc.values() if pin is None or ep.fingerprint == pin]
         if len(self._clc) > 1 and len(candidates) != 1:
@@ -391,7 +392,15 @@ class Agent:
                 pin,
                 ", ".join(ep.address for ep in self._clc.values()),
             )
-        return candidates[0] if candidates else None
+        if candidates:
+            return candidates[0]
+        return self._fallback_endpoint()
+
+    def _fallback_endpoint(self) -> Endpoint | None:
+        if self.config.fallback_registrar is None:
+            return None
+        host, port = self.config.fallback_registrar
+        return Endpoint(host, port, component_id="", fingerprint="")
 
     # -- collecting credentials -----------------------------------------------------------
 
@@ -411,6 +420,15 @@ class Agent:
                     await self._sleep(self._registrars_changed, self.config.recheck_interval)
                     continue
                 have = self._own_serial(comp) if comp.registered else None
+                if not comp.registered and not endpoint.component_id:
+                    # No registrar heard on the LAN: announce over HTTP (the design's fallback).
+                    try:
+                        await self._announce_over_http(session, comp, endpoint)
+                    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                        log.warning("fallback announcement to %s failed: %s", endpoint.address, exc)
+                        await asyncio.sleep(delay)
+                        delay = min(COLLECT_RETRY_MAX, delay * 2)
+                        continue
                 comp.changed.clear()
                 request = asyncio.ensure_future(
                     collect_credentials(
@@ -450,6 +468,23 @@ class Agent:
                 elif outcome == "revoked":
                     remove_credentials(self.config.key_dir, comp.role)
                     self._set_registered(comp, False)
+
+    async def _announce_over_http(
+        self, session: aiohttp.ClientSession, comp: ComponentRuntime, endpoint: Endpoint
+    ) -> None:
+        body, headers = signed_body(comp.identity.key, {"txt": dict(self._spec(comp).txt)})
+        url = f"http://{endpoint.address}:{endpoint.port}/v1/announce"
+        async with session.post(url, data=body, headers=headers) as response:
+            data = await response.json(content_type=None)
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status}: {data.get('error', data)}")
+        log.info(
+            "fallback announcement of %s to %s: %s (%s)",
+            comp.identity.component_id,
+            endpoint.address,
+            data.get("status"),
+            data.get("reason"),
+        )
 
     def _own_serial(self, comp: ComponentRuntime) -> str | None:
         try:

@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -28,6 +28,7 @@ from eucareg.config import ConfigError, parse_duration
 from eucareg.model import Record, Role, Status
 from eucareg.registrar import CredentialRefused, Registrar
 from eucareg.trust import Mode, Task
+from eucareg.txt import Rejected, decode
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,29 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
         registrar.revoke_token(str(data.get("token_id")))
         return web.json_response({"revoked": data.get("token_id")})
 
+    async def announce(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            payload, public_key = verify_signed(
+                body, request.headers.get(SIGNATURE_HEADER, ""), nonces
+            )
+            raw = payload["txt"]
+            if not isinstance(raw, dict):
+                raise ValueError("txt must be an object")
+        except SignedRequestError as exc:
+            return _error(exc.status, str(exc))
+        except (KeyError, ValueError) as exc:
+            return _error(400, f"malformed announcement: {exc}")
+        decoded = decode(f"fallback:{request.remote}", {str(k): str(v) for k, v in raw.items()})
+        if isinstance(decoded, Rejected):
+            return _error(400, f"{decoded.code}: {decoded.reason}")
+        if decoded.fingerprint != cred.fingerprint(public_key):
+            return _error(403, "the request is not signed by the announced key")
+        record = await registrar.fallback(replace(decoded, source="fallback"))
+        if record is None:
+            return web.json_response({"status": "ignored", "reason": "not for this registrar"})
+        return web.json_response({"status": record.status.value, "reason": record.reason})
+
     async def collect(request: web.Request) -> web.Response:
         body = await request.read()
         try:
@@ -318,6 +342,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
 
     app.router.add_get("/v1/health", health)
     app.router.add_post("/v1/credentials", collect)
+    app.router.add_post("/v1/announce", announce)
     app.router.add_post("/v1/peer/registry", peer_registry)
     for path, handler in (
         ("/v1/registry", registry),

@@ -73,6 +73,8 @@ class Config:
     log_level: str
     log_format: str
     components: tuple[ComponentConfig, ...] = field(default_factory=tuple)
+    # (host, port) of a registrar to use over HTTP when none is heard over mDNS.
+    fallback_registrar: tuple[str, int] | None = None
 
     def component(self, role: Role) -> ComponentConfig | None:
         return next((c for c in self.components if c.role is role), None)
@@ -143,6 +145,7 @@ _TOP_KEYS = {
     "registrar",
     "mdns",
     "components",
+    "fallback_registrar",
 }
 
 
@@ -173,6 +176,7 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         raise ConfigError(f"mdns.ipv6: expected true or false, got {ipv6!r}")
 
     components = _components(raw.get("components"), address)
+    fallback = _fallback(raw.get("fallback_registrar"))
     return Config(
         source=source,
         address=address,
@@ -193,7 +197,19 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         log_level=log_level,
         log_format=log_format,
         components=components,
+        fallback_registrar=fallback,
     )
+
+
+def _fallback(value: Any) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    match = re.match(r"^http://(?P<host>[^/:]+):(?P<port>\d+)/?$", str(value))
+    if not isinstance(value, str) or match is None or not 0 < int(match["port"]) < 65536:
+        raise ConfigError(
+            f"fallback_registrar: expected 'http://HOST:PORT' of a registrar, got {value!r}"
+        )
+    return match["host"], int(match["port"])
 
 
 def _components(raw: Any, host_address: IPAddress) -> tuple[ComponentConfig, ...]:

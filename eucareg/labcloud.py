@@ -125,6 +125,7 @@ class LabCloud:
             f"api_port = {DEFAULT_API_PORT}",
             'log_format = "json"',
             f"log_level = {_toml_value(self.settings.get('log_level', 'info'))}",
+            *self.setting("top_level", host, []),
             "",
             "[preconditions]",
             f"sshd = {_toml_value(self.setting('sshd', host, False))}",

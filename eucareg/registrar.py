@@ -8,7 +8,6 @@ sightings can neither register one component twice nor fill one slot twice (less
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
@@ -191,6 +190,16 @@ class Registrar:
             # A CC now says "registered as FOO": SCs of FOO may stop waiting.
             self._reevaluate(lambda a: a.role is Role.SC and a.cluster == ann.cluster)
         return task
+
+    async def fallback(self, ann: Announcement) -> Record | None:
+        """A signed HTTP announcement (the design's registration-service fallback).
+
+        The request was signed by the announced key, so possession is already proven. It is
+        not a live mDNS announcement: the component repeats it until it is registered.
+        """
+        self._proven.add((ann.component_id, ann.fingerprint))
+        await self._process(ann, fresh=ann.component_id not in self.live)
+        return self.store.get(ann.component_id)
 
     def _forget_instance(self, instance: str) -> None:
         component_id = self._instances.pop(instance, None)
@@ -459,6 +468,9 @@ class Registrar:
         self.trust_store.save_settings(trust)
         self._trust_event(code, reason)
         self._arm_install_close()
+        # Components long-polling over HTTP (fallback) re-announce when woken.
+        for component_id in list(self._changed):
+            self._notify(component_id)
         # Anything not yet registered may now be decided differently.
         self._reevaluate(
             lambda _a: True,
@@ -629,6 +641,7 @@ class Registrar:
         fingerprint = cred.fingerprint(public_key)
         deadline = self._clock() + max(0.0, wait)
         status: Status | None
+        woken = False
         while True:
             event = self._change_event(component_id)
             record = self.store.get(component_id)
@@ -650,10 +663,15 @@ class Registrar:
                     self._key_proven(record)
                 status, reason = record.status, record.reason
             remaining = deadline - self._clock()
-            if remaining <= 0:
+            if remaining <= 0 or (woken and status not in IN_PROGRESS):
+                # Woken while not progressing by itself (refused, pending, ...): answer now,
+                # so a component announcing over HTTP re-announces under the new settings.
                 return CredentialAnswer(status, reason, None)
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(event.wait(), remaining)
+                woken = True
+            except TimeoutError:
+                woken = False
 
     def _key_proven(self, record: Record) -> None:
         key = (record.component_id, record.fingerprint)
@@ -759,6 +777,7 @@ class Registrar:
 
 
 WAITING = frozenset({Status.PENDING, Status.AWAITING_KEY})
+IN_PROGRESS = frozenset({Status.AWAITING_KEY, Status.REGISTERING, Status.FAILED, Status.REGISTERED})
 
 
 def _announcement_from_record(record: Record) -> Announcement:

@@ -354,3 +354,37 @@ def _wait_status_on(cloud: LabCloud, host: str, component_id: str, state: str) -
         return rows_by_id(status).get(component_id, {}).get("status") == state
 
     cloud.wait_for(host, done, timeout=30)
+
+
+def test_remote_component_registers_over_http_only_in_mode_any(
+    lab_factory: Callable[..., Lab], tmp_path: Path
+) -> None:
+    """The design's remote case: a Walrus on another network, out of multicast reach, uses
+    the HTTP fallback. Mode local refuses it; mode any accepts it (with an install window)."""
+    lab = lab_factory(
+        "subnet near 10.77.1.0/24\nsubnet far 10.77.2.0/24\n"
+        "host cloud near\nhost walrus far\nrouter r1 near far"
+    )
+    plan: dict[str, dict[str, str | None]] = {"cloud": {"clc": None}, "walrus": {"walrus": None}}
+    url = f"http://{lab.address('cloud')}:8780"
+    cloud = LabCloud(
+        lab,
+        plan,
+        tmp_path / "cloud",
+        settings={
+            "trust": "install-window",
+            "top_level": {"walrus": [f'fallback_registrar = "{url}"']},
+        },
+    )
+    cloud.start("cloud")
+    walrus = start_with_id(cloud, "walrus")
+    _wait_status_on(cloud, "cloud", walrus, "refused")
+    row = rows_by_id(cloud.status("cloud"))[walrus]
+    assert "needs mode any" in row["reason"]
+    cloud.cli("cloud", "mode", "any")
+    _wait_status_on(cloud, "cloud", walrus, "registered")
+    deadline = time.monotonic() + 15
+    while not has_credentials(cloud, "walrus", "walrus-cert.pem") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert has_credentials(cloud, "walrus", "walrus-cert.pem")
+    assert "fallback announcement" in cloud.logs("walrus")
