@@ -99,7 +99,8 @@ class ComponentRuntime:
     registered: bool = False
     announced: bool = False
     token: ParsedToken | None = None
-    proof_stamp: int = 0  # when the announced token proof was made
+    proof_stamp: int = 0  # when the announced token proof was made (0: make a new one)
+    last_stamp: int = 0  # the previous stamp, so a renewed proof always differs
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # re-check announcement now
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # announced/registered moved
 
@@ -292,7 +293,8 @@ class Agent:
             return None
         now = int(time.time())
         if now - comp.proof_stamp > PROOF_MAX_AGE / 3:
-            comp.proof_stamp = now
+            comp.proof_stamp = max(now, comp.last_stamp + 1)
+            comp.last_stamp = comp.proof_stamp
         message = proof_message(
             component_id=comp.identity.component_id,
             fingerprint=comp.identity.fingerprint,
@@ -340,6 +342,10 @@ class Agent:
 
     def _set_registered(self, comp: ComponentRuntime, registered: bool) -> None:
         comp.registered = registered
+        if not registered:
+            # A fresh proof makes a fresh TXT record; browsers may not report a record that
+            # comes back unchanged within seconds.
+            comp.proof_stamp = 0
         log.info(
             "%s %s is %s",
             comp.role.value,
@@ -458,7 +464,7 @@ class Agent:
                         comp.identity.component_id,
                         endpoint.address,
                         endpoint.port,
-                        exc or type(exc).__name__,
+                        str(exc) or type(exc).__name__,
                     )
                     await asyncio.sleep(delay)
                     delay = min(COLLECT_RETRY_MAX, delay * 2)
@@ -599,6 +605,9 @@ async def sshd_answers(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
     try:
         banner = await asyncio.wait_for(reader.readline(), timeout)
+        # Say who we are, so sshd logs a named probe rather than a mystery connection.
+        writer.write(b"SSH-2.0-eucareg-precondition-probe\r\n")
+        await writer.drain()
     except (OSError, TimeoutError):
         banner = b""
     finally:

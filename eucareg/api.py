@@ -177,6 +177,8 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
             limit = min(int(query.get("limit", "1000")), 100_000)
         except ValueError:
             return _error(400, "since and limit must be integers")
+        if since < 0 or limit < 1:
+            return _error(400, "since must be >= 0 and limit >= 1")
         rows = registrar.store.events(
             since_seq=since,
             component_id=query.get("component") or None,
@@ -439,6 +441,8 @@ async def _status_tree(registrar: Registrar, ctx: ApiContext) -> dict[str, Any]:
         and ann.cluster != registrar.settings.own_cluster
         and (rec := registrar.store.get(ann.component_id)) is not None
         and rec.status is Status.REGISTERED
+        and rec.fingerprint == ann.fingerprint
+        and rec.address == str(ann.address)
     ]
     if peers and ctx.peer_key is not None:
         key = ctx.peer_key

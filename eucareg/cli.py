@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from eucareg import config as config_mod
+from eucareg.credentials import CredentialError
 from eucareg.logs import setup_logging
 
 DEFAULT_CONFIG = Path("/etc/eucareg/eucareg.toml")
@@ -78,7 +79,7 @@ def agent(config_path: Path) -> None:
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         asyncio.run(Agent(cfg).run_forever())
-    except OSError as exc:
+    except (OSError, CredentialError) as exc:
         logging.getLogger("eucareg").error("agent cannot run: %s", exc)
         sys.exit(1)
 
@@ -147,7 +148,10 @@ def fingerprint(config_path: Path, as_json: bool) -> None:
     cfg = load_config(config_path)
     rows = []
     for comp in cfg.components:
-        ident = load_or_create_identity(cfg.state_dir, comp.role)
+        try:
+            ident = load_or_create_identity(cfg.state_dir, comp.role)
+        except (OSError, CredentialError) as exc:
+            fail(f"cannot read or create the {comp.role.value} identity: {exc}", 1)
         rows.append(
             {
                 "role": comp.role.value,
@@ -195,7 +199,9 @@ class Api:
         try:
             code, data = asyncio.run(fetch())
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            fail(f"cannot reach the registrar at {self.base}: {exc or type(exc).__name__}", 3)
+            fail(f"cannot reach the registrar at {self.base}: {str(exc) or type(exc).__name__}", 3)
+        except ValueError as exc:  # an answer that is not JSON: not an eucareg registrar
+            fail(f"{self.base} did not answer like an eucareg registrar: {exc}", 3)
         if code == 401 and not self.token:
             fail("no admin credential: run as root, or pass --admin-token-file", 4)
         if code != 200:
@@ -346,8 +352,8 @@ def render_tree(data: dict[str, Any]) -> Tree:
 @click.option("--component", help="Only events of this component id.")
 @click.option(
     "--kind",
-    help="Only this kind: registered, registering, pending, refused, failed, expired, "
-    "unmatched, matched, rejected, credentials.",
+    help="Only this kind: pending, awaiting-key, registering, registered, failed, refused, "
+    "rejected, expired, unmatched, matched, approved, deregistered, credentials, trust.",
 )
 @click.option("--role", type=click.Choice(["walrus", "cc", "sc", "nc"]), help="Only this role.")
 @click.option("--cluster", help="Only this cluster.")

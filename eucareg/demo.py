@@ -91,6 +91,16 @@ def _style(message: str) -> str:
     return "white"
 
 
+def _in_user_namespace() -> bool:
+    """True inside a user namespace (uid_map is not the initial namespace's full identity
+    map), so the tmpfs over /run below can only ever hide our own private /run."""
+    try:
+        fields = Path("/proc/self/uid_map").read_text().split()
+    except OSError:
+        return False
+    return fields[:3] != ["0", "0", "4294967295"]
+
+
 def _reexec_in_user_namespace(argv: list[str]) -> int:
     """Without root, run the demo in a private user+network+mount namespace (unshare -rnm)."""
     unshare = shutil.which("unshare")
@@ -107,6 +117,9 @@ def run_demo(*, as_json: bool, nodes: int, timeout: float) -> int:
         argv = ["demo", "--nodes", str(nodes), "--timeout", str(timeout)]
         return _reexec_in_user_namespace([*argv, "--json"] if as_json else argv)
     if USERNS_MARK in os.environ:
+        if not _in_user_namespace():
+            print(f"error: {USERNS_MARK} is set outside a user namespace", file=sys.stderr)
+            return 2
         # A private mount namespace lets `ip netns` keep its state in a tmpfs of our own.
         os.system("mount -t tmpfs tmpfs /run 2>/dev/null; mkdir -p /run/netns")
     stream = sys.stderr if as_json else sys.stdout

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from eucareg.model import Announcement
 from eucareg.store import HookRun
@@ -64,26 +66,37 @@ async def run_hook(hook_dir: Path, ann: Announcement, timeout: float) -> HookRun
     if not os.access(script, os.X_OK):
         return result("failed", None, err=f"{script} is not executable")
     env = {**os.environ, **hook_environment(ann)}
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            str(script),
-            *hook_arguments(ann),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=str(hook_dir),
-            start_new_session=True,
-        )
-    except OSError as exc:
-        return result("failed", None, err=f"cannot run {script}: {exc}")
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        # The script started its own session, so its whole process group goes with it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        out, err = await proc.communicate()
-        return result("timeout", None, out, err + f"\nkilled after {timeout:g}s".encode())
-    code = proc.returncode
-    return result("ok" if code == 0 else "failed", code, out, err)
+    # Output goes to unlinked temporary files, not pipes: a child the script leaves running
+    # can then hold nothing of ours open, and we keep only the tail of what was written.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(script),
+                *hook_arguments(ann),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=str(hook_dir),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            return result("failed", None, err=f"cannot run {script}: {exc}")
+        try:
+            code: int | None = await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            code = None
+            # The script started its own session, so its whole process group goes with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+        stdout, stderr = _tail_of(out), _tail_of(err)
+    if code is None:
+        return result("timeout", None, stdout, stderr + f"\nkilled after {timeout:g}s".encode())
+    return result("ok" if code == 0 else "failed", code, stdout, stderr)
+
+
+def _tail_of(handle: IO[bytes]) -> bytes:
+    size = handle.seek(0, os.SEEK_END)
+    handle.seek(max(0, size - OUTPUT_LIMIT))
+    return handle.read()

@@ -99,8 +99,7 @@ class ZeroconfBackend:
         for reader in self._aiozc.zeroconf.engine.readers:
             sock = reader.transport.get_extra_info("socket")
             if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+                _grow_receive_buffer(sock)
 
     async def close(self) -> None:
         if self._started is None:
@@ -142,7 +141,10 @@ class ZeroconfBackend:
     async def withdraw(self, instance: str) -> None:
         info = self._published.pop(instance, None)
         if info is not None:
-            await self._aiozc.async_unregister_service(info)
+            # The goodbye packets go out from a task; wait for it, or a shutdown would
+            # close the sockets first and browsers would keep us for the records' TTL.
+            goodbye = await self._aiozc.async_unregister_service(info)
+            await goodbye
             log.debug("withdrew %s", instance)
 
     # -- Watcher --------------------------------------------------------------------------
@@ -193,6 +195,20 @@ class ZeroconfBackend:
                 handler(sighting)
             except Exception:
                 log.exception("sighting handler failed for %s", sighting.instance)
+
+
+def _grow_receive_buffer(sock: socket.socket) -> None:
+    """SO_RCVBUF is capped by net.core.rmem_max; root may exceed it with SO_RCVBUFFORCE."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is None:
+            raise PermissionError
+        sock.setsockopt(socket.SOL_SOCKET, force, RECEIVE_BUFFER)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    log.debug("mDNS receive buffer: %d bytes (asked for %d)", size, RECEIVE_BUFFER)
 
 
 def _same(a: AsyncServiceInfo, b: AsyncServiceInfo) -> bool:

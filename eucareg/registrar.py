@@ -216,7 +216,7 @@ class Registrar:
         log.warning("rejected announcement %r: %s", sighting.instance, rejected.reason)
         self.store.add_event(
             component_id=component_id,
-            role=sighting.txt.get("type", "?"),
+            role=_role_name(sighting.txt.get("type", "")),
             cluster=sighting.txt.get("cluster"),
             address=sighting.txt.get("addr", ""),
             kind="rejected",
@@ -386,6 +386,7 @@ class Registrar:
                     attempts=record.attempts + 1,
                     next_retry_at=None,
                     waiting_for=None,
+                    expires_at=None,
                 ),
                 event=("registered", run.outcome, reason),
             )
@@ -396,7 +397,9 @@ class Registrar:
             self._notify(ann.component_id)
             if ann.role is Role.CC:
                 # NCs of this cluster that the CLC saw as unmatched now have a home.
-                self._reevaluate(lambda a: a.role is Role.NC and a.cluster == ann.cluster)
+                # NCs the CLC saw as unmatched may have a home now; the others' reasons list
+                # the registered clusters, which just changed.
+                self._reevaluate(lambda a: a.role is Role.NC)
             return
         attempts = record.attempts + 1
         delay = self.timing.backoff(attempts)
@@ -427,7 +430,8 @@ class Registrar:
             record = self.store.get(component_id)
             if record is None or record.status not in (Status.FAILED, Status.REGISTERING):
                 return
-            ann = self.live.get(component_id) or _announcement_from_record(record)
+            # What was accepted, not whatever now announces under that id (it may be a spoof).
+            ann = _announcement_from_record(record, self.live.get(component_id))
             now = self._clock()
             reason = f"retrying registration (attempt {record.attempts + 1})"
             self.store.put(
@@ -686,11 +690,19 @@ class Registrar:
                 return
             reason = "proved possession of its key; running the registration hook"
             self.store.put(
-                replace(record, status=Status.REGISTERING, reason=reason, updated_at=self._clock()),
+                replace(
+                    record,
+                    status=Status.REGISTERING,
+                    reason=reason,
+                    updated_at=self._clock(),
+                    expires_at=None,
+                    waiting_for=None,
+                ),
                 event=("registering", "key-proven", reason),
             )
             self._cancel_timer(component_id)
-            ann = self.live.get(component_id) or _announcement_from_record(record)
+            # What was accepted, not whatever now announces under that id (it may be a spoof).
+            ann = _announcement_from_record(record, self.live.get(component_id))
             await self._register(ann)
 
     def _bundle(self, record: Record, public_key: cred.PublicKey) -> tuple[dict[str, str], str]:
@@ -776,12 +788,25 @@ class Registrar:
         )
 
 
+def _role_name(txt_type: str) -> str:
+    try:
+        return Role.from_txt_type(txt_type).value
+    except ValueError:
+        return txt_type or "?"
+
+
 WAITING = frozenset({Status.PENDING, Status.AWAITING_KEY})
 IN_PROGRESS = frozenset({Status.AWAITING_KEY, Status.REGISTERING, Status.FAILED, Status.REGISTERED})
 
 
-def _announcement_from_record(record: Record) -> Announcement:
-    """Rebuild what was announced from what we recorded, for retries after the component left."""
+def _announcement_from_record(record: Record, live: Announcement | None = None) -> Announcement:
+    """Rebuild the accepted announcement from the record; the live one only lends its
+    eucavers, and only when it has the recorded key and address."""
+    same = (
+        live is not None
+        and live.fingerprint == record.fingerprint
+        and str(live.address) == record.address
+    )
     return Announcement(
         role=record.role,
         component_id=record.component_id,
@@ -790,6 +815,6 @@ def _announcement_from_record(record: Record) -> Announcement:
         address=ipaddress.ip_address(record.address),
         fingerprint=record.fingerprint,
         api_port=None,
-        eucavers="",
+        eucavers=live.eucavers if same and live is not None else "",
         instance=record.instance,
     )

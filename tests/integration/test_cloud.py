@@ -422,3 +422,24 @@ def test_operator_commands_preferred_address_and_credential_repair(
     assert cert.read_bytes() == original
     assert hook_calls(cloud) == hooks
     assert "no longer registered (credentials missing)" in cloud.logs("node1")
+
+
+def test_a_stopped_agent_says_goodbye_and_is_seen_offline_at_once(
+    cloud_factory: CloudFactory,
+) -> None:
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None, "cc": "cluster1"},
+        "node1": {"nc": "cluster1"},
+    }
+    cloud = cloud_factory(plan)
+    cloud.start_all()
+    converge(cloud)
+    cloud.stop("node1")
+
+    def offline(status: dict[str, Any]) -> bool:
+        return any(r["role"] == "nc" and not r["online"] for r in registered_components(status))
+
+    # Without goodbye packets the registrar would keep the node for its records' TTL.
+    status = cloud.wait_for("cloud", offline, timeout=5)
+    node = next(r for r in registered_components(status) if r["role"] == "nc")
+    assert node["status"] == "registered"

@@ -203,6 +203,16 @@ def test_attackers_get_nothing_and_every_refusal_says_why(cloud_factory: CloudFa
     registered = {cid for cid, row in rows.items() if row["status"] == "registered"}
     assert registered == {ids["cloud"], ids["node1"]}
 
+    # Deregistered, node1 comes back with its (one-use) token: the token does not admit it
+    # again; that takes the operator.
+    cloud.cli("cloud", "deregister", ids["node1"])
+    _wait_status_on(cloud, "cloud", ids["node1"], "refused")
+    spent = [
+        e for e in cloud.events("cloud", f"&component={ids['node1']}") if e["kind"] == "refused"
+    ]
+    assert spent[-1]["code"] == "token-spent"
+    assert not has_credentials(cloud, "node1", "node-cert.pem")
+
 
 def _wait_for_txt(cloud: LabCloud, host: str, component_id: str) -> list[str]:
     """node1's TXT record as avahi-browse on another host sees it (key=value strings)."""
