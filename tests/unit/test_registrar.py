@@ -20,6 +20,7 @@ from eucareg.model import AnnouncedState, Announcement, Record, Role, Status
 from eucareg.policy import RegistrarSettings
 from eucareg.registrar import CredentialRefused, Issuer, Registrar, Timing
 from eucareg.store import Store, sqlite_url
+from eucareg.trust import Task
 from tests.factories import KEYS, ann, sighting
 
 CLC_SETTINGS = RegistrarSettings(
@@ -413,3 +414,101 @@ async def test_credentials_only_for_the_registered_key_and_long_poll_wakes(
     with pytest.raises(CredentialRefused) as refused:
         await reg.credentials(cc.component_id, cred.generate_key().public_key(), wait=0)
     assert refused.value.status == 403
+
+
+# -- trust at the registrar ----------------------------------------------------------------------
+
+NC_SETTINGS = RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="c1")
+
+
+async def test_default_is_approval_and_reject_keeps_a_component_out(tmp_path: Path) -> None:
+    reg = make_registrar(tmp_path, NC_SETTINGS, me=[True], install_window=False)
+    good, bad = ann(Role.NC, "c1"), ann(Role.NC, "c1")
+    for item in (good, bad):
+        reg.on_sighting(sighting(item))
+    await settle(reg)
+    assert {r.waiting_for for r in reg.store.records().values()} == {"operator approval"}
+    reg.approve(reg.find(good.component_id, None))
+    reg.reject(reg.find(None, bad.fingerprint))
+    await settle(reg)
+    reg.on_sighting(sighting(bad, Change.UPDATED))
+    await settle(reg)
+    assert reg.store.get(good.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
+    assert reg.store.get(bad.component_id).status is Status.REJECTED  # type: ignore[union-attr]
+    assert reg.store.get(good.component_id).admitted_by == "approval"  # type: ignore[union-attr]
+    with pytest.raises(KeyError):
+        reg.find("nc-nobody00000", None)
+
+
+async def test_lock_refuses_at_once_persists_and_unlock_lets_waiting_ones_in(
+    tmp_path: Path,
+) -> None:
+    reg = make_registrar(tmp_path, NC_SETTINGS, me=[True])
+    reg.set_locked(frozenset({Task.CC}), True)
+    nc = ann(Role.NC, "c1")
+    reg.on_sighting(sighting(nc))
+    await settle(reg)
+    record = reg.store.get(nc.component_id)
+    assert record is not None and record.status is Status.REFUSED and "locked" in record.reason
+    await reg.close()
+    reg.store.close()
+    again = make_registrar(tmp_path, NC_SETTINGS, me=[True], install_window=False)
+    assert again.trust.locked == frozenset({Task.CC})
+    again.on_sighting(sighting(nc))
+    again.set_locked(frozenset({Task.CC}), False)
+    await settle(again)
+    assert again.store.get(nc.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
+    codes = [e.code for e in again.store.events(kind="trust")]
+    assert codes == ["install-window-open", "locked", "unlocked"]
+
+
+async def test_install_window_closes_by_itself_with_an_event(tmp_path: Path) -> None:
+    reg = make_registrar(tmp_path, NC_SETTINGS, me=[True], install_window=False)
+    reg.open_install_window(0.2)
+    await asyncio.sleep(0.4)
+    assert reg.trust.install_until is None
+    codes = [e.code for e in reg.store.events(kind="trust")]
+    assert codes == ["install-window-open", "install-window-closed"]
+    nc = ann(Role.NC, "c1")
+    reg.on_sighting(sighting(nc))
+    await settle(reg)
+    assert reg.store.get(nc.component_id).status is Status.PENDING  # type: ignore[union-attr]
+
+
+async def test_token_admission_use_and_deregistration_revokes(
+    tmp_path: Path, cloud_issuer: Issuer
+) -> None:
+    from eucareg.trust import announcement_proof_message, make_proof, parse_token
+
+    reg = make_registrar(
+        tmp_path, NC_SETTINGS, me=[True], install_window=False, issuer=cloud_issuer
+    )
+    text = reg.create_token(Role.NC, None, 600, 1, "sha256:" + "c" * 64)
+    parsed = parse_token(text)
+    key = cred.generate_key()
+    base = ann(Role.NC, "c1", fingerprint=cred.fingerprint(key.public_key()))
+    stamp = int(time.time())
+    with_token = replace(base, token_id=parsed.token_id, token_stamp=stamp)
+    nc = replace(
+        with_token,
+        token_proof=make_proof(parsed.secret, announcement_proof_message(with_token, stamp)),
+    )
+    reg.submit(nc)
+    await settle(reg)
+    assert reg.store.get(nc.component_id).status is Status.AWAITING_KEY  # type: ignore[union-attr]
+    answer = await reg.credentials(nc.component_id, key.public_key(), wait=5)
+    assert answer.files is not None
+    record = reg.store.get(nc.component_id)
+    assert record is not None and record.admitted_by == f"token:{parsed.token_id}"
+    serial = format(cred.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
+    watcher = asyncio.create_task(reg.credentials(nc.component_id, key.public_key(), 5, serial))
+    await asyncio.sleep(0.05)
+    reg.deregister(record)
+    with pytest.raises(CredentialRefused) as gone:
+        await asyncio.wait_for(watcher, 5)
+    assert gone.value.status == 410
+    await settle(reg)
+    # Back as a newcomer: its one-use token no longer admits it.
+    again = reg.store.get(nc.component_id)
+    assert again is not None and again.status is Status.REFUSED
+    assert "deregistered" in again.reason
