@@ -229,13 +229,15 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
         data = await read_json(request)
         record = registrar.find(data.get("component_id"), data.get("fingerprint"))
         updated = registrar.approve(record)
-        return web.json_response({"component": record_json(updated, True)})
+        online = updated.component_id in registrar.live
+        return web.json_response({"component": record_json(updated, online)})
 
     async def reject(request: web.Request) -> web.Response:
         data = await read_json(request)
         record = registrar.find(data.get("component_id"), data.get("fingerprint"))
         updated = registrar.reject(record)
-        return web.json_response({"component": record_json(updated, True)})
+        online = updated.component_id in registrar.live
+        return web.json_response({"component": record_json(updated, online)})
 
     async def deregister(request: web.Request) -> web.Response:
         data = await read_json(request)

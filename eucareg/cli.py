@@ -104,6 +104,20 @@ def check_config(config_path: Path, as_json: bool) -> None:
         "hook_dir": str(cfg.hook_dir),
         "api_port": cfg.api_port,
         "sshd": f"{cfg.sshd[0]}:{cfg.sshd[1]}" if cfg.sshd else None,
+        "recheck_interval": cfg.recheck_interval,
+        "pending_timeout": cfg.pending_timeout,
+        "hook_timeout": cfg.hook_timeout,
+        "retry_base": cfg.retry_base,
+        "retry_max": cfg.retry_max,
+        "ipv6": cfg.ipv6,
+        "log_level": cfg.log_level,
+        "log_format": cfg.log_format,
+        "eucalyptus_version": cfg.eucavers,
+        "fallback_registrar": (
+            f"http://{cfg.fallback_registrar[0]}:{cfg.fallback_registrar[1]}"
+            if cfg.fallback_registrar
+            else None
+        ),
         "runs_registrar": cfg.runs_registrar,
         "components": [
             {
@@ -111,6 +125,7 @@ def check_config(config_path: Path, as_json: bool) -> None:
                 "cluster": c.cluster,
                 "address": str(c.address),
                 "installed": str(c.installed) if c.installed else None,
+                "token": "set" if c.token else None,
             }
             for c in cfg.components
         ],

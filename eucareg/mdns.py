@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # Bursts of hundreds of announcements overflow the default 208 KiB receive buffer.
 RECEIVE_BUFFER = 4 * 1024 * 1024
 RESOLVE_TIMEOUT_MS = 3000
+RESOLVE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,13 @@ class ZeroconfBackend:
 
     async def _resolve(self, service_type: str, name: str, instance: str, change: Change) -> None:
         info = AsyncServiceInfo(service_type, name)
-        if not await info.async_request(self._aiozc.zeroconf, RESOLVE_TIMEOUT_MS):
-            log.info("could not resolve %s within %d ms", instance, RESOLVE_TIMEOUT_MS)
+        # Bursts lose packets; a service we cannot resolve now would otherwise stay unheard
+        # until it changes, so ask again a few times before giving up on it.
+        for attempt in range(RESOLVE_ATTEMPTS):
+            if await info.async_request(self._aiozc.zeroconf, RESOLVE_TIMEOUT_MS * (attempt + 1)):
+                break
+        else:
+            log.warning("could not resolve %s after %d attempts", instance, RESOLVE_ATTEMPTS)
             return
         self._emit(
             Sighting(
