@@ -331,10 +331,10 @@ class Agent:
                 if last_problem is not None:
                     log.info("announcing %s %s", comp.role.value, comp.identity.component_id)
             elif comp.announced or last_problem == "startup":
-                await self.backend.withdraw(self._spec(comp).instance)
+                log.info("not announcing %s: %s", comp.role.value, problem)
                 comp.announced = False
                 comp.changed.set()
-                log.info("not announcing %s: %s", comp.role.value, problem)
+                await self.backend.withdraw(self._spec(comp).instance)
             last_problem = problem
             comp.wake.clear()
             with contextlib.suppress(TimeoutError):

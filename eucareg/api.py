@@ -225,19 +225,18 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
         ]
         return web.json_response({"pending": rows})
 
-    async def approve(request: web.Request) -> web.Response:
-        data = await read_json(request)
-        record = registrar.find(data.get("component_id"), data.get("fingerprint"))
-        updated = registrar.approve(record)
-        online = updated.component_id in registrar.live
-        return web.json_response({"component": record_json(updated, online)})
+    def decide_on_component(action: Callable[[Record], Record]) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            data = await read_json(request)
+            record = registrar.find(data.get("component_id"), data.get("fingerprint"))
+            updated = action(record)
+            online = updated.component_id in registrar.live
+            return web.json_response({"component": record_json(updated, online)})
 
-    async def reject(request: web.Request) -> web.Response:
-        data = await read_json(request)
-        record = registrar.find(data.get("component_id"), data.get("fingerprint"))
-        updated = registrar.reject(record)
-        online = updated.component_id in registrar.live
-        return web.json_response({"component": record_json(updated, online)})
+        return handler
+
+    approve = decide_on_component(registrar.approve)
+    reject = decide_on_component(registrar.reject)
 
     async def deregister(request: web.Request) -> web.Response:
         data = await read_json(request)
@@ -348,7 +347,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
     app.router.add_post("/v1/credentials", collect)
     app.router.add_post("/v1/announce", announce)
     app.router.add_post("/v1/peer/registry", peer_registry)
-    for path, handler in (
+    reads: tuple[tuple[str, Handler], ...] = (
         ("/v1/registry", registry),
         ("/v1/status", status),
         ("/v1/events", events),
@@ -356,9 +355,10 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
         ("/v1/trust", trust),
         ("/v1/pending", pending),
         ("/v1/tokens", list_tokens),
-    ):
+    )
+    for path, handler in reads:
         app.router.add_get(path, admin(handler))
-    for path, handler in (
+    writes: tuple[tuple[str, Handler], ...] = (
         ("/v1/trust/mode", set_mode),
         ("/v1/trust/lock", set_lock),
         ("/v1/trust/install-window", install_window),
@@ -367,7 +367,8 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
         ("/v1/deregister", deregister),
         ("/v1/tokens", create_token),
         ("/v1/tokens/revoke", revoke_token),
-    ):
+    )
+    for path, handler in writes:
         app.router.add_post(path, admin(handler))
     return app
 

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -539,50 +540,49 @@ def _target(component_id: str | None, fingerprint: str | None) -> dict[str, str]
     return {"component_id": component_id} if component_id else {"fingerprint": fingerprint or ""}
 
 
-@main.command()
-@with_api_options
-@json_option
-@click.argument("component_id", required=False)
-@click.option("--fingerprint", help="Approve by key fingerprint (sha256:…) instead of id.")
-def approve(api: Api, as_json: bool, component_id: str | None, fingerprint: str | None) -> None:
+def _component_command(
+    name: str, path: str, describe: Callable[[dict[str, Any]], str], doc: str
+) -> None:
+    """One operator action on one component, named by id or by key fingerprint."""
+
+    def command(api: Api, as_json: bool, component_id: str | None, fingerprint: str | None) -> None:
+        data = api.post(path, _target(component_id, fingerprint))
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+        else:
+            console.print(describe(data), highlight=False)
+
+    command.__doc__ = doc
+    decorated = click.option(
+        "--fingerprint", help="Name the component by key fingerprint (sha256:…) instead of id."
+    )(command)
+    decorated = click.argument("component_id", required=False)(decorated)
+    main.command(name)(with_api_options(json_option(decorated)))
+
+
+_component_command(
+    "approve",
+    "/v1/approve",
+    lambda d: (
+        f"approved {d['component']['role']} {d['component']['component_id']} "
+        f"({d['component']['fingerprint']})"
+    ),
     """Approve a pending component, after checking its fingerprint out of band
-    (`eucareg fingerprint` on that host)."""
-    data = api.post("/v1/approve", _target(component_id, fingerprint))
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        comp = data["component"]
-        console.print(f"approved {comp['role']} {comp['component_id']} ({comp['fingerprint']})")
-
-
-@main.command()
-@with_api_options
-@json_option
-@click.argument("component_id", required=False)
-@click.option("--fingerprint", help="Reject by key fingerprint instead of id.")
-def reject(api: Api, as_json: bool, component_id: str | None, fingerprint: str | None) -> None:
-    """Reject a pending component: it stays out, whatever it announces, until approved."""
-    data = api.post("/v1/reject", _target(component_id, fingerprint))
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        comp = data["component"]
-        console.print(f"rejected {comp['role']} {comp['component_id']}")
-
-
-@main.command()
-@with_api_options
-@json_option
-@click.argument("component_id", required=False)
-@click.option("--fingerprint", help="Deregister by key fingerprint instead of id.")
-def deregister(api: Api, as_json: bool, component_id: str | None, fingerprint: str | None) -> None:
+    (`eucareg fingerprint` on that host).""",
+)
+_component_command(
+    "reject",
+    "/v1/reject",
+    lambda d: f"rejected {d['component']['role']} {d['component']['component_id']}",
+    """Reject a pending component: it stays out, whatever it announces, until approved.""",
+)
+_component_command(
+    "deregister",
+    "/v1/deregister",
+    lambda d: f"deregistered {d['deregistered']}; its credentials are revoked",
     """Remove a component and revoke its credentials. The component notices, deletes them,
-    and is then treated like a newcomer under the current trust settings."""
-    data = api.post("/v1/deregister", _target(component_id, fingerprint))
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        console.print(f"deregistered {data['deregistered']}; its credentials are revoked")
+    and is then treated like a newcomer under the current trust settings.""",
+)
 
 
 @main.group()

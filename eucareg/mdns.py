@@ -110,8 +110,7 @@ class ZeroconfBackend:
         for task in list(self._resolving):
             task.cancel()
         # Goodbye packets for everything still published, so browsers drop us at once.
-        for instance in list(self._published):
-            await self.withdraw(instance)
+        await asyncio.gather(*(self.withdraw(instance) for instance in list(self._published)))
         await self._aiozc.async_close()
 
     # -- Announcer ------------------------------------------------------------------------

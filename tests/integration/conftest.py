@@ -7,10 +7,12 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from eucareg.lab import Lab, Topology, cleanup_stale, parse_topology
+from eucareg.labcloud import LabCloud, single_lan
 
 LabFactory = Callable[..., Lab]
 
@@ -67,3 +69,27 @@ def lab_factory(lab_host: None, tmp_path: Path) -> Iterator[LabFactory]:
     if errors:
         raise errors[0]
     assert not leaked, f"lab namespaces left behind: {leaked}"
+
+
+CloudFactory = Callable[..., LabCloud]
+
+
+@pytest.fixture
+def cloud_factory(lab_factory: LabFactory, tmp_path: Path) -> Iterator[CloudFactory]:
+    """Build a LabCloud on a one-LAN lab: ``cloud_factory(plan, **settings)``.
+
+    Settings go to LabCloud (e.g. ``trust="manual"`` for no install window). The agents' logs
+    are printed after the test, which pytest shows when it fails.
+    """
+    clouds: list[LabCloud] = []
+
+    def make(plan: dict[str, dict[str, str | None]], **settings: Any) -> LabCloud:
+        lab = lab_factory(single_lan(list(plan)))
+        cloud = LabCloud(lab, plan, tmp_path / f"cloud{len(clouds)}", settings=settings)
+        clouds.append(cloud)
+        return cloud
+
+    yield make
+    for cloud in clouds:
+        for host, proc in cloud.agents.items():
+            print(f"==== {host} ({proc.log.name})\n{proc.log_text()[-3000:]}")

@@ -8,35 +8,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from eucareg.lab import Lab
-from eucareg.labcloud import LabCloud, all_registered, registered_components, single_lan
+from eucareg.labcloud import LabCloud, all_registered, registered_components
+from tests.integration.conftest import CloudFactory
 
 pytestmark = pytest.mark.integration
-
-CloudFactory = Callable[..., LabCloud]
-
-
-@pytest.fixture
-def cloud_factory(lab_factory: Callable[..., Lab], tmp_path: Path) -> Iterator[CloudFactory]:
-    clouds: list[LabCloud] = []
-
-    def make(plan: dict[str, dict[str, str | None]], **settings: Any) -> LabCloud:
-        lab = lab_factory(single_lan(list(plan)))
-        settings.setdefault("trust", "manual")
-        cloud = LabCloud(lab, plan, tmp_path / f"cloud{len(clouds)}", settings=settings)
-        clouds.append(cloud)
-        return cloud
-
-    yield make
-    for cloud in clouds:
-        for host, proc in cloud.agents.items():
-            print(f"==== {host} ({proc.log.name})\n{proc.log_text()[-2500:]}")
 
 
 def approve_own_cc(cloud: LabCloud) -> None:
@@ -102,7 +84,7 @@ def test_attackers_get_nothing_and_every_refusal_says_why(cloud_factory: CloudFa
         "othercl": {"sc": "cluster1"},
         "avahi": {"nc": "cluster1"},
     }
-    cloud = cloud_factory(plan)
+    cloud = cloud_factory(plan, trust="manual")
     approve_own_cc(cloud)
 
     good = token(cloud, "cloud", "--role", "nc", "--cluster", "cluster1", "--uses", "1")
@@ -243,7 +225,7 @@ def test_approval_reject_install_window_lock_off_and_deregistration(
         "node4": {"nc": "cluster1"},
         "node5": {"nc": "cluster1"},
     }
-    cloud = cloud_factory(plan)
+    cloud = cloud_factory(plan, trust="manual")
     approve_own_cc(cloud)
 
     # Default settings: an unknown NC waits; approve lets it in, reject keeps one out.
@@ -338,7 +320,7 @@ def test_component_with_a_pinned_token_refuses_a_rogue_registrar(
         "rogue": {"clc": None, "cc": "cluster1"},
         "node1": {"nc": "cluster1"},
     }
-    cloud = cloud_factory(plan)
+    cloud = cloud_factory(plan, trust="manual")
     cloud.start("cloud")
     cloud.open_install_window("cloud")
     cloud.wait_for("cloud", all_registered({"cc": 1}), timeout=30)
