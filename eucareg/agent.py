@@ -388,7 +388,7 @@ class Agent:
                 None,
             )
             return found or self._fallback_endpoint()
-        pin = comp.token.ca_fingerprint if comp.token else None
+        pin = self._pin(comp)
         candidates = [ep for ep in self._clc.values() if pin is None or ep.fingerprint == pin]
         if len(self._clc) > 1 and len(candidates) != 1:
             log.warning("more than one CLC announces itself: %s", list(self._clc))
@@ -444,7 +444,7 @@ class Agent:
                         endpoint,
                         self.config.key_dir,
                         have=have,
-                        pin=comp.token.ca_fingerprint if comp.token else None,
+                        pin=self._pin(comp),
                     )
                 )
                 change = asyncio.ensure_future(comp.changed.wait())
@@ -491,6 +491,10 @@ class Agent:
             data.get("status"),
             data.get("reason"),
         )
+
+    def _pin(self, comp: ComponentRuntime) -> str | None:
+        """The cloud CA this component accepts: its token's, else the configured one."""
+        return comp.token.ca_fingerprint if comp.token else self.config.ca_fingerprint
 
     def _own_serial(self, comp: ComponentRuntime) -> str | None:
         try:

@@ -119,6 +119,7 @@ def check_config(config_path: Path, as_json: bool) -> None:
             if cfg.fallback_registrar
             else None
         ),
+        "ca_fingerprint": cfg.ca_fingerprint,
         "runs_registrar": cfg.runs_registrar,
         "components": [
             {

@@ -18,7 +18,7 @@ import ifaddr
 
 from eucareg.model import IPAddress, Role
 from eucareg.trust import TokenError, parse_token
-from eucareg.txt import CLUSTER_RE, address_problem
+from eucareg.txt import CLUSTER_RE, FINGERPRINT_RE, address_problem
 
 DEFAULT_STATE_DIR = Path("/var/lib/eucareg")
 DEFAULT_HOOK_DIR = Path("/etc/eucareg/hooks")
@@ -75,6 +75,8 @@ class Config:
     components: tuple[ComponentConfig, ...] = field(default_factory=tuple)
     # (host, port) of a registrar to use over HTTP when none is heard over mDNS.
     fallback_registrar: tuple[str, int] | None = None
+    # The cloud CA's key fingerprint components accept credentials from (a token's pin wins).
+    ca_fingerprint: str | None = None
 
     def component(self, role: Role) -> ComponentConfig | None:
         return next((c for c in self.components if c.role is role), None)
@@ -146,6 +148,7 @@ _TOP_KEYS = {
     "mdns",
     "components",
     "fallback_registrar",
+    "ca_fingerprint",
 }
 
 
@@ -177,6 +180,14 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
 
     components = _components(raw.get("components"), address)
     fallback = _fallback(raw.get("fallback_registrar"))
+    ca_fingerprint = raw.get("ca_fingerprint")
+    if ca_fingerprint is not None and (
+        not isinstance(ca_fingerprint, str) or not FINGERPRINT_RE.match(ca_fingerprint)
+    ):
+        raise ConfigError(
+            f"ca_fingerprint: expected 'sha256:' and 64 hex digits (eucareg fingerprint on the "
+            f"CLC shows it), got {ca_fingerprint!r}"
+        )
     return Config(
         source=source,
         address=address,
@@ -198,6 +209,7 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         log_format=log_format,
         components=components,
         fallback_registrar=fallback,
+        ca_fingerprint=ca_fingerprint,
     )
 
 

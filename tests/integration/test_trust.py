@@ -315,30 +315,42 @@ def _wait_status(cloud: LabCloud, component_id: str, state: str, timeout: float 
 def test_component_with_a_pinned_token_refuses_a_rogue_registrar(
     cloud_factory: CloudFactory,
 ) -> None:
+    """node1 pins the genuine CA through its token, node2 through `ca_fingerprint`."""
     plan: dict[str, dict[str, str | None]] = {
         "cloud": {"clc": None, "cc": "cluster1"},
         "rogue": {"clc": None, "cc": "cluster1"},
         "node1": {"nc": "cluster1"},
+        "node2": {"nc": "cluster1"},
     }
     cloud = cloud_factory(plan, trust="manual")
     cloud.start("cloud")
     cloud.open_install_window("cloud")
     cloud.wait_for("cloud", all_registered({"cc": 1}), timeout=30)
     genuine = token(cloud, "cloud", "--role", "nc", "--cluster", "cluster1")
+    genuine_ca = "sha256:" + genuine.split(".")[3]
     cloud.stop("cloud")  # only the rogue answers from now on
 
     cloud.start("rogue")
     cloud.open_install_window("rogue")
     cloud.wait_for("rogue", all_registered({"cc": 1}), timeout=30)
-    cloud.settings = {**cloud.settings, "tokens": {"node1": {"nc": genuine}}}
+    cloud.settings = {
+        **cloud.settings,
+        "tokens": {"node1": {"nc": genuine}},
+        "top_level": {"node2": [f'ca_fingerprint = "{genuine_ca}"']},
+    }
     node1 = start_with_id(cloud, "node1")
-    # The rogue does not know the token; its operator lets the node in anyway.
+    node2 = start_with_id(cloud, "node2")
+    # The rogue does not know the token; its operator lets the node in anyway. node2 came in
+    # through the rogue's install window.
     _wait_status_on(cloud, "rogue", node1, "refused")
     cloud.cli("rogue", "approve", node1)
     _wait_status_on(cloud, "rogue", node1, "registered")
-    cloud.agents["node1"].wait_for_log("refusing a rogue registrar", timeout=20)
+    _wait_status_on(cloud, "rogue", node2, "registered")
+    for host in ("node1", "node2"):
+        cloud.agents[host].wait_for_log("refusing a rogue registrar", timeout=20)
     time.sleep(1.0)
     assert not has_credentials(cloud, "node1", "node-cert.pem")
+    assert not has_credentials(cloud, "node2", "node-cert.pem")
 
 
 def _wait_status_on(cloud: LabCloud, host: str, component_id: str, state: str) -> None:

@@ -84,6 +84,18 @@ address = "10.9.9.9"
             "differs from this host's CC",
         ),
         ("address = \n", "not valid TOML"),
+        (
+            'address = "10.1.2.3"\nca_fingerprint = "abc"\n[components.nc]\ncluster="a"\n',
+            "ca_fingerprint",
+        ),
+        (
+            'address = "10.1.2.3"\n[components.nc]\ncluster="a"\ntoken = "nope"\n',
+            "components.nc.token: not an eucareg join token",
+        ),
+        (
+            'address = "10.1.2.3"\nfallback_registrar = "ftp://x"\n[components.clc]\n',
+            "fallback_registrar",
+        ),
     ],
 )
 def test_bad_config_names_key_and_reason(tmp_path: Path, text: str, needle: str) -> None:
