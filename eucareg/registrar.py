@@ -180,7 +180,16 @@ class Registrar:
         fresh = ann.component_id not in self.live
         self._instances[ann.instance] = ann.component_id
         previous = self.live.get(ann.component_id)
-        self.live[ann.component_id] = ann
+        record = self.store.get(ann.component_id)
+        spoof = (
+            previous is not None
+            and record is not None
+            and previous.fingerprint == record.fingerprint != ann.fingerprint
+        )
+        if not spoof:
+            # Someone else announcing a known id with another key must not displace the real
+            # announcement (it would hide a live "registered as FOO", for instance).
+            self.live[ann.component_id] = ann
         task = self._spawn(self._process(ann, fresh=fresh))
         if (
             ann.role is Role.CC

@@ -512,3 +512,24 @@ async def test_token_admission_use_and_deregistration_revokes(
     again = reg.store.get(nc.component_id)
     assert again is not None and again.status is Status.REFUSED
     assert "deregistered" in again.reason
+
+
+async def test_an_impostor_of_a_registered_cc_hides_nothing_and_is_logged(
+    tmp_path: Path,
+) -> None:
+    reg = make_registrar(tmp_path)
+    cc = ann(Role.CC, "c1")
+    reg.on_sighting(sighting(cc))
+    await settle(reg)
+    reg.on_sighting(sighting(registered_cc(cc), Change.UPDATED))
+    # Same id, another key and address, as "registered": a spoof of the real CC.
+    impostor = replace(registered_cc(cc), fingerprint=ann(Role.CC, "c1").fingerprint, instance="x")
+    impostor = replace(impostor, address=ann(Role.CC, "c1").address)
+    reg.on_sighting(sighting(impostor))
+    sc = ann(Role.SC, "c1")
+    reg.on_sighting(sighting(sc))
+    await settle(reg)
+    assert reg.store.get(sc.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
+    conflicts = [e for e in reg.store.events(kind="refused") if e.code == "identity-conflict"]
+    assert [e.address for e in conflicts] == [str(impostor.address)]
+    assert reg.store.get(cc.component_id).fingerprint == cc.fingerprint  # type: ignore[union-attr]
