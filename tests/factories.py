@@ -69,5 +69,10 @@ def sighting(
         fingerprint=a.fingerprint,
         api_port=a.api_port,
         eucavers=a.eucavers,
+        token=(
+            (a.token_id, a.token_stamp, a.token_proof)
+            if a.token_id and a.token_stamp is not None and a.token_proof
+            else None
+        ),
     )
     return Sighting(instance or a.instance, change, txt=record, addresses=(str(a.address),))
