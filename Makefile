@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: demo test unit integration lint bench system-deps venv clean
 
 demo: system-deps $(STAMP)
-	$(BIN)/eucareg demo
+	$(BIN)/eucalab demo
 
 test: system-deps $(STAMP)
 	$(BIN)/pytest
@@ -19,8 +19,8 @@ integration: system-deps $(STAMP)
 	$(BIN)/pytest tests/integration
 
 lint: $(STAMP)
-	$(BIN)/ruff check eucareg tests bench
-	$(BIN)/ruff format --check eucareg tests bench
+	$(BIN)/ruff check eucareg eucalab tests bench
+	$(BIN)/ruff format --check eucareg eucalab tests bench
 	$(BIN)/mypy
 
 bench: system-deps $(STAMP)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import aiohttp
 
-from eucareg import credentials as cred
-from eucareg import txt
-from eucareg.agent import Endpoint, Identity, collect_credentials
-from eucareg.mdns import ServiceSpec, Sighting, ZeroconfBackend
-from eucareg.model import AnnouncedState, Announcement, Role
+from eucareg.agent.host import Endpoint, Identity, collect_credentials
+from eucareg.core import txt
+from eucareg.core.model import AnnouncedState, Announcement, Role
+from eucareg.mdns.types import ServiceSpec, Sighting
+from eucareg.mdns.zeroconf_backend import ZeroconfBackend
+from eucareg.pki import credentials as cred
 
 
 def identities(cache: Path, count: int) -> list[Identity]:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eucareg.lab import Lab, cleanup_stale, parse_topology
-from eucareg.labcloud import LabCloud, all_registered
+from eucalab.cloud import LabCloud, all_registered
+from eucalab.lab import Lab, cleanup_stale, parse_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

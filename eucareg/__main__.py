@@ -1,5 +1,5 @@
 """`python -m eucareg` runs the command line."""
 
-from eucareg.cli import main
+from eucareg.cli.main import main
 
 main()

@@ -6,10 +6,10 @@ import hashlib
 import ipaddress
 import itertools
 
-from eucareg import credentials as cred
-from eucareg import txt
-from eucareg.mdns import Change, Sighting
-from eucareg.model import AnnouncedState, Announcement, Role
+from eucareg.core import txt
+from eucareg.core.model import AnnouncedState, Announcement, Role
+from eucareg.mdns.types import Change, Sighting
+from eucareg.pki import credentials as cred
 
 _counter = itertools.count(1)
 _POOL_SIZE = 24

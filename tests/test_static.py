@@ -15,8 +15,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "argv",
     [
-        ["ruff", "check", "eucareg", "tests", "bench"],
-        ["ruff", "format", "--check", "eucareg", "tests", "bench"],
+        ["ruff", "check", "eucareg", "eucalab", "tests", "bench"],
+        ["ruff", "format", "--check", "eucareg", "eucalab", "tests", "bench"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],

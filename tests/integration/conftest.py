@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from eucareg.lab import Lab, Topology, cleanup_stale, parse_topology
-from eucareg.labcloud import LabCloud, single_lan
+from eucalab.cloud import LabCloud, single_lan
+from eucalab.lab import Lab, Topology, cleanup_stale, parse_topology
 
 LabFactory = Callable[..., Lab]
 

@@ -20,9 +20,7 @@ from typing import Any
 
 import pytest
 
-from eucareg import credentials as cred
-from eucareg.lab import Lab
-from eucareg.labcloud import (
+from eucalab.cloud import (
     TOPOLOGY_1,
     TOPOLOGY_3,
     TOPOLOGY_4,
@@ -32,7 +30,9 @@ from eucareg.labcloud import (
     registered_components,
     single_lan,
 )
-from eucareg.model import Role
+from eucalab.lab import Lab
+from eucareg.core.model import Role
+from eucareg.pki import credentials as cred
 from tests.integration.conftest import CloudFactory
 
 pytestmark = pytest.mark.integration
@@ -329,7 +329,8 @@ def test_component_announces_only_while_installed_and_sshd_answers(
 
 MDNS_LOOP_PROBE = """
 import asyncio, threading
-from eucareg.mdns import ServiceSpec, ZeroconfBackend
+from eucareg.mdns.types import ServiceSpec
+from eucareg.mdns.zeroconf_backend import ZeroconfBackend
 
 # Built before the loop runs, as the agent builds it.
 backend = ZeroconfBackend()

@@ -1,4 +1,4 @@
-"""Tests for eucareg.lab: description parsing (no root needed) and real namespace labs."""
+"""Tests for eucalab.lab: description parsing (no root needed) and real namespace labs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from eucareg.lab import Lab, LabError, LabProcess, cleanup_stale, parse_topology
+from eucalab.lab import Lab, LabError, LabProcess, cleanup_stale, parse_topology
 
 LabFactory = Callable[..., Lab]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from eucareg.lab import Lab
-from eucareg.labcloud import LabCloud, all_registered, registered_components
+from eucalab.cloud import LabCloud, all_registered, registered_components
+from eucalab.lab import Lab
 from tests.integration.conftest import CloudFactory
 
 pytestmark = pytest.mark.integration

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from eucareg import config
-from eucareg.model import Role
+from eucareg.config import file as config
+from eucareg.core.model import Role
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from eucareg import credentials as cred
-from eucareg.model import Role
+from eucareg.core.model import Role
+from eucareg.pki import credentials as cred
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from eucareg.hooks import OUTPUT_LIMIT, run_hook
-from eucareg.model import Role
+from eucareg.core.model import Role
+from eucareg.registrar.hooks import OUTPUT_LIMIT, run_hook
 from tests.factories import ann
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from eucareg.model import AnnouncedState, Announcement, DecisionKind, Record, Role, Status
-from eucareg.policy import RegistrarSettings, View, decide
-from eucareg.trust import Mode, Task, TokenVerdict, TrustSettings
+from eucareg.core.model import AnnouncedState, Announcement, DecisionKind, Record, Role, Status
+from eucareg.core.policy import RegistrarSettings, View, decide
+from eucareg.core.trust import Mode, Task, TokenVerdict, TrustSettings
 from tests.factories import ann, fake_fingerprint
 
 CLC = RegistrarSettings(

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from eucareg import credentials as cred
-from eucareg.mdns import Change, Sighting
-from eucareg.model import AnnouncedState, Announcement, Record, Role, Status
-from eucareg.policy import RegistrarSettings
-from eucareg.registrar import CredentialRefused, Issuer, Registrar, Timing
-from eucareg.store import Store, sqlite_url
-from eucareg.trust import Task
+from eucareg.core.model import AnnouncedState, Announcement, Record, Role, Status
+from eucareg.core.policy import RegistrarSettings
+from eucareg.core.trust import Task
+from eucareg.mdns.types import Change, Sighting
+from eucareg.pki import credentials as cred
+from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
+from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, ann, sighting
 
 CLC_SETTINGS = RegistrarSettings(
@@ -478,7 +478,7 @@ async def test_install_window_closes_by_itself_with_an_event(tmp_path: Path) -> 
 async def test_token_admission_use_and_deregistration_revokes(
     tmp_path: Path, cloud_issuer: Issuer
 ) -> None:
-    from eucareg.trust import announcement_proof_message, make_proof, parse_token
+    from eucareg.core.trust import announcement_proof_message, make_proof, parse_token
 
     reg = make_registrar(
         tmp_path, NC_SETTINGS, me=[True], install_window=False, issuer=cloud_issuer

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from eucareg import txt
-from eucareg.model import Announcement, Role
-from eucareg.trust import (
+from eucareg.core import txt
+from eucareg.core.model import Announcement, Role
+from eucareg.core.trust import (
     PROOF_MAX_AGE,
     Token,
     TokenError,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from eucareg import txt
-from eucareg.model import Announcement, Role
+from eucareg.core import txt
+from eucareg.core.model import Announcement, Role
 from tests.factories import ann, sighting
 
 

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from eucareg.model import Announcement, Role
+from eucareg.core.model import Announcement, Role
 
 TOKEN_PREFIX = "eucareg1"
 TOKEN_ID_RE = re.compile(r"^[a-z0-9]{12}$")

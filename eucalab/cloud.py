@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eucareg.config import DEFAULT_API_PORT
-from eucareg.lab import Lab, LabError, LabProcess, Topology, parse_topology
-from eucareg.model import Role
+from eucalab.lab import Lab, LabError, LabProcess, Topology, parse_topology
+from eucareg.config.file import DEFAULT_API_PORT
+from eucareg.core.model import Role
 
 # role -> cluster (None for roles without one), per host
 HostPlan = Mapping[str, str | None]
@@ -294,7 +294,7 @@ class LabCloud:
         return counts
 
     def credentials_complete(self) -> bool:
-        from eucareg.credentials import required_files
+        from eucareg.pki.credentials import required_files
 
         for host, host_plan in self.plan.items():
             present = {p.name for p in self.key_dir(host).glob("*.pem")}
@@ -331,7 +331,7 @@ def all_registered(expected: Mapping[str, int]) -> Callable[[dict[str, Any]], bo
 
 def publisher_argv(instance: str, txt: Mapping[str, str], addresses: list[str]) -> list[str]:
     """Command that publishes one arbitrary service until killed (spoofs, twins, strays)."""
-    argv = [sys.executable, "-m", "eucareg.labcloud", "publish", instance]
+    argv = [sys.executable, "-m", "eucalab.cloud", "publish", instance]
     argv += [f"--addr={a}" for a in addresses]
     return argv + [f"--txt={k}={v}" for k, v in txt.items()]
 
@@ -340,7 +340,8 @@ async def _publish(instance: str, addresses: list[str], txt: dict[str, str]) -> 
     import asyncio
     import signal
 
-    from eucareg.mdns import ServiceSpec, ZeroconfBackend
+    from eucareg.mdns.types import ServiceSpec
+    from eucareg.mdns.zeroconf_backend import ZeroconfBackend
 
     backend = ZeroconfBackend()
     await backend.start()

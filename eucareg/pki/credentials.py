@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from eucareg.model import Role
+from eucareg.core.model import Role
 
 KEY_BITS = 2048  # what Eucalyptus's own tools generate and expect
 CA_LIFETIME = datetime.timedelta(days=20 * 365)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from eucareg.model import (
+from eucareg.core.model import (
     HOLDS_SLOT,
     Announcement,
     Decision,
@@ -18,7 +18,7 @@ from eucareg.model import (
     Role,
     Status,
 )
-from eucareg.trust import Mode, Task, TokenVerdict, TrustSettings
+from eucareg.core.trust import Mode, Task, TokenVerdict, TrustSettings
 
 
 @dataclass(frozen=True)

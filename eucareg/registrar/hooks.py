@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from eucareg.model import Announcement
-from eucareg.store import HookRun
+from eucareg.core.model import Announcement
+from eucareg.store.registry import HookRun
 
 # Keep what a chatty script prints bounded; the tail is what explains a failure.
 OUTPUT_LIMIT = 64 * 1024

@@ -16,9 +16,9 @@ from typing import Any
 
 import ifaddr
 
-from eucareg.model import IPAddress, Role
-from eucareg.trust import TokenError, parse_token
-from eucareg.txt import CLUSTER_RE, FINGERPRINT_RE, address_problem
+from eucareg.core.model import IPAddress, Role
+from eucareg.core.trust import TokenError, parse_token
+from eucareg.core.txt import CLUSTER_RE, FINGERPRINT_RE, address_problem
 
 DEFAULT_STATE_DIR = Path("/var/lib/eucareg")
 DEFAULT_HOOK_DIR = Path("/etc/eucareg/hooks")

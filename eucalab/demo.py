@@ -1,4 +1,4 @@
-"""`eucareg demo`: the design's first test topology, assembled in an isolated lab.
+"""`eucalab demo` (`make demo`): the design's first test topology, assembled in an isolated lab.
 
 CLC+Walrus+CC+SC share one host and each NC has its own; the NCs start first, so the timeline
 shows them waiting for their CC and then registering. Everything is torn down at the end.
@@ -17,8 +17,8 @@ from typing import Any
 
 from rich.console import Console
 
-from eucareg.lab import Lab, LabError, cleanup_stale
-from eucareg.labcloud import LabCloud, all_registered, single_lan
+from eucalab.cloud import LabCloud, all_registered, single_lan
+from eucalab.lab import Lab, LabError, cleanup_stale
 
 USERNS_MARK = "EUCAREG_DEMO_IN_USERNS"
 
@@ -108,7 +108,7 @@ def _reexec_in_user_namespace(argv: list[str]) -> int:
         print("error: the demo needs root, or unshare(1) to run without it", file=sys.stderr)
         return 2
     env = {**os.environ, USERNS_MARK: "1"}
-    os.execve(unshare, [unshare, "-rnm", "--", sys.executable, "-m", "eucareg", *argv], env)
+    os.execve(unshare, [unshare, "-rnm", "--", sys.executable, "-m", "eucalab", *argv], env)
     return 2  # not reached
 
 
@@ -144,7 +144,7 @@ def _run(
     as_json: bool,
     timeout: float,
 ) -> int:
-    from eucareg.cli import render_tree
+    from eucareg.cli.main import render_tree
 
     cloud = LabCloud(lab, plan, work / "cloud")
     console.rule("[bold]eucareg demo[/]: CLC+Walrus+CC+SC on one host, plus NCs")

@@ -23,12 +23,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from eucareg import credentials as cred
-from eucareg.config import ConfigError, parse_duration
-from eucareg.model import Record, Role, Status
-from eucareg.registrar import CredentialRefused, Registrar
-from eucareg.trust import Mode, Task
-from eucareg.txt import Rejected, decode
+from eucareg.config.file import ConfigError, parse_duration
+from eucareg.core.model import Record, Role, Status
+from eucareg.core.trust import Mode, Task
+from eucareg.core.txt import Rejected, decode
+from eucareg.pki import credentials as cred
+from eucareg.registrar.engine import CredentialRefused, Registrar
 
 log = logging.getLogger(__name__)
 

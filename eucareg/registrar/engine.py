@@ -18,10 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
-from eucareg import credentials as cred
-from eucareg.hooks import run_hook
-from eucareg.mdns import Change, Sighting
-from eucareg.model import (
+from eucareg.core.model import (
     HOLDS_SLOT,
     AnnouncedState,
     Announcement,
@@ -31,9 +28,8 @@ from eucareg.model import (
     Role,
     Status,
 )
-from eucareg.policy import RegistrarSettings, View, decide
-from eucareg.store import IssuedCertificate, Store, TrustStore
-from eucareg.trust import (
+from eucareg.core.policy import RegistrarSettings, View, decide
+from eucareg.core.trust import (
     Mode,
     Task,
     Token,
@@ -43,7 +39,11 @@ from eucareg.trust import (
     new_token_id,
     token_secret,
 )
-from eucareg.txt import Rejected, decode
+from eucareg.core.txt import Rejected, decode
+from eucareg.mdns.types import Change, Sighting
+from eucareg.pki import credentials as cred
+from eucareg.registrar.hooks import run_hook
+from eucareg.store.registry import IssuedCertificate, Store, TrustStore
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from eucareg import config as config_mod
-from eucareg.credentials import CredentialError
-from eucareg.logs import setup_logging
+from eucareg.cli.logs import setup_logging
+from eucareg.config import file as config_mod
+from eucareg.pki.credentials import CredentialError
 
 DEFAULT_CONFIG = Path("/etc/eucareg/eucareg.toml")
 
@@ -74,7 +74,7 @@ def agent(config_path: Path) -> None:
     """Announce this host's components, collect their credentials, and run the registrar
     when this host holds the CLC or a CC. Stops cleanly on SIGTERM or Ctrl-C, withdrawing
     its announcements."""
-    from eucareg.agent import Agent
+    from eucareg.agent.host import Agent
 
     cfg = load_config(config_path)
     setup_logging(cfg.log_level, cfg.log_format)
@@ -160,7 +160,7 @@ def check_config(config_path: Path, as_json: bool) -> None:
 def fingerprint(config_path: Path, as_json: bool) -> None:
     """Print the id and key fingerprint of each component on this host, for confirming them
     out of band with the registrar's operator. Creates the keys if they do not exist yet."""
-    from eucareg.agent import load_or_create_identity
+    from eucareg.agent.host import load_or_create_identity
 
     cfg = load_config(config_path)
     rows = []
@@ -646,24 +646,6 @@ def token_revoke(api: Api, as_json: bool, token_id: str) -> None:
         click.echo(json.dumps(data, indent=2))
     else:
         console.print(f"revoked token {data['revoked']}")
-
-
-# -- demo --------------------------------------------------------------------------------------
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print only the final status as JSON.")
-@click.option("--nodes", type=click.IntRange(1, 20), default=2, show_default=True)
-@click.option(
-    "--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the cloud."
-)
-def demo(as_json: bool, nodes: int, timeout: float) -> None:
-    """Build the design's first test topology (CLC+Walrus+CC+SC on one host, plus NCs) in an
-    isolated network-namespace lab, show the announcements and decisions as they happen and
-    the final tree, then tear the lab down."""
-    from eucareg.demo import run_demo
-
-    sys.exit(run_demo(as_json=as_json, nodes=nodes, timeout=timeout))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,14 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from eucareg.txt import SERVICE_TYPE
+from eucareg.core.txt import SERVICE_TYPE
+from eucareg.mdns.types import Change, ServiceSpec, Sighting, SightingHandler
 
 log = logging.getLogger(__name__)
 
@@ -27,45 +26,6 @@ log = logging.getLogger(__name__)
 RECEIVE_BUFFER = 4 * 1024 * 1024
 RESOLVE_TIMEOUT_MS = 3000
 RESOLVE_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    """One service to publish. `instance` is a label only; identity lives in `txt`."""
-
-    instance: str
-    port: int
-    txt: Mapping[str, str]
-    addresses: tuple[str, ...]
-    server: str  # the responder's host name, e.g. "eucareg-3f2a9c.local."
-
-
-class Change(StrEnum):
-    ADDED = "added"
-    UPDATED = "updated"
-    REMOVED = "removed"
-
-
-@dataclass(frozen=True)
-class Sighting:
-    """What a browser heard: one service instance appearing, changing or leaving."""
-
-    instance: str
-    change: Change
-    txt: Mapping[str, str] = field(default_factory=dict)
-    addresses: tuple[str, ...] = ()
-
-
-SightingHandler = Callable[[Sighting], None]
-
-
-class Announcer(Protocol):
-    async def publish(self, spec: ServiceSpec) -> None: ...
-    async def withdraw(self, instance: str) -> None: ...
-
-
-class Watcher(Protocol):
-    def watch(self, handler: SightingHandler) -> None: ...
 
 
 class ZeroconfBackend:

@@ -21,16 +21,12 @@ import aiohttp
 from aiohttp import web
 from cryptography import x509
 
-from eucareg import credentials as cred
-from eucareg import txt
-from eucareg.api import ApiContext, build_app, signed_body
-from eucareg.config import ComponentConfig, Config, usable_addresses
-from eucareg.mdns import Change, ServiceSpec, Sighting, ZeroconfBackend
-from eucareg.model import AnnouncedState, Announcement, Role
-from eucareg.policy import RegistrarSettings
-from eucareg.registrar import Issuer, Registrar, Timing
-from eucareg.store import Store, sqlite_url
-from eucareg.trust import (
+from eucareg.api.app import ApiContext, build_app, signed_body
+from eucareg.config.file import ComponentConfig, Config, usable_addresses
+from eucareg.core import txt
+from eucareg.core.model import AnnouncedState, Announcement, Role
+from eucareg.core.policy import RegistrarSettings
+from eucareg.core.trust import (
     PROOF_MAX_AGE,
     ParsedToken,
     make_proof,
@@ -38,6 +34,11 @@ from eucareg.trust import (
     parse_token,
     proof_message,
 )
+from eucareg.mdns.types import Change, ServiceSpec, Sighting
+from eucareg.mdns.zeroconf_backend import ZeroconfBackend
+from eucareg.pki import credentials as cred
+from eucareg.registrar.engine import Issuer, Registrar, Timing
+from eucareg.store.registry import Store, sqlite_url
 
 log = logging.getLogger(__name__)
 

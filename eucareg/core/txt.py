@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from eucareg.model import AnnouncedState, Announcement, IPAddress, Role
+from eucareg.core.model import AnnouncedState, Announcement, IPAddress, Role
 
 SERVICE_TYPE = "_eucalyptus._tcp.local."
 TXT_VERSION = "1"

@@ -17,8 +17,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from eucareg.model import Event, Record, Role, Status
-from eucareg.trust import Mode, Task, Token, TrustSettings
+from eucareg.core.model import Event, Record, Role, Status
+from eucareg.core.trust import Mode, Task, Token, TrustSettings
 
 metadata = sa.MetaData()
 

@@ -1,0 +1,1 @@
+"""eucalab: network-namespace labs, lab clouds and the demo. Imports eucareg, never the reverse."""

@@ -1,0 +1,1 @@
+"""The per-host agent: announces, collects credentials, hosts the registrar."""

@@ -1,0 +1,1 @@
+"""The registrar's HTTP API (aiohttp): component, operator and peer endpoints."""

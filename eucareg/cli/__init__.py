@@ -1,0 +1,1 @@
+"""The `eucareg` command line (click + rich)."""

@@ -1,0 +1,1 @@
+"""mDNS/DNS-SD: the announce/browse interface and its backends."""

@@ -1,0 +1,1 @@
+"""Keys, the cloud CA, certificates, bundles and signatures."""

@@ -1,0 +1,1 @@
+"""The registry store: the durable record of what the registrar's memory holds."""
