@@ -191,7 +191,7 @@ class Agent:
             self_registered=lambda: cc is not None and cc.registered,
             master_key=master_key,
         )
-        self.registrar.resume()
+        await self.registrar.start()
         clc = self.runtime(Role.CLC)
         context = ApiContext(
             admin_token=admin_token,

@@ -179,7 +179,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
             return _error(400, "since and limit must be integers")
         if since < 0 or limit < 1:
             return _error(400, "since must be >= 0 and limit >= 1")
-        rows = registrar.store.events(
+        rows = await registrar.events(
             since_seq=since,
             component_id=query.get("component") or None,
             kind=query.get("kind") or None,
@@ -190,7 +190,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
         return web.json_response({"events": [asdict(e) for e in rows]})
 
     async def hooks(request: web.Request) -> web.Response:
-        runs = registrar.store.hook_runs(request.query.get("component") or None)
+        runs = await registrar.hook_runs(request.query.get("component") or None)
         return web.json_response({"hook_runs": [asdict(r) for r in runs]})
 
     async def trust(_request: web.Request) -> web.Response:
@@ -198,39 +198,39 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
 
     async def set_mode(request: web.Request) -> web.Response:
         data = await read_json(request)
-        registrar.set_mode(Mode(str(data.get("mode"))))
+        await registrar.set_mode(Mode(str(data.get("mode"))))
         return web.json_response(_trust_json(registrar))
 
     async def set_lock(request: web.Request) -> web.Response:
         data = await read_json(request)
         tasks = _tasks(registrar, data.get("tasks"))
-        registrar.set_locked(tasks, bool(data.get("locked", True)))
+        await registrar.set_locked(tasks, bool(data.get("locked", True)))
         return web.json_response(_trust_json(registrar))
 
     async def install_window(request: web.Request) -> web.Response:
         data = await read_json(request)
         if data.get("open"):
             seconds = parse_duration(data.get("for"), "for")
-            registrar.open_install_window(seconds)
+            await registrar.open_install_window(seconds)
         else:
-            registrar.close_install_window()
+            await registrar.close_install_window()
         return web.json_response(_trust_json(registrar))
 
     async def pending(_request: web.Request) -> web.Response:
         waiting = {Status.PENDING, Status.AWAITING_KEY, Status.EXPIRED, Status.REFUSED}
         rows = [
-            record_json(r, r.component_id in registrar.live)
-            for r in sorted(registrar.store.records().values(), key=lambda r: r.first_seen)
+            record_json(r, registrar.online(r.component_id))
+            for r in sorted(registrar.records().values(), key=lambda r: r.first_seen)
             if r.status in waiting
         ]
         return web.json_response({"pending": rows})
 
-    def decide_on_component(action: Callable[[Record], Record]) -> Handler:
+    def decide_on_component(action: Callable[[Record], Awaitable[Record]]) -> Handler:
         async def handler(request: web.Request) -> web.Response:
             data = await read_json(request)
             record = registrar.find(data.get("component_id"), data.get("fingerprint"))
-            updated = action(record)
-            online = updated.component_id in registrar.live
+            updated = await action(record)
+            online = registrar.online(updated.component_id)
             return web.json_response({"component": record_json(updated, online)})
 
         return handler
@@ -241,7 +241,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
     async def deregister(request: web.Request) -> web.Response:
         data = await read_json(request)
         record = registrar.find(data.get("component_id"), data.get("fingerprint"))
-        registrar.deregister(record)
+        await registrar.deregister(record)
         return web.json_response({"deregistered": record.component_id})
 
     async def create_token(request: web.Request) -> web.Response:
@@ -254,7 +254,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
         except ValueError:
             raise ValueError(f"role {data.get('role')!r}: expected walrus, cc, sc or nc") from None
         uses = data.get("uses")
-        token = registrar.create_token(
+        token = await registrar.create_token(
             role,
             data.get("cluster") or None,
             parse_duration(data.get("ttl", "1h"), "ttl"),
@@ -266,7 +266,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
     async def list_tokens(_request: web.Request) -> web.Response:
         now = time.time()
         rows = []
-        for token in registrar.trust_store.tokens():
+        for token in registrar.tokens():
             row = asdict(token)
             row["role"] = token.role.value
             row["used_by"] = sorted(token.used_by)
@@ -285,7 +285,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
 
     async def revoke_token(request: web.Request) -> web.Response:
         data = await read_json(request)
-        registrar.revoke_token(str(data.get("token_id")))
+        await registrar.revoke_token(str(data.get("token_id")))
         return web.json_response({"revoked": data.get("token_id")})
 
     async def announce(request: web.Request) -> web.Response:
@@ -340,7 +340,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
                 },
                 status=202,
             )
-        registrar.mark_collected(component_id)
+        await registrar.mark_collected(component_id)
         return web.json_response({"status": "registered", "files": answer.files})
 
     app.router.add_get("/v1/health", health)
@@ -414,7 +414,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _registry(registrar: Registrar, ctx: ApiContext) -> dict[str, Any]:
-    records = registrar.store.records()
+    records = registrar.records()
     settings = registrar.settings
     return {
         "registrar": {
@@ -425,7 +425,7 @@ def _registry(registrar: Registrar, ctx: ApiContext) -> dict[str, Any]:
         },
         "local": ctx.local_components(),
         "components": [
-            record_json(r, r.component_id in registrar.live)
+            record_json(r, registrar.online(r.component_id))
             for r in sorted(records.values(), key=_sort_key)
         ],
     }
@@ -442,7 +442,7 @@ async def _status_tree(registrar: Registrar, ctx: ApiContext) -> dict[str, Any]:
         if ann.role is Role.CC
         and ann.api_port
         and ann.cluster != registrar.settings.own_cluster
-        and (rec := registrar.store.get(ann.component_id)) is not None
+        and (rec := registrar.record(ann.component_id)) is not None
         and rec.status is Status.REGISTERED
         and rec.fingerprint == ann.fingerprint
         and rec.address == str(ann.address)

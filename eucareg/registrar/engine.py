@@ -24,6 +24,7 @@ from eucareg.core.model import (
     Announcement,
     Decision,
     DecisionKind,
+    Event,
     Record,
     Role,
     Status,
@@ -43,7 +44,7 @@ from eucareg.core.txt import Rejected, decode
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
 from eucareg.registrar.hooks import run_hook
-from eucareg.store.registry import IssuedCertificate, Store, TrustStore
+from eucareg.store.registry import HookRun, IssuedCertificate, Store, TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class Registrar:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def resume(self) -> None:
+    async def start(self) -> None:
         """Pick up where a previous run stopped: re-arm expiry and retry timers."""
         now = self._clock()
         self._arm_install_close()
@@ -158,6 +159,44 @@ class Registrar:
         """Wait until every scheduled piece of work is done (tests and benchmarks)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- read access -------------------------------------------------------------------------
+
+    def records(self) -> dict[str, Record]:
+        return self.store.records()
+
+    def record(self, component_id: str) -> Record | None:
+        return self.store.get(component_id)
+
+    def online(self, component_id: str) -> bool:
+        """Whether the component is announcing itself now."""
+        return component_id in self.live
+
+    def tokens(self) -> list[Token]:
+        return self.trust_store.tokens()
+
+    async def events(
+        self,
+        *,
+        since_seq: int = 0,
+        component_id: str | None = None,
+        kind: str | None = None,
+        role: str | None = None,
+        cluster: str | None = None,
+        limit: int = 1000,
+    ) -> list[Event]:
+        return await asyncio.to_thread(
+            self.store.events,
+            since_seq=since_seq,
+            component_id=component_id,
+            kind=kind,
+            role=role,
+            cluster=cluster,
+            limit=limit,
+        )
+
+    async def hook_runs(self, component_id: str | None = None) -> list[HookRun]:
+        return await asyncio.to_thread(self.store.hook_runs, component_id)
 
     # -- input: sightings -----------------------------------------------------------------
 
@@ -491,16 +530,16 @@ class Registrar:
             unrecorded=True,
         )
 
-    def set_mode(self, mode: Mode) -> None:
+    async def set_mode(self, mode: Mode) -> None:
         self._set_trust(replace(self.trust, mode=mode), "mode", f"mode set to {mode.value}")
 
-    def set_locked(self, tasks: frozenset[Task], locked: bool) -> None:
+    async def set_locked(self, tasks: frozenset[Task], locked: bool) -> None:
         new = self.trust.locked | tasks if locked else self.trust.locked - tasks
         names = ", ".join(sorted(t.value for t in tasks))
         what = "locked" if locked else "unlocked"
         self._set_trust(replace(self.trust, locked=frozenset(new)), what, f"{what} {names}")
 
-    def open_install_window(self, seconds: float) -> float:
+    async def open_install_window(self, seconds: float) -> float:
         until = self._clock() + seconds
         self._set_trust(
             replace(self.trust, install_until=until),
@@ -509,7 +548,7 @@ class Registrar:
         )
         return until
 
-    def close_install_window(self, reason: str = "closed by the operator") -> None:
+    async def close_install_window(self, reason: str = "closed by the operator") -> None:
         self._set_trust(
             replace(self.trust, install_until=None),
             "install-window-closed",
@@ -525,7 +564,7 @@ class Registrar:
             return
         delay = max(0.0, until - self._clock())
         self._install_timer = asyncio.get_running_loop().call_later(
-            delay, lambda: self.close_install_window("closed: its time ran out")
+            delay, lambda: self._spawn(self.close_install_window("closed: its time ran out"))
         )
 
     def find(self, component_id: str | None, fingerprint: str | None) -> Record:
@@ -540,7 +579,7 @@ class Registrar:
             raise KeyError(f"no component with key {fingerprint} in this registrar's records")
         return matches[0]
 
-    def approve(self, record: Record) -> Record:
+    async def approve(self, record: Record) -> Record:
         if record.status in HOLDS_SLOT:
             raise ValueError(f"{record.component_id} is already {record.status.value}")
         reason = f"approved by the operator (key {record.fingerprint})"
@@ -558,7 +597,7 @@ class Registrar:
             self._spawn(self._process(ann, fresh=True))
         return updated
 
-    def reject(self, record: Record) -> Record:
+    async def reject(self, record: Record) -> Record:
         if record.status in HOLDS_SLOT:
             raise ValueError(
                 f"{record.component_id} is {record.status.value}; deregister it instead"
@@ -578,7 +617,7 @@ class Registrar:
         self._notify(record.component_id)
         return updated
 
-    def deregister(self, record: Record) -> None:
+    async def deregister(self, record: Record) -> None:
         """Remove a component and revoke its credentials; it then meets the current trust
         settings again like any newcomer (lesson L9)."""
         reason = "deregistered by the operator; credentials revoked"
@@ -598,7 +637,7 @@ class Registrar:
         if ann is not None:
             self._spawn(self._process(ann, fresh=True))
 
-    def create_token(
+    async def create_token(
         self, role: Role, cluster: str | None, ttl: float, uses: int | None, ca_fingerprint: str
     ) -> str:
         if role not in self.settings.registers:
@@ -631,7 +670,7 @@ class Registrar:
         secret = token_secret(self._master_key, token.token_id)
         return format_token(token.token_id, secret, ca_fingerprint)
 
-    def revoke_token(self, token_id: str) -> None:
+    async def revoke_token(self, token_id: str) -> None:
         if not self.trust_store.revoke_token(token_id, self._clock()):
             raise KeyError(f"no unrevoked token {token_id}")
         self._trust_event("token-revoked", f"token {token_id} revoked")
@@ -747,7 +786,7 @@ class Registrar:
             )
         return issuer.bundle(record, cred.load_cert_pem(issued.cert_pem)), issued.serial
 
-    def mark_collected(self, component_id: str) -> None:
+    async def mark_collected(self, component_id: str) -> None:
         record = self.store.get(component_id)
         if record is not None and record.credentials_collected_at is None:
             self.store.put(replace(record, credentials_collected_at=self._clock()))

@@ -44,7 +44,7 @@ def hook_lines(log: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def make_registrar(
+async def make_registrar(
     tmp_path: Path,
     settings: RegistrarSettings = CLC_SETTINGS,
     *,
@@ -66,7 +66,7 @@ def make_registrar(
     )
     if install_window:
         # These tests are about ordering, not trust: the operator opened an install window.
-        registrar.open_install_window(3600)
+        await registrar.open_install_window(3600)
     return registrar
 
 
@@ -90,7 +90,7 @@ async def test_same_component_seen_many_times_at_once_registers_once(tmp_path: P
     """L1 and L2: two interfaces, an Avahi rename and repeats, all at the same moment."""
     log = tmp_path / "hooks.log"
     counting_hooks(tmp_path / "hooks", log)
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     walrus = ann(Role.WALRUS)
     for name in (walrus.instance, walrus.instance + " #2", "walrus on eth1", walrus.instance):
         reg.on_sighting(sighting(walrus, instance=name))
@@ -106,7 +106,7 @@ async def test_same_component_seen_many_times_at_once_registers_once(tmp_path: P
 
 async def test_two_walruses_racing_leave_exactly_one_registered(tmp_path: Path) -> None:
     counting_hooks(tmp_path / "hooks", tmp_path / "hooks.log")
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     first, second = ann(Role.WALRUS), ann(Role.WALRUS)
     reg.on_sighting(sighting(first))
     reg.on_sighting(sighting(second))
@@ -125,7 +125,7 @@ async def test_any_arrival_order_converges_to_every_component_registered_once(
     """CLC view of topology 4 (two clusters), in shuffled order with duplicates."""
     log = tmp_path / "hooks.log"
     counting_hooks(tmp_path / "hooks", log)
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     walrus = ann(Role.WALRUS)
     cc1, cc2 = ann(Role.CC, "c1"), ann(Role.CC, "c2")
     sc1, sc2 = ann(Role.SC, "c1"), ann(Role.SC, "c2")
@@ -153,7 +153,7 @@ async def test_sc_before_its_cc_is_pending_then_registers_when_cc_announces(
     tmp_path: Path,
 ) -> None:
     counting_hooks(tmp_path / "hooks", tmp_path / "hooks.log")
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     sc, cc = ann(Role.SC, "c1"), ann(Role.CC, "c1")
     reg.on_sighting(sighting(sc))
     await settle(reg)
@@ -173,7 +173,7 @@ async def test_sc_before_its_cc_is_pending_then_registers_when_cc_announces(
 async def test_a_cc_announcing_registered_that_we_did_not_register_frees_no_sc(
     tmp_path: Path,
 ) -> None:
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     sc = ann(Role.SC, "c1")
     rogue = registered_cc(ann(Role.CC, "c1"))
     reg.on_sighting(sighting(sc))
@@ -188,7 +188,7 @@ async def test_a_cc_announcing_registered_that_we_did_not_register_frees_no_sc(
 async def test_nodes_wait_for_their_cc_and_register_when_it_is(tmp_path: Path) -> None:
     counting_hooks(tmp_path / "hooks", tmp_path / "hooks.log")
     me = [False]
-    reg = make_registrar(
+    reg = await make_registrar(
         tmp_path, RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="c1"), me=me
     )
     nodes = [ann(Role.NC, "c1") for _ in range(3)]
@@ -216,7 +216,7 @@ async def test_failed_hook_is_visible_and_retried_with_backoff_until_it_works(
         f"n=$(cat {marker} 2>/dev/null || echo 0); echo $((n+1)) > {marker}\n"
         f'[ "$n" -ge 2 ] || {{ echo "euca_conf: connection refused" >&2; exit 3; }}',
     )
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     walrus = ann(Role.WALRUS)
     reg.on_sighting(sighting(walrus))
     await settle(reg)
@@ -238,7 +238,7 @@ async def test_failed_hook_is_visible_and_retried_with_backoff_until_it_works(
 
 async def test_hanging_hook_times_out_and_is_recorded(tmp_path: Path) -> None:
     write_hook(tmp_path / "hooks", "walrus", "sleep 30")
-    reg = make_registrar(tmp_path, timing=Timing(hook_timeout=0.3, retry_base=60))
+    reg = await make_registrar(tmp_path, timing=Timing(hook_timeout=0.3, retry_base=60))
     walrus = ann(Role.WALRUS)
     reg.on_sighting(sighting(walrus))
     await settle(reg)
@@ -249,7 +249,7 @@ async def test_hanging_hook_times_out_and_is_recorded(tmp_path: Path) -> None:
 
 
 async def test_missing_hook_is_skipped_and_registration_completes(tmp_path: Path) -> None:
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     cc = ann(Role.CC, "c1")
     reg.on_sighting(sighting(cc))
     await settle(reg)
@@ -262,7 +262,7 @@ async def test_restarted_registrar_neither_registers_again_nor_reruns_hooks(
 ) -> None:
     log = tmp_path / "hooks.log"
     counting_hooks(tmp_path / "hooks", log)
-    first = make_registrar(tmp_path)
+    first = await make_registrar(tmp_path)
     parts = [ann(Role.WALRUS), ann(Role.CC, "c1"), ann(Role.SC, "c9")]
     for part in parts:
         first.on_sighting(sighting(part))
@@ -272,9 +272,9 @@ async def test_restarted_registrar_neither_registers_again_nor_reruns_hooks(
     first.store.close()
 
     # No new install window: the one opened before the restart is still recorded as open.
-    second = make_registrar(tmp_path, install_window=False)
+    second = await make_registrar(tmp_path, install_window=False)
     assert second.trust.install_open(time.time())
-    second.resume()
+    await second.start()
     for part in parts:
         second.on_sighting(sighting(part))
     await settle(second)
@@ -286,7 +286,7 @@ async def test_restarted_registrar_neither_registers_again_nor_reruns_hooks(
 async def test_crash_during_a_hook_reruns_it_on_resume(tmp_path: Path) -> None:
     log = tmp_path / "hooks.log"
     counting_hooks(tmp_path / "hooks", log)
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     walrus = ann(Role.WALRUS)
     reg.store.put(
         replace(
@@ -295,7 +295,7 @@ async def test_crash_during_a_hook_reruns_it_on_resume(tmp_path: Path) -> None:
             reason="was running when we died",
         )
     )
-    reg.resume()
+    await reg.start()
     await asyncio.sleep(0.05)
     await settle(reg)
     assert reg.store.get(walrus.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
@@ -314,7 +314,7 @@ async def test_crash_during_a_hook_reruns_it_on_resume(tmp_path: Path) -> None:
 async def test_unusable_addresses_are_rejected_visibly_and_never_registered(
     tmp_path: Path, address: str, why: str
 ) -> None:
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     walrus = ann(Role.WALRUS)
     bad = sighting(walrus)
     bad = Sighting(bad.instance, bad.change, txt={**bad.txt, "addr": address})
@@ -330,7 +330,7 @@ async def test_unusable_addresses_are_rejected_visibly_and_never_registered(
 async def test_pending_wait_expires_visibly_and_a_fresh_sighting_restarts_it(
     tmp_path: Path,
 ) -> None:
-    reg = make_registrar(tmp_path, timing=Timing(pending_timeout=0.2))
+    reg = await make_registrar(tmp_path, timing=Timing(pending_timeout=0.2))
     sc = ann(Role.SC, "c1")
     reg.on_sighting(sighting(sc))
     await settle(reg)
@@ -353,7 +353,7 @@ async def test_pending_wait_expires_visibly_and_a_fresh_sighting_restarts_it(
 async def test_unmatched_node_is_visible_and_cleared_when_its_cluster_registers(
     tmp_path: Path,
 ) -> None:
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     stray = ann(Role.NC, "c7")
     reg.on_sighting(sighting(stray))
     await settle(reg)
@@ -392,7 +392,7 @@ def cloud_issuer() -> Issuer:
 async def test_credentials_only_for_the_registered_key_and_long_poll_wakes(
     tmp_path: Path, cloud_issuer: Issuer
 ) -> None:
-    reg = make_registrar(tmp_path, issuer=cloud_issuer)
+    reg = await make_registrar(tmp_path, issuer=cloud_issuer)
     key = cred.generate_key()
     cc = ann(Role.CC, "c1", fingerprint=cred.fingerprint(key.public_key()))
     # Before anything is known: no credentials, no error.
@@ -422,14 +422,14 @@ NC_SETTINGS = RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="c1"
 
 
 async def test_default_is_approval_and_reject_keeps_a_component_out(tmp_path: Path) -> None:
-    reg = make_registrar(tmp_path, NC_SETTINGS, me=[True], install_window=False)
+    reg = await make_registrar(tmp_path, NC_SETTINGS, me=[True], install_window=False)
     good, bad = ann(Role.NC, "c1"), ann(Role.NC, "c1")
     for item in (good, bad):
         reg.on_sighting(sighting(item))
     await settle(reg)
     assert {r.waiting_for for r in reg.store.records().values()} == {"operator approval"}
-    reg.approve(reg.find(good.component_id, None))
-    reg.reject(reg.find(None, bad.fingerprint))
+    await reg.approve(reg.find(good.component_id, None))
+    await reg.reject(reg.find(None, bad.fingerprint))
     await settle(reg)
     reg.on_sighting(sighting(bad, Change.UPDATED))
     await settle(reg)
@@ -443,8 +443,8 @@ async def test_default_is_approval_and_reject_keeps_a_component_out(tmp_path: Pa
 async def test_lock_refuses_at_once_persists_and_unlock_lets_waiting_ones_in(
     tmp_path: Path,
 ) -> None:
-    reg = make_registrar(tmp_path, NC_SETTINGS, me=[True])
-    reg.set_locked(frozenset({Task.CC}), True)
+    reg = await make_registrar(tmp_path, NC_SETTINGS, me=[True])
+    await reg.set_locked(frozenset({Task.CC}), True)
     nc = ann(Role.NC, "c1")
     reg.on_sighting(sighting(nc))
     await settle(reg)
@@ -452,10 +452,10 @@ async def test_lock_refuses_at_once_persists_and_unlock_lets_waiting_ones_in(
     assert record is not None and record.status is Status.REFUSED and "locked" in record.reason
     await reg.close()
     reg.store.close()
-    again = make_registrar(tmp_path, NC_SETTINGS, me=[True], install_window=False)
+    again = await make_registrar(tmp_path, NC_SETTINGS, me=[True], install_window=False)
     assert again.trust.locked == frozenset({Task.CC})
     again.on_sighting(sighting(nc))
-    again.set_locked(frozenset({Task.CC}), False)
+    await again.set_locked(frozenset({Task.CC}), False)
     await settle(again)
     assert again.store.get(nc.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
     codes = [e.code for e in again.store.events(kind="trust")]
@@ -463,8 +463,8 @@ async def test_lock_refuses_at_once_persists_and_unlock_lets_waiting_ones_in(
 
 
 async def test_install_window_closes_by_itself_with_an_event(tmp_path: Path) -> None:
-    reg = make_registrar(tmp_path, NC_SETTINGS, me=[True], install_window=False)
-    reg.open_install_window(0.2)
+    reg = await make_registrar(tmp_path, NC_SETTINGS, me=[True], install_window=False)
+    await reg.open_install_window(0.2)
     await asyncio.sleep(0.4)
     assert reg.trust.install_until is None
     codes = [e.code for e in reg.store.events(kind="trust")]
@@ -480,10 +480,10 @@ async def test_token_admission_use_and_deregistration_revokes(
 ) -> None:
     from eucareg.core.trust import announcement_proof_message, make_proof, parse_token
 
-    reg = make_registrar(
+    reg = await make_registrar(
         tmp_path, NC_SETTINGS, me=[True], install_window=False, issuer=cloud_issuer
     )
-    text = reg.create_token(Role.NC, None, 600, 1, "sha256:" + "c" * 64)
+    text = await reg.create_token(Role.NC, None, 600, 1, "sha256:" + "c" * 64)
     parsed = parse_token(text)
     key = cred.generate_key()
     base = ann(Role.NC, "c1", fingerprint=cred.fingerprint(key.public_key()))
@@ -503,7 +503,7 @@ async def test_token_admission_use_and_deregistration_revokes(
     serial = format(cred.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
     watcher = asyncio.create_task(reg.credentials(nc.component_id, key.public_key(), 5, serial))
     await asyncio.sleep(0.05)
-    reg.deregister(record)
+    await reg.deregister(record)
     with pytest.raises(CredentialRefused) as gone:
         await asyncio.wait_for(watcher, 5)
     assert gone.value.status == 410
@@ -517,7 +517,7 @@ async def test_token_admission_use_and_deregistration_revokes(
 async def test_an_impostor_of_a_registered_cc_hides_nothing_and_is_logged(
     tmp_path: Path,
 ) -> None:
-    reg = make_registrar(tmp_path)
+    reg = await make_registrar(tmp_path)
     cc = ann(Role.CC, "c1")
     reg.on_sighting(sighting(cc))
     await settle(reg)
