@@ -7,6 +7,7 @@ start. docs/configuration.md documents each key; keep the two in step.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -69,6 +70,7 @@ class Config:
     hook_timeout: float
     retry_base: float
     retry_max: float
+    replace_after: float
     ipv6: bool
     log_level: str
     log_format: str
@@ -99,8 +101,8 @@ def parse_duration(value: Any, key: str) -> float:
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     else:
         raise ConfigError(f"{key}: expected a duration such as '30s', '5m' or '1h', got {value!r}")
-    if seconds <= 0:
-        raise ConfigError(f"{key}: must be longer than zero, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{key}: must be a finite time longer than zero, got {value!r}")
     return seconds
 
 
@@ -171,7 +173,11 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     recheck = parse_duration(pre.get("recheck_interval", "5s"), "preconditions.recheck_interval")
 
     reg = _table(raw.get("registrar", {}), "registrar")
-    _no_unknown(reg, {"pending_timeout", "hook_timeout", "retry_base", "retry_max"}, "registrar.")
+    _no_unknown(
+        reg,
+        {"pending_timeout", "hook_timeout", "retry_base", "retry_max", "replace_after"},
+        "registrar.",
+    )
     mdns = _table(raw.get("mdns", {}), "mdns")
     _no_unknown(mdns, {"ipv6"}, "mdns.")
     ipv6 = mdns.get("ipv6", False)
@@ -204,6 +210,7 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         hook_timeout=parse_duration(reg.get("hook_timeout", "60s"), "registrar.hook_timeout"),
         retry_base=parse_duration(reg.get("retry_base", "2s"), "registrar.retry_base"),
         retry_max=parse_duration(reg.get("retry_max", "5m"), "registrar.retry_max"),
+        replace_after=parse_duration(reg.get("replace_after", "10m"), "registrar.replace_after"),
         ipv6=ipv6,
         log_level=log_level,
         log_format=log_format,

@@ -99,15 +99,20 @@ class Status(StrEnum):
     AWAITING_KEY = "awaiting-key"  # accepted; waits for a request signed by the announced key
     REGISTERING = "registering"  # decided; hook running
     REGISTERED = "registered"
-    FAILED = "failed"  # hook failed; retried with backoff
+    FAILED = "failed"  # hook failed; decided again with backoff, holding no slot meanwhile
     REFUSED = "refused"  # a consistency or trust check said no
     REJECTED = "rejected"  # the operator said no; stays out until approved
     EXPIRED = "expired"  # waited too long for its dependency
     UNMATCHED = "unmatched"  # an NC whose cluster no registered CC has (seen by the CLC)
+    REPLACED = "replaced"  # a reinstalled machine came back with a new identity at its address
 
 
-# Statuses that hold a uniqueness slot (one Walrus, one CC per name, one SC per cluster).
-HOLDS_SLOT = frozenset({Status.AWAITING_KEY, Status.REGISTERING, Status.REGISTERED, Status.FAILED})
+# Statuses that hold a uniqueness slot (one Walrus, one CC per name, one SC per cluster, one
+# component per address). A failed hook does not: a component whose registration keeps failing
+# must not keep a genuine one out (it is decided afresh at each retry).
+HOLDS_SLOT = frozenset({Status.AWAITING_KEY, Status.REGISTERING, Status.REGISTERED})
+# Statuses in which a join-token use stays reserved for the component.
+HOLDS_TOKEN_USE = HOLDS_SLOT | {Status.FAILED}
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ class Record:
     credentials_collected_at: float | None = None
     approved: bool = False  # the operator approved this id and key
     admitted_by: str = ""  # token:<id> | install-window | approval
+    replaces: str | None = None  # the offline component whose address this one took over
 
 
 class DecisionKind(StrEnum):
@@ -158,6 +164,10 @@ class Decision:
     # A refusal that must not overwrite the existing record (e.g. someone else claiming a
     # registered component's id): it is logged as an event only.
     event_only: bool = False
+    # A reinstalled machine: the offline component at this address that this one replaces.
+    replaces: str | None = None
+    # Decide again at this time (a wait that ends by the clock, not by another event).
+    recheck_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -173,3 +183,67 @@ class Event:
     kind: str
     code: str
     reason: str
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event about to be recorded (the store numbers it)."""
+
+    at: float
+    component_id: str
+    role: str
+    cluster: str | None
+    address: str
+    kind: str
+    code: str
+    reason: str
+
+
+def event_for(record: Record, at: float, kind: str, code: str, reason: str) -> NewEvent:
+    return NewEvent(
+        at=at,
+        component_id=record.component_id,
+        role=record.role.value,
+        cluster=record.cluster,
+        address=record.address,
+        kind=kind,
+        code=code,
+        reason=reason,
+    )
+
+
+class HookOutcome(StrEnum):
+    RUNNING = "running"  # journaled before the script may start; final outcome not known
+    OK = "ok"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    SKIPPED = "skipped"  # no script for this role
+    INTERRUPTED = "interrupted"  # the registrar died or stopped while it ran
+
+
+@dataclass(frozen=True)
+class HookRun:
+    """One registration script run, journaled when it starts and completed when it ends."""
+
+    run_id: str
+    component_id: str
+    hook: str
+    started_at: float
+    outcome: HookOutcome
+    duration: float = 0.0
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    attempt: int = 1
+    rerun: bool = False  # run again because an earlier run of it was interrupted
+    pgid: int | None = None  # its process group (the script runs in a session of its own)
+    proc_start: int | None = None  # the group leader's start time (guards against PID reuse)
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    component_id: str
+    fingerprint: str
+    serial: str
+    cert_pem: str
+    issued_at: float

@@ -6,8 +6,8 @@ That is what lets the tests run every ordering and race against it directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass, field, replace
 
 from eucareg.core.model import (
     HOLDS_SLOT,
@@ -31,6 +31,9 @@ class RegistrarSettings:
     own_cluster: str | None = None
     # The CLC watches NC announcements to flag those whose cluster has no registered CC (L4).
     observes_unmatched_nodes: bool = False
+    # A component silent on every source this long may be replaced by a newcomer at its
+    # address (a reinstalled machine comes back with a new identity).
+    replace_after: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -46,15 +49,32 @@ class View:
     trust: TrustSettings = field(default_factory=TrustSettings)
     now: float = 0.0
     token: TokenVerdict | None = None
+    # Components heard now (mDNS or HTTP), and when the others were last heard; a component
+    # not heard since the registrar started counts as heard at `seen_floor`.
+    online: Set[str] = frozenset()
+    last_seen: Mapping[str, float] = field(default_factory=dict)
+    seen_floor: float = 0.0
+
+    def silent_for(self, component_id: str) -> float | None:
+        """Seconds the component has been silent on every source; None while it is heard."""
+        if component_id in self.online:
+            return None
+        return max(0.0, self.now - self.last_seen.get(component_id, self.seen_floor))
 
 
 def decide(
-    view: View, ann: Announcement, settings: RegistrarSettings, *, fresh: bool = False
+    view: View,
+    ann: Announcement,
+    settings: RegistrarSettings,
+    *,
+    fresh: bool = False,
+    retry: bool = False,
 ) -> Decision:
     """Decide what to do with one announcement.
 
     `fresh` is true when the component has just (re)appeared on the network rather than
     re-sent an announcement we already knew; only a fresh sighting revives an expired wait.
+    `retry` is true when a failed registration's backoff ran out: it is decided afresh.
     """
     handles = ann.role in settings.registers and (
         ann.role is not Role.NC or ann.cluster == settings.own_cluster
@@ -66,10 +86,11 @@ def decide(
 
     existing = view.records.get(ann.component_id)
     if existing is not None:
-        verdict = _against_existing(existing, ann, fresh)
+        verdict = _against_existing(existing, ann, fresh, retry)
         if verdict is not None:
             return verdict
 
+    replaced: Record | None = None
     for other in _others(view.records, ann.component_id):
         if other.fingerprint == ann.fingerprint and _is_claimed(other):
             return _refuse(
@@ -81,18 +102,54 @@ def decide(
             and other.address == str(ann.address)
             and other.status in HOLDS_SLOT
         ):
-            return _refuse(
-                "address-in-use",
-                f"address {ann.address} is already registered to {other.component_id}",
-            )
+            verdict = _address_taken(view, ann, other, settings)
+            if verdict is not None:
+                return verdict
+            replaced = other
 
     refusal = _trust_refusal(view, ann, existing)
     if refusal is not None:
         return refusal
-    verdict = _check_role(view, ann, settings)
+    gone = frozenset({replaced.component_id}) if replaced is not None else frozenset()
+    verdict = _check_role(view, ann, settings, gone)
     if verdict.kind is not DecisionKind.REGISTER:
-        return verdict
-    return _admit(view, ann, existing)
+        return _noting_replacement(verdict, replaced)
+    return _noting_replacement(_admit(view, ann, existing), replaced)
+
+
+def _address_taken(
+    view: View, ann: Announcement, holder: Record, settings: RegistrarSettings
+) -> Decision | None:
+    """Another component holds this address. A reinstalled machine comes back with a new
+    identity at the same address: once the holder has been silent long enough, the newcomer
+    may replace it (None); until then it waits, and while the holder is heard it is refused."""
+    silent = view.silent_for(holder.component_id)
+    if silent is None:
+        return _refuse(
+            "address-in-use",
+            f"address {ann.address} is already registered to {holder.component_id}",
+        )
+    if silent < settings.replace_after:
+        left = settings.replace_after - silent
+        return Decision(
+            DecisionKind.PENDING,
+            "address-held",
+            f"address {ann.address} belongs to {holder.component_id}, silent for {silent:.0f}s; "
+            f"it may be replaced after {settings.replace_after:g}s of silence ({left:.0f}s left)",
+            waiting_for=f"{holder.component_id} to stay silent",
+            recheck_at=view.now + left,
+        )
+    return None
+
+
+def _noting_replacement(decision: Decision, replaced: Record | None) -> Decision:
+    if replaced is None or decision.kind not in (DecisionKind.REGISTER, DecisionKind.PENDING):
+        return decision
+    return replace(
+        decision,
+        reason=f"{decision.reason}; replaces {replaced.component_id} (silent at this address)",
+        replaces=replaced.component_id,
+    )
 
 
 def _trust_refusal(view: View, ann: Announcement, existing: Record | None) -> Decision | None:
@@ -111,14 +168,26 @@ def _trust_refusal(view: View, ann: Announcement, existing: Record | None) -> De
             f"HTTP fallback registration from {ann.address} needs mode any (mode is "
             f"{trust.mode.value})",
         )
-    approved = existing is not None and existing.approved
+    approved = existing is not None and (existing.approved or _retrying(existing))
     if view.token is not None and not view.token.ok and not approved:
         return _refuse(view.token.code, view.token.reason)
     return None
 
 
+def _retrying(record: Record) -> bool:
+    """A component admitted earlier whose hook failed: its admission still stands."""
+    return record.status is Status.FAILED and bool(record.admitted_by)
+
+
 def _admit(view: View, ann: Announcement, existing: Record | None) -> Decision:
     """A component that passed every check still needs a reason to be trusted (lesson L8)."""
+    if existing is not None and _retrying(existing):
+        return Decision(
+            DecisionKind.REGISTER,
+            "accepted",
+            f"{ann.role.value} passes every check; retrying (admitted by {existing.admitted_by})",
+            admitted_by=existing.admitted_by,
+        )
     if view.token is not None and view.token.ok:
         return Decision(
             DecisionKind.REGISTER,
@@ -149,7 +218,9 @@ def _admit(view: View, ann: Announcement, existing: Record | None) -> Decision:
     )
 
 
-def _against_existing(existing: Record, ann: Announcement, fresh: bool) -> Decision | None:
+def _against_existing(
+    existing: Record, ann: Announcement, fresh: bool, retry: bool
+) -> Decision | None:
     """Rules for a component we already have a record of; None means decide afresh."""
     if existing.fingerprint != ann.fingerprint:
         return Decision(
@@ -177,16 +248,19 @@ def _against_existing(existing: Record, ann: Announcement, fresh: bool) -> Decis
         return Decision(DecisionKind.KEEP, "awaiting-key", existing.reason)
     if existing.status is Status.REGISTERING:
         return Decision(DecisionKind.KEEP, "registering", existing.reason)
-    if existing.status is Status.FAILED:
+    if existing.status is Status.FAILED and not retry:
         return Decision(DecisionKind.KEEP, "retrying", existing.reason)
     if existing.status is Status.EXPIRED and not fresh:
         return Decision(DecisionKind.KEEP, "expired", existing.reason)
     return None
 
 
-def _check_role(view: View, ann: Announcement, settings: RegistrarSettings) -> Decision:
-    """The design's per-role checks, applied to a component we may register."""
-    others = list(_others(view.records, ann.component_id))
+def _check_role(
+    view: View, ann: Announcement, settings: RegistrarSettings, gone: frozenset[str]
+) -> Decision:
+    """The design's per-role checks, applied to a component we may register; `gone` are
+    records this component replaces, which hold no slot against it."""
+    others = [o for o in _others(view.records, ann.component_id) if o.component_id not in gone]
     if ann.role is Role.WALRUS:
         holder = _first(o for o in others if o.role is Role.WALRUS and o.status in HOLDS_SLOT)
         if holder is not None:

@@ -37,8 +37,20 @@ def view(
     me: bool = False,
     trust: TrustSettings = OPEN,
     token: TokenVerdict | None = None,
+    silent: dict[str, float] | None = None,
 ) -> View:
-    return View({r.component_id: r for r in records}, live, me, trust, 1000.0, token)
+    """Every recorded component is heard now, except those in `silent` (id -> seconds)."""
+    silent = silent or {}
+    return View(
+        {r.component_id: r for r in records},
+        live,
+        me,
+        trust,
+        1000.0,
+        token,
+        online=frozenset(r.component_id for r in records if r.component_id not in silent),
+        last_seen={cid: 1000.0 - secs for cid, secs in silent.items()},
+    )
 
 
 def test_first_walrus_is_registered_and_a_second_is_refused_naming_the_first() -> None:
@@ -50,12 +62,13 @@ def test_first_walrus_is_registered_and_a_second_is_refused_naming_the_first() -
     assert first.component_id in decision.reason
 
 
-def test_walrus_slot_is_held_while_the_first_is_still_registering_or_failing() -> None:
+def test_walrus_slot_is_held_while_the_first_is_still_registering() -> None:
     first, second = ann(Role.WALRUS), ann(Role.WALRUS)
-    for status in (Status.REGISTERING, Status.FAILED):
+    for status in (Status.AWAITING_KEY, Status.REGISTERING):
         assert decide(view(record_of(first, status)), second, CLC).code == "walrus-exists"
-    # A refused or expired walrus holds nothing.
-    for status in (Status.REFUSED, Status.EXPIRED):
+    # A refused, expired or failing walrus holds nothing: a hook that keeps failing must not
+    # keep the genuine one out.
+    for status in (Status.REFUSED, Status.EXPIRED, Status.FAILED, Status.REPLACED):
         assert decide(view(record_of(first, status)), second, CLC).kind is DecisionKind.REGISTER
 
 

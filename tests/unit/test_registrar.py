@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from eucareg.core.model import AnnouncedState, Announcement, Record, Role, Status
+from eucareg.core.model import (
+    AnnouncedState,
+    Announcement,
+    HookOutcome,
+    HookRun,
+    Record,
+    Role,
+    Status,
+)
 from eucareg.core.policy import RegistrarSettings
+from eucareg.core.transitions import Write
 from eucareg.core.trust import Task
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
+from eucareg.registrar.hooks import proc_start_time
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, ann, sighting
 
@@ -64,6 +76,7 @@ async def make_registrar(
         self_registered=lambda: flag[0],
         master_key=b"test-master-key",
     )
+    await registrar.start()
     if install_window:
         # These tests are about ordering, not trust: the operator opened an install window.
         await registrar.open_install_window(3600)
@@ -283,23 +296,61 @@ async def test_restarted_registrar_neither_registers_again_nor_reruns_hooks(
     assert second.store.get(parts[2].component_id).status is Status.PENDING  # type: ignore[union-attr]
 
 
-async def test_crash_during_a_hook_reruns_it_on_resume(tmp_path: Path) -> None:
+async def test_a_decided_hook_that_never_started_runs_once_on_resume_unmarked(
+    tmp_path: Path,
+) -> None:
     log = tmp_path / "hooks.log"
-    counting_hooks(tmp_path / "hooks", log)
-    reg = await make_registrar(tmp_path)
+    write_hook(tmp_path / "hooks", "walrus", f'echo "$EUCAREG_ID rerun=$EUCAREG_RERUN" >> {log}')
     walrus = ann(Role.WALRUS)
-    reg.store.put(
-        replace(
-            _record(walrus),
-            status=Status.REGISTERING,
-            reason="was running when we died",
-        )
-    )
-    await reg.start()
-    await asyncio.sleep(0.05)
+    # We died after committing "registering" and before the hook was journaled.
+    seed = Store(sqlite_url(tmp_path / "registry.db"))
+    seed.apply([Write(records=(replace(_record(walrus), status=Status.REGISTERING),))])
+    seed.close()
+    reg = await make_registrar(tmp_path)
     await settle(reg)
     assert reg.store.get(walrus.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
-    assert len(hook_lines(log)) == 1
+    assert hook_lines(log) == [f"{walrus.component_id} rerun=0"]
+
+
+def spawn_orphan() -> subprocess.Popen[bytes]:
+    """A stand-in for a hook left running by a registrar that died: a session of its own."""
+    return subprocess.Popen(["sleep", "300"], start_new_session=True)
+
+
+async def test_an_interrupted_hook_is_killed_and_run_again_once_marked(tmp_path: Path) -> None:
+    """A hook journaled as running whose registrar died: its process group (still alive,
+    in a session of its own) is killed, and the hook is run once more with EUCAREG_RERUN=1."""
+    log = tmp_path / "hooks.log"
+    write_hook(tmp_path / "hooks", "walrus", f'echo "$EUCAREG_ID rerun=$EUCAREG_RERUN" >> {log}')
+    walrus = ann(Role.WALRUS)
+    orphan = spawn_orphan()
+    try:
+        run = HookRun(
+            run_id="dead-registrar-run",
+            component_id=walrus.component_id,
+            hook=str(tmp_path / "hooks" / "walrus"),
+            started_at=time.time() - 5,
+            outcome=HookOutcome.RUNNING,
+            pgid=orphan.pid,
+            proc_start=proc_start_time(orphan.pid),
+        )
+        record = replace(_record(walrus), status=Status.REGISTERING)
+        seed = Store(sqlite_url(tmp_path / "registry.db"))
+        seed.apply([Write(records=(record,), hook_runs=(run,))])
+        seed.close()
+        reg = await make_registrar(tmp_path)
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        await settle(reg)
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert reg.store.get(walrus.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
+    assert hook_lines(log) == [f"{walrus.component_id} rerun=1"]
+    runs = {r.run_id: r for r in reg.store.hook_runs(walrus.component_id)}
+    assert runs["dead-registrar-run"].outcome is HookOutcome.INTERRUPTED
+    assert [r.rerun for r in runs.values() if r.run_id != "dead-registrar-run"] == [True]
+    codes = [e.code for e in reg.store.events(component_id=walrus.component_id)]
+    assert "hook-interrupted" in codes
 
 
 @pytest.mark.parametrize(
