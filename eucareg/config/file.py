@@ -102,7 +102,7 @@ def parse_duration(value: Any, key: str) -> float:
     else:
         raise ConfigError(f"{key}: expected a duration such as '30s', '5m' or '1h', got {value!r}")
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{key}: must be a finite time longer than zero, got {value!r}")
+        raise ConfigError(f"{key}: must be longer than zero (and finite), got {value!r}")
     return seconds
 
 

@@ -120,7 +120,7 @@ class TrustAdmin:
         current = self.find(record.component_id, None)
         step = approved(current, self.engine.clock())
         await self._apply(step)
-        return self.engine.memory.records.get(record.component_id) or step.change.records[0]
+        return step.change.records[0]
 
     async def reject(self, record: Record) -> Record:
         current = self.find(record.component_id, None)

@@ -301,7 +301,9 @@ class Registrar:
             self.live.pop(component_id, None)
             self.seen(component_id)
             log.info("component %s withdrew its announcement", component_id)
-            # Once silent long enough, a newcomer at its address may replace it.
+            # A newcomer refused its address now waits for it to stay silent (and may
+            # replace it then): decide the blocked again, and once more when that time is up.
+            self.reconsider()
             replace_after = self.settings.replace_after
             self._arm(component_id, EffectKind.RECONSIDER, self.clock() + replace_after + 0.05)
 
