@@ -51,6 +51,7 @@ from eucareg.registrar.admin import TrustAdmin
 from eucareg.registrar.desk import CredentialAnswer, CredentialDesk, CredentialRefused, Issuer
 from eucareg.registrar.faults import crash_point
 from eucareg.registrar.hooks import HookRunner, kill_orphaned
+from eucareg.registrar.lag import LagMonitor
 from eucareg.registrar.memory import Memory
 from eucareg.store.registry import Store
 from eucareg.store.writer import Writer
@@ -133,6 +134,7 @@ class Registrar:
         self._noted: dict[str, str] = {}  # last event-only note per key, to avoid repeats
         self.stopping = False
         self.started_at = clock()
+        self.lag = LagMonitor()
         self.admin = TrustAdmin(self)
         self.desk = CredentialDesk(self, issuer_for)
 
@@ -143,6 +145,7 @@ class Registrar:
         snapshot = await asyncio.to_thread(self.store.load)
         self.memory = Memory.from_snapshot(snapshot)
         self.writer.start()
+        self.lag.start()
         self.admin.arm_install_close()
         now = self.clock()
         rerun: set[str] = set()
@@ -185,6 +188,7 @@ class Registrar:
         await self.hooks.close()
         for component_id in list(self._changed):
             self.notify(component_id)
+        await self.lag.close()
         await self.writer.close()
 
     async def idle(self) -> None:
