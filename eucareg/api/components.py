@@ -1,0 +1,75 @@
+"""Endpoints a component calls, each request signed by its own key: collecting its credentials
+(POST /v1/credentials, a long-poll that also watches for revocation) and announcing itself over
+HTTP when mDNS cannot reach its registrar (POST /v1/announce, `fallback_registrar`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+from aiohttp import web
+
+from eucareg.api.auth import read_signed
+from eucareg.api.context import REGISTRAR
+from eucareg.api.validate import ApiError, as_object, bad, error
+from eucareg.core.txt import Rejected, decode
+from eucareg.pki import credentials as cred
+from eucareg.registrar.engine import CredentialRefused
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT = 30.0  # longest long-poll a component may ask for
+
+
+async def collect(request: web.Request) -> web.Response:
+    """POST /v1/credentials?wait=SECONDS: 200 with the files, 202 while not registered, 403
+    for another key, 410 when `have` names revoked credentials."""
+    wait = _wait(request.query.get("wait", "0"))
+    payload, public_key = await read_signed(request)
+    component_id = payload.get("component_id")
+    if not isinstance(component_id, str) or not component_id:
+        bad("malformed credential request: component_id must be a non-empty string")
+    have = payload.get("have")
+    if have is not None and not isinstance(have, str):
+        bad("malformed credential request: have must be a certificate serial (a string)")
+    registrar = request.app[REGISTRAR]
+    try:
+        answer = await registrar.credentials(component_id, public_key, wait, have or None)
+    except CredentialRefused as exc:
+        if exc.status != 410:
+            log.warning("credential request for %s refused: %s", component_id, exc)
+        return error(exc.status, str(exc))
+    if answer.files is None:
+        status = answer.status.value if answer.status else "unknown"
+        return web.json_response({"status": status, "reason": answer.reason}, status=202)
+    await registrar.mark_collected(component_id)
+    return web.json_response({"status": "registered", "files": answer.files})
+
+
+def _wait(raw: str) -> float:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        bad(f"malformed credential request: wait must be a number of seconds, got {raw[:20]!r}")
+    if math.isnan(seconds):
+        bad("malformed credential request: wait must be a number of seconds, got nan")
+    return min(MAX_WAIT, max(0.0, seconds))
+
+
+async def announce(request: web.Request) -> web.Response:
+    """POST /v1/announce: a TXT record sent over HTTP, decided like an mDNS announcement."""
+    payload, public_key = await read_signed(request)
+    raw = as_object(payload.get("txt"), "malformed announcement: txt")
+    if not all(isinstance(v, str) for v in raw.values()):
+        bad("malformed announcement: every txt value must be a string")
+    decoded = decode(f"fallback:{request.remote}", raw)
+    if isinstance(decoded, Rejected):
+        bad(f"{decoded.code}: {decoded.reason}")
+    if decoded.fingerprint != cred.fingerprint(public_key):
+        raise ApiError(403, "the request is not signed by the announced key")
+    record = await request.app[REGISTRAR].fallback(replace(decoded, source="fallback"))
+    if record is None:
+        return web.json_response({"status": "ignored", "reason": "not for this registrar"})
+    return web.json_response({"status": record.status.value, "reason": record.reason})

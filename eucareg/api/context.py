@@ -1,0 +1,31 @@
+"""What every API handler is handed: the registrar and the agent's context, stored on the aiohttp
+application under typed keys (`request.app[REGISTRAR]`), so handlers are plain functions with
+no closure over the agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from eucareg.pki import credentials as cred
+from eucareg.registrar.engine import Registrar
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What the API needs from the agent besides the registrar."""
+
+    admin_token: str
+    local_components: Callable[[], list[dict[str, Any]]]
+    # The cloud CA's fingerprint: who may read this registry as a peer, and what tokens pin.
+    ca_fingerprint: Callable[[], str | None]
+    # The CLC's key, to sign its requests to CC registrars (None elsewhere).
+    peer_key: cred.PrivateKey | None = None
+
+
+REGISTRAR = web.AppKey("registrar", Registrar)
+CONTEXT = web.AppKey("context", ApiContext)

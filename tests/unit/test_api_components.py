@@ -1,0 +1,205 @@
+"""The component endpoints over HTTP against a real registrar: credential collection (202, 200
+with the key layout, 403 for another key, 410 once revoked, also while long-polling) and HTTP
+fallback announcements (only in mode any, only signed by the announced key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eucareg.core.model import Announcement, Role
+from eucareg.pki import credentials as cred
+from tests.factories import ann, sighting
+from tests.unit.test_api_harness import (
+    CC_SETTINGS,
+    CLC_SETTINGS,
+    Harness,
+    key_of,
+    served,
+)
+
+
+@pytest.fixture
+async def clc(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with served(tmp_path, CLC_SETTINGS) as harness:
+        yield harness
+
+
+def txt_of(a: Announcement) -> dict[str, str]:
+    return dict(sighting(a).txt)
+
+
+async def collect(
+    h: Harness, a: Announcement, key: cred.PrivateKey | None = None, **fields: Any
+) -> tuple[int, Any]:
+    wait = fields.pop("wait", 0)
+    return await h.signed(
+        "/v1/credentials",
+        key or key_of(a),
+        {"component_id": a.component_id, **fields},
+        query=f"?wait={wait}",
+    )
+
+
+async def registered_walrus(h: Harness) -> tuple[Announcement, dict[str, str]]:
+    """A walrus registered through an install window; returns it and its credential files."""
+    assert (await h.post("/v1/trust/install-window", {"open": True, "for": "10m"}))[0] == 200
+    walrus = ann(Role.WALRUS)
+    h.announce(walrus)
+    await h.record_status(walrus.component_id, "awaiting-key")
+    # The first signed request proves the key; the long-poll returns once it is registered.
+    status, answer = await collect(h, walrus, wait=10)
+    assert status == 200, answer
+    return walrus, answer["files"]
+
+
+async def test_an_unknown_component_is_told_to_wait(clc: Harness) -> None:
+    status, answer = await collect(clc, ann(Role.WALRUS))
+    assert status == 202
+    assert answer == {"status": "unknown", "reason": "not known to this registrar (yet)"}
+
+
+async def test_a_pending_component_gets_202_with_its_status(clc: Harness) -> None:
+    walrus = ann(Role.WALRUS)
+    clc.announce(walrus)
+    await clc.record_status(walrus.component_id, "pending")
+    status, answer = await collect(clc, walrus)
+    assert status == 202
+    assert answer["status"] == "pending"
+    assert "waiting for the operator to approve" in answer["reason"]
+
+
+async def test_a_registered_component_collects_its_key_layout(clc: Harness) -> None:
+    walrus, files = await registered_walrus(clc)
+    assert set(files) == {cred.CLOUD_CERT, cred.LAYOUTS[Role.WALRUS].cert}
+    # The agent's own check: the certificate certifies our key and chains to the CA.
+    cred.verify_bundle(files, Role.WALRUS, key_of(walrus))
+    ca = cred.load_cert_pem(files[cred.CLOUD_CERT])
+    assert cred.cert_fingerprint(ca) == clc.cloud.fingerprint
+    record = clc.registrar.record(walrus.component_id)
+    assert record is not None and record.credentials_collected_at is not None
+
+
+async def test_another_key_for_a_registered_id_is_403(clc: Harness) -> None:
+    walrus, _files = await registered_walrus(clc)
+    status, answer = await collect(clc, walrus, key=cred.generate_key())
+    assert status == 403
+    assert answer == {"error": f"{walrus.component_id} is registered with another key"}
+
+
+async def test_revoked_credentials_are_410_also_for_a_waiting_long_poll(clc: Harness) -> None:
+    walrus, files = await registered_walrus(clc)
+    cert = cred.load_cert_pem(files[cred.LAYOUTS[Role.WALRUS].cert])
+    serial = format(cert.serial_number, "x")
+    # The agent's watch: a long-poll with the serial it holds; it must be woken, not time out.
+    watch = asyncio.create_task(collect(clc, walrus, have=serial, wait=20))
+    # Give the watch time to be waiting inside the registrar. Either order ends in 410; the
+    # wait_for below fails only if a waiting watch is not woken (it would last 20 s).
+    await asyncio.sleep(0.1)
+    assert await clc.post("/v1/deregister", {"component_id": walrus.component_id}) == (
+        200,
+        {"deregistered": walrus.component_id},
+    )
+    status, answer = await asyncio.wait_for(watch, 10)
+    assert (status, answer) == (410, {"error": "these credentials were revoked (deregistered)"})
+    assert (await collect(clc, walrus, have=serial))[0] == 410
+
+
+@pytest.mark.parametrize(
+    ("fields", "query", "message"),
+    [
+        ({"component_id": ["x"]}, "", "component_id must be a non-empty string"),
+        ({"component_id": ""}, "", "component_id must be a non-empty string"),
+        ({"have": 12}, "", "have must be a certificate serial"),
+        ({}, "?wait=soon", "wait must be a number of seconds"),
+        ({}, "?wait=nan", "wait must be a number of seconds"),
+    ],
+)
+async def test_malformed_credential_requests_are_400(
+    clc: Harness, fields: dict[str, Any], query: str, message: str
+) -> None:
+    key = cred.generate_key()
+    body = {"component_id": "walrus-000000000001", **fields}
+    status, answer = await clc.signed("/v1/credentials", key, body, query=query)
+    assert status == 400
+    assert message in answer["error"]
+
+
+# -- HTTP fallback announcements ---------------------------------------------------------------
+
+
+async def fallback(h: Harness, a: Announcement, key: cred.PrivateKey | None = None) -> Any:
+    return await h.signed("/v1/announce", key or key_of(a), {"txt": txt_of(a)})
+
+
+async def test_fallback_announcements_are_refused_unless_mode_any(clc: Harness) -> None:
+    assert (await clc.post("/v1/trust/install-window", {"open": True, "for": "10m"}))[0] == 200
+    walrus = ann(Role.WALRUS)
+    status, answer = await fallback(clc, walrus)
+    assert status == 200
+    assert answer["status"] == "refused"
+    assert "needs mode any" in answer["reason"]
+    assert (await clc.post("/v1/trust/mode", {"mode": "any"}))[0] == 200
+    status, answer = await fallback(clc, walrus)
+    # Signed by its own key: possession is proven, so it goes straight to its hook.
+    assert status == 200
+    assert answer["status"] in ("registering", "registered"), answer
+    await clc.record_status(walrus.component_id, "registered")
+    assert (await clc.post("/v1/trust/mode", {"mode": "off"}))[0] == 200
+    status, answer = await fallback(clc, ann(Role.WALRUS))
+    assert (status, answer["status"]) == (200, "refused")
+
+
+async def test_a_fallback_announcement_must_be_signed_by_the_announced_key(
+    clc: Harness,
+) -> None:
+    status, answer = await fallback(clc, ann(Role.WALRUS), key=cred.generate_key())
+    assert (status, answer) == (403, {"error": "the request is not signed by the announced key"})
+
+
+async def test_a_fallback_announcement_for_another_registrar_is_ignored(tmp_path: Path) -> None:
+    async with served(tmp_path, CC_SETTINGS) as cc:
+        status, answer = await fallback(cc, ann(Role.WALRUS))
+    assert (status, answer) == (200, {"status": "ignored", "reason": "not for this registrar"})
+
+
+@pytest.mark.parametrize(
+    ("txt", "message"),
+    [
+        (None, "txt must be a JSON object, got null"),
+        (["type=walrus"], "txt must be a JSON object, got a list"),
+        ({"type": 5}, "every txt value must be a string"),
+        ({"type": "walrus"}, "bad-txt"),
+    ],
+)
+async def test_malformed_fallback_announcements_are_400(
+    clc: Harness, txt: Any, message: str
+) -> None:
+    status, answer = await clc.signed("/v1/announce", cred.generate_key(), {"txt": txt})
+    assert status == 400
+    assert message in answer["error"]
+
+
+async def test_a_bad_address_in_a_fallback_announcement_is_400(clc: Harness) -> None:
+    walrus = ann(Role.WALRUS)
+    txt = {**txt_of(walrus), "addr": "127.0.0.1"}
+    status, answer = await clc.signed("/v1/announce", key_of(walrus), {"txt": txt})
+    assert status == 400
+    assert "loopback" in answer["error"]
+    assert clc.registrar.record(walrus.component_id) is None
+
+
+async def test_peer_registry_answers_only_the_cloud_ca_key(clc: Harness, tmp_path: Path) -> None:
+    status, answer = await clc.signed("/v1/peer/registry", clc.cloud.key, {})
+    assert status == 200
+    assert set(answer) == {"registrar", "local", "components"}
+    status, answer = await clc.signed("/v1/peer/registry", cred.generate_key(), {})
+    assert (status, answer) == (403, {"error": "only the cloud controller may read this registry"})
+    async with served(tmp_path / "cc", CC_SETTINGS, ca_known=False) as cc:
+        # A CC without its cloud CA (not registered yet) answers nobody.
+        assert (await cc.signed("/v1/peer/registry", cc.cloud.key, {}))[0] == 403

@@ -1,0 +1,166 @@
+"""Shared set-up of the API and CLI tests (no tests of its own): a real Registrar on a SQLite
+file in tmp_path, its API served on 127.0.0.1 port 0, and clients for the operator (admin
+bearer token) and for components (requests signed by their own key). Each test module makes
+its own fixtures from `served`, so nothing here depends on fixture discovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.typedefs import Middleware
+
+from eucareg.api.app import ApiContext, build_app, signed_body
+from eucareg.core.model import Announcement, Role
+from eucareg.core.policy import RegistrarSettings
+from eucareg.pki import credentials as cred
+from eucareg.registrar.engine import Issuer, Registrar, Timing
+from eucareg.store.registry import Store, sqlite_url
+from tests.factories import KEYS, sighting
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+CLC_SETTINGS = RegistrarSettings(
+    registers=frozenset({Role.WALRUS, Role.CC, Role.SC}), observes_unmatched_nodes=True
+)
+CC_SETTINGS = RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="cluster1")
+
+
+@dataclass(frozen=True)
+class Cloud:
+    """The cloud CA: the CLC's key and its self-signed certificate."""
+
+    key: cred.PrivateKey
+    issuer: Issuer
+
+    @property
+    def fingerprint(self) -> str:
+        return cred.fingerprint(self.key.public_key())
+
+
+@functools.cache
+def the_cloud() -> Cloud:
+    """One cloud CA for the session (key generation is slow)."""
+    key = cred.generate_key()
+    ca = cred.create_cloud_ca(key, "clc-test")
+    return Cloud(key, Issuer(key=key, cert=ca, cloud_cert=ca))
+
+
+async def make_registrar(tmp_path: Path, settings: RegistrarSettings, cloud: Cloud) -> Registrar:
+    """A registrar as the agent makes one; no hook scripts, so registering skips the hook."""
+    await asyncio.to_thread(tmp_path.mkdir, parents=True, exist_ok=True)
+    registrar = Registrar(
+        Store(sqlite_url(tmp_path / "registry.db")),
+        settings,
+        hook_dir=tmp_path / "hooks",
+        timing=Timing(retry_base=0.05, retry_max=0.2, hook_timeout=5),
+        issuer_for=lambda _role: cloud.issuer,
+        self_registered=lambda: True,
+        master_key=b"test-master-key",
+    )
+    await registrar.start()
+    return registrar
+
+
+@dataclass
+class Harness:
+    registrar: Registrar
+    client: TestClient[Any, Any]
+    cloud: Cloud
+    local: list[dict[str, Any]]
+
+    @property
+    def base(self) -> str:
+        return str(self.client.make_url("")).rstrip("/")
+
+    async def admin(
+        self, method: str, path: str, body: Any = None, token: str | None = ADMIN_TOKEN, **kw: Any
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        async with self.client.request(method, path, json=body, headers=headers, **kw) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def get(self, path: str, **params: str) -> tuple[int, Any]:
+        return await self.admin("GET", path, params=params)
+
+    async def post(self, path: str, body: Any) -> tuple[int, Any]:
+        return await self.admin("POST", path, body)
+
+    async def raw_post(self, path: str, data: bytes) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+        async with self.client.post(path, data=data, headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def signed(
+        self,
+        path: str,
+        key: cred.PrivateKey,
+        fields: dict[str, Any],
+        query: str = "",
+        body_and_headers: tuple[bytes, dict[str, str]] | None = None,
+    ) -> tuple[int, Any]:
+        body, headers = body_and_headers or signed_body(key, fields)
+        async with self.client.post(path + query, data=body, headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    def announce(self, ann: Announcement) -> None:
+        """The registrar hears `ann` over mDNS."""
+        self.registrar.on_sighting(sighting(ann))
+
+    async def record_status(self, component_id: str, wanted: str) -> None:
+        def done() -> bool:
+            record = self.registrar.record(component_id)
+            return record is not None and record.status.value == wanted
+
+        await eventually(done, f"{component_id} to be {wanted}")
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait for something that must happen (never used to show that something does not)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def key_of(ann: Announcement) -> cred.PrivateKey:
+    return KEYS[ann.fingerprint]
+
+
+@contextlib.asynccontextmanager
+async def served(
+    tmp_path: Path,
+    settings: RegistrarSettings,
+    *,
+    ca_known: bool = True,
+    peer_key: cred.PrivateKey | None = None,
+    middlewares: Sequence[Middleware] = (),
+) -> AsyncIterator[Harness]:
+    """A registrar and its API on 127.0.0.1, port 0; closed again on the way out.
+    `middlewares` run inside the API's own, e.g. to pretend a request came from elsewhere."""
+    cloud = the_cloud()
+    registrar = await make_registrar(tmp_path, settings, cloud)
+    local: list[dict[str, Any]] = []
+    ctx = ApiContext(
+        admin_token=ADMIN_TOKEN,
+        local_components=lambda: local,
+        ca_fingerprint=lambda: cloud.fingerprint if ca_known else None,
+        peer_key=peer_key,
+    )
+    app = build_app(registrar, ctx)
+    app.middlewares.extend(middlewares)
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        yield Harness(registrar, client, cloud, local)
+    finally:
+        await client.close()
+        await registrar.close()
