@@ -1,0 +1,43 @@
+"""What every `eucareg` command shares: the consoles, the one way to fail (a message on standard
+error and an exit status, never a traceback), --json, and loading the configuration file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from eucareg.config import file as config_mod
+
+DEFAULT_CONFIG = Path("/etc/eucareg/eucareg.toml")
+
+# Piped output is not cut to 80 columns: tables stay one row per line for grep and less.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: message` on standard error and exit (docs/cli.md, EXIT STATUS)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+def load_config(path: Path) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        fail(str(exc))
+    except UnicodeDecodeError:
+        # config.load reads the file as UTF-8 and does not turn this into a ConfigError.
+        fail(f"{path}: not valid TOML: the file is not UTF-8 text")
+
+
+def print_json(data: Any, *, sort_keys: bool = False) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=sort_keys))
