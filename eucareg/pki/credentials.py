@@ -329,6 +329,32 @@ def credentials_present(key_dir: Path, role: Role, own_key: PrivateKey) -> bool:
     )
 
 
+# (device, inode, size, mtime, ctime) of one file, or None when it cannot be stat'ed.
+FileStamp = tuple[int, int, int, int, int] | None
+
+
+def credential_stamp(key_dir: Path, role: Role) -> tuple[FileStamp, ...]:
+    """A cheap signature of the files `role` holds (stat only, nothing read or verified).
+
+    write_atomic replaces files by rename, so every rewrite changes the inode; the sizes and
+    times catch in-place edits. Equal stamps mean there is nothing to re-verify.
+    """
+    stamps: list[FileStamp] = []
+    for name in required_files(role):
+        try:
+            st = os.stat(key_dir / name)
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(stamps)
+
+
+def issuer_cert_name(role: Role) -> str:
+    """The file holding the certificate that signed `role`'s own one (its registrar's)."""
+    return LAYOUTS[role].issuer or CLOUD_CERT
+
+
 # -- signed requests -------------------------------------------------------------------------
 
 

@@ -1,0 +1,63 @@
+"""A component's identity on this host: its stable id and own key pair, the CLC's cloud CA made
+from that key, and the registrar's root-only secrets. All blocking (files, RSA): the agent calls
+these through asyncio.to_thread; the CLI calls them directly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from eucareg.core import txt
+from eucareg.core.model import Role
+from eucareg.pki import credentials as cred
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A component's own stable id and key pair, made at first start."""
+
+    component_id: str
+    key: cred.PrivateKey
+    fingerprint: str
+
+
+def load_or_create_identity(state_dir: Path, role: Role) -> Identity:
+    """The id and key of this host's `role` component, made once and kept (docs/credentials.md)."""
+    directory = state_dir / "identity"
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    id_file = directory / f"{role.value}.id"
+    if id_file.exists():
+        component_id = id_file.read_text().strip()
+        if not txt.COMPONENT_ID_RE.match(component_id):
+            raise cred.CredentialError(f"{id_file} holds no valid component id")
+    else:
+        component_id = f"{role.value}-{uuid.uuid4().hex[:12]}"
+        cred.write_atomic(id_file, component_id.encode() + b"\n", mode=0o644)
+    key = cred.load_or_create_key(directory / f"{role.value}.key.pem")
+    return Identity(component_id, key, cred.fingerprint(key.public_key()))
+
+
+def ensure_cloud_ca(key_dir: Path, identity: Identity) -> x509.Certificate:
+    """The CLC's cloud CA: cloud-cert.pem certifies the CLC's own key, made once."""
+    cert_path = key_dir / cred.CLOUD_CERT
+    if cert_path.exists():
+        cert = cred.load_cert(cert_path)
+        if cred.cert_fingerprint(cert) == identity.fingerprint:
+            return cert
+        raise cred.CredentialError(f"{cert_path} does not belong to this CLC's key")
+    cert = cred.create_cloud_ca(identity.key, identity.component_id)
+    cred.write_atomic(key_dir / cred.LAYOUTS[Role.CLC].key, cred.key_pem(identity.key))
+    cred.write_atomic(cert_path, cred.cert_pem(cert).encode())
+    return cert
+
+
+def read_or_create_secret(path: Path, fresh: bytes) -> bytes:
+    """A root-only secret file, made once (the admin credential, the token master key)."""
+    if path.exists():
+        return path.read_bytes().strip()
+    cred.write_atomic(path, fresh + b"\n")
+    return fresh

@@ -1,0 +1,115 @@
+"""Finding the registrar each component talks to: CLCs and registered CCs heard over mDNS, the
+token or configured CA pin, the registrar that certified credentials already held, and the
+configured HTTP fallback when nothing suitable announces itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from eucareg.core import txt
+from eucareg.core.model import AnnouncedState, Announcement, Role
+from eucareg.mdns.types import Change, Sighting
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A registrar's HTTP API; `component_id` is empty for the configured fallback."""
+
+    address: str
+    port: int
+    component_id: str
+    fingerprint: str = ""
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+
+class Registrars:
+    """The registrars heard so far, updated from sightings; wakes waiters when they change."""
+
+    def __init__(self, fallback: tuple[str, int] | None = None) -> None:
+        self._fallback = Endpoint(*fallback, component_id="") if fallback else None
+        self._clc: dict[str, Endpoint] = {}  # instance -> CLC endpoint
+        self._clusters: dict[str, tuple[str, Endpoint]] = {}  # instance -> (cluster, endpoint)
+        self._changed = asyncio.Event()
+        self._warned: set[str] = set()  # warnings given since the last change, to say each once
+
+    def on_sighting(self, sighting: Sighting) -> None:
+        """mDNS browser callback: never blocks, never raises on what others announce."""
+        if sighting.change is Change.REMOVED:
+            changed = bool(self._clc.pop(sighting.instance, None)) or bool(
+                self._clusters.pop(sighting.instance, None)
+            )
+        else:
+            ann = txt.decode(sighting.instance, sighting.txt, sighting.addresses)
+            if not isinstance(ann, Announcement) or ann.api_port is None:
+                return
+            endpoint = Endpoint(str(ann.address), ann.api_port, ann.component_id, ann.fingerprint)
+            if ann.role is Role.CLC:
+                self._clc[sighting.instance] = endpoint
+                changed = True
+            elif ann.role is Role.CC and ann.state is AnnouncedState.REGISTERED and ann.cluster:
+                self._clusters[sighting.instance] = (ann.cluster, endpoint)
+                changed = True
+            else:
+                changed = False
+        if changed:
+            log.debug("registrars changed: %s %s", sighting.change.value, sighting.instance)
+            # Wake everyone waiting now, and give later waiters a fresh event.
+            self._changed.set()
+            self._changed = asyncio.Event()
+            self._warned.clear()
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Return when the registrars heard change, or after `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def for_component(
+        self,
+        role: Role,
+        cluster: str | None,
+        *,
+        pin: str | None,
+        issuer: str | None,
+    ) -> Endpoint | None:
+        """The registrar `role` asks, or None.
+
+        `pin` is the cloud CA a token or the configuration pins (it selects among CLCs).
+        `issuer` is, when we hold credentials, the key of the registrar that certified them:
+        only that registrar may tell us they were revoked, so an unpinned component never asks
+        a stranger announcing another key (it would answer 410 and have us drop them).
+        """
+        if role is Role.NC:
+            candidates = [ep for c, ep in self._clusters.values() if c == cluster]
+        else:
+            candidates = [ep for ep in self._clc.values() if pin is None or ep.fingerprint == pin]
+            if len(self._clc) > 1 and len(candidates) != 1:
+                self._warn(f"more than one CLC announces itself: {sorted(self._clc)}")
+            if not candidates and self._clc:
+                self._warn(
+                    f"no announced CLC has the CA key we pin ({pin}); ignoring "
+                    + ", ".join(sorted(ep.address for ep in self._clc.values()))
+                )
+        if issuer is not None:
+            strangers = [ep for ep in candidates if ep.fingerprint != issuer]
+            if strangers:
+                self._warn(
+                    "ignoring registrars that did not certify our credentials: "
+                    + ", ".join(sorted(f"{ep.component_id}@{ep.address}" for ep in strangers))
+                )
+            candidates = [ep for ep in candidates if ep.fingerprint == issuer]
+        return candidates[0] if candidates else self._fallback
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)

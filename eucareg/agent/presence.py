@@ -1,0 +1,64 @@
+"""Whether a component's credentials are on disk ("key presence is registration"). They are
+verified once, then re-verified, in a thread, only when a stat of the files shows a change, so the
+re-check every few seconds costs a few stat calls instead of RSA key loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from eucareg.core.model import Role
+from eucareg.pki import credentials as cred
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a verification found: present or not, and facts the agent needs when present."""
+
+    present: bool
+    serial: str | None = None  # our certificate's serial (hex), sent as `have` when watching
+    issuer_fingerprint: str | None = None  # key of the registrar that certified us
+
+
+def _verify(key_dir: Path, role: Role, key: cred.PrivateKey) -> Held:
+    """Full check (blocking): every file there, our certificate and key copy are ours."""
+    if not cred.credentials_present(key_dir, role, key):
+        return Held(False)
+    try:
+        own = cred.load_cert(key_dir / cred.LAYOUTS[role].cert)
+        issuer = cred.load_cert(key_dir / cred.issuer_cert_name(role))
+        return Held(True, format(own.serial_number, "x"), cred.cert_fingerprint(issuer))
+    except cred.CredentialError:
+        # Replaced between the two reads: the next re-check sees another stamp and verifies.
+        return Held(False)
+
+
+class CredentialPresence:
+    """The cached verdict on one component's credentials, refreshed only when files change."""
+
+    def __init__(self, key_dir: Path, role: Role, key: cred.PrivateKey) -> None:
+        self._key_dir = key_dir
+        self._role = role
+        self._key = key
+        self._stamp: tuple[cred.FileStamp, ...] | None = None
+        self.held = Held(False)
+        self.verifications = 0  # how often the files were actually verified
+        self._lock = asyncio.Lock()  # both loops check; one verification serves both
+
+    async def check(self) -> Held:
+        """The current verdict; verifies afresh only if the files changed since last time."""
+        async with self._lock:
+            # Stamp before verifying: a change during the verification shows up next time.
+            stamp = cred.credential_stamp(self._key_dir, self._role)
+            if stamp != self._stamp:
+                if None in stamp:
+                    self.held = Held(False)  # a file is missing: nothing worth reading
+                else:
+                    self.verifications += 1
+                    self.held = await asyncio.to_thread(
+                        _verify, self._key_dir, self._role, self._key
+                    )
+                self._stamp = stamp
+            return self.held

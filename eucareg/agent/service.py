@@ -1,0 +1,156 @@
+"""The registrar a host runs when it holds the CLC or a CC: its store, secrets and HTTP API, and
+the issuers that sign the certificates it hands out. Started and closed with the agent; closing
+wakes every held long-poll and bounds how long the API waits for handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+
+from eucareg.api.app import ApiContext, build_app
+from eucareg.config.file import Config
+from eucareg.core.model import Role
+from eucareg.core.policy import RegistrarSettings
+from eucareg.core.trust import new_master_key
+from eucareg.pki import credentials as cred
+from eucareg.registrar.engine import Issuer, Registrar, Timing
+from eucareg.store.registry import Store, sqlite_url
+
+from .component import Component
+from .identity import read_or_create_secret
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_FILE = "admin.token"
+MASTER_KEY_FILE = "registrar.key"
+
+
+class RegistrarService:
+    """The registrar and its API on this host (the CLC's, a CC's, or one doing both)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        clc: Component | None,
+        cc: Component | None,
+        cloud_cert: x509.Certificate | None,
+        local_components: Callable[[], list[dict[str, Any]]],
+        shutdown_timeout: float,
+    ) -> None:
+        self.cfg = cfg
+        self._clc, self._cc, self._cloud_cert = clc, cc, cloud_cert
+        self._local_components = local_components
+        self._shutdown_timeout = shutdown_timeout
+        self.store: Store | None = None
+        self.registrar: Registrar | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = cfg.api_port  # the bound port once started (differs only for port 0)
+
+    async def start(self) -> None:
+        cfg, cc = self.cfg, self._cc
+        registers: set[Role] = set()
+        if self._clc is not None:
+            registers |= {Role.WALRUS, Role.CC, Role.SC}
+        if cc is not None:
+            registers.add(Role.NC)
+        settings = RegistrarSettings(
+            registers=frozenset(registers),
+            own_cluster=cc.conf.cluster if cc else None,
+            observes_unmatched_nodes=self._clc is not None,
+            replace_after=cfg.replace_after,
+        )
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        master_key = await asyncio.to_thread(
+            read_or_create_secret, cfg.state_dir / MASTER_KEY_FILE, new_master_key().hex().encode()
+        )
+        admin_token = await asyncio.to_thread(
+            read_or_create_secret,
+            cfg.state_dir / ADMIN_TOKEN_FILE,
+            secrets.token_urlsafe(32).encode(),
+        )
+        self.store = Store(sqlite_url(cfg.database))
+        self.registrar = Registrar(
+            self.store,
+            settings,
+            hook_dir=cfg.hook_dir,
+            timing=Timing(cfg.pending_timeout, cfg.hook_timeout, cfg.retry_base, cfg.retry_max),
+            issuer_for=self._issuer_for,
+            self_registered=lambda: cc is not None and cc.registered,
+            master_key=master_key,
+        )
+        await self.registrar.start()
+        context = ApiContext(
+            admin_token=admin_token.decode(),
+            local_components=self._local_components,
+            ca_fingerprint=self._ca_fingerprint,
+            peer_key=self._clc.identity.key if self._clc else None,
+        )
+        # A small shutdown_timeout: held long-polls are woken by registrar.close(), and what
+        # still runs after that is cut rather than waited for (SIGTERM must stop us quickly).
+        self._runner = web.AppRunner(
+            build_app(self.registrar, context),
+            access_log=None,
+            shutdown_timeout=self._shutdown_timeout,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host=None, port=cfg.api_port, reuse_address=True)
+        await site.start()
+        self.port = self._bound_port()
+        log.info("registrar API listening on port %d", self.port)
+
+    def _bound_port(self) -> int:
+        """The IPv4 port (with port 0, the IPv4 and IPv6 sockets get different ones)."""
+        assert self._runner is not None
+        for address in self._runner.addresses:
+            if isinstance(address, tuple) and len(address) == 2:
+                return int(address[1])
+        return self.cfg.api_port
+
+    async def close(self) -> None:
+        """Wake held long-polls and kill running hooks, then stop the API, then the store."""
+        try:
+            if self.registrar is not None:
+                try:
+                    await asyncio.wait_for(self.registrar.close(), self._shutdown_timeout * 2)
+                except TimeoutError:
+                    log.warning("the registrar did not close within %.1f s", self._shutdown_timeout)
+            if self._runner is not None:
+                await self._runner.cleanup()
+        finally:
+            if self.store is not None:
+                self.store.close()
+
+    def _ca_fingerprint(self) -> str | None:
+        """The cloud CA this host belongs to: its own on the CLC, else the one its registered
+        CC holds (known from the CC's last credential check; nothing is read here)."""
+        if self._cloud_cert is not None:
+            return cred.cert_fingerprint(self._cloud_cert)
+        cc = self._cc
+        if cc is None or not cc.registered:
+            return None
+        return cc.presence.held.issuer_fingerprint
+
+    def _issuer_for(self, role: Role) -> Issuer | None:
+        if role is Role.NC:
+            cc = self._cc
+            if cc is None or not cc.registered:
+                return None
+            key_dir = self.cfg.key_dir
+            return Issuer(
+                key=cc.identity.key,
+                cert=cred.load_cert(key_dir / cred.LAYOUTS[Role.CC].cert),
+                cloud_cert=cred.load_cert(key_dir / cred.CLOUD_CERT),
+            )
+        if self._clc is None or self._cloud_cert is None:
+            return None
+        return Issuer(
+            key=self._clc.identity.key, cert=self._cloud_cert, cloud_cert=self._cloud_cert
+        )
