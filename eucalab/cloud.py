@@ -8,6 +8,7 @@ PID, and reads the registrar's API from inside the namespaces.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -81,8 +82,13 @@ class LabCloud:
     def host_dir(self, host: str) -> Path:
         return self.workdir / host
 
-    def fake_sshd(self, host: str, port: int = 2222) -> LabProcess:
-        """A stand-in sshd on the host's loopback: answers with an SSH banner, nothing more."""
+    def fake_sshd(self, host: str, port: int = 2222, *, banner: bool = True) -> LabProcess:
+        """A stand-in sshd on the host's loopback: answers with an SSH banner, nothing more.
+
+        With ``banner=False`` it accepts connections but never says anything (an sshd that
+        hangs), and logs ``probe N`` when connection N arrives and ``closed N`` when the
+        client gives up on it, so a test can see each precondition check happen.
+        """
         script = (
             "import socket\n"
             "s = socket.socket()\n"
@@ -90,13 +96,24 @@ class LabCloud:
             f"s.bind(('127.0.0.1', {port}))\n"
             "s.listen()\n"
             "print('listening', flush=True)\n"
+            "n = 0\n"
             "while True:\n"
             "    c, _ = s.accept()\n"
-            "    c.sendall(b'SSH-2.0-eucareg-lab\\r\\n')\n"
-            "    c.close()\n"
+            "    n += 1\n"
+            + (
+                "    c.sendall(b'SSH-2.0-eucareg-lab\\r\\n')\n"
+                if banner
+                else "    print(f'probe {n}', flush=True)\n"
+                "    c.settimeout(60)\n"
+                "    while c.recv(4096):\n"
+                "        pass\n"
+                "    print(f'closed {n}', flush=True)\n"
+            )
+            + "    c.close()\n"
         )
-        proc = self.lab.spawn(host, f"sshd{port}", [sys.executable, "-c", script])
-        proc.wait_for_log("listening", timeout=10)
+        name = f"sshd{port}" if banner else f"silentsshd{port}"
+        proc = self.lab.spawn(host, name, [sys.executable, "-c", script])
+        proc.wait_for_log("listening", timeout=30)
         return proc
 
     def key_dir(self, host: str) -> Path:
@@ -124,7 +141,7 @@ class LabCloud:
             f"hook_dir = {_toml_value(str(base / 'hooks'))}",
             f"api_port = {DEFAULT_API_PORT}",
             'log_format = "json"',
-            f"log_level = {_toml_value(self.settings.get('log_level', 'info'))}",
+            f"log_level = {_toml_value(self.setting('log_level', host, 'info'))}",
             *self.setting("top_level", host, []),
             "",
             "[preconditions]",
@@ -149,16 +166,25 @@ class LabCloud:
         return "\n".join(lines) + "\n"
 
     def prepare(self, host: str) -> Path:
-        """Write a host's config and counting hooks; returns the config path."""
+        """Write a host's config and hooks; returns the config path.
+
+        Every hook type gets the counting script (one line per call in ``hooks.log``) unless
+        ``settings["hooks"][host]`` gives that type a script text of its own.
+        """
         base = self.host_dir(host)
         hooks = base / "hooks"
         hooks.mkdir(parents=True, exist_ok=True)
+        custom = self.setting("hooks", host, {})
         for name in HOOK_TYPES:
             script = hooks / name
             script.write_text(
-                "#!/bin/sh\n"
-                "# lab hook: record the call, so tests can count registrations\n"
-                f'echo "{name} $EUCAREG_ID $EUCAREG_ADDRESS $EUCAREG_CLUSTER" >> {base}/hooks.log\n'
+                custom.get(name)
+                or (
+                    "#!/bin/sh\n"
+                    "# lab hook: record the call, so tests can count registrations\n"
+                    f'echo "{name} $EUCAREG_ID $EUCAREG_ADDRESS $EUCAREG_CLUSTER" >> '
+                    f"{base}/hooks.log\n"
+                )
             )
             script.chmod(0o755)
         config = base / "eucareg.toml"
@@ -167,8 +193,10 @@ class LabCloud:
 
     # -- agents ---------------------------------------------------------------------------
 
-    def start(self, host: str) -> LabProcess:
-        if host in self.agents and self.agents[host].popen.poll() is None:
+    def start(self, host: str, *, env: Mapping[str, str] | None = None) -> LabProcess:
+        """Start (or restart) a host's agent; ``env`` is added to its environment (for
+        example ``EUCAREG_CRASH_AT``)."""
+        if host in self.agents and not self.agents[host].exited():
             raise LabError(f"agent on {host} is already running")
         config = self.prepare(host)
         # One log per start, so a restart keeps the previous run's log for diagnosis.
@@ -177,6 +205,7 @@ class LabCloud:
             host,
             f"agent{self.starts[host]}",
             [sys.executable, "-m", "eucareg", "agent", "--config", str(config)],
+            env=env,
         )
         self.agents[host] = proc
         # An operator installing a cloud opens an install window on each registrar; tests of
@@ -186,6 +215,16 @@ class LabCloud:
         ):
             self.open_install_window(host)
         return proc
+
+    def kill(self, host: str, sig: int = signal.SIGKILL) -> int | None:
+        """Signal a host's agent without warning (SIGKILL: a crash) and reap it; its exit
+        status. Hooks it started run in sessions of their own and are not signalled."""
+        proc = self.agents.get(host)
+        if proc is None:
+            return None
+        if proc.exited():
+            return proc.wait_exit(0)
+        return self.lab.kill(proc, sig)
 
     def runs_registrar(self, host: str) -> bool:
         return bool({"clc", "cc"} & set(self.plan[host]))
@@ -198,7 +237,7 @@ class LabCloud:
             argv += ["--config", config]
         return self.lab.run(host, argv, timeout=30, check=check)
 
-    def wait_for_api(self, host: str, timeout: float = 20) -> None:
+    def wait_for_api(self, host: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -261,6 +300,65 @@ class LabCloud:
 
     def events(self, host: str, query: str = "") -> list[dict[str, Any]]:
         return list(self.api(host, f"/v1/events?limit=100000{query}")["events"])
+
+    def registry(self, host: str) -> list[dict[str, Any]]:
+        """Every record of a registrar (``GET /v1/registry``), whatever its state."""
+        return list(self.api(host, "/v1/registry")["components"])
+
+    def hook_runs(self, host: str, component_id: str = "") -> list[dict[str, Any]]:
+        query = f"?component={component_id}" if component_id else ""
+        return list(self.api(host, f"/v1/hooks{query}")["hook_runs"])
+
+    def wait_for_events(
+        self,
+        host: str,
+        done: Callable[[list[dict[str, Any]]], bool],
+        query: str = "",
+        timeout: float = 60,
+        interval: float = 0.3,
+    ) -> list[dict[str, Any]]:
+        """Poll a registrar's events (``query``: e.g. ``"&component=ID"``) until
+        ``done(events)``: how a test waits for the decision it then checks."""
+        deadline = time.monotonic() + timeout
+        last: list[dict[str, Any]] | str = "no answer yet"
+        while time.monotonic() < deadline:
+            try:
+                last = self.events(host, query)
+            except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                last = str(exc)
+            else:
+                if done(last):
+                    return last
+            time.sleep(interval)
+        summary = json.dumps(last, indent=1)[-4000:] if isinstance(last, list) else last
+        raise LabError(f"events on {host} not reached within {timeout}s; last:\n{summary}")
+
+    def wait_for_event(
+        self,
+        host: str,
+        component_id: str,
+        kind: str,
+        code: str | None = None,
+        *,
+        after: int = 0,
+        timeout: float = 60,
+    ) -> dict[str, Any]:
+        """The first event of this kind (and code) for a component with seq > ``after``."""
+
+        def match(event: dict[str, Any]) -> bool:
+            return bool(
+                event["kind"] == kind
+                and (code is None or event["code"] == code)
+                and event["seq"] > after
+            )
+
+        events = self.wait_for_events(
+            host,
+            lambda evs: any(match(e) for e in evs),
+            f"&component={component_id}",
+            timeout=timeout,
+        )
+        return next(e for e in events if match(e))
 
     def wait_for(
         self,

@@ -55,6 +55,8 @@ _KILL_WAIT = 5.0
 _POLL = 0.02
 
 _lab_counter = itertools.count()
+# waitid() si_code values of a child ended by a signal (si_status is then the signal).
+_KILLED_CODES = (os.CLD_KILLED, os.CLD_DUMPED)
 
 
 class LabError(Exception):
@@ -298,6 +300,24 @@ class LabProcess:
             return self.log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def exited(self) -> bool:
+        """True once the process has ended (without reaping it; see Lab.stop)."""
+        return _exited(self.popen)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the process to end; its exit status, or None.
+
+        The process is left unreaped, so Lab.stop/Lab.kill can still signal its group safely.
+        """
+        if not _wait_exited(self.popen, timeout):
+            return None
+        if self.popen.returncode is not None:
+            return self.popen.returncode
+        info = os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is None:
+            return None
+        return -info.si_status if info.si_code in _KILLED_CODES else info.si_status
 
     def wait_for_log(self, needle: str, timeout: float = 10.0) -> None:
         """Wait until ``needle`` appears in the log; LabError on timeout or early exit."""
@@ -794,6 +814,23 @@ class Lab:
         """SIGTERM the process group, wait up to ``timeout``, then SIGKILL; return the exit code."""
         self._stop_many([proc], timeout)
         return proc.popen.returncode
+
+    def kill(self, proc: LabProcess, sig: int = signal.SIGKILL, *, timeout: float = 10) -> int:
+        """Send ``sig`` (default SIGKILL: a crash) to the process's group, wait until the
+        process has ended and reap it; return its exit status (``-9`` for SIGKILL).
+
+        Unlike stop() there is no SIGTERM first and nothing else in the group is touched
+        afterwards; processes that left the group (a hook in a session of its own) run on, as
+        they would after a real crash. Teardown still removes them with the namespace.
+        """
+        _signal_group(proc.popen, sig)
+        if not _wait_exited(proc.popen, timeout):
+            raise LabError(f"{proc.host}/{proc.name} did not end within {timeout}s of signal {sig}")
+        _reap(proc.popen)
+        code = proc.popen.returncode
+        if code is None:
+            raise LabError(f"{proc.host}/{proc.name} could not be reaped")
+        return code
 
     def _stop_many(self, procs: Sequence[LabProcess], timeout: float) -> None:
         live = [p for p in procs if not _exited(p.popen)]
