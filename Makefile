@@ -1,22 +1,26 @@
-# eucareg: `make demo` runs the demo, `make test` runs every test (see README.md).
+# eucareg: `make demo` runs the demo, `make test` runs the tests, `make test-slow` the long
+# crash and load scenarios (see README.md).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test unit integration lint bench system-deps venv clean
+.PHONY: demo test test-slow unit integration lint bench system-deps venv clean
 
 demo: system-deps $(STAMP)
 	$(BIN)/eucalab demo
 
 test: system-deps $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -m 'not slow'
+
+test-slow: system-deps $(STAMP)
+	$(BIN)/pytest -m slow
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit tests/test_static.py
 
 integration: system-deps $(STAMP)
-	$(BIN)/pytest tests/integration
+	$(BIN)/pytest -m 'not slow' tests/integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check eucareg eucalab tests bench
