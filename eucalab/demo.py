@@ -147,7 +147,7 @@ def _run(
     from eucareg.cli.main import render_tree
 
     cloud = LabCloud(lab, plan, work / "cloud")
-    console.rule("[bold]eucareg demo[/]: CLC+Walrus+CC+SC on one host, plus NCs")
+    console.rule("[bold]eucalab demo[/]: CLC+Walrus+CC+SC on one host, plus NCs")
     for host, roles in plan.items():
         parts = ", ".join(f"{r} ({c})" if c else r for r, c in roles.items())
         console.print(f"  {host:8} {lab.address(host)!s:12} {parts}", highlight=False)
