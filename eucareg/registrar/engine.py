@@ -167,8 +167,11 @@ class Registrar:
             elif record.status is Status.FAILED:
                 self._arm(record.component_id, EffectKind.RETRY_AT, record.next_retry_at or now)
             elif record.status is Status.REGISTERING and record.component_id not in rerun:
-                # Decided, but its hook never started (the gate never opened): run it now.
-                self._spawn(self._run_hook(record.component_id, rerun=False))
+                # Decided, but its hook never started (the gate never opened): run it now. If
+                # the run it replaces was interrupted by an earlier crash, this one is that
+                # run's re-run, and says so.
+                owed = record.component_id in snapshot.interrupted
+                self._spawn(self._run_hook(record.component_id, rerun=owed))
         await self.writer.flush()
 
     async def close(self) -> None:

@@ -51,6 +51,8 @@ class Snapshot:
     certificates: dict[str, IssuedCertificate] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
     running_hooks: list[HookRun] = field(default_factory=list)
+    # Components whose latest hook run was interrupted: a run they still owe is a re-run.
+    interrupted: frozenset[str] = frozenset()
 
 
 def sqlite_url(path: Path) -> str:
@@ -102,6 +104,17 @@ class Store:
                     sa.select(hook_runs).where(hook_runs.c.outcome == HookOutcome.RUNNING.value)
                 ).mappings()
             ]
+            latest = (
+                sa.select(sa.func.max(hook_runs.c.seq)).group_by(hook_runs.c.component_id)
+            ).scalar_subquery()
+            interrupted = frozenset(
+                conn.execute(
+                    sa.select(hook_runs.c.component_id).where(
+                        hook_runs.c.seq.in_(latest),
+                        hook_runs.c.outcome == HookOutcome.INTERRUPTED.value,
+                    )
+                ).scalars()
+            )
             token_list = _tokens(conn)
         trust = TrustSettings(
             mode=Mode(raw.get("mode", Mode.LOCAL.value)),
@@ -115,6 +128,7 @@ class Store:
             certificates=certs,
             revoked=revoked,
             running_hooks=running,
+            interrupted=interrupted,
         )
 
     # -- writing ---------------------------------------------------------------------------

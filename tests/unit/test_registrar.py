@@ -312,6 +312,33 @@ async def test_a_decided_hook_that_never_started_runs_once_on_resume_unmarked(
     assert hook_lines(log) == [f"{walrus.component_id} rerun=0"]
 
 
+async def test_a_re_run_that_a_second_crash_kept_from_starting_is_still_marked(
+    tmp_path: Path,
+) -> None:
+    """Crash 1 interrupted the hook; the restart recorded that and owed a marked re-run, but
+    crash 2 came before the re-run was journaled. The run made after crash 2 is that re-run."""
+    log = tmp_path / "hooks.log"
+    write_hook(tmp_path / "hooks", "walrus", f'echo "$EUCAREG_ID rerun=$EUCAREG_RERUN" >> {log}')
+    walrus = ann(Role.WALRUS)
+    first = HookRun(
+        run_id="interrupted-run",
+        component_id=walrus.component_id,
+        hook=str(tmp_path / "hooks" / "walrus"),
+        started_at=time.time() - 5,
+        outcome=HookOutcome.INTERRUPTED,
+        duration=1.0,
+    )
+    seed = Store(sqlite_url(tmp_path / "registry.db"))
+    seed.apply(
+        [Write(records=(replace(_record(walrus), status=Status.REGISTERING),), hook_runs=(first,))]
+    )
+    seed.close()
+    reg = await make_registrar(tmp_path)
+    await settle(reg)
+    assert reg.store.get(walrus.component_id).status is Status.REGISTERED  # type: ignore[union-attr]
+    assert hook_lines(log) == [f"{walrus.component_id} rerun=1"]
+
+
 def spawn_orphan() -> subprocess.Popen[bytes]:
     """A stand-in for a hook left running by a registrar that died: a session of its own."""
     return subprocess.Popen(["sleep", "300"], start_new_session=True)
