@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -15,12 +16,25 @@ from rich.console import Console
 from eucareg.config import file as config_mod
 
 DEFAULT_CONFIG = Path("/etc/eucareg/eucareg.toml")
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 # Piped output is not cut to 80 columns: tables stay one row per line for grep and less.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def config_option(help_text: str) -> Callable[[FC], FC]:
+    """The host's configuration file, /etc/eucareg/eucareg.toml unless told otherwise."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=DEFAULT_CONFIG,
+        show_default=True,
+        help=help_text,
+    )
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

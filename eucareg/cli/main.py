@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from eucareg.cli import queries, trust
-from eucareg.cli.common import DEFAULT_CONFIG, console, fail, load_config, print_json
+from eucareg.cli.common import config_option, console, fail, load_config, print_json
 from eucareg.cli.logs import setup_logging
 from eucareg.cli.render import render_tree
 from eucareg.pki.credentials import CredentialError
@@ -36,14 +36,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    help="The host's TOML configuration (see docs/configuration.md).",
-)
+@config_option("The host's TOML configuration (see docs/configuration.md).")
 def agent(config_path: Path) -> None:
     """Announce this host's components, collect their credentials, and run the registrar
     when this host holds the CLC or a CC. Stops cleanly on SIGTERM or Ctrl-C, withdrawing
@@ -60,14 +53,7 @@ def agent(config_path: Path) -> None:
 
 
 @main.command("check-config")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    help="The TOML configuration to check.",
-)
+@config_option("The TOML configuration to check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the effective configuration as JSON.")
 def check_config(config_path: Path, as_json: bool) -> None:
     """Validate a configuration file and show the effective settings, defaults included."""
@@ -124,14 +110,7 @@ def check_config(config_path: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    help="The host's TOML configuration.",
-)
+@config_option("The host's TOML configuration.")
 @click.option("--json", "as_json", is_flag=True, help="Print id and fingerprint as JSON.")
 def fingerprint(config_path: Path, as_json: bool) -> None:
     """Print the id and key fingerprint of each component on this host, for confirming them
