@@ -69,7 +69,7 @@ class Agent:
         self.backend: MdnsBackend = backend or ZeroconfBackend(ipv6=config.ipv6)
         self.timing = timing or AgentTiming()
         self.supervisor = Supervisor(restart)
-        self.registrars = Registrars(config.fallback_registrar)
+        self.registrars = Registrars(config.fallback_registrar, config.allowed_ranges)
         self.components: list[Component] = []
         self.service: RegistrarService | None = None
         self.session: aiohttp.ClientSession | None = None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from eucareg.core import txt
+from eucareg.core import grammar
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 
@@ -32,7 +32,7 @@ def load_or_create_identity(state_dir: Path, role: Role) -> Identity:
     id_file = directory / f"{role.value}.id"
     if id_file.exists():
         component_id = id_file.read_text().strip()
-        if not txt.COMPONENT_ID_RE.match(component_id):
+        if not grammar.COMPONENT_ID.fullmatch(component_id):
             raise cred.CredentialError(f"{id_file} holds no valid component id")
     else:
         component_id = f"{role.value}-{uuid.uuid4().hex[:12]}"

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from eucareg.core import txt
+from eucareg.core.grammar import IPNetwork
 from eucareg.core.model import AnnouncedState, Announcement, Role
 from eucareg.mdns.types import Change, Sighting
 
@@ -35,7 +36,10 @@ class Endpoint:
 class Registrars:
     """The registrars heard so far, updated from sightings; wakes waiters when they change."""
 
-    def __init__(self, fallback: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, fallback: tuple[str, int] | None = None, allowed: tuple[IPNetwork, ...] = ()
+    ) -> None:
+        self._allowed = allowed
         self._fallback = Endpoint(*fallback, component_id="") if fallback else None
         self._clc: dict[str, Endpoint] = {}  # instance -> CLC endpoint
         self._clusters: dict[str, tuple[str, Endpoint]] = {}  # instance -> (cluster, endpoint)
@@ -49,7 +53,7 @@ class Registrars:
                 self._clusters.pop(sighting.instance, None)
             )
         else:
-            ann = txt.decode(sighting.instance, sighting.txt, sighting.addresses)
+            ann = txt.decode(sighting.instance, sighting.txt, sighting.addresses, self._allowed)
             if not isinstance(ann, Announcement) or ann.api_port is None:
                 return
             endpoint = Endpoint(str(ann.address), ann.api_port, ann.component_id, ann.fingerprint)

@@ -66,6 +66,7 @@ class RegistrarService:
             own_cluster=cc.conf.cluster if cc else None,
             observes_unmatched_nodes=self._clc is not None,
             replace_after=cfg.replace_after,
+            allowed_ranges=cfg.allowed_ranges,
         )
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         master_key = await asyncio.to_thread(

@@ -64,12 +64,13 @@ async def announce(request: web.Request) -> web.Response:
     raw = as_object(payload.get("txt"), "malformed announcement: txt")
     if not all(isinstance(v, str) for v in raw.values()):
         bad("malformed announcement: every txt value must be a string")
-    decoded = decode(f"fallback:{request.remote}", raw)
+    registrar = request.app[REGISTRAR]
+    decoded = decode(f"fallback:{request.remote}", raw, (), registrar.settings.allowed_ranges)
     if isinstance(decoded, Rejected):
         bad(f"{decoded.code}: {decoded.reason}")
     if decoded.fingerprint != cred.fingerprint(public_key):
         raise ApiError(403, "the request is not signed by the announced key")
-    record = await request.app[REGISTRAR].fallback(replace(decoded, source="fallback"))
+    record = await registrar.fallback(replace(decoded, source="fallback"))
     if record is None:
         return web.json_response({"status": "ignored", "reason": "not for this registrar"})
     return web.json_response({"status": record.status.value, "reason": record.reason})

@@ -91,6 +91,7 @@ def check_config(config_path: Path, as_json: bool) -> None:
             else None
         ),
         "ca_fingerprint": cfg.ca_fingerprint,
+        "allowed_ranges": [str(net) for net in cfg.allowed_ranges],
         "runs_registrar": cfg.runs_registrar,
         "components": components,
     }

@@ -7,7 +7,6 @@ start. docs/configuration.md documents each key; keep the two in step.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -17,9 +16,10 @@ from typing import Any
 
 import ifaddr
 
+from eucareg.core import grammar
+from eucareg.core.grammar import Invalid, IPNetwork
 from eucareg.core.model import IPAddress, Role
 from eucareg.core.trust import TokenError, parse_token
-from eucareg.core.txt import CLUSTER_RE, FINGERPRINT_RE, address_problem
 
 DEFAULT_STATE_DIR = Path("/var/lib/eucareg")
 DEFAULT_HOOK_DIR = Path("/etc/eucareg/hooks")
@@ -36,8 +36,8 @@ PACKAGES = {
     Role.NC: "eucalyptus-nc",
 }
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+MAX_CONFIG_BYTES = 1024 * 1024  # a configuration is a few hundred bytes
+MAX_ALLOWED_RANGES = 64
 
 
 class ConfigError(Exception):
@@ -77,6 +77,8 @@ class Config:
     components: tuple[ComponentConfig, ...] = field(default_factory=tuple)
     # (host, port) of a registrar to use over HTTP when none is heard over mDNS.
     fallback_registrar: tuple[str, int] | None = None
+    # Ranges the site admits besides the private ones and global unicast (e.g. 100.64.0.0/10).
+    allowed_ranges: tuple[IPNetwork, ...] = ()
     # The cloud CA's key fingerprint components accept credentials from (a token's pin wins).
     ca_fingerprint: str | None = None
 
@@ -93,17 +95,11 @@ class Config:
 
 
 def parse_duration(value: Any, key: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration such as '30s', got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    else:
-        raise ConfigError(f"{key}: expected a duration such as '30s', '5m' or '1h', got {value!r}")
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{key}: must be longer than zero (and finite), got {value!r}")
-    return seconds
+    """A duration through the one grammar (core/grammar.py); ConfigError names the key."""
+    try:
+        return grammar.duration(value, key)
+    except Invalid as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def usable_addresses() -> list[IPAddress]:
@@ -116,20 +112,32 @@ def usable_addresses() -> list[IPAddress]:
                 address = ipaddress.ip_address(raw)
             except ValueError:
                 continue
-            if address.version == 4 and address_problem(address) is None:
+            if address.version == 4 and grammar.address_problem(address) is None:
                 found.append(address)
     return sorted(set(found), key=str)
 
 
 def load(path: Path) -> Config:
     try:
-        raw = tomllib.loads(path.read_text())
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such file") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a configuration")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError:
+        # tomllib recurses once per nesting level of arrays and inline tables.
+        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
     try:
         return from_mapping(raw, source=path)
     except ConfigError as exc:
@@ -151,19 +159,23 @@ _TOP_KEYS = {
     "components",
     "fallback_registrar",
     "ca_fingerprint",
+    "allowed_ranges",
 }
 
 
 def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     _no_unknown(raw, _TOP_KEYS, "")
-    address = _address(raw.get("address"), "address", auto=True)
+    allowed = _ranges(raw.get("allowed_ranges", []))
+    address = _address(raw.get("address"), "address", auto=True, allowed=allowed)
     state_dir = _path(raw.get("state_dir", DEFAULT_STATE_DIR), "state_dir")
     key_dir = _path(raw.get("key_dir", state_dir / "keys"), "key_dir")
     hook_dir = _path(raw.get("hook_dir", DEFAULT_HOOK_DIR), "hook_dir")
-    api_port = raw.get("api_port", DEFAULT_API_PORT)
-    if not isinstance(api_port, int) or isinstance(api_port, bool) or not 0 < api_port < 65536:
-        raise ConfigError(f"api_port: expected a TCP port number (1-65535), got {api_port!r}")
+    api_port = _port(raw.get("api_port", DEFAULT_API_PORT), "api_port")
     eucavers = _string(raw.get("eucalyptus_version", DEFAULT_EUCAVERS), "eucalyptus_version")
+    try:
+        grammar.version(eucavers, "eucalyptus_version")
+    except Invalid as exc:
+        raise ConfigError(str(exc)) from None
     log_level = _choice(raw.get("log_level", "info"), "log_level", ("debug", "info", "warning"))
     log_format = _choice(raw.get("log_format", "text"), "log_format", ("text", "json"))
 
@@ -184,11 +196,11 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     if not isinstance(ipv6, bool):
         raise ConfigError(f"mdns.ipv6: expected true or false, got {ipv6!r}")
 
-    components = _components(raw.get("components"), address)
+    components = _components(raw.get("components"), address, allowed)
     fallback = _fallback(raw.get("fallback_registrar"))
     ca_fingerprint = raw.get("ca_fingerprint")
     if ca_fingerprint is not None and (
-        not isinstance(ca_fingerprint, str) or not FINGERPRINT_RE.match(ca_fingerprint)
+        not isinstance(ca_fingerprint, str) or not grammar.FINGERPRINT.fullmatch(ca_fingerprint)
     ):
         raise ConfigError(
             f"ca_fingerprint: expected 'sha256:' and 64 hex digits (eucareg fingerprint on the "
@@ -217,13 +229,16 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         components=components,
         fallback_registrar=fallback,
         ca_fingerprint=ca_fingerprint,
+        allowed_ranges=allowed,
     )
 
 
 def _fallback(value: Any) -> tuple[str, int] | None:
     if value is None:
         return None
-    match = re.match(r"^http://(?P<host>[^/:]+):(?P<port>\d+)/?$", str(value))
+    match = re.fullmatch(
+        r"http://(?P<host>[A-Za-z0-9.-]{1,253}):(?P<port>[0-9]{1,5})/?", str(value)
+    )
     if not isinstance(value, str) or match is None or not 0 < int(match["port"]) < 65536:
         raise ConfigError(
             f"fallback_registrar: expected 'http://HOST:PORT' of a registrar, got {value!r}"
@@ -231,7 +246,9 @@ def _fallback(value: Any) -> tuple[str, int] | None:
     return match["host"], int(match["port"])
 
 
-def _components(raw: Any, host_address: IPAddress) -> tuple[ComponentConfig, ...]:
+def _components(
+    raw: Any, host_address: IPAddress, allowed: tuple[IPNetwork, ...]
+) -> tuple[ComponentConfig, ...]:
     if raw is None:
         raise ConfigError("components: required; name at least one of clc, walrus, cc, sc, nc")
     table = _table(raw, "components")
@@ -252,7 +269,7 @@ def _components(raw: Any, host_address: IPAddress) -> tuple[ComponentConfig, ...
         if role.needs_cluster:
             if cluster is None:
                 raise ConfigError(f"{key}.cluster: required for a {name} (the cluster it serves)")
-            if not isinstance(cluster, str) or not CLUSTER_RE.match(cluster):
+            if not isinstance(cluster, str) or not grammar.CLUSTER.fullmatch(cluster):
                 raise ConfigError(
                     f"{key}.cluster: {cluster!r} is not a cluster name "
                     "(letters, digits, '.', '_' and '-', at most 64)"
@@ -260,7 +277,7 @@ def _components(raw: Any, host_address: IPAddress) -> tuple[ComponentConfig, ...
         elif cluster is not None:
             raise ConfigError(f"{key}.cluster: a {name} belongs to no cluster; remove the key")
         address = (
-            _address(body["address"], f"{key}.address", auto=False)
+            _address(body["address"], f"{key}.address", auto=False, allowed=allowed)
             if "address" in body
             else host_address
         )
@@ -328,7 +345,7 @@ def _path(value: Any, key: str) -> Path:
     return path
 
 
-def _address(value: Any, key: str, *, auto: bool) -> IPAddress:
+def _address(value: Any, key: str, *, auto: bool, allowed: tuple[IPNetwork, ...] = ()) -> IPAddress:
     if value is None and auto:
         candidates = usable_addresses()
         if len(candidates) == 1:
@@ -338,16 +355,29 @@ def _address(value: Any, key: str, *, auto: bool) -> IPAddress:
             f"{key}: not set, and this host has {len(candidates)} usable addresses ({listed}); "
             "set the preferred one, eucareg never guesses between addresses"
         )
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected an IP address string, got {value!r}")
     try:
-        address = ipaddress.ip_address(value)
-    except ValueError:
-        raise ConfigError(f"{key}: {value!r} is not an IP address") from None
-    problem = address_problem(address)
-    if problem is not None:
-        raise ConfigError(f"{key}: {value} {problem}; it cannot be registered")
-    return address
+        return grammar.address(value, key, allowed)
+    except Invalid as exc:
+        raise ConfigError(f"{exc}; it cannot be registered") from None
+
+
+def _ranges(value: Any) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list) or len(value) > MAX_ALLOWED_RANGES:
+        raise ConfigError(
+            f"allowed_ranges: expected a list of at most {MAX_ALLOWED_RANGES} ranges such as "
+            f"'100.64.0.0/10', got {grammar.shown(value)}"
+        )
+    try:
+        return tuple(grammar.network(item, "allowed_ranges") for item in value)
+    except Invalid as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _port(value: Any, key: str) -> int:
+    try:
+        return grammar.port(value, key)
+    except Invalid as exc:
+        raise ConfigError(f"{key}: expected a TCP port number (1-65535); {exc.reason}") from None
 
 
 def _sshd(value: Any) -> tuple[str, int] | None:
@@ -355,7 +385,7 @@ def _sshd(value: Any) -> tuple[str, int] | None:
         return None
     if isinstance(value, str) and ":" in value:
         host, _, port = value.rpartition(":")
-        if port.isdigit() and 0 < int(port) < 65536 and host:
+        if host and grammar.integer_or_none(port, 1, 65535) is not None:
             return host.strip("[]"), int(port)
     raise ConfigError(
         f"preconditions.sshd: expected 'HOST:PORT' of the local sshd, or false, got {value!r}"

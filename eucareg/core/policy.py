@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 
+from eucareg.core.grammar import IPNetwork
 from eucareg.core.model import (
     HOLDS_SLOT,
     Announcement,
@@ -34,6 +35,8 @@ class RegistrarSettings:
     # A component silent on every source this long may be replaced by a newcomer at its
     # address (a reinstalled machine comes back with a new identity).
     replace_after: float = 600.0
+    # Address ranges the site admits besides the private ones and global unicast.
+    allowed_ranges: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from enum import StrEnum
 from eucareg.core.model import Announcement, Role
 
 TOKEN_PREFIX = "eucareg1"
-TOKEN_ID_RE = re.compile(r"^[a-z0-9]{12}$")
 PROOF_MAX_AGE = 900.0  # seconds a proof stays acceptable; agents refresh well before
 _TOKEN_RE = re.compile(
-    r"^eucareg1\.(?P<id>[a-z0-9]{12})\.(?P<secret>[A-Za-z0-9_-]{43})\.(?P<ca>[0-9a-f]{64})$"
+    r"eucareg1\.(?P<id>[a-z0-9]{12})\.(?P<secret>[A-Za-z0-9_-]{43})\.(?P<ca>[0-9a-f]{64})",
+    re.ASCII,
 )
 
 
@@ -125,7 +125,7 @@ def format_token(token_id: str, secret: bytes, ca_fingerprint: str) -> str:
 
 
 def parse_token(text: str) -> ParsedToken:
-    match = _TOKEN_RE.match(text.strip())
+    match = _TOKEN_RE.fullmatch(text.strip())
     if match is None:
         raise TokenError(
             "not an eucareg join token (expected eucareg1.<12 chars>.<43 chars>.<64 hex>)"

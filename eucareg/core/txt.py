@@ -7,21 +7,19 @@ what registration needs. Decoding validates everything, because any host on the 
 from __future__ import annotations
 
 import ipaddress
-import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from eucareg.core import grammar
+from eucareg.core.grammar import Invalid, IPNetwork
 from eucareg.core.model import AnnouncedState, Announcement, IPAddress, Role
 
 SERVICE_TYPE = "_eucalyptus._tcp.local."
 TXT_VERSION = "1"
 PROTOCOL_VERSION = "1"
 
-COMPONENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{7,63}$")
-CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-TOKEN_ID_RE = re.compile(r"^[a-z0-9]{12}$")
-PROOF_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+# A TXT record is at most a few hundred bytes; anything this long is not one of ours.
+MAX_TXT_VALUE = 255
 
 
 @dataclass(frozen=True)
@@ -64,82 +62,56 @@ def encode(
     return txt
 
 
-def address_problem(address: IPAddress) -> str | None:
+def address_problem(address: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | None:
     """Why an address must never be registered, or None when it is usable (lesson L3)."""
-    if address.is_loopback:
-        return "is a loopback address"
-    if address.is_link_local:
-        return "is a link-local address"
-    if address.is_unspecified:
-        return "is the unspecified address"
-    if address.is_multicast:
-        return "is a multicast address"
-    return None
+    return grammar.address_problem(address, allowed)
 
 
 def decode(
-    instance: str, txt: Mapping[str, str], addresses: tuple[str, ...] = ()
+    instance: str,
+    txt: Mapping[str, str],
+    addresses: tuple[str, ...] = (),
+    allowed: Iterable[IPNetwork] = (),
 ) -> Announcement | Rejected:
     """Turn a sighting's TXT data into an Announcement, or say precisely why not.
 
     Identity comes from `id` and `fp` only, never from the instance name (lesson L2), and the
     address only from `addr`, never from whatever A/AAAA records the responder offered (L3).
     When the responder's addresses are known, `addr` must be one of them: a TXT record copied
-    to another host is refused as a replay.
+    to another host is refused as a replay. `allowed` is the site's address allow-list.
     """
     if txt.get("txtvers") != TXT_VERSION:
-        return Rejected("bad-txt", f"txtvers={txt.get('txtvers')!r}, expected {TXT_VERSION!r}")
+        return Rejected(
+            "bad-txt", f"txtvers={_shown(txt.get('txtvers'))}, expected {TXT_VERSION!r}"
+        )
     if txt.get("protovers") != PROTOCOL_VERSION:
         return Rejected(
-            "bad-txt", f"protovers={txt.get('protovers')!r}, expected {PROTOCOL_VERSION!r}"
+            "bad-txt", f"protovers={_shown(txt.get('protovers'))}, expected {PROTOCOL_VERSION!r}"
         )
+    too_long = [k for k, v in txt.items() if len(v) > MAX_TXT_VALUE]
+    if too_long:
+        return Rejected("bad-txt", f"{_shown(too_long[0])}= is longer than {MAX_TXT_VALUE}")
     try:
         role = Role.from_txt_type(txt.get("type", ""))
     except ValueError:
-        return Rejected("bad-txt", f"type={txt.get('type')!r} is not a component type")
-    component_id = txt.get("id", "")
-    if not COMPONENT_ID_RE.match(component_id):
-        return Rejected("bad-txt", f"id={component_id!r} is not a component id")
-    fingerprint = txt.get("fp", "")
-    if not FINGERPRINT_RE.match(fingerprint):
-        return Rejected("bad-txt", f"fp={fingerprint!r} is not a sha256 key fingerprint")
-    cluster = txt.get("cluster")
-    if role.needs_cluster:
-        if cluster is None:
-            return Rejected("bad-txt", f"a {role.txt_type} announcement needs cluster=")
-        if not CLUSTER_RE.match(cluster):
-            return Rejected("bad-txt", f"cluster={cluster!r} is not a cluster name")
-    else:
-        cluster = None
+        return Rejected("bad-txt", f"type={_shown(txt.get('type'))} is not a component type")
     try:
-        state = AnnouncedState(txt.get("state", ""))
-    except ValueError:
-        return Rejected("bad-txt", f"state={txt.get('state')!r} is not ready|registered")
+        component_id, fingerprint, cluster, state, api_port, eucavers, token = _fields(role, txt)
+    except Invalid as exc:
+        return Rejected("bad-txt", _say(exc))
     raw_address = txt.get("addr")
     if not raw_address:
         return Rejected("no-address", "no addr= preferred address; refusing to guess one")
     try:
-        address = ipaddress.ip_address(raw_address)
-    except ValueError:
-        return Rejected("bad-address", f"addr={raw_address!r} is not an IP address")
-    problem = address_problem(address)
-    if problem is not None:
-        return Rejected("bad-address", f"addr={raw_address} {problem}")
+        address = grammar.address(raw_address, "addr", allowed)
+    except Invalid as exc:
+        return Rejected("bad-address", f"addr={exc.reason}")
     if addresses and str(address) not in {_plain(a) for a in addresses}:
         return Rejected(
             "replayed",
             f"addr={raw_address} is not an address of the announcing host "
             f"({', '.join(addresses)}); a copied announcement?",
         )
-    api_port: int | None = None
-    if "port" in txt:
-        raw_port = txt["port"]
-        if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
-            return Rejected("bad-txt", f"port={raw_port!r} is not a TCP port")
-        api_port = int(raw_port)
-    token = _token_fields(txt)
-    if isinstance(token, Rejected):
-        return token
     return Announcement(
         role=role,
         component_id=component_id,
@@ -148,7 +120,7 @@ def decode(
         address=address,
         fingerprint=fingerprint,
         api_port=api_port,
-        eucavers=txt.get("eucavers", ""),
+        eucavers=eucavers,
         instance=instance,
         token_id=token[0] if token else None,
         token_stamp=token[1] if token else None,
@@ -156,21 +128,50 @@ def decode(
     )
 
 
+Fields = tuple[str, str, str | None, AnnouncedState, int | None, str, tuple[str, int, str] | None]
+
+
+def _fields(role: Role, txt: Mapping[str, str]) -> Fields:
+    """Every key but type and addr, each through its grammar; Invalid names the first bad one."""
+    component_id = grammar.component_id(txt.get("id", ""), "id")
+    fingerprint = grammar.fingerprint(txt.get("fp", ""), "fp")
+    cluster: str | None = None
+    if role.needs_cluster:
+        if "cluster" not in txt:
+            raise Invalid("cluster", f"a {role.txt_type} announcement needs cluster=")
+        cluster = grammar.cluster(txt["cluster"], "cluster")
+    try:
+        state = AnnouncedState(txt.get("state", ""))
+    except ValueError:
+        raise Invalid("state", f"{_shown(txt.get('state'))} is not ready|registered") from None
+    api_port = grammar.port(txt["port"], "port") if "port" in txt else None
+    eucavers = grammar.version(txt.get("eucavers", ""), "eucavers")
+    return component_id, fingerprint, cluster, state, api_port, eucavers, _token_fields(txt)
+
+
+def _say(exc: Invalid) -> str:
+    """The offending key as it reads on the wire: "port='x' is not ..." or "port: must ..."."""
+    quoted = exc.reason.startswith(("'", '"'))
+    return f"{exc.field}={exc.reason}" if quoted else f"{exc.field}: {exc.reason}"
+
+
+def _shown(value: object) -> str:
+    return grammar.shown(value)
+
+
 def _plain(address: str) -> str:
     """An address without its IPv6 scope ('fe80::1%eth0' -> 'fe80::1')."""
     return str(ipaddress.ip_address(address.split("%", 1)[0]))
 
 
-def _token_fields(txt: Mapping[str, str]) -> tuple[str, int, str] | Rejected | None:
+def _token_fields(txt: Mapping[str, str]) -> tuple[str, int, str] | None:
     present = [k for k in ("tok", "tts", "tproof") if k in txt]
     if not present:
         return None
     if len(present) != 3:
-        return Rejected("bad-txt", "tok=, tts= and tproof= must come together")
-    if not TOKEN_ID_RE.match(txt["tok"]):
-        return Rejected("bad-txt", f"tok={txt['tok']!r} is not a token id")
-    if not txt["tts"].isdigit():
-        return Rejected("bad-txt", f"tts={txt['tts']!r} is not a time")
-    if not PROOF_RE.match(txt["tproof"]):
-        return Rejected("bad-txt", f"tproof={txt['tproof']!r} is not a token proof")
-    return txt["tok"], int(txt["tts"]), txt["tproof"]
+        raise Invalid("tok", "tok=, tts= and tproof= must come together")
+    return (
+        grammar.token_id(txt["tok"], "tok"),
+        grammar.timestamp(txt["tts"], "tts"),
+        grammar.proof(txt["tproof"], "tproof"),
+    )

@@ -254,7 +254,9 @@ class Registrar:
         if sighting.change is SightingChange.REMOVED:
             self._forget_instance(sighting.instance)
             return
-        result = decode(sighting.instance, sighting.txt, sighting.addresses)
+        result = decode(
+            sighting.instance, sighting.txt, sighting.addresses, self.settings.allowed_ranges
+        )
         if isinstance(result, Rejected):
             self._note_rejected(sighting, result)
             return

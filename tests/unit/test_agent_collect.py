@@ -224,13 +224,13 @@ def test_a_registered_component_only_watches_the_registrar_that_certified_it(
     use, docs/credentials.md), but never about credentials we hold: it cannot revoke them."""
     registrars = Registrars()
     rogue_fp = cred.fingerprint(key(3).public_key())
-    registrars.on_sighting(clc_sighting("cloud-clc-00000000dead", rogue_fp, "192.0.2.66"))
-    registrars.on_sighting(clc_sighting("cloud-clc-00000000c10d", cloud.fingerprint, "192.0.2.1"))
+    registrars.on_sighting(clc_sighting("cloud-clc-00000000dead", rogue_fp, "10.0.2.66"))
+    registrars.on_sighting(clc_sighting("cloud-clc-00000000c10d", cloud.fingerprint, "10.0.2.1"))
 
     first = registrars.for_component(Role.WALRUS, None, pin=None, issuer=None)
     watched = registrars.for_component(Role.WALRUS, None, pin=None, issuer=cloud.fingerprint)
     assert first is not None and first.fingerprint == rogue_fp
-    assert watched is not None and watched.address == "192.0.2.1"
+    assert watched is not None and watched.address == "10.0.2.1"
 
     registrars.on_sighting(Sighting("cloud-clc-00000000c10d", Change.REMOVED))
     assert registrars.for_component(Role.WALRUS, None, pin=None, issuer=cloud.fingerprint) is None

@@ -134,7 +134,7 @@ def seed_identity(state_dir: Path, role: Role, component_id: str, own: cred.Priv
 def make_config(tmp_path: Path, components: dict[str, dict[str, Any]], **top: Any) -> Config:
     """A host config as the parser makes it: documentation address, no sshd, fast re-checks."""
     raw: dict[str, Any] = {
-        "address": "192.0.2.10",
+        "address": "10.0.2.10",
         "state_dir": str(tmp_path / "state"),
         "hook_dir": str(tmp_path / "hooks"),
         "preconditions": {"sshd": False, "recheck_interval": 0.05},
@@ -231,9 +231,9 @@ def bundle_reply(cloud: FakeCloud, role: Role, watch: float = 0.3) -> Reply:
 
 async def test_fake_mdns_says_goodbye_for_everything_still_published_when_closed() -> None:
     mdns = FakeMdns()
-    spec = ServiceSpec("cloud-x", 1, {}, ("192.0.2.1",), "h.local.")
+    spec = ServiceSpec("cloud-x", 1, {}, ("10.0.2.1",), "h.local.")
     await mdns.publish(spec)
-    await mdns.publish(ServiceSpec("node-y", 1, {}, ("192.0.2.2",), "h.local."))
+    await mdns.publish(ServiceSpec("node-y", 1, {}, ("10.0.2.2",), "h.local."))
     await mdns.withdraw("node-y")
     heard: list[Sighting] = []
     mdns.watch(heard.append)

@@ -97,7 +97,7 @@ async def test_a_non_ascii_bearer_token_is_401_not_500(clc: Harness) -> None:
 
 
 def test_the_admin_check_wants_loopback_before_anything_else() -> None:
-    for remote in ("192.0.2.7", "::ffff:192.0.2.7", None, "not-an-address"):
+    for remote in ("10.0.2.7", "::ffff:10.0.2.7", None, "not-an-address"):
         with pytest.raises(ApiError) as refused:
             check_admin(remote, f"Bearer {ADMIN_TOKEN}", ADMIN_TOKEN)
         assert (refused.value.status, refused.value.message) == (
@@ -111,7 +111,7 @@ def test_the_admin_check_wants_loopback_before_anything_else() -> None:
 async def test_operator_routes_refuse_a_lan_address_even_with_the_token(tmp_path: Path) -> None:
     @web.middleware
     async def from_the_lan(request: web.Request, handler: Any) -> web.StreamResponse:
-        response: web.StreamResponse = await handler(request.clone(remote="192.0.2.7"))
+        response: web.StreamResponse = await handler(request.clone(remote="10.0.2.7"))
         return response
 
     async with served(tmp_path, CLC_SETTINGS, middlewares=(from_the_lan,)) as harness:

@@ -55,7 +55,7 @@ def config_for(tmp_path: Path, port: int) -> Path:
     state = tmp_path / "state"
     return write(
         tmp_path / "eucareg.toml",
-        f'address = "192.0.2.10"\nstate_dir = "{state}"\napi_port = {port}\n'
+        f'address = "10.0.2.10"\nstate_dir = "{state}"\napi_port = {port}\n'
         "[components.clc]\ninstalled = true\n",
     )
 
@@ -204,7 +204,7 @@ async def test_an_unreadable_credential_is_exit_4(tmp_path: Path) -> None:
 async def test_a_lan_source_address_is_exit_4(tmp_path: Path) -> None:
     @web.middleware
     async def from_the_lan(request: web.Request, handler: Any) -> web.StreamResponse:
-        response: web.StreamResponse = await handler(request.clone(remote="192.0.2.7"))
+        response: web.StreamResponse = await handler(request.clone(remote="10.0.2.7"))
         return response
 
     token = str(write(tmp_path / "t", ADMIN_TOKEN))

@@ -24,7 +24,7 @@ def run(*args: str) -> Result:
 def config(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "eucareg.toml"
     path.write_text(
-        f'address = "192.0.2.31"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'address = "10.0.2.31"\nstate_dir = "{tmp_path / "state"}"\n'
         '[components.cc]\ncluster = "cluster1"\ninstalled = true\n'
         '[components.nc]\ncluster = "cluster1"\n' + extra
     )
@@ -37,9 +37,9 @@ def test_check_config_text_and_json(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert result.stdout.startswith(f"ok: {path}\n")
     assert "  api_port           8780\n" in result.stdout
-    assert "  component          nc      cluster=cluster1 address=192.0.2.31\n" in result.stdout
+    assert "  component          nc      cluster=cluster1 address=10.0.2.31\n" in result.stdout
     data = json.loads(run("check-config", "--config", str(path), "--json").stdout)
-    assert data["address"] == "192.0.2.31" and data["runs_registrar"] is True
+    assert data["address"] == "10.0.2.31" and data["runs_registrar"] is True
     assert data["state_dir"] == str(tmp_path / "state")
     assert [(c["role"], c["cluster"], c["installed"]) for c in data["components"]] == [
         ("cc", "cluster1", None),
@@ -63,7 +63,7 @@ def test_check_config_errors_are_exit_2(tmp_path: Path) -> None:
     result = run("check-config", "--config", str(binary))
     assert (result.exit_code, result.stderr) == (
         2,
-        f"error: {binary}: not valid TOML: the file is not UTF-8 text\n",
+        f"error: {binary}: not UTF-8 text (byte 11)\n",
     )
 
 
@@ -82,7 +82,7 @@ def test_fingerprint_without_a_usable_state_dir_is_exit_1(tmp_path: Path) -> Non
     blocker.write_text("")
     path = tmp_path / "eucareg.toml"
     path.write_text(
-        f'address = "192.0.2.31"\nstate_dir = "{blocker / "state"}"\n'
+        f'address = "10.0.2.31"\nstate_dir = "{blocker / "state"}"\n'
         '[components.nc]\ncluster = "cluster1"\n'
     )
     result = run("fingerprint", "--config", str(path))

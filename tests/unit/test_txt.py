@@ -35,7 +35,15 @@ def test_round_trip_keeps_every_field_and_the_eucalyptus_keys() -> None:
         ({"addr": "fe80::1"}, "link-local"),
         ({"addr": "127.0.0.5"}, "loopback"),
         ({"addr": "224.0.0.251"}, "multicast"),
-        ({"port": "99999"}, "port="),
+        ({"port": "99999"}, "port: must be between 1 and 65535"),
+        ({"port": "²"}, "port='²' is not a number"),
+        ({"port": "٨٠"}, "port="),
+        ({"addr": "::ffff:127.0.0.1"}, "IPv4-mapped"),
+        ({"addr": "2001:db8::7%$(touch x)"}, "scope"),
+        ({"addr": "0.1.2.3"}, "0.0.0.0/8"),
+        ({"addr": "255.255.255.255"}, "broadcast"),
+        ({"cluster": "c1\n"}, "cluster="),
+        ({"id": "nc-0123456789\n"}, "id="),
     ],
 )
 def test_bad_values_are_rejected_with_the_key_named(change: dict[str, str], needle: str) -> None:
