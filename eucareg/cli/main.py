@@ -42,12 +42,13 @@ def agent(config_path: Path) -> None:
     when this host holds the CLC or a CC. Stops cleanly on SIGTERM or Ctrl-C, withdrawing
     its announcements."""
     from eucareg.agent.host import Agent
+    from eucareg.store.registry import StoreBusy
 
     cfg = load_config(config_path)
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         asyncio.run(Agent(cfg).run_forever())
-    except (OSError, CredentialError) as exc:
+    except (OSError, CredentialError, StoreBusy) as exc:
         logging.getLogger("eucareg").error("agent cannot run: %s", exc)
         sys.exit(1)
 

@@ -180,9 +180,11 @@ def move(
     effects = [*_timers(new, recheck_at), Effect(EffectKind.WAKE, new.component_id)]
     if new.status is Status.REGISTERING and (old is None or old.status is not Status.REGISTERING):
         effects.append(Effect(EffectKind.RUN_HOOK, new.component_id))
-    if _frees_slot(old, new):
+    uses = token_uses(new.component_id, old, new)
+    # A freed slot, or a token use handed back, may be what a blocked component waits for.
+    if _frees_slot(old, new) or any(u.change is TokenChange.RELEASE for u in uses):
         effects.append(Effect(EffectKind.RECONSIDER))
-    change = Write(records=(new,), events=events, token_uses=token_uses(new.component_id, old, new))
+    change = Write(records=(new,), events=events, token_uses=uses)
     return Transition(change, tuple(effects))
 
 
@@ -376,7 +378,9 @@ def hook_interrupted(record: Record | None, run: HookRun, now: float) -> Transit
 
 
 def expired(record: Record, now: float, waited: float) -> Transition:
-    if record.status not in WAITING:
+    # A timer armed for an earlier deadline may fire after the wait was extended in memory
+    # (timers are re-armed only once the extension is durable): the record's deadline rules.
+    if record.status not in WAITING or record.expires_at is None or now < record.expires_at:
         return NOTHING
     reason = f"gave up after {waited:g}s waiting for {record.waiting_for}; re-announce to retry"
     new = replace(record, status=Status.EXPIRED, reason=reason, updated_at=now, expires_at=None)

@@ -141,7 +141,9 @@ class Registrar:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the store into memory and pick up where a previous run stopped."""
+        """Load the store into memory and pick up where a previous run stopped; StoreBusy
+        when another registrar owns the store."""
+        await asyncio.to_thread(self.store.claim)
         snapshot = await asyncio.to_thread(self.store.load)
         self.memory = Memory.from_snapshot(snapshot)
         self.writer.start()
@@ -193,6 +195,7 @@ class Registrar:
             self.notify(component_id)
         await self.lag.close()
         await self.writer.close()
+        self.store.release()
 
     async def idle(self) -> None:
         """Wait until every scheduled piece of work is done and durable (tests, benchmarks)."""

@@ -7,7 +7,9 @@ the registrar calls them from its writer thread or through `asyncio.to_thread`, 
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +71,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class StoreBusy(Exception):
+    """Another registrar already owns this database; the message says which process."""
+
+
 class Store:
     """Typed access to the registry database; the only module that speaks SQL."""
 
@@ -77,9 +83,44 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.migrated = migrate(self.engine)
+        self._claim: int | None = None  # the lock file's descriptor while we own the store
+
+    def claim(self) -> None:
+        """Become the one registrar that writes this database, or raise StoreBusy.
+
+        Two registrars on one state would each take the other's running hooks for orphans
+        and kill them. The lock is an flock on `<database>.lock`, so the kernel drops it when
+        the owner dies, however it dies; the file names the owner's PID for the message.
+        """
+        if self._claim is not None:
+            return
+        database = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            return
+        path = Path(database).with_name(Path(database).name + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreBusy(
+                f"{database} is in use by another registrar (pid {holder}); "
+                "two registrars must never share a state directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._claim = fd
+
+    def release(self) -> None:
+        """Stop owning the database (claim() again to take it back)."""
+        if self._claim is not None:
+            os.close(self._claim)  # closing the descriptor drops the flock
+            self._claim = None
 
     def close(self) -> None:
         self.engine.dispose()
+        self.release()
 
     # -- loading ---------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
 from eucareg.registrar.hooks import group_alive
-from eucareg.store.registry import Store, sqlite_url
+from eucareg.store.registry import Store, StoreBusy, sqlite_url
 from tests.factories import KEYS, ann, fake_fingerprint, sighting
 
 CLC = RegistrarSettings(registers=frozenset({Role.WALRUS, Role.CC, Role.SC}))
@@ -266,12 +266,6 @@ async def test_failed_hook_keeps_its_token_use_and_deregistration_hands_it_on_at
     await reg.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a token use released without a slot being freed (failed -> rejected, "
-    "failed -> refused at retry) triggers no RECONSIDER (transitions.move only reconsiders "
-    "on _frees_slot), so a racer refused token-used-up stays refused until it re-announces",
-)
 async def test_token_use_released_by_rejecting_a_failed_component_goes_to_the_refused_racer(
     tmp_path: Path,
 ) -> None:
@@ -780,7 +774,9 @@ async def test_no_effect_before_durable_and_a_crash_then_loses_only_the_undecide
     for _ in range(20):
         await asyncio.sleep(0)
     assert lines(log) == [] and first.hooks._running == {}
-    # The crash: the first registrar is never closed; a second one opens the same file.
+    # The crash: the first registrar is never closed; a second one opens the same file. A
+    # dead process's flock is dropped by the kernel; here the first one lives on, so drop it.
+    first.store.release()
     second = await make(tmp_path, window=False)
     assert all(second.record(n.component_id) is None for n in nodes)
     for node in nodes:
@@ -1051,12 +1047,6 @@ async def test_crash_after_a_hook_that_left_a_daemon_kills_the_daemon_at_restart
     await reg.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: nothing keeps a second registrar off a state database in use (no lock in "
-    "engine.start/Store); its start() takes the live registrar's running hook for an orphan "
-    "and SIGKILLs it (hooks.kill_orphaned), and both then write conflicting outcomes",
-)
 async def test_a_second_registrar_on_a_database_in_use_does_not_kill_the_live_ones_hooks(
     tmp_path: Path,
 ) -> None:
@@ -1071,8 +1061,8 @@ async def test_a_second_registrar_on_a_database_in_use_does_not_kill_the_live_on
     await poll(lambda: len(lines(log)) == 1, "the hook")
     second: Registrar | None = None
     try:
-        with contextlib.suppress(Exception):
-            second = await make(tmp_path, window=False)  # refusing to start is fine
+        with pytest.raises(StoreBusy, match="in use by another registrar"):
+            second = await make(tmp_path, window=False)
         release.touch()
         await first.idle()
         [run, *_] = await first.hook_runs(node.component_id)
@@ -1096,13 +1086,6 @@ def _alive(pid: int) -> bool:
 # -- timers ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an EXPIRE_AT timer is re-armed only once the next transition is durable "
-    "(engine.effects after writer commit), and transitions.expired() checks only the status, "
-    "not record.expires_at <= now: a slow commit lets the old deadline expire a wait that "
-    "memory already extended",
-)
 async def test_a_stale_expiry_timer_does_not_expire_a_wait_that_was_extended(
     tmp_path: Path,
 ) -> None:

@@ -20,6 +20,7 @@ from eucareg.core.model import (
 )
 from eucareg.core.policy import RegistrarSettings, View, decide
 from eucareg.core.transitions import (
+    NOTHING,
     EffectKind,
     Timing,
     TokenChange,
@@ -102,8 +103,13 @@ def test_a_hook_outcome_for_a_record_deregistered_meanwhile_only_completes_the_j
 
 
 def test_expiry_and_rejection_release_what_they_held() -> None:
-    waiting = token_record(Status.AWAITING_KEY)
-    assert [u.change for u in expired(waiting, NOW, 60).change.token_uses] == [TokenChange.RELEASE]
+    waiting = replace(token_record(Status.AWAITING_KEY), expires_at=NOW)
+    step = expired(waiting, NOW, 60)
+    assert [u.change for u in step.change.token_uses] == [TokenChange.RELEASE]
+    # The use handed back goes to whoever was refused for want of it.
+    assert EffectKind.RECONSIDER in [e.kind for e in step.effects]
+    # A timer from before the wait was extended changes nothing.
+    assert expired(replace(waiting, expires_at=NOW + 5), NOW, 60) is NOTHING
     pending = replace(waiting, status=Status.PENDING, admitted_by="")
     assert rejected(pending, NOW).change.records[0].status is Status.REJECTED
     with pytest.raises(ValueError, match="deregister it instead"):
