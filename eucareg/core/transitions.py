@@ -296,6 +296,11 @@ def join(steps: Iterable[Transition]) -> Transition:
 # -- key proof and hooks ---------------------------------------------------------------------
 
 
+def _hook_facts(record: Record) -> tuple[object, ...]:
+    """What a hook is told about a component."""
+    return (record.role, record.fingerprint, record.address, record.cluster)
+
+
 def key_proven(record: Record, now: float) -> Transition:
     """An accepted component signed a request with its key: its hook may run."""
     if record.status is not Status.AWAITING_KEY:
@@ -312,11 +317,24 @@ def key_proven(record: Record, now: float) -> Transition:
     return move(record, new, now, ("registering", "key-proven", reason))
 
 
-def hook_finished(record: Record | None, run: HookRun, now: float, timing: Timing) -> Transition:
-    """The hook's outcome decides: registered, or failed with a retry (holding no slot)."""
+def hook_finished(
+    record: Record | None,
+    run: HookRun,
+    now: float,
+    timing: Timing,
+    ran_for: Record | None = None,
+) -> Transition:
+    """The hook's outcome decides: registered, or failed with a retry (holding no slot).
+
+    `ran_for` is the record the hook was started with. An outcome speaks only for what the
+    hook saw: if the id now stands for another key or address (deregistered and back as
+    another machine while the hook ran), only the journal changes, and the newcomer's own
+    run decides."""
     journal = Transition(Write(hook_runs=(run,)))
     if record is None or record.status is not Status.REGISTERING:
         return journal  # deregistered or replaced meanwhile: only the journal changes
+    if ran_for is not None and _hook_facts(ran_for) != _hook_facts(record):
+        return journal
     attempts = record.attempts + 1
     if run.outcome in (HookOutcome.OK, HookOutcome.SKIPPED):
         how = "hook succeeded" if run.outcome is HookOutcome.OK else "no hook script"
@@ -446,13 +464,20 @@ def collected(record: Record, now: float) -> Transition:
     return Transition(Write(records=(replace(record, credentials_collected_at=now),)))
 
 
-def certificate_issued(record: Record, issued: IssuedCertificate) -> Transition:
+def certificate_issued(
+    record: Record, issued: IssuedCertificate, previous: IssuedCertificate | None = None
+) -> Transition:
+    """A new certificate for the record's key; one it supersedes (another key's, under the
+    same id) is revoked in the same write, so no valid certificate is ever orphaned."""
     reason = f"certificate {issued.serial} issued for {record.fingerprint[:19]}…"
+    superseded = previous is not None and previous.serial != issued.serial
     return Transition(
         Write(
             records=(replace(record, credentials_issued_at=issued.issued_at),),
             certificates=(issued,),
             events=(event_for(record, issued.issued_at, "credentials", "issued", reason),),
+            revoke=(record.component_id,) if superseded else (),
+            revoke_reason=f"superseded by certificate {issued.serial}" if superseded else "",
         )
     )
 

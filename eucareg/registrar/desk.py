@@ -162,8 +162,15 @@ class CredentialDesk:
             component_id=record.component_id,
             cluster=record.cluster,
         )
+        # Signing ran off the loop: the component may have been deregistered and registered
+        # again, with another key, meanwhile. Only the registration we signed for is served.
         current = engine.memory.records.get(record.component_id)
-        if current is None or current.status is not Status.REGISTERED:
+        if (
+            current is None
+            or current.status is not Status.REGISTERED
+            or current.fingerprint != record.fingerprint
+            or current.registered_at != record.registered_at
+        ):
             raise CredentialRefused(409, f"{record.component_id} changed while issuing; ask again")
         issued = IssuedCertificate(
             component_id=record.component_id,
@@ -172,7 +179,8 @@ class CredentialDesk:
             cert_pem=cred.cert_pem(cert),
             issued_at=engine.clock(),
         )
-        await engine.step(certificate_issued(current, issued))
+        previous = engine.memory.certificates.get(record.component_id)
+        await engine.step(certificate_issued(current, issued, previous))
         crash_point("after-certificate")
         return issued
 

@@ -512,7 +512,9 @@ class Registrar:
                 rerun=rerun,
             )
         now = self.clock()
-        step = hook_finished(self.memory.records.get(component_id), run, now, self.timing)
+        step = hook_finished(
+            self.memory.records.get(component_id), run, now, self.timing, ran_for=record
+        )
         await self.step(step)
         if run.outcome in (HookOutcome.OK, HookOutcome.SKIPPED):
             crash_point("after-commit")

@@ -32,7 +32,7 @@ def approve_own_cc(cloud: LabCloud) -> None:
     queued = _wait_pending(cloud, 1)
     assert [r["fingerprint"] for r in queued] == [cc_fingerprint]
     cloud.cli("cloud", "approve", "--fingerprint", cc_fingerprint)
-    cloud.wait_for("cloud", all_registered({"cc": 1}), timeout=30)
+    cloud.wait_for("cloud", all_registered({"cc": 1}), timeout=60)
 
 
 def ids_by_host(cloud: LabCloud) -> dict[str, str]:
@@ -95,7 +95,7 @@ def test_attackers_get_nothing_and_every_refusal_says_why(cloud_factory: CloudFa
     cloud.cli("cloud", "token", "revoke", revoked.split(".")[1])
     sc_token = token(cloud, "cloud", "--role", "sc", "--cluster", "cluster1")
     other_cluster = token(cloud, "cloud", "--role", "sc", "--cluster", "cluster9")
-    time.sleep(1.5)  # let the 1s token expire
+    _wait_token_state(cloud, expired.split(".")[1], "expired")
     cloud.settings = {
         **cloud.settings,
         "tokens": {
@@ -111,7 +111,7 @@ def test_attackers_get_nothing_and_every_refusal_says_why(cloud_factory: CloudFa
         cloud.start(host)
 
     # Through Avahi: an unknown NC, and a copy of node1's real, token-proven TXT record.
-    cloud.agents["node1"].wait_for_log("announcing nc", timeout=20)
+    cloud.agents["node1"].wait_for_log("announcing nc", timeout=60)
     node1 = fingerprint_of(cloud, "node1")
     cloud.lab.start_avahi("avahi")
     real_txt = _wait_for_txt(cloud, "avahi", node1["component_id"])
@@ -140,7 +140,7 @@ def test_attackers_get_nothing_and_every_refusal_says_why(cloud_factory: CloudFa
         env=env,
     )
     for proc in (replay, stranger):
-        proc.wait_for_log("Established", timeout=20)
+        proc.wait_for_log("Established", timeout=60)
 
     ids = ids_by_host(cloud)
     expect = {
@@ -153,18 +153,19 @@ def test_attackers_get_nothing_and_every_refusal_says_why(cloud_factory: CloudFa
         "nc-0a0a0a0a0a0a": ("pending", "awaiting-approval"),
     }
 
-    def settled(status: dict[str, Any]) -> bool:
-        rows = rows_by_id(status)
+    def decided(events: list[dict[str, Any]]) -> bool:
+        seen = {(e["component_id"], e["kind"], e["code"]) for e in events}
         return (
-            all(cid in rows for cid in expect)
-            and rows.get(ids["node1"], {}).get("status") == "registered"
+            all((cid, state, code) in seen for cid, (state, code) in expect.items())
+            and (node1["component_id"], "rejected", "replayed") in seen
+            and (node1["component_id"], "registered", "ok") in seen
         )
 
-    status = cloud.wait_for("cloud", settled, timeout=40)
-    time.sleep(2.0)  # give any wrong registration time to show
+    # Every attacker's announcement has been decided (each decision is an event), and node1's
+    # copy was heard and turned away. Those decisions stand until the operator acts.
+    events = cloud.wait_for_events("cloud", decided, timeout=60)
     status = cloud.status("cloud")
     rows = rows_by_id(status)
-    events = cloud.events("cloud")
     for cid, (state, code) in expect.items():
         assert rows[cid]["status"] == state, (cid, rows[cid])
         assert any(e["component_id"] == cid and e["code"] == code for e in events), (cid, code)
@@ -198,7 +199,7 @@ def test_attackers_get_nothing_and_every_refusal_says_why(cloud_factory: CloudFa
 
 def _wait_for_txt(cloud: LabCloud, host: str, component_id: str) -> list[str]:
     """node1's TXT record as avahi-browse on another host sees it (key=value strings)."""
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         result = cloud.lab.run(
             host,
@@ -225,7 +226,7 @@ def test_approval_reject_install_window_lock_off_and_deregistration(
         "node4": {"nc": "cluster1"},
         "node5": {"nc": "cluster1"},
     }
-    cloud = cloud_factory(plan, trust="manual")
+    cloud = cloud_factory(plan, trust="manual", log_level={"node2": "debug"})
     approve_own_cc(cloud)
 
     # Default settings: an unknown NC waits; approve lets it in, reject keeps one out.
@@ -237,25 +238,33 @@ def test_approval_reject_install_window_lock_off_and_deregistration(
     cloud.cli("cloud", "approve", ids["node1"])
     cloud.cli("cloud", "reject", ids["node2"])
     _wait_status(cloud, ids["node1"], "registered")
-    time.sleep(1.5)
+    # node2's agent asked again and was told: the registrar's answer after the rejection.
+    cloud.agents["node2"].wait_for_log("'status': 'rejected'", timeout=60)
     rows = rows_by_id(cloud.status("cloud"))
     assert rows[ids["node2"]]["status"] == "rejected"
+    kinds = [e["kind"] for e in cloud.events("cloud", f"&component={ids['node2']}")]
+    assert kinds[-1] == "rejected" and "registering" not in kinds
     assert not has_credentials(cloud, "node2", "node-cert.pem")
 
-    # An install window admits, then closes by itself on time.
-    opened = time.time()
-    cloud.cli("cloud", "install-mode", "open", "--for", "4s")
-    _wait_status(cloud, start_with_id(cloud, "node3"), "registered")
-    trust = json.loads(cloud.cli("cloud", "trust", "--json").stdout)
-    assert trust["install_open"]
-    while time.time() < opened + 5:
-        time.sleep(0.2)
-    trust = json.loads(cloud.cli("cloud", "trust", "--json").stdout)
-    assert not trust["install_open"]
+    # An install window admits what waits, then closes by itself when its time is up. node3
+    # is up and waiting first, so the window need not cover starting an agent.
+    node3 = start_with_id(cloud, "node3")
+    _wait_status(cloud, node3, "pending")
+    opened = json.loads(cloud.cli("cloud", "install-mode", "open", "--for", "10s", "--json").stdout)
+    assert opened["install_open"]
+    until = opened["install_until"]
+    _wait_status(cloud, node3, "registered", timeout=60)
+    assert rows_by_id(cloud.status("cloud"))[node3]["admitted_by"] == "install-window"
+    deadline = time.monotonic() + max(0.0, until - time.time()) + 30
+    while json.loads(cloud.cli("cloud", "trust", "--json").stdout)["install_open"]:
+        assert time.monotonic() < deadline, "the install window did not close"
+        time.sleep(0.3)
     closed = [
         e for e in cloud.events("cloud", "&kind=trust") if e["code"] == "install-window-closed"
     ]
-    assert closed and closed[-1]["at"] - opened < 5.5
+    # Closed by its own timer, at the end the registrar reported when it opened (wall clock
+    # against the loop's monotonic timer: a little slack before, some for load after).
+    assert len(closed) == 1 and until - 0.25 <= closed[0]["at"] < until + 3.0, (until, closed)
 
     # Lock: refused at once, kept across a registrar restart.
     cloud.cli("cloud", "lock")
@@ -271,15 +280,18 @@ def test_approval_reject_install_window_lock_off_and_deregistration(
     cloud.cli("cloud", "mode", "off")
     node5 = start_with_id(cloud, "node5")
     _wait_status(cloud, node5, "refused")
-    cloud.cli("cloud", "approve", node5)
-    time.sleep(1.5)
+    approval = json.loads(cloud.cli("cloud", "approve", node5, "--json").stdout)
+    assert approval["component"]["approved"] is True
+    approved = cloud.wait_for_event("cloud", node5, "approved")
+    again = cloud.wait_for_event("cloud", node5, "refused", after=approved["seq"])
+    assert again["code"] == "registration-off"
     assert rows_by_id(cloud.status("cloud"))[node5]["status"] == "refused"
     cloud.cli("cloud", "mode", "local")
 
     # Deregister node1: its credentials are revoked, it notices, and it is a newcomer again.
     node1 = ids["node1"]
     cloud.cli("cloud", "deregister", node1)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while has_credentials(cloud, "node1", "node-cert.pem") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not has_credentials(cloud, "node1", "node-cert.pem")
@@ -288,13 +300,13 @@ def test_approval_reject_install_window_lock_off_and_deregistration(
     assert "deregistered" in kinds and kinds[-1] == "pending"
     cloud.cli("cloud", "approve", node1)
     _wait_status(cloud, node1, "registered")
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while not has_credentials(cloud, "node1", "node-cert.pem") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert has_credentials(cloud, "node1", "node-cert.pem")
 
 
-def _wait_pending(cloud: LabCloud, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+def _wait_pending(cloud: LabCloud, count: int, timeout: float = 60) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = json.loads(cloud.cli("cloud", "pending", "--json").stdout)
@@ -305,7 +317,18 @@ def _wait_pending(cloud: LabCloud, count: int, timeout: float = 30) -> list[dict
     raise AssertionError(f"fewer than {count} components waiting for approval: {rows}")
 
 
-def _wait_status(cloud: LabCloud, component_id: str, state: str, timeout: float = 30) -> None:
+def _wait_token_state(cloud: LabCloud, token_id: str, state: str, timeout: float = 60) -> None:
+    """Until the registrar reports the token in ``state`` (its own clock decides expiry)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tokens = {t["token_id"]: t for t in cloud.api("cloud", "/v1/tokens")["tokens"]}
+        if tokens[token_id]["state"] == state:
+            return
+        assert time.monotonic() < deadline, f"token {token_id} not {state}: {tokens[token_id]}"
+        time.sleep(0.2)
+
+
+def _wait_status(cloud: LabCloud, component_id: str, state: str, timeout: float = 60) -> None:
     def done(status: dict[str, Any]) -> bool:
         return rows_by_id(status).get(component_id, {}).get("status") == state
 
@@ -325,14 +348,14 @@ def test_component_with_a_pinned_token_refuses_a_rogue_registrar(
     cloud = cloud_factory(plan, trust="manual")
     cloud.start("cloud")
     cloud.open_install_window("cloud")
-    cloud.wait_for("cloud", all_registered({"cc": 1}), timeout=30)
+    cloud.wait_for("cloud", all_registered({"cc": 1}), timeout=60)
     genuine = token(cloud, "cloud", "--role", "nc", "--cluster", "cluster1")
     genuine_ca = "sha256:" + genuine.split(".")[3]
     cloud.stop("cloud")  # only the rogue answers from now on
 
     cloud.start("rogue")
     cloud.open_install_window("rogue")
-    cloud.wait_for("rogue", all_registered({"cc": 1}), timeout=30)
+    cloud.wait_for("rogue", all_registered({"cc": 1}), timeout=60)
     cloud.settings = {
         **cloud.settings,
         "tokens": {"node1": {"nc": genuine}},
@@ -346,9 +369,9 @@ def test_component_with_a_pinned_token_refuses_a_rogue_registrar(
     cloud.cli("rogue", "approve", node1)
     _wait_status_on(cloud, "rogue", node1, "registered")
     _wait_status_on(cloud, "rogue", node2, "registered")
+    # Each agent got the rogue's bundle and refused it (it refuses every time it asks).
     for host in ("node1", "node2"):
-        cloud.agents[host].wait_for_log("refusing a rogue registrar", timeout=20)
-    time.sleep(1.0)
+        cloud.agents[host].wait_for_log("refusing a rogue registrar", timeout=60)
     assert not has_credentials(cloud, "node1", "node-cert.pem")
     assert not has_credentials(cloud, "node2", "node-cert.pem")
 
@@ -357,7 +380,7 @@ def _wait_status_on(cloud: LabCloud, host: str, component_id: str, state: str) -
     def done(status: dict[str, Any]) -> bool:
         return rows_by_id(status).get(component_id, {}).get("status") == state
 
-    cloud.wait_for(host, done, timeout=30)
+    cloud.wait_for(host, done, timeout=60)
 
 
 def test_remote_component_registers_over_http_only_in_mode_any(
@@ -387,7 +410,7 @@ def test_remote_component_registers_over_http_only_in_mode_any(
     assert "needs mode any" in row["reason"]
     cloud.cli("cloud", "mode", "any")
     _wait_status_on(cloud, "cloud", walrus, "registered")
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while not has_credentials(cloud, "walrus", "walrus-cert.pem") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert has_credentials(cloud, "walrus", "walrus-cert.pem")
