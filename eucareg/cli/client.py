@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -79,12 +81,36 @@ class Api:
         fail(f"{self.base} did not answer like an eucareg registrar: {why}", 3)
 
 
+def _loopback_only(base: str) -> None:
+    """The admin credential opens every operator action: it never leaves this host."""
+    try:
+        url = urllib.parse.urlsplit(base)
+        host = url.hostname
+    except ValueError:
+        url, host = None, None
+    if url is None or url.scheme not in ("http", "https") or not host:
+        fail(f"--api {base!r} is not an http:// URL of the local registrar", 2)
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        fail(
+            f"--api {base!r}: refusing to send the admin credential to {host}; operator "
+            "commands talk to the registrar on this host (a loopback address) only",
+            2,
+        )
+
+
 def make_api(api_url: str | None, config_path: Path | None, token_file: Path | None) -> Api:
     """Resolve the URL and read the credential in the documented order (docs/cli.md)."""
     path = config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_config(path) if path is not None else None
     port = cfg.api_port if cfg else config_mod.DEFAULT_API_PORT
     base = api_url.rstrip("/") if api_url else f"http://127.0.0.1:{port}"
+    _loopback_only(base)
     state_dir = cfg.state_dir if cfg else config_mod.DEFAULT_STATE_DIR
     token_path = token_file or state_dir / "admin.token"
     try:

@@ -221,3 +221,34 @@ async def test_an_invalid_config_is_exit_2(tmp_path: Path) -> None:
     result = await run("status", "--config", str(config))
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {config}: not valid TOML")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.1.2.3:8780",
+        "http://[::ffff:127.0.0.1]:8780",
+        "http://127.0.0.1.example.com:8780",
+        "http://operator@10.0.0.1:8780",
+    ],
+)
+async def test_the_admin_credential_never_leaves_the_host(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def contacted(*_args: Any, **_kwargs: Any) -> None:
+        # Were the check ever to regress, no packet may go to these addresses (network rules).
+        raise AssertionError("the CLI tried to reach a non-loopback registrar")
+
+    monkeypatch.setattr(client.Api, "call", contacted)
+    token_file = write(tmp_path / "admin.token", "secret-token\n")
+    for how in (["--api", url], []):
+        env = {} if how else {"EUCAREG_API": url}
+        result = await run("status", *how, "--admin-token-file", str(token_file), env=env)
+        assert result.exit_code == 2, result.output
+        assert "refusing to send the admin credential" in result.output
+
+
+async def test_a_url_that_is_not_http_is_a_usage_error(tmp_path: Path) -> None:
+    result = await run("status", "--api", "ftp://127.0.0.1/")
+    assert result.exit_code == 2
+    assert "is not an http:// URL" in result.output
