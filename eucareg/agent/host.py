@@ -24,6 +24,7 @@ from .component import AgentTiming, Component
 from .identity import Identity, ensure_cloud_ca, load_or_create_identity, read_or_create_secret
 from .locate import Endpoint, Registrars
 from .service import RegistrarService
+from .statedir import secure_state_dir
 from .tasks import AgentFailed, RestartPolicy, Supervisor
 
 # What other packages import from here (bench, the CLI, the lab), wherever it now lives.
@@ -87,6 +88,8 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        # Keys, tokens and the registry live here: private, or we do not start.
+        await asyncio.to_thread(secure_state_dir, cfg.state_dir)
         # Key loads (and, at first start, key generation) validate RSA: not on the loop.
         identities = await asyncio.gather(
             *(

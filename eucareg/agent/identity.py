@@ -36,7 +36,7 @@ def load_or_create_identity(state_dir: Path, role: Role) -> Identity:
             raise cred.CredentialError(f"{id_file} holds no valid component id")
     else:
         component_id = f"{role.value}-{uuid.uuid4().hex[:12]}"
-        cred.write_atomic(id_file, component_id.encode() + b"\n", mode=0o644)
+        cred.write_atomic(id_file, component_id.encode() + b"\n", mode=0o600)
     key = cred.load_or_create_key(directory / f"{role.value}.key.pem")
     return Identity(component_id, key, cred.fingerprint(key.public_key()))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,13 +43,17 @@ def agent(config_path: Path) -> None:
     when this host holds the CLC or a CC. Stops cleanly on SIGTERM or Ctrl-C, withdrawing
     its announcements."""
     from eucareg.agent.host import Agent
+    from eucareg.agent.statedir import AGENT_UMASK, StateDirError
     from eucareg.store.registry import StoreBusy
 
     cfg = load_config(config_path)
     setup_logging(cfg.log_level, cfg.log_format)
+    # Everything the agent writes is private (keys, tokens, the registry and its journals);
+    # hooks get the umask euca_conf needs (registrar/hooks.py).
+    os.umask(AGENT_UMASK)
     try:
         asyncio.run(Agent(cfg).run_forever())
-    except (OSError, CredentialError, StoreBusy) as exc:
+    except (OSError, CredentialError, StoreBusy, StateDirError) as exc:
         logging.getLogger("eucareg").error("agent cannot run: %s", exc)
         sys.exit(1)
 

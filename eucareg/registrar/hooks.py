@@ -27,7 +27,9 @@ from eucareg.registrar.faults import crash_point
 # Keep what a chatty script prints bounded; the tail is what explains a failure.
 OUTPUT_LIMIT = 64 * 1024
 # The gate: wait for the go (one line on stdin), then become the script; EOF means "never run".
-GATE = 'read -r _ || exit 111; exec "$0" "$@"'
+# The agent runs under umask 077; euca_conf writes files other users read (/etc/eucalyptus,
+# the eucalyptus user's keys), so a hook gets the usual 022.
+GATE = 'umask 022; read -r _ || exit 111; exec "$0" "$@"'
 GATE_NEVER_RAN = 111
 # Variables a hook may need from the agent's environment; nothing else leaks into it.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")

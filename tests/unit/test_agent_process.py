@@ -92,7 +92,8 @@ def agent_process(
                 "-rn",
                 "sh",
                 "-c",
-                f'{NAMESPACE_SETUP} && exec "$0" -m eucareg agent --config "$1"',
+                # umask 022, as a shell would give it: the agent must not rely on the caller's.
+                f'{NAMESPACE_SETUP} && umask 022 && exec "$0" -m eucareg agent --config "$1"',
                 sys.executable,
                 str(config),
             ],
@@ -139,3 +140,23 @@ def test_sigterm_stops_a_real_agent_within_3_seconds_with_goodbyes(
     assert any(m.startswith("withdrew cluster-cc-") for m in said)
     assert any(m.startswith("agent stopped") for m in said)
     assert not [e for e in entries(log) if e.get("level") == "error"]
+
+
+def test_a_fresh_agent_under_umask_022_keeps_its_state_private(
+    agent_process: tuple[subprocess.Popen[bytes], Path], tmp_path: Path
+) -> None:
+    proc, log = agent_process
+    wait_for_messages(proc, log, "requesting credentials for cc-", 1)
+    state = tmp_path / "state"
+    found = {p.name for p in state.rglob("*")}
+    # Keys, the admin token, the master key and the registry with its WAL journal exist by now.
+    assert {"admin.token", "registry.db", "registry.db-wal", "clc.key.pem"} <= found, found
+    assert oct(state.stat().st_mode & 0o777) == oct(0o700)
+    readable = [
+        f"{p} {p.stat().st_mode & 0o777:04o}"
+        for p in state.rglob("*")
+        if not p.is_symlink() and p.stat().st_mode & 0o077
+    ]
+    assert not readable, readable
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
