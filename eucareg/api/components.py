@@ -5,9 +5,12 @@ HTTP when mDNS cannot reach its registrar (POST /v1/announce, `fallback_registra
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+from collections.abc import Coroutine
 from dataclasses import replace
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -19,8 +22,10 @@ from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import CredentialRefused
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_WAIT = 30.0  # longest long-poll a component may ask for
+HANGUP_CHECK = 0.25  # how often a held long-poll looks whether its client is still there
 
 
 async def collect(request: web.Request) -> web.Response:
@@ -36,7 +41,9 @@ async def collect(request: web.Request) -> web.Response:
         bad("malformed credential request: have must be a certificate serial (a string)")
     registrar = request.app[REGISTRAR]
     try:
-        answer = await registrar.credentials(component_id, public_key, wait, have or None)
+        answer = await _unless_gone(
+            request, registrar.credentials(component_id, public_key, wait, have or None)
+        )
     except CredentialRefused as exc:
         if exc.status != 410:
             log.warning("credential request for %s refused: %s", component_id, exc)
@@ -56,6 +63,23 @@ def _wait(raw: str) -> float:
     if math.isnan(seconds):
         bad("malformed credential request: wait must be a number of seconds, got nan")
     return min(MAX_WAIT, max(0.0, seconds))
+
+
+async def _unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` while the client is connected. An open long-poll counts as "online", so a
+    component that hung up (its agent stopped) must stop counting at once, not when its
+    wait runs out; aiohttp does not cancel a handler whose client went away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HANGUP_CHECK)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ApiError(499, "the client hung up")
+    finally:
+        task.cancel()
 
 
 async def announce(request: web.Request) -> web.Response:

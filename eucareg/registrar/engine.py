@@ -451,7 +451,9 @@ class Registrar:
             return done
         self.memory.apply(step.change)
         durable = self.writer.commit(step.change)
-        return self._spawn(self._after(durable, step.effects))
+        # Shielded: a caller that is cancelled (a client hung up) must not cancel the effects
+        # of a transition that is already in memory and on its way to the disk.
+        return asyncio.shield(self._spawn(self._after(durable, step.effects)))
 
     async def _after(self, durable: Awaitable[None], effects: tuple[Effect, ...]) -> None:
         try:

@@ -19,6 +19,7 @@ from tests.unit.test_api_harness import (
     CC_SETTINGS,
     CLC_SETTINGS,
     Harness,
+    eventually,
     key_of,
     served,
 )
@@ -203,3 +204,24 @@ async def test_peer_registry_answers_only_the_cloud_ca_key(clc: Harness, tmp_pat
     async with served(tmp_path / "cc", CC_SETTINGS, ca_known=False) as cc:
         # A CC without its cloud CA (not registered yet) answers nobody.
         assert (await cc.signed("/v1/peer/registry", cc.cloud.key, {}))[0] == 403
+
+
+async def test_a_long_poll_whose_client_hung_up_ends_at_once(clc: Harness) -> None:
+    """An open long-poll counts as online; a component whose agent stopped must not be shown
+    online for the rest of its 25 s wait."""
+    # As the agent serves the API (web.AppRunner's default): aiohttp does not cancel the
+    # handler of a client that went away. The test server would, and so hide the problem.
+    runner_server = clc.client.server.runner.server
+    assert runner_server is not None
+    runner_server.handler_cancellation = False
+    walrus = ann(Role.WALRUS)  # unknown here: the request is held for its whole wait
+    poll = asyncio.create_task(collect(clc, walrus, wait=25))
+    await eventually(lambda: walrus.component_id in clc.registrar.polling, "the held long-poll")
+    poll.cancel()  # the client closes its connection
+    with pytest.raises(asyncio.CancelledError):
+        await poll
+    await eventually(
+        lambda: walrus.component_id not in clc.registrar.polling, "the poll to end", timeout=5
+    )
+    status, _ = await collect(clc, walrus)  # and the desk still answers
+    assert status == 202
