@@ -86,9 +86,10 @@ class CredentialDesk:
             left = engine.polling.get(component_id, 1) - 1
             if left > 0:
                 engine.polling[component_id] = left
+                engine.seen(component_id)
             else:
                 engine.polling.pop(component_id, None)
-            engine.seen(component_id)
+                engine.maybe_silent(component_id)
 
     async def _answer(
         self, component_id: str, public_key: cred.PublicKey, wait: float, have: str | None

@@ -311,13 +311,19 @@ class Registrar:
         component_id = self._instances.pop(instance, None)
         if component_id is not None and component_id not in self._instances.values():
             self.live.pop(component_id, None)
-            self.seen(component_id)
             log.info("component %s withdrew its announcement", component_id)
-            # A newcomer refused its address now waits for it to stay silent (and may
-            # replace it then): decide the blocked again, and once more when that time is up.
-            self.reconsider()
-            replace_after = self.settings.replace_after
-            self._arm(component_id, EffectKind.RECONSIDER, self.clock() + replace_after + 0.05)
+            self.maybe_silent(component_id)
+
+    def maybe_silent(self, component_id: str) -> None:
+        """A source of `component_id` went away (its announcement, or its last open request).
+        If none is left, a newcomer refused its address now waits for it to stay silent and
+        may replace it then: decide the blocked again, and once more when that time is up."""
+        self.seen(component_id)
+        if component_id in self.live or component_id in self.polling:
+            return
+        self.reconsider()
+        replace_after = self.settings.replace_after
+        self._arm(component_id, EffectKind.RECONSIDER, self.clock() + replace_after + 0.05)
 
     def _note_rejected(self, sighting: Sighting, rejected: Rejected) -> None:
         key = f"rejected:{sighting.instance}"

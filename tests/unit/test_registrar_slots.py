@@ -151,3 +151,40 @@ async def test_a_reinstalled_node_replaces_its_silent_old_identity(
         await reg.credentials(old.component_id, key.public_key(), 0, serial)
     assert revoked.value.status == 410
     await reg.close()
+
+
+async def test_a_component_known_only_by_its_long_poll_is_replaced_once_the_poll_ends(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """The old identity's agent held a credential long-poll open and no announcement (it
+    stopped right after its goodbyes, or registers over HTTP). While the poll is open the
+    component is online and keeps its address; when the poll ends, the newcomer it blocked
+    is decided again, and replaces it once it has stayed silent for replace_after."""
+    settings = replace(NC_SETTINGS, replace_after=0.3)
+    reg = await make_registrar(tmp_path, settings, me=[True], issuer=issuer)
+    old = ann(Role.NC, "c1", address="10.77.9.9")
+    reg.on_sighting(sighting(old))
+    await settle(reg)
+    key = KEYS[old.fingerprint]
+    answer = await reg.credentials(old.component_id, key.public_key(), wait=0)
+    assert answer.files is not None
+    serial = format(cred.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
+    watch = asyncio.create_task(reg.credentials(old.component_id, key.public_key(), 30, serial))
+    reg.on_sighting(Sighting(old.instance, Change.REMOVED))
+    newcomer = ann(Role.NC, "c1", address="10.77.9.9")
+    reg.on_sighting(sighting(newcomer))
+    await settle(reg)
+    waiting = reg.record(newcomer.component_id)
+    assert waiting is not None and waiting.status is not Status.REGISTERED
+    assert old.component_id in reg.online_ids  # the open poll
+    # Let the re-decision armed by the withdrawal pass while the poll still holds the old
+    # identity online (the moment of the hang-up, not a negative check).
+    await asyncio.sleep(settings.replace_after * 3)
+    assert reg.record(newcomer.component_id).status is not Status.REGISTERED  # type: ignore[union-attr]
+    watch.cancel()  # the old agent's connection goes away
+    with pytest.raises(asyncio.CancelledError):
+        await watch
+    await wait_for_status(reg, newcomer.component_id, Status.REGISTERED)
+    replaced = reg.record(old.component_id)
+    assert replaced is not None and replaced.status is Status.REPLACED
+    await reg.close()
