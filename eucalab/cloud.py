@@ -8,6 +8,7 @@ PID, and reads the registrar's API from inside the namespaces.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -400,6 +401,65 @@ class LabCloud:
                 if not set(required_files(Role(role))) <= present:
                     return False
         return True
+
+    # -- lifecycle helpers (tests) --------------------------------------------------------
+
+    def component_id(self, host: str, role: str) -> str:
+        """The id of a host's component, from its identity file (made at its first start,
+        or by `eucareg fingerprint`)."""
+        return (self.host_dir(host) / "state" / "identity" / f"{role}.id").read_text().strip()
+
+    def terminate(self, host: str, timeout: float = 10.0) -> tuple[int | None, float]:
+        """SIGTERM a host's agent (its process group, as systemd would) and wait up to
+        ``timeout`` for it to end: (exit status or None if it still runs, seconds it took).
+
+        The agent is left unreaped; ``stop(host)`` afterwards reaps it (and kills it if it
+        did not end). Hooks run in sessions of their own and are not signalled here.
+        """
+        proc = self.agents[host]
+        if proc.exited():
+            raise LabError(f"agent on {host} is not running")
+        began = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)  # safe: the leader is not reaped yet
+        code = proc.wait_exit(timeout)
+        return code, time.monotonic() - began
+
+    def log_count(self, host: str, needle: str) -> int:
+        """How often ``needle`` occurs in the current log of a host's agent."""
+        return self.logs(host).count(needle)
+
+    def wait_for_log_count(self, host: str, needle: str, count: int, timeout: float = 60) -> None:
+        """Wait until ``needle`` occurs at least ``count`` times in the host's agent log."""
+        deadline = time.monotonic() + timeout
+        while self.log_count(host, needle) < count:
+            if time.monotonic() >= deadline:
+                tail = "\n".join(self.logs(host).splitlines()[-20:])
+                raise LabError(
+                    f"{host}: {needle!r} not logged {count} times within {timeout}s:\n{tail}"
+                )
+            time.sleep(0.1)
+
+    def wait_for_registry(
+        self,
+        host: str,
+        done: Callable[[list[dict[str, Any]]], bool],
+        timeout: float = 60,
+        interval: float = 0.3,
+    ) -> list[dict[str, Any]]:
+        """Poll a registrar's flat registry (every record, any status) until ``done``."""
+        deadline = time.monotonic() + timeout
+        last: list[dict[str, Any]] | str = "no answer yet"
+        while time.monotonic() < deadline:
+            try:
+                last = self.registry(host)
+            except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                last = str(exc)
+            else:
+                if done(last):
+                    return last
+            time.sleep(interval)
+        summary = json.dumps(last, indent=1)[-4000:] if isinstance(last, list) else last
+        raise LabError(f"registry on {host} not reached within {timeout}s; last:\n{summary}")
 
 
 def registered_components(status: Mapping[str, Any]) -> list[dict[str, Any]]:
