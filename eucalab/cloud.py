@@ -424,21 +424,6 @@ class LabCloud:
         code = proc.wait_exit(timeout)
         return code, time.monotonic() - began
 
-    def log_count(self, host: str, needle: str) -> int:
-        """How often ``needle`` occurs in the current log of a host's agent."""
-        return self.logs(host).count(needle)
-
-    def wait_for_log_count(self, host: str, needle: str, count: int, timeout: float = 60) -> None:
-        """Wait until ``needle`` occurs at least ``count`` times in the host's agent log."""
-        deadline = time.monotonic() + timeout
-        while self.log_count(host, needle) < count:
-            if time.monotonic() >= deadline:
-                tail = "\n".join(self.logs(host).splitlines()[-20:])
-                raise LabError(
-                    f"{host}: {needle!r} not logged {count} times within {timeout}s:\n{tail}"
-                )
-            time.sleep(0.1)
-
     def wait_for_registry(
         self,
         host: str,
