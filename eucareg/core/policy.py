@@ -247,7 +247,9 @@ def _against_existing(
         return Decision(DecisionKind.KEEP, "registered", existing.reason)
     if existing.status is Status.REJECTED:
         return Decision(DecisionKind.KEEP, "rejected", existing.reason)
-    if existing.status is Status.AWAITING_KEY:
+    if existing.status is Status.AWAITING_KEY and not (existing.replaces and fresh):
+        # (An admitted replacer is decided afresh when asked: the identity it would replace
+        # may have been heard again before it proved its key.)
         return Decision(DecisionKind.KEEP, "awaiting-key", existing.reason)
     if existing.status is Status.REGISTERING:
         return Decision(DecisionKind.KEEP, "registering", existing.reason)

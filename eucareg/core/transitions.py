@@ -259,7 +259,10 @@ def decided(
     step = move(
         existing, record, now, (status.value, decision.code, reason), recheck_at=decision.recheck_at
     )
-    if replaced is not None and status in HOLDS_SLOT:
+    # The old identity is replaced, and its credentials revoked, only by a newcomer that has
+    # proved its key: a copied or forged announcement must not cost a powered-off machine
+    # its registration. An unproven newcomer waits with `replaces` set (key_proven below).
+    if replaced is not None and status is Status.REGISTERING:
         step = _join(step, replace_old(replaced, record, now))
     return step
 
@@ -301,8 +304,10 @@ def _hook_facts(record: Record) -> tuple[object, ...]:
     return (record.role, record.fingerprint, record.address, record.cluster)
 
 
-def key_proven(record: Record, now: float) -> Transition:
-    """An accepted component signed a request with its key: its hook may run."""
+def key_proven(record: Record, now: float, replaced: Record | None = None) -> Transition:
+    """An accepted component signed a request with its key: its hook may run. `replaced` is
+    the silent identity it was admitted to replace (still silent: the engine checked), which
+    is replaced now that the newcomer has proved who it is."""
     if record.status is not Status.AWAITING_KEY:
         return NOTHING
     reason = "proved possession of its key; running the registration hook"
@@ -314,7 +319,10 @@ def key_proven(record: Record, now: float) -> Transition:
         expires_at=None,
         waiting_for=None,
     )
-    return move(record, new, now, ("registering", "key-proven", reason))
+    step = move(record, new, now, ("registering", "key-proven", reason))
+    if replaced is not None and replaced.status in HOLDS_SLOT:
+        step = _join(step, replace_old(replaced, new, now))
+    return step
 
 
 def hook_finished(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from eucareg.core.model import (
+    HOLDS_SLOT,
     AnnouncedState,
     Announcement,
     Decision,
@@ -540,9 +541,17 @@ class Registrar:
 
     def key_proven(self, record: Record) -> None:
         key = (record.component_id, record.fingerprint)
-        if key not in self.proven:
-            self.proven.add(key)
-            self.step(key_proven(record, self.clock()))
+        if key in self.proven:
+            return
+        self.proven.add(key)
+        old = self.memory.records.get(record.replaces) if record.replaces else None
+        if old is not None and old.status in HOLDS_SLOT and record.status is Status.AWAITING_KEY:
+            silent = self.view().silent_for(old.component_id)
+            if silent is None or silent < self.settings.replace_after:
+                # The old identity was heard again since: the policy decides afresh.
+                self.redecide(record.component_id, fresh=True)
+                return
+        self.step(key_proven(record, self.clock(), old))
 
     # -- plumbing ----------------------------------------------------------------------------
 

@@ -640,13 +640,6 @@ async def test_hook_exiting_111_after_the_gate_is_an_ordinary_failure(tmp_path: 
 # -- reinstall / replacement -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (design): the old record is replaced and its certificate revoked when the "
-    "newcomer is merely admitted (awaiting-key, policy._noting_replacement + "
-    "transitions.decided), before it proves its key; an announcement copied or forged "
-    "without any key (install window / leaked token) revokes a powered-off component",
-)
 async def test_an_unproven_newcomer_does_not_revoke_the_silent_component_it_would_replace(
     tmp_path: Path, issuer: Issuer
 ) -> None:
@@ -662,6 +655,38 @@ async def test_an_unproven_newcomer_does_not_revoke_the_silent_component_it_woul
     await until(reg, lambda: status(reg, forged.component_id) is Status.AWAITING_KEY, "admission")
     assert status(reg, old.component_id) is Status.REGISTERED
     assert reg.memory.revoked == set()
+    await reg.close()
+
+
+async def test_an_old_identity_heard_again_before_the_newcomer_proves_its_key_stays(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    """Admitted to replace a silent machine, the newcomer proves its key only after the old
+    machine was heard again: the old one keeps its registration, the newcomer is refused."""
+    reg = await make(tmp_path, replace(NC, replace_after=0.2), issuer=issuer)
+    old = ann(Role.NC, "c1", address="10.77.202.1")
+    reg.on_sighting(sighting(old))
+    await prove_all(reg)
+    assert status(reg, old.component_id) is Status.REGISTERED
+    reg.on_sighting(Sighting(old.instance, Change.REMOVED))
+    newcomer = ann(Role.NC, "c1", address="10.77.202.1")
+    reg.on_sighting(sighting(newcomer))
+
+    def admitted() -> bool:
+        record = reg.record(newcomer.component_id)
+        return record is not None and record.status is Status.AWAITING_KEY
+
+    deadline = time.monotonic() + 8
+    while not admitted():  # positive wait (no key proofs here: prove_all would prove it)
+        assert time.monotonic() < deadline, "the newcomer was never admitted"
+        await asyncio.sleep(0.01)
+    reg.on_sighting(sighting(old))  # the old machine was only rebooting
+    prove(reg, newcomer.component_id)
+    await reg.idle()
+    assert status(reg, old.component_id) is Status.REGISTERED
+    assert status(reg, newcomer.component_id) is Status.REFUSED
+    assert reg.memory.revoked == set()
+    await assert_store_matches_memory(reg)
     await reg.close()
 
 

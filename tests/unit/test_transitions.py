@@ -307,12 +307,22 @@ def test_a_reinstalled_machine_replaces_its_silent_old_identity() -> None:
     decision = decide(gone, newcomer, settings)
     assert decision.kind is DecisionKind.REGISTER and decision.replaces == old.component_id
     assert f"replaces {old.component_id}" in decision.reason
+    # Admitted but unproven: nothing happens to the old one yet (a forged announcement must
+    # not revoke a powered-off machine).
     step = decided(None, newcomer, decision, now=NOW, timing=TIMING, proven=False, replaced=old)
+    [admitted] = step.change.records
+    assert admitted.status is Status.AWAITING_KEY and admitted.replaces == old.component_id
+    assert step.change.revoke == ()
+    # Its key proven, it replaces the old one, whose credentials are revoked.
+    step = key_proven(admitted, NOW + 1, old)
     by_id = {r.component_id: r for r in step.change.records}
     assert by_id[old.component_id].status is Status.REPLACED
-    assert by_id[newcomer.component_id].replaces == old.component_id
+    assert by_id[newcomer.component_id].status is Status.REGISTERING
     assert step.change.revoke == (old.component_id,)
     assert [u.change for u in step.change.token_uses] == [TokenChange.RELEASE]
+    # Proven at once (a signed HTTP announcement): replaced in the same step.
+    step = decided(None, newcomer, decision, now=NOW, timing=TIMING, proven=True, replaced=old)
+    assert {r.status for r in step.change.records} == {Status.REGISTERING, Status.REPLACED}
 
 
 def test_without_trust_a_replacement_waits_for_the_operator() -> None:
