@@ -45,6 +45,25 @@ class Timing:
         return float(min(self.retry_max, self.retry_base * 2 ** max(0, attempts - 1)))
 
 
+@dataclass(frozen=True)
+class Retention:
+    """How much history a registrar keeps: events and finished hook runs (with their output)
+    younger than `keep_for` seconds, and at most the newest `max_events` / `max_hook_runs`."""
+
+    keep_for: float = 90 * 86400.0
+    max_events: int = 200_000
+    max_hook_runs: int = 50_000
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Drop history older than `before` (a time) or beyond the newest counts."""
+
+    before: float
+    max_events: int
+    max_hook_runs: int
+
+
 class TokenChange(StrEnum):
     RESERVE = "reserve"  # the token admitted this component: one use taken
     RELEASE = "release"  # the component no longer holds what it was admitted to
@@ -72,6 +91,7 @@ class Write:
     hook_runs: tuple[HookRun, ...] = ()
     trust: TrustSettings | None = None
     tokens: tuple[Token, ...] = ()
+    prune: Prune | None = None  # history to drop (not a record's change; see Retention)
 
     def __add__(self, other: Write) -> Write:
         return Write(
@@ -85,6 +105,7 @@ class Write:
             hook_runs=self.hook_runs + other.hook_runs,
             trust=other.trust or self.trust,
             tokens=self.tokens + other.tokens,
+            prune=other.prune or self.prune,
         )
 
     @property

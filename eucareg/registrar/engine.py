@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Set
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from eucareg.core.policy import RegistrarSettings, View, decide
 from eucareg.core.transitions import (
     Effect,
     EffectKind,
+    Prune,
+    Retention,
     Timing,
     Transition,
     Write,
@@ -63,6 +66,7 @@ __all__ = [
     "Issuer",
     "Registrar",
     "RegistrarSettings",
+    "Retention",
     "Timing",
 ]
 
@@ -70,6 +74,8 @@ log = logging.getLogger(__name__)
 
 # Re-decided when something they wait on may have changed.
 BLOCKED = frozenset({Status.PENDING, Status.REFUSED, Status.UNMATCHED})
+PRUNE_EVERY = 600.0  # seconds between history prunes (also one at every start)
+MAX_NOTES = 10_000  # remembered event-only notes; a flood of unique ids cannot grow it
 
 
 def _die(exc: BaseException) -> None:
@@ -110,6 +116,7 @@ class Registrar:
         clock: Callable[[], float] = time.time,
         master_key: bytes = b"",
         on_fatal: Callable[[BaseException], None] = _die,
+        retention: Retention | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -119,6 +126,8 @@ class Registrar:
         self.master_key = master_key
         self._self_registered = self_registered
         self._on_fatal = on_fatal
+        self.retention = retention or Retention()
+        self._prune_handle: asyncio.TimerHandle | None = None
         self.memory = Memory({}, {}, TrustSettings(), {}, set())
         self.writer = Writer(store)
         self.hooks = HookRunner(hook_dir, timing.hook_timeout, self._journal)
@@ -132,7 +141,9 @@ class Registrar:
         self._hook_locks: dict[str, asyncio.Lock] = {}
         self._timers: dict[tuple[str, EffectKind], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._noted: dict[str, str] = {}  # last event-only note per key, to avoid repeats
+        # Last event-only note per key, to avoid repeats; bounded, oldest forgotten first (a
+        # forgotten note is only written once more).
+        self._noted: OrderedDict[str, str] = OrderedDict()
         self.stopping = False
         self.started_at = clock()
         self.lag = LagMonitor()
@@ -175,12 +186,22 @@ class Registrar:
                 # run's re-run, and says so.
                 owed = record.component_id in snapshot.interrupted
                 self._spawn(self._run_hook(record.component_id, rerun=owed))
+        self._prune()
         await self.writer.flush()
+
+    def _prune(self) -> None:
+        """Drop history past its retention, now and every PRUNE_EVERY seconds."""
+        keep = self.retention
+        before = self.clock() - keep.keep_for
+        self.writer.commit(Write(prune=Prune(before, keep.max_events, keep.max_hook_runs)))
+        self._prune_handle = asyncio.get_running_loop().call_later(PRUNE_EVERY, self._prune)
 
     async def close(self) -> None:
         """Stop: cancel timers and work (running hooks' process groups are killed and awaited),
         answer every waiting request, and let the last writes reach the store."""
         self.stopping = True
+        if self._prune_handle is not None:
+            self._prune_handle.cancel()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -326,11 +347,21 @@ class Registrar:
         replace_after = self.settings.replace_after
         self._arm(component_id, EffectKind.RECONSIDER, self.clock() + replace_after + 0.05)
 
+    def _first_note(self, key: str, what: str) -> bool:
+        """Whether `what` is news for `key` (and remember it, within MAX_NOTES keys)."""
+        if self._noted.get(key) == what:
+            self._noted.move_to_end(key)
+            return False
+        self._noted[key] = what
+        self._noted.move_to_end(key)
+        while len(self._noted) > MAX_NOTES:
+            self._noted.popitem(last=False)
+        return True
+
     def _note_rejected(self, sighting: Sighting, rejected: Rejected) -> None:
         key = f"rejected:{sighting.instance}"
-        if self._noted.get(key) == rejected.reason:
+        if not self._first_note(key, rejected.reason):
             return
-        self._noted[key] = rejected.reason
         log.warning("rejected announcement %r: %s", sighting.instance, rejected.reason)
         event = NewEvent(
             at=self.clock(),
@@ -420,9 +451,8 @@ class Registrar:
 
     def _note(self, ann: Announcement, decision: Decision) -> None:
         key = f"{ann.component_id}:{ann.fingerprint}:{ann.role}:{ann.cluster}"
-        if self._noted.get(key) == decision.code:
+        if not self._first_note(key, decision.code):
             return
-        self._noted[key] = decision.code
         log.warning("refused %s %s: %s", ann.role.value, ann.component_id, decision.reason)
         event = NewEvent(
             at=self.clock(),

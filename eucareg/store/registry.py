@@ -28,7 +28,7 @@ from eucareg.core.model import (
     Role,
     Status,
 )
-from eucareg.core.transitions import TokenChange, Write
+from eucareg.core.transitions import Prune, TokenChange, Write
 from eucareg.core.trust import Mode, Task, Token, TrustSettings
 from eucareg.store.schema import (
     certificates,
@@ -277,6 +277,29 @@ def _apply(conn: Connection, change: Write) -> None:
         _upsert(conn, hook_runs, {"run_id": run.run_id}, _hook_row(run))
     if change.events:
         conn.execute(events.insert(), [asdict(e) for e in change.events])
+    if change.prune is not None:
+        _prune(conn, change.prune)
+
+
+def _prune(conn: Connection, prune: Prune) -> None:
+    """Drop old history: events and finished hook runs before `prune.before`, and all but
+    the newest `max_*` of each. A running hook's journal row is never dropped (a restart
+    needs it to find the hook)."""
+    conn.execute(events.delete().where(events.c.at < prune.before))
+    _keep_newest(conn, events, events.c.seq, prune.max_events)
+    finished = hook_runs.c.outcome != HookOutcome.RUNNING.value
+    conn.execute(hook_runs.delete().where(hook_runs.c.started_at < prune.before, finished))
+    newest = conn.execute(sa.select(sa.func.max(hook_runs.c.seq))).scalar()
+    if newest is not None:
+        conn.execute(
+            hook_runs.delete().where(hook_runs.c.seq <= newest - prune.max_hook_runs, finished)
+        )
+
+
+def _keep_newest(conn: Connection, table: sa.Table, seq: sa.Column[Any], keep: int) -> None:
+    newest = conn.execute(sa.select(sa.func.max(seq))).scalar()
+    if newest is not None:
+        conn.execute(table.delete().where(seq <= newest - keep))
 
 
 def _upsert(
