@@ -31,6 +31,7 @@ OUTPUT_LIMIT = 64 * 1024
 # the eucalyptus user's keys), so a hook gets the usual 022.
 GATE = 'umask 022; read -r _ || exit 111; exec "$0" "$@"'
 GATE_NEVER_RAN = 111
+SPAWN_AT_ONCE = 4  # hook processes started per event-loop turn, at most
 # Variables a hook may need from the agent's environment; nothing else leaks into it.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -73,6 +74,10 @@ class HookRunner:
         self.timeout = timeout
         self._journal = journal
         self._running: dict[int, asyncio.subprocess.Process] = {}
+        # Starting a process blocks the event loop for a few ms (fork of a large process).
+        # A burst of admissions would start a hundred at once in one loop iteration, stalling
+        # mDNS and HTTP for a second; a few at a time keeps the loop responsive.
+        self._starting = asyncio.Semaphore(SPAWN_AT_ONCE)
 
     async def run(
         self, record: Record, *, eucavers: str = "", rerun: bool = False, attempt: int = 1
@@ -101,19 +106,20 @@ class HookRunner:
         # can then hold nothing of ours open, and we keep only the tail of what was written.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    "/bin/sh",
-                    "-c",
-                    GATE,
-                    str(script),
-                    *hook_arguments(record),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=out,
-                    stderr=err,
-                    env=env,
-                    cwd=str(self.hook_dir),
-                    start_new_session=True,
-                )
+                async with self._starting:
+                    proc = await asyncio.create_subprocess_exec(
+                        "/bin/sh",
+                        "-c",
+                        GATE,
+                        str(script),
+                        *hook_arguments(record),
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=out,
+                        stderr=err,
+                        env=env,
+                        cwd=str(self.hook_dir),
+                        start_new_session=True,
+                    )
             except (OSError, ValueError) as exc:
                 # ValueError: a value exec refuses, such as one with a NUL byte.
                 return _finish(run, HookOutcome.FAILED, None, err=f"cannot run {script}: {exc}")
