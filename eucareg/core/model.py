@@ -247,3 +247,26 @@ class IssuedCertificate:
     serial: str
     cert_pem: str
     issued_at: float
+
+
+def announcement_of(record: Record, live: Announcement | None = None) -> Announcement:
+    """Rebuild the accepted announcement from the record; the live one only lends its
+    eucavers and token proof, and only when it has the recorded key and address."""
+    same = (
+        live is not None
+        and live.fingerprint == record.fingerprint
+        and str(live.address) == record.address
+    )
+    if same and live is not None:
+        return live
+    return Announcement(
+        role=record.role,
+        component_id=record.component_id,
+        cluster=record.cluster,
+        state=AnnouncedState.READY,
+        address=ipaddress.ip_address(record.address),
+        fingerprint=record.fingerprint,
+        api_port=None,
+        eucavers="",
+        instance=record.instance,
+    )

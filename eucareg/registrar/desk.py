@@ -78,17 +78,11 @@ class CredentialDesk:
         revocation instead. A component with a request open counts as online.
         """
         engine = self.engine
-        engine.polling[component_id] = engine.polling.get(component_id, 0) + 1
-        engine.seen(component_id)
+        engine.presence.request_opened(component_id)
         try:
             return await self._answer(component_id, public_key, wait, have)
         finally:
-            left = engine.polling.get(component_id, 1) - 1
-            if left > 0:
-                engine.polling[component_id] = left
-                engine.seen(component_id)
-            else:
-                engine.polling.pop(component_id, None)
+            if engine.presence.request_closed(component_id):
                 engine.maybe_silent(component_id)
 
     async def _answer(

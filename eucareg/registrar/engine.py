@@ -10,12 +10,10 @@ write is durable.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Set
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +23,11 @@ from eucareg.core.model import (
     Announcement,
     Decision,
     Event,
-    HookOutcome,
     HookRun,
-    NewEvent,
     Record,
     Role,
     Status,
+    announcement_of,
 )
 from eucareg.core.policy import RegistrarSettings, View, decide
 from eucareg.core.transitions import (
@@ -43,8 +40,6 @@ from eucareg.core.transitions import (
     Write,
     decided,
     expired,
-    hook_finished,
-    hook_interrupted,
     key_proven,
 )
 from eucareg.core.trust import Token, TrustSettings, check_token
@@ -53,10 +48,13 @@ from eucareg.mdns.types import Change as SightingChange
 from eucareg.mdns.types import Sighting
 from eucareg.registrar.admin import TrustAdmin
 from eucareg.registrar.desk import CredentialAnswer, CredentialDesk, CredentialRefused, Issuer
-from eucareg.registrar.faults import crash_point
-from eucareg.registrar.hooks import HookRunner, kill_orphaned
+from eucareg.registrar.hooks import HookRunner
 from eucareg.registrar.lag import LagMonitor
 from eucareg.registrar.memory import Memory
+from eucareg.registrar.notes import Notes, refused_event, rejected_event
+from eucareg.registrar.presence import Presence
+from eucareg.registrar.registering import Registering
+from eucareg.registrar.timers import Timers
 from eucareg.store.registry import Store
 from eucareg.store.writer import Writer
 
@@ -75,30 +73,12 @@ log = logging.getLogger(__name__)
 # Re-decided when something they wait on may have changed.
 BLOCKED = frozenset({Status.PENDING, Status.REFUSED, Status.UNMATCHED})
 PRUNE_EVERY = 600.0  # seconds between history prunes (also one at every start)
-MAX_NOTES = 10_000  # remembered event-only notes; a flood of unique ids cannot grow it
 
 
 def _die(exc: BaseException) -> None:
     """Memory ran ahead of a write that failed: only a restart from the store is safe."""
     log.critical("registry write failed (%s); exiting so a restart resumes from the store", exc)
     os._exit(75)
-
-
-class _Online(Set[str]):
-    """Components heard now: announcing on mDNS, or holding a request open over HTTP."""
-
-    def __init__(self, live: dict[str, Announcement], polling: dict[str, int]) -> None:
-        self._live = live
-        self._polling = polling
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._live or item in self._polling
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._live.keys() | self._polling.keys())
-
-    def __len__(self) -> int:
-        return len(self._live.keys() | self._polling.keys())
 
 
 class Registrar:
@@ -131,19 +111,17 @@ class Registrar:
         self.memory = Memory({}, {}, TrustSettings(), {}, set())
         self.writer = Writer(store)
         self.hooks = HookRunner(hook_dir, timing.hook_timeout, self._journal)
-        self.live: dict[str, Announcement] = {}
-        self._instances: dict[str, str] = {}  # DNS-SD instance -> component id
-        self._last_seen: dict[str, float] = {}
-        self.polling: dict[str, int] = {}  # component id -> open credential requests
-        self.online_ids = _Online(self.live, self.polling)
-        self.proven: set[tuple[str, str]] = set()  # (id, fingerprint) that signed a request
+        self.presence = Presence(clock)
+        # The presence's parts, by the names the API, the desk and the tests use.
+        self.live = self.presence.live
+        self.polling = self.presence.polling
+        self.proven = self.presence.proven
+        self.online_ids = self.presence.online
+        self.timers = Timers(clock, self._fire)
+        self.notes = Notes()
+        self.registering = Registering(self)
         self._changed: dict[str, asyncio.Event] = {}  # woken when a record changes
-        self._hook_locks: dict[str, asyncio.Lock] = {}
-        self._timers: dict[tuple[str, EffectKind], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # Last event-only note per key, to avoid repeats; bounded, oldest forgotten first (a
-        # forgotten note is only written once more).
-        self._noted: OrderedDict[str, str] = OrderedDict()
         self.stopping = False
         self.started_at = clock()
         self.lag = LagMonitor()
@@ -162,30 +140,13 @@ class Registrar:
         self.lag.start()
         self.admin.arm_install_close()
         now = self.clock()
-        rerun: set[str] = set()
-        for run in snapshot.running_hooks:
-            if not await kill_orphaned(run):
-                log.error(
-                    "hook %s (pgid %s) survived SIGKILL; recording it interrupted",
-                    run.run_id,
-                    run.pgid,
-                )
-            record = self.memory.records.get(run.component_id)
-            step = hook_interrupted(record, run, now)
-            if any(e.kind is EffectKind.RUN_HOOK for e in step.effects):
-                rerun.add(run.component_id)
-            self.step(step)
+        await self.registering.resume(snapshot)
         for record in list(self.memory.records.values()):
             if record.status in (Status.PENDING, Status.AWAITING_KEY) and record.expires_at:
-                self._arm(record.component_id, EffectKind.EXPIRE_AT, record.expires_at)
+                self.timers.arm(record.component_id, EffectKind.EXPIRE_AT, record.expires_at)
             elif record.status is Status.FAILED:
-                self._arm(record.component_id, EffectKind.RETRY_AT, record.next_retry_at or now)
-            elif record.status is Status.REGISTERING and record.component_id not in rerun:
-                # Decided, but its hook never started (the gate never opened): run it now. If
-                # the run it replaces was interrupted by an earlier crash, this one is that
-                # run's re-run, and says so.
-                owed = record.component_id in snapshot.interrupted
-                self._spawn(self._run_hook(record.component_id, rerun=owed))
+                retry_at = record.next_retry_at or now
+                self.timers.arm(record.component_id, EffectKind.RETRY_AT, retry_at)
         self._prune()
         await self.writer.flush()
 
@@ -202,9 +163,7 @@ class Registrar:
         self.stopping = True
         if self._prune_handle is not None:
             self._prune_handle.cancel()
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        self.timers.close()
         self.admin.close()
         tasks = list(self._tasks)
         for task in tasks:
@@ -289,11 +248,11 @@ class Registrar:
 
     def submit(self, ann: Announcement) -> None:
         """Track a decoded announcement and decide on it at once."""
-        previous_id = self._instances.get(ann.instance)
+        previous_id = self.presence.instances.get(ann.instance)
         if previous_id is not None and previous_id != ann.component_id:
             self._forget_instance(ann.instance)
         fresh = ann.component_id not in self.live
-        self._instances[ann.instance] = ann.component_id
+        self.presence.instances[ann.instance] = ann.component_id
         previous = self.live.get(ann.component_id)
         record = self.memory.records.get(ann.component_id)
         spoof = (
@@ -327,12 +286,11 @@ class Registrar:
         return self.memory.records.get(ann.component_id)
 
     def seen(self, component_id: str) -> None:
-        self._last_seen[component_id] = self.clock()
+        self.presence.seen(component_id)
 
     def _forget_instance(self, instance: str) -> None:
-        component_id = self._instances.pop(instance, None)
-        if component_id is not None and component_id not in self._instances.values():
-            self.live.pop(component_id, None)
+        component_id = self.presence.forget_instance(instance)
+        if component_id is not None:
             log.info("component %s withdrew its announcement", component_id)
             self.maybe_silent(component_id)
 
@@ -341,38 +299,17 @@ class Registrar:
         If none is left, a newcomer refused its address now waits for it to stay silent and
         may replace it then: decide the blocked again, and once more when that time is up."""
         self.seen(component_id)
-        if component_id in self.live or component_id in self.polling:
+        if not self.presence.silent(component_id):
             return
         self.reconsider()
         replace_after = self.settings.replace_after
-        self._arm(component_id, EffectKind.RECONSIDER, self.clock() + replace_after + 0.05)
-
-    def _first_note(self, key: str, what: str) -> bool:
-        """Whether `what` is news for `key` (and remember it, within MAX_NOTES keys)."""
-        if self._noted.get(key) == what:
-            self._noted.move_to_end(key)
-            return False
-        self._noted[key] = what
-        self._noted.move_to_end(key)
-        while len(self._noted) > MAX_NOTES:
-            self._noted.popitem(last=False)
-        return True
+        self.timers.arm(component_id, EffectKind.RECONSIDER, self.clock() + replace_after + 0.05)
 
     def _note_rejected(self, sighting: Sighting, rejected: Rejected) -> None:
-        key = f"rejected:{sighting.instance}"
-        if not self._first_note(key, rejected.reason):
+        if not self.notes.first(f"rejected:{sighting.instance}", rejected.reason):
             return
         log.warning("rejected announcement %r: %s", sighting.instance, rejected.reason)
-        event = NewEvent(
-            at=self.clock(),
-            component_id=sighting.txt.get("id", "")[:64] or f"instance:{sighting.instance}"[:64],
-            role=_role_name(sighting.txt.get("type", ""))[:16],
-            cluster=sighting.txt.get("cluster", None),
-            address=sighting.txt.get("addr", "")[:64],
-            kind="rejected",
-            code=rejected.code,
-            reason=f"announcement {sighting.instance!r}: {rejected.reason}",
-        )
+        event = rejected_event(sighting, rejected, self.clock())
         self.step(Transition(Write(events=(event,))))
 
     def self_registration_changed(self) -> None:
@@ -415,7 +352,7 @@ class Registrar:
             now=now,
             token=verdict,
             online=self.online_ids,
-            last_seen=self._last_seen,
+            last_seen=self.presence.last_seen,
             seen_floor=self.started_at,
         )
 
@@ -451,20 +388,10 @@ class Registrar:
 
     def _note(self, ann: Announcement, decision: Decision) -> None:
         key = f"{ann.component_id}:{ann.fingerprint}:{ann.role}:{ann.cluster}"
-        if not self._first_note(key, decision.code):
+        if not self.notes.first(key, decision.code):
             return
         log.warning("refused %s %s: %s", ann.role.value, ann.component_id, decision.reason)
-        event = NewEvent(
-            at=self.clock(),
-            component_id=ann.component_id,
-            role=ann.role.value,
-            cluster=ann.cluster,
-            address=str(ann.address),
-            kind="refused",
-            code=decision.code,
-            reason=decision.reason,
-        )
-        self.step(Transition(Write(events=(event,))))
+        self.step(Transition(Write(events=(refused_event(ann, decision, self.clock()),))))
 
     def redecide(self, component_id: str, *, fresh: bool = False, retry: bool = False) -> None:
         """Decide again for a known component: its live announcement if it is the accepted
@@ -475,7 +402,7 @@ class Registrar:
             if live is not None:
                 self.decide(live, fresh=fresh)
             return
-        self.decide(announcement_from_record(record, live), fresh=fresh, retry=retry)
+        self.decide(announcement_of(record, live), fresh=fresh, retry=retry)
 
     # -- transitions and effects -------------------------------------------------------------
 
@@ -490,7 +417,7 @@ class Registrar:
         durable = self.writer.commit(step.change)
         # Shielded: a caller that is cancelled (a client hung up) must not cancel the effects
         # of a transition that is already in memory and on its way to the disk.
-        return asyncio.shield(self._spawn(self._after(durable, step.effects)))
+        return asyncio.shield(self.spawn(self._after(durable, step.effects)))
 
     async def _after(self, durable: Awaitable[None], effects: tuple[Effect, ...]) -> None:
         try:
@@ -504,62 +431,17 @@ class Registrar:
         for effect in effects:
             cid = effect.component_id
             if effect.kind is EffectKind.RUN_HOOK:
-                self._spawn(self._run_hook(cid, rerun=effect.rerun))
+                self.spawn(self.registering.run(cid, rerun=effect.rerun))
             elif effect.kind is EffectKind.WAKE:
                 self.notify(cid)
             elif effect.kind is EffectKind.CANCEL_TIMERS:
-                self._cancel_timers(cid)
+                self.timers.cancel(cid)
             elif effect.kind in (EffectKind.EXPIRE_AT, EffectKind.RETRY_AT, EffectKind.RECHECK_AT):
-                self._arm(cid, effect.kind, effect.at)
+                self.timers.arm(cid, effect.kind, effect.at)
             elif effect.kind is EffectKind.RECONSIDER:
                 self.reconsider()
             elif effect.kind is EffectKind.REDECIDE:
                 self.redecide(cid, fresh=True)
-
-    async def _run_hook(self, component_id: str, *, rerun: bool) -> None:
-        lock = self._hook_locks.setdefault(component_id, asyncio.Lock())
-        try:
-            async with lock:
-                await self._run_hook_locked(component_id, rerun=rerun)
-        finally:
-            if not lock.locked() and self._hook_locks.get(component_id) is lock:
-                del self._hook_locks[component_id]
-
-    async def _run_hook_locked(self, component_id: str, *, rerun: bool) -> None:
-        record = self.memory.records.get(component_id)
-        if record is None or record.status is not Status.REGISTERING:
-            return
-        live = self.live.get(component_id)
-        eucavers = live.eucavers if live and live.fingerprint == record.fingerprint else ""
-        try:
-            run = await self.hooks.run(
-                record, eucavers=eucavers, rerun=rerun, attempt=record.attempts + 1
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # Never leave the record in `registering`: a fault of ours is a failed attempt.
-            log.exception("hook for %s could not run", component_id)
-            run = HookRun(
-                run_id=f"error-{int(self.clock() * 1000)}",
-                component_id=component_id,
-                hook=str(self.hook_dir / record.role.hook_name),
-                started_at=self.clock(),
-                outcome=HookOutcome.FAILED,
-                stderr=f"cannot run the hook: {exc!r}",
-                attempt=record.attempts + 1,
-                rerun=rerun,
-            )
-        now = self.clock()
-        step = hook_finished(
-            self.memory.records.get(component_id), run, now, self.timing, ran_for=record
-        )
-        await self.step(step)
-        if run.outcome in (HookOutcome.OK, HookOutcome.SKIPPED):
-            crash_point("after-commit")
-            log.info("registered %s %s at %s", record.role.value, component_id, record.address)
-        else:
-            log.warning("registration of %s failed: %s", component_id, run.outcome.value)
 
     async def _journal(self, run: HookRun) -> None:
         await self.writer.commit(Write(hook_runs=(run,)))
@@ -598,7 +480,7 @@ class Registrar:
         for component_id in list(self._changed):
             self.notify(component_id)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -609,25 +491,7 @@ class Registrar:
         if not task.cancelled() and task.exception() is not None:
             log.error("registrar task failed", exc_info=task.exception())
 
-    def _cancel_timers(self, component_id: str) -> None:
-        for kind in (EffectKind.EXPIRE_AT, EffectKind.RETRY_AT, EffectKind.RECHECK_AT):
-            handle = self._timers.pop((component_id, kind), None)
-            if handle is not None:
-                handle.cancel()
-
-    def _arm(self, component_id: str, kind: EffectKind, at: float) -> None:
-        if self.stopping:
-            return
-        old = self._timers.pop((component_id, kind), None)
-        if old is not None:
-            old.cancel()
-        delay = max(0.0, at - self.clock())
-        self._timers[(component_id, kind)] = asyncio.get_running_loop().call_later(
-            delay, self._fire, component_id, kind
-        )
-
     def _fire(self, component_id: str, kind: EffectKind) -> None:
-        self._timers.pop((component_id, kind), None)
         if kind is EffectKind.EXPIRE_AT:
             self._expire(component_id)
         elif kind is EffectKind.RETRY_AT:
@@ -678,33 +542,3 @@ class Registrar:
 
     async def mark_collected(self, component_id: str) -> None:
         await self.desk.mark_collected(component_id)
-
-
-def _role_name(txt_type: str) -> str:
-    try:
-        return Role.from_txt_type(txt_type).value
-    except ValueError:
-        return txt_type or "?"
-
-
-def announcement_from_record(record: Record, live: Announcement | None = None) -> Announcement:
-    """Rebuild the accepted announcement from the record; the live one only lends its
-    eucavers and token proof, and only when it has the recorded key and address."""
-    same = (
-        live is not None
-        and live.fingerprint == record.fingerprint
-        and str(live.address) == record.address
-    )
-    if same and live is not None:
-        return live
-    return Announcement(
-        role=record.role,
-        component_id=record.component_id,
-        cluster=record.cluster,
-        state=AnnouncedState.READY,
-        address=ipaddress.ip_address(record.address),
-        fingerprint=record.fingerprint,
-        api_port=None,
-        eucavers="",
-        instance=record.instance,
-    )

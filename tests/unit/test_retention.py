@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from eucareg.core.model import HookOutcome, HookRun, NewEvent, Role
 from eucareg.core.transitions import Prune, Write
 from eucareg.mdns.types import Sighting
-from eucareg.registrar import engine as engine_mod
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import ann, sighting
 from tests.unit.test_registrar import make_registrar
@@ -52,17 +49,15 @@ async def test_a_registrar_prunes_at_start_by_its_retention(tmp_path: Path) -> N
     await reg.close()
 
 
-async def test_a_flood_of_unique_bad_announcements_cannot_grow_the_notes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(engine_mod, "MAX_NOTES", 50)
+async def test_a_flood_of_unique_bad_announcements_cannot_grow_the_notes(tmp_path: Path) -> None:
     reg = await make_registrar(tmp_path)
+    reg.notes.limit = 50
     base = sighting(ann(Role.WALRUS))
     for n in range(200):  # each a different instance with an unusable address
         bad = Sighting(f"flood-{n}", base.change, txt={**base.txt, "addr": "127.0.0.1"})
         reg.on_sighting(bad)
     await reg.idle()
-    assert len(reg._noted) == 50
+    assert len(reg.notes) == 50
     rejected = [e for e in reg.store.events() if e.kind == "rejected"]
     assert len(rejected) == 200  # each one was news once
     await reg.close()
