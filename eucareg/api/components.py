@@ -6,6 +6,7 @@ HTTP when mDNS cannot reach its registrar (POST /v1/announce, `fallback_registra
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 from collections.abc import Coroutine
@@ -17,6 +18,7 @@ from aiohttp import web
 from eucareg.api.auth import read_signed
 from eucareg.api.context import REGISTRAR
 from eucareg.api.validate import ApiError, as_object, bad, error
+from eucareg.core.model import DecisionKind
 from eucareg.core.txt import Rejected, decode
 from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import CredentialRefused
@@ -82,6 +84,17 @@ async def _unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
         task.cancel()
 
 
+def _plain(remote: str | None) -> str:
+    """The peer's address as ip_address prints it (no IPv6 scope, IPv4-mapped unwrapped)."""
+    try:
+        address = ipaddress.ip_address((remote or "").split("%", 1)[0])
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
 async def announce(request: web.Request) -> web.Response:
     """POST /v1/announce: a TXT record sent over HTTP, decided like an mDNS announcement."""
     payload, public_key = await read_signed(request)
@@ -94,7 +107,20 @@ async def announce(request: web.Request) -> web.Response:
         bad(f"{decoded.code}: {decoded.reason}")
     if decoded.fingerprint != cred.fingerprint(public_key):
         raise ApiError(403, "the request is not signed by the announced key")
-    record = await registrar.fallback(replace(decoded, source="fallback"))
-    if record is None:
+    if decoded.token_id is None and str(decoded.address) != _plain(request.remote):
+        # Without a token (whose proof binds addr=), nothing vouches for an address the
+        # request does not come from: it could name any machine on the LAN.
+        raise ApiError(
+            403,
+            f"addr={decoded.address} is not the address this request comes from "
+            f"({request.remote}); announce your own address, or use a join token",
+        )
+    decision, record = await registrar.fallback(replace(decoded, source="fallback"))
+    if record is not None:
+        return web.json_response({"status": record.status.value, "reason": record.reason})
+    if decision.kind is DecisionKind.IGNORE:
         return web.json_response({"status": "ignored", "reason": "not for this registrar"})
-    return web.json_response({"status": record.status.value, "reason": record.reason})
+    # Refused outright, and nothing kept (docs/security.md, "The fallback in its place").
+    return web.json_response(
+        {"status": "refused", "code": decision.code, "reason": decision.reason}, status=403
+    )

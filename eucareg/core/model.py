@@ -113,6 +113,8 @@ class Status(StrEnum):
 HOLDS_SLOT = frozenset({Status.AWAITING_KEY, Status.REGISTERING, Status.REGISTERED})
 # Statuses in which a join-token use stays reserved for the component.
 HOLDS_TOKEN_USE = HOLDS_SLOT | {Status.FAILED}
+# Records kept for components nobody admitted: what an unauthenticated flood could grow (capped).
+UNADMITTED = frozenset({Status.PENDING, Status.REFUSED, Status.UNMATCHED, Status.EXPIRED})
 
 
 @dataclass(frozen=True)

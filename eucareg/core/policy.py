@@ -35,6 +35,9 @@ class RegistrarSettings:
     # A component silent on every source this long may be replaced by a newcomer at its
     # address (a reinstalled machine comes back with a new identity).
     replace_after: float = 600.0
+    # Records of components nobody admitted (pending, refused, unmatched, expired) kept at
+    # most; past it, an unauthenticated newcomer is refused `pending-full` and not stored.
+    max_unadmitted: int = 5000
     # Address ranges the site admits besides the private ones and global unicast.
     allowed_ranges: tuple[IPNetwork, ...] = ()
 
@@ -57,6 +60,7 @@ class View:
     online: Set[str] = frozenset()
     last_seen: Mapping[str, float] = field(default_factory=dict)
     seen_floor: float = 0.0
+    unadmitted: int = 0  # records of components nobody admitted (see max_unadmitted)
 
     def silent_for(self, component_id: str) -> float | None:
         """Seconds the component has been silent on every source; None while it is heard."""
@@ -66,6 +70,39 @@ class View:
 
 
 def decide(
+    view: View,
+    ann: Announcement,
+    settings: RegistrarSettings,
+    *,
+    fresh: bool = False,
+    retry: bool = False,
+) -> Decision:
+    """Decide what to do with one announcement (see _decide); then bound what an
+    unauthenticated sender can make us store."""
+    decision = _decide(view, ann, settings, fresh=fresh, retry=retry)
+    if decision.event_only or decision.kind not in _STORED_UNADMITTED:
+        return decision
+    if view.token is not None and view.token.ok:
+        return decision  # a token-proven component is never crowded out
+    if ann.source == "fallback" and view.trust.mode is not Mode.ANY:
+        # An unauthenticated HTTP request outside mode any leaves nothing behind.
+        return replace(decision, event_only=True)
+    if ann.component_id not in view.records and view.unadmitted >= settings.max_unadmitted:
+        return Decision(
+            DecisionKind.REFUSE,
+            "pending-full",
+            f"{view.unadmitted} components already wait or were refused (the limit is "
+            f"{settings.max_unadmitted}); not recorded. Approve, reject or deregister some, or "
+            "use a join token, which is never crowded out",
+            event_only=True,
+        )
+    return decision
+
+
+_STORED_UNADMITTED = frozenset({DecisionKind.PENDING, DecisionKind.REFUSE, DecisionKind.UNMATCHED})
+
+
+def _decide(
     view: View,
     ann: Announcement,
     settings: RegistrarSettings,
@@ -165,11 +202,12 @@ def _trust_refusal(view: View, ann: Announcement, existing: Record | None) -> De
         return _refuse(
             "locked", f"the {task.value} registration task is locked; no new registrations"
         )
-    if ann.source == "fallback" and trust.mode is not Mode.ANY:
+    token_ok = view.token is not None and view.token.ok
+    if ann.source == "fallback" and trust.mode is not Mode.ANY and not token_ok:
         return _refuse(
             "fallback-not-allowed",
-            f"HTTP fallback registration from {ann.address} needs mode any (mode is "
-            f"{trust.mode.value})",
+            f"HTTP registration from {ann.address} without a join token needs mode any "
+            f"(mode is {trust.mode.value})",
         )
     approved = existing is not None and (existing.approved or _retrying(existing))
     if view.token is not None and not view.token.ok and not approved:

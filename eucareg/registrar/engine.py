@@ -273,17 +273,26 @@ class Registrar:
             # A CC now says "registered as FOO": SCs of FOO may stop waiting.
             self.reconsider()
 
-    async def fallback(self, ann: Announcement) -> Record | None:
-        """A signed HTTP announcement (the design's registration-service fallback).
+    async def fallback(self, ann: Announcement) -> tuple[Decision, Record | None]:
+        """A signed HTTP announcement (the design's registration-service fallback): the
+        decision, and the record it left (None when nothing was stored).
 
         The request was signed by the announced key, so possession is already proven. It is
         not a live mDNS announcement: the component repeats it until it is registered.
         """
-        self.proven.add((ann.component_id, ann.fingerprint))
+        key = (ann.component_id, ann.fingerprint)
+        known = ann.component_id in self.memory.records
+        self.proven.add(key)
         self.seen(ann.component_id)
-        self.decide(ann, fresh=ann.component_id not in self.live)
+        decision = self.decide(ann, fresh=ann.component_id not in self.live)
+        record = self.memory.records.get(ann.component_id)
+        if record is None and not known:
+            # Nothing stored (refused outright, or not ours): keep nothing of it in memory
+            # either, or a flood of unique ids would grow it.
+            self.proven.discard(key)
+            self.presence.last_seen.pop(ann.component_id, None)
         await self.writer.flush()
-        return self.memory.records.get(ann.component_id)
+        return decision, record
 
     def seen(self, component_id: str) -> None:
         self.presence.seen(component_id)
@@ -354,6 +363,7 @@ class Registrar:
             online=self.online_ids,
             last_seen=self.presence.last_seen,
             seen_floor=self.started_at,
+            unadmitted=self.memory.unadmitted,
         )
 
     def decide(self, ann: Announcement, *, fresh: bool = False, retry: bool = False) -> Decision:

@@ -6,9 +6,9 @@ never disagree about what a committed transition means.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from eucareg.core.model import IssuedCertificate, Record
+from eucareg.core.model import UNADMITTED, IssuedCertificate, Record
 from eucareg.core.transitions import TokenChange, Write
 from eucareg.core.trust import Token, TrustSettings
 from eucareg.store.registry import Snapshot
@@ -21,6 +21,16 @@ class Memory:
     trust: TrustSettings
     certificates: dict[str, IssuedCertificate]
     revoked: set[str]
+    # How many records are UNADMITTED (kept in step by apply; the policy caps it).
+    unadmitted: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.unadmitted = sum(r.status in UNADMITTED for r in self.records.values())
+
+    def _put(self, record: Record | None, new: Record | None) -> None:
+        self.unadmitted += (new is not None and new.status in UNADMITTED) - (
+            record is not None and record.status in UNADMITTED
+        )
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> Memory:
@@ -28,13 +38,14 @@ class Memory:
 
     def apply(self, change: Write) -> None:
         for record in change.records:
+            self._put(self.records.get(record.component_id), record)
             self.records[record.component_id] = record
         for component_id in change.revoke:
             cert = self.certificates.pop(component_id, None)
             if cert is not None:
                 self.revoked.add(cert.serial)
         for component_id in change.deleted:
-            self.records.pop(component_id, None)
+            self._put(self.records.pop(component_id, None), None)
             self.certificates.pop(component_id, None)
         for cert in change.certificates:
             self.certificates[cert.component_id] = cert

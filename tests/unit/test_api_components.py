@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from eucareg.core.model import Announcement, Role
 from eucareg.pki import credentials as cred
@@ -138,13 +139,34 @@ async def fallback(h: Harness, a: Announcement, key: cred.PrivateKey | None = No
     return await h.signed("/v1/announce", key or key_of(a), {"txt": txt_of(a)})
 
 
-async def test_fallback_announcements_are_refused_unless_mode_any(clc: Harness) -> None:
+@pytest.fixture
+async def lan_clc(tmp_path: Path) -> AsyncIterator[tuple[Harness, dict[str, str]]]:
+    """A CLC whose /v1/announce requests come from `peer["remote"]` (a LAN host), while the
+    operator's calls still come from loopback."""
+    peer = {"remote": "10.77.0.2"}
+
+    @web.middleware
+    async def from_peer(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/v1/announce":
+            request = request.clone(remote=peer["remote"])
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async with served(tmp_path, CLC_SETTINGS, middlewares=(from_peer,)) as harness:
+        yield harness, peer
+
+
+async def test_http_announcements_need_mode_any_or_a_token_and_leave_nothing_when_refused(
+    lan_clc: tuple[Harness, dict[str, str]],
+) -> None:
+    clc, peer = lan_clc
     assert (await clc.post("/v1/trust/install-window", {"open": True, "for": "10m"}))[0] == 200
     walrus = ann(Role.WALRUS)
+    peer["remote"] = str(walrus.address)
     status, answer = await fallback(clc, walrus)
-    assert status == 200
-    assert answer["status"] == "refused"
+    assert (status, answer["status"], answer["code"]) == (403, "refused", "fallback-not-allowed")
     assert "needs mode any" in answer["reason"]
+    assert clc.registrar.record(walrus.component_id) is None  # nothing stored
     assert (await clc.post("/v1/trust/mode", {"mode": "any"}))[0] == 200
     status, answer = await fallback(clc, walrus)
     # Signed by its own key: possession is proven, so it goes straight to its hook.
@@ -152,8 +174,27 @@ async def test_fallback_announcements_are_refused_unless_mode_any(clc: Harness) 
     assert answer["status"] in ("registering", "registered"), answer
     await clc.record_status(walrus.component_id, "registered")
     assert (await clc.post("/v1/trust/mode", {"mode": "off"}))[0] == 200
-    status, answer = await fallback(clc, ann(Role.WALRUS))
-    assert (status, answer["status"]) == (200, "refused")
+    other = ann(Role.WALRUS)
+    peer["remote"] = str(other.address)
+    status, answer = await fallback(clc, other)
+    assert (status, answer["code"]) == (403, "registration-off")
+
+
+async def test_without_a_token_the_stated_address_must_be_the_callers(
+    lan_clc: tuple[Harness, dict[str, str]],
+) -> None:
+    clc, peer = lan_clc
+    assert (await clc.post("/v1/trust/mode", {"mode": "any"}))[0] == 200
+    walrus = ann(Role.WALRUS)
+    for remote in ("10.77.99.99", f"::ffff:{walrus.address}x", None):
+        peer["remote"] = remote or ""
+        status, answer = await fallback(clc, walrus)
+        assert status == 403, answer
+        assert "is not the address this request comes from" in answer["error"]
+    assert clc.registrar.record(walrus.component_id) is None
+    peer["remote"] = f"::ffff:{walrus.address}"  # a dual-stack socket's view of an IPv4 peer
+    status, answer = await fallback(clc, walrus)
+    assert status == 200, answer
 
 
 async def test_a_fallback_announcement_must_be_signed_by_the_announced_key(
@@ -164,8 +205,15 @@ async def test_a_fallback_announcement_must_be_signed_by_the_announced_key(
 
 
 async def test_a_fallback_announcement_for_another_registrar_is_ignored(tmp_path: Path) -> None:
-    async with served(tmp_path, CC_SETTINGS) as cc:
-        status, answer = await fallback(cc, ann(Role.WALRUS))
+    walrus = ann(Role.WALRUS)
+
+    @web.middleware
+    async def from_walrus(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request.clone(remote=str(walrus.address)))
+        return response
+
+    async with served(tmp_path, CC_SETTINGS, middlewares=(from_walrus,)) as cc:
+        status, answer = await fallback(cc, walrus)
     assert (status, answer) == (200, {"status": "ignored", "reason": "not for this registrar"})
 
 

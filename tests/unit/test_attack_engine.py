@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from eucareg.core.model import Announcement, HookOutcome, HookRun, Record, Role, Status
+from eucareg.core.model import UNADMITTED, Announcement, HookOutcome, HookRun, Record, Role, Status
 from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import Task, announcement_proof_message, make_proof, parse_token
 from eucareg.mdns.types import Change, Sighting
@@ -140,6 +140,8 @@ async def assert_store_matches_memory(reg: Registrar) -> None:
     assert snap.trust == reg.memory.trust
     assert snap.certificates == reg.memory.certificates
     assert snap.revoked == reg.memory.revoked
+    # The running count the flood cap reads agrees with the records.
+    assert reg.memory.unadmitted == sum(r.status in UNADMITTED for r in snap.records.values())
 
 
 def tokened(text: str, base: Announcement) -> Announcement:

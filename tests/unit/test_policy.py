@@ -253,3 +253,45 @@ def test_rejected_and_awaiting_key_components_are_left_alone() -> None:
     nc = ann(Role.NC, "c1")
     for status in (Status.REJECTED, Status.AWAITING_KEY):
         assert decide(view(record_of(nc, status), me=True), nc, CC1).kind is DecisionKind.KEEP
+
+
+# -- what an unauthenticated sender can make us store ----------------------------------------
+
+GOOD_TOKEN = TokenVerdict(True, "token-ok", "join token abc (1 use left)")
+
+
+def test_an_http_announcement_without_a_token_outside_mode_any_is_refused_unstored() -> None:
+    walrus = replace(ann(Role.WALRUS), source="fallback")
+    decision = decide(view(), walrus, CLC)
+    assert (decision.kind, decision.code) == (DecisionKind.REFUSE, "fallback-not-allowed")
+    assert decision.event_only  # nothing recorded
+    # With a valid join token it is accepted from anywhere, in mode local too.
+    tokened = replace(walrus, token_id="abcdefghijkl")
+    assert decide(view(token=GOOD_TOKEN), tokened, CLC).kind is DecisionKind.REGISTER
+    # In mode any it is stored like an mDNS sighting (here: waiting for approval).
+    closed_any = TrustSettings(mode=Mode.ANY)
+    decision = decide(view(trust=closed_any), walrus, CLC)
+    assert decision.kind is DecisionKind.PENDING and not decision.event_only
+
+
+def test_past_the_cap_a_newcomer_is_refused_pending_full_and_not_stored() -> None:
+    settings = replace(CLC, max_unadmitted=3)
+    closed = TrustSettings()  # no window: newcomers wait for approval
+    full = replace(view(trust=closed), unadmitted=3)
+    walrus = ann(Role.WALRUS)
+    decision = decide(full, walrus, settings)
+    assert (decision.kind, decision.code, decision.event_only) == (
+        DecisionKind.REFUSE,
+        "pending-full",
+        True,
+    )
+    assert "the limit is 3" in decision.reason
+    # One below the cap: stored as pending.
+    assert decide(replace(full, unadmitted=2), walrus, settings).kind is DecisionKind.PENDING
+    # A token-proven newcomer is never crowded out.
+    tokened = replace(walrus, token_id="abcdefghijkl")
+    assert decide(replace(full, token=GOOD_TOKEN), tokened, settings).kind is DecisionKind.REGISTER
+    # A component already recorded is decided as always (its record exists already).
+    pending = replace(record_of(walrus), status=Status.PENDING)
+    again = replace(view(pending, trust=closed), unadmitted=3)
+    assert decide(again, walrus, settings).code != "pending-full"

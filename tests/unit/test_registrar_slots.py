@@ -188,3 +188,20 @@ async def test_a_component_known_only_by_its_long_poll_is_replaced_once_the_poll
     replaced = reg.record(old.component_id)
     assert replaced is not None and replaced.status is Status.REPLACED
     await reg.close()
+
+
+async def test_a_flood_of_unauthenticated_http_announcements_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    """Mode local: 300 signed HTTP announcements with fresh ids and keys, no token. Each is
+    refused; no record is stored and nothing per id stays in memory."""
+    reg = await make_registrar(tmp_path, CLC)
+    walrus = ann(Role.WALRUS)
+    for n in range(300):
+        flood = replace(walrus, component_id=f"walrus-flood{n:06d}", source="fallback")
+        decision, record = await reg.fallback(flood)
+        assert (decision.code, record) == ("fallback-not-allowed", None)
+    assert reg.records() == {} and reg.store.records() == {}
+    assert not reg.proven and not reg.presence.last_seen
+    assert reg.memory.unadmitted == 0
+    await reg.close()
