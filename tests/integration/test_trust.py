@@ -405,9 +405,20 @@ def test_remote_component_registers_over_http_only_in_mode_any(
     )
     cloud.start("cloud")
     walrus = start_with_id(cloud, "walrus")
-    _wait_status_on(cloud, "cloud", walrus, "refused")
-    row = rows_by_id(cloud.status("cloud"))[walrus]
-    assert "needs mode any" in row["reason"]
+    # Mode local: refused with an event, and nothing stored for it.
+    deadline = time.monotonic() + 60
+    while True:
+        refusals = [
+            e
+            for e in cloud.events("cloud", f"&component={walrus}")
+            if e["code"] == "fallback-not-allowed"
+        ]
+        if refusals:
+            break
+        assert time.monotonic() < deadline, "the HTTP announcement was never decided"
+        time.sleep(0.2)
+    assert "needs mode any" in refusals[0]["reason"]
+    assert walrus not in rows_by_id(cloud.status("cloud"))
     cloud.cli("cloud", "mode", "any")
     _wait_status_on(cloud, "cloud", walrus, "registered")
     deadline = time.monotonic() + 60
