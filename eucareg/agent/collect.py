@@ -6,17 +6,21 @@ answer we cannot use is a ProtocolError with the reason, for the caller to log a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import socket
 from collections.abc import Mapping
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from cryptography.exceptions import UnsupportedAlgorithm
+from yarl import URL
 
-from eucareg.api.app import signed_body
+from eucareg.api.auth import signed_body, socket_audience
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 
@@ -49,11 +53,38 @@ COLLECT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+async def _target(endpoint: Endpoint) -> tuple[str, str]:
+    """The base URL to send to and the registrar to sign for: the component id it announces
+    (its TXT `id`, heard over mDNS), or, for the configured fallback, which has none,
+    "ADDRESS:PORT" as we connect to it (a name is resolved here, and that address used)."""
+    if endpoint.component_id:
+        return endpoint.url, endpoint.component_id
+    address = endpoint.address
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(address, endpoint.port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"cannot resolve registrar {address}") from None
+        # IPv4 first, as the fallback's documented form is; then whatever the name has.
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)
+        address = str(infos[0][4][0])
+    return replace(endpoint, address=address).url, socket_audience(address, endpoint.port)
+
+
 async def _signed_post(
-    session: aiohttp.ClientSession, url: str, key: cred.PrivateKey, fields: dict[str, Any]
+    session: aiohttp.ClientSession,
+    endpoint: Endpoint,
+    path: str,
+    key: cred.PrivateKey,
+    fields: dict[str, Any],
 ) -> tuple[int, dict[str, Any]]:
-    """POST a signed body; the status and the answer, which must be a JSON object."""
-    body, headers = signed_body(key, fields)
+    """POST a body signed for this path (with its query) at this registrar; the status and the
+    answer, which must be a JSON object."""
+    base, audience = await _target(endpoint)
+    url = URL(base + path)
+    body, headers = signed_body(key, fields, method="POST", path=url.raw_path_qs, audience=audience)
     async with session.post(url, data=body, headers=headers) as response:
         status, raw = response.status, await response.read()
     try:
@@ -89,9 +120,9 @@ async def collect_credentials(
     fields: dict[str, Any] = {"component_id": identity.component_id}
     if have is not None:
         fields["have"] = have
-    url = f"{endpoint.url}/v1/credentials?wait={wait:g}"
-    log.debug("requesting credentials for %s from %s", identity.component_id, url)
-    status, data = await _signed_post(session, url, identity.key, fields)
+    path = f"/v1/credentials?wait={wait:g}"
+    log.debug("requesting credentials for %s from %s%s", identity.component_id, endpoint.url, path)
+    status, data = await _signed_post(session, endpoint, path, identity.key, fields)
     if status == 410 and have is not None:
         log.warning("credentials of %s revoked: %s", identity.component_id, data.get("error"))
         return Outcome.REVOKED
@@ -153,8 +184,8 @@ async def announce_over_http(
     record: Mapping[str, str],
 ) -> None:
     """Send our TXT record to a registrar that cannot hear us (the design's fallback)."""
-    url = f"{endpoint.url}/v1/announce"
-    status, data = await _signed_post(session, url, identity.key, {"txt": dict(record)})
+    fields = {"txt": dict(record)}
+    status, data = await _signed_post(session, endpoint, "/v1/announce", identity.key, fields)
     if status != 200:
         raise ProtocolError(_reason(status, data))
     log.info(

@@ -1,30 +1,41 @@
 """Who may call what. Operator endpoints: loopback only, with the admin bearer token. Component
-and peer endpoints: requests signed by the sender's own key, fresh, never replayed; the handler
-then decides whether that key may have what it asks for (docs/security.md).
+and peer endpoints: requests signed by the sender's own key for one method, path and registrar,
+fresh, never replayed; the handler then decides whether that key may have what it asks for
+(docs/security.md). Signed requests are checked cheapest first, so a flood of forged ones costs
+the registrar a JSON parse each, not a signature check (docs/credentials.md, "Signed requests").
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import heapq
 import hmac
 import ipaddress
 import json
 import math
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from aiohttp import web
 
 from eucareg.api.context import CONTEXT
-from eucareg.api.validate import ApiError, as_object, parse_json
+from eucareg.api.validate import MAX_BODY, ApiError, as_object, parse_json
 from eucareg.pki import credentials as cred
 
 SIGNATURE_HEADER = "X-Eucareg-Signature"
+SIGNED_VERSION = 2  # the envelope's "v"; 1 (no "v") bound neither method, path nor registrar
 CLOCK_SKEW = 300.0  # seconds a signed request may be early or late
 MAX_NONCE = 128  # characters; agents send 32, and every nonce is kept for a while
+MAX_PEM = 4096  # characters; an RSA-4096 public key in PEM is about 800
+MAX_BOUND = 512  # characters of "method", "path" and "audience" (ours are far shorter)
+MAX_TIMESTAMP = 2**33  # year 2242: a larger "Unix time" is not one
+NONCE_CAP = 50_000  # nonces remembered at most (a few MB); see NonceCache
+# Registrar identities a request may be signed for: the component ids this host announces a
+# registrar API under (the TXT `id` of its CLC and its CC).
+REGISTRAR_ROLES = frozenset({"clc", "cc"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,25 +79,53 @@ def operator_only(handler: Handler) -> Handler:
 
 
 class NonceCache:
-    """The nonces of accepted signed requests, kept as long as their timestamps could still
-    pass the freshness check: a captured request cannot be replayed in that time, and after it
-    the timestamp refuses it."""
+    """The nonces of accepted signed requests, bounded in time and in number.
 
-    def __init__(self, keep: float = 2 * CLOCK_SKEW) -> None:
-        self._keep = keep
-        self._seen: OrderedDict[str, float] = OrderedDict()  # oldest first
+    The invariant: every request accepted since the registrar started and stamped after
+    `floor` is remembered. `floor` starts at the registrar's start time (a request signed before
+    a restart can never be replayed after it: the nonces it had are gone) and is raised to the
+    timestamp of every nonce forgotten, either because the clock check refuses it anyway
+    (stamped more than CLOCK_SKEW ago) or because the cache is full (the oldest stamp goes
+    first). Requests stamped at or before `floor` are refused, so forgetting never re-admits one.
+    """
 
-    def fresh(self, nonce: str, now: float) -> bool:
-        # Drop from the old end only: each nonce is dropped once, so a flood costs O(1) each.
-        while self._seen:
-            oldest, at = next(iter(self._seen.items()))
-            if at > now - self._keep:
-                break
-            del self._seen[oldest]
+    def __init__(
+        self,
+        window: float = CLOCK_SKEW,
+        cap: int = NONCE_CAP,
+        started: float | None = None,
+    ) -> None:
+        self.window = window
+        self.cap = cap
+        self.started = time.time() if started is None else started
+        self.floor = self.started
+        self._by_stamp: list[tuple[float, str]] = []  # a heap: the oldest stamp first
+        self._seen: set[str] = set()
+
+    def seen(self, nonce: str, now: float) -> bool:
+        """Whether a request with this nonce was accepted (and is still remembered)."""
+        self._expire(now)
+        return nonce in self._seen
+
+    def add(self, nonce: str, stamp: float, now: float) -> None:
+        """Remember an accepted request's nonce (after its signature verified)."""
+        self._expire(now)
         if nonce in self._seen:
-            return False
-        self._seen[nonce] = now
-        return True
+            return
+        while len(self._seen) >= self.cap:
+            self._forget()
+        heapq.heappush(self._by_stamp, (stamp, nonce))
+        self._seen.add(nonce)
+
+    def _expire(self, now: float) -> None:
+        # Each nonce is forgotten once, so a flood costs O(log n) per request.
+        while self._by_stamp and self._by_stamp[0][0] < now - self.window:
+            self._forget()
+
+    def _forget(self) -> None:
+        stamp, nonce = heapq.heappop(self._by_stamp)
+        self._seen.discard(nonce)
+        self.floor = max(self.floor, stamp)
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -95,11 +134,24 @@ class NonceCache:
 NONCES = web.AppKey("nonces", NonceCache)
 
 
-def signed_body(key: cred.PrivateKey, fields: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """A request body carrying our public key, a time and a nonce, and its signature header."""
+def signed_body(
+    key: cred.PrivateKey,
+    fields: dict[str, Any],
+    *,
+    method: str,
+    path: str,
+    audience: str,
+) -> tuple[bytes, dict[str, str]]:
+    """A request body for `method path` (the path with its query, exactly as sent) to the
+    registrar `audience` (its component id, or "ADDRESS:PORT" as we connect to it), carrying
+    our public key, the time and a nonce; and its signature header."""
     body = json.dumps(
         {
             **fields,
+            "v": SIGNED_VERSION,
+            "method": method,
+            "path": path,
+            "audience": audience,
             "public_key": cred.public_pem(key.public_key()),
             "timestamp": time.time(),
             "nonce": secrets.token_hex(16),
@@ -108,35 +160,134 @@ def signed_body(key: cred.PrivateKey, fields: dict[str, Any]) -> tuple[bytes, di
     return body, {SIGNATURE_HEADER: cred.sign(key, body), "Content-Type": "application/json"}
 
 
+def socket_audience(host: str, port: int) -> str:
+    """How a registrar reached at an IP address and port is named in a signed request:
+    "10.0.2.10:8780", "[fd00::10]:8780" (IPv4-mapped IPv6 as IPv4, no zone)."""
+    address = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
 def verify_signed(
-    body: bytes, signature: str, nonces: NonceCache, now: float | None = None
+    body: bytes,
+    signature: str,
+    nonces: NonceCache,
+    *,
+    method: str,
+    path: str,
+    audiences: Collection[str],
+    now: float | None = None,
 ) -> tuple[dict[str, Any], cred.PublicKey]:
-    """Check a signed request: well formed (400), signature, freshness, no replay (401)."""
+    """Check a signed request, cheapest check first; the signature is verified last, and its
+    nonce remembered only once it did.
+
+    400: malformed (body, fields, version, key PEM); 401: unsigned, stale or early, signed for
+    another method, path or registrar, replayed, or a signature that does not verify;
+    403: a key of a type or size signed requests may not use.
+    """
+    # 1. Bounded input, parsed.
+    if len(body) > MAX_BODY:
+        raise ApiError(400, f"malformed signed request: body over {MAX_BODY} bytes")
+    if not signature or len(signature) > cred.MAX_SIGNATURE_CHARS:
+        raise ApiError(401, f"missing or oversized {SIGNATURE_HEADER} header")
     payload = as_object(parse_json(body), "a signed request")
+    version = payload.get("v")
+    if version != SIGNED_VERSION or isinstance(version, bool):
+        shown = "none" if version is None else json.dumps(version)[:20]
+        raise ApiError(
+            400,
+            f"signed request version {shown} is not supported: this registrar speaks version "
+            f"{SIGNED_VERSION} (upgrade eucareg on the component and the registrar together)",
+        )
     pem, stamp, nonce = payload.get("public_key"), payload.get("timestamp"), payload.get("nonce")
-    if not isinstance(pem, str):
-        raise ApiError(400, "malformed signed request: public_key must be a PEM string")
-    if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not math.isfinite(stamp):
+    if not isinstance(pem, str) or len(pem) > MAX_PEM:
+        raise ApiError(
+            400,
+            f"malformed signed request: public_key must be a PEM string of at most {MAX_PEM} "
+            "characters",
+        )
+    if (
+        isinstance(stamp, bool)
+        or not isinstance(stamp, int | float)
         # NaN would pass every freshness comparison, and the request could be replayed forever.
-        raise ApiError(400, "malformed signed request: timestamp must be a Unix time")
+        or not math.isfinite(stamp)
+        or not 0 < stamp < MAX_TIMESTAMP
+    ):
+        raise ApiError(400, "malformed signed request: timestamp must be a Unix time in seconds")
     if not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE:
         raise ApiError(400, f"malformed signed request: nonce must be 1-{MAX_NONCE} characters")
-    try:
-        public_key = cred.load_public_pem(pem)
-    except cred.CredentialError as exc:
-        raise ApiError(400, f"malformed signed request: {exc}") from exc
+    bound = {k: payload.get(k) for k in ("method", "path", "audience")}
+    for name, value in bound.items():
+        if not isinstance(value, str) or not 0 < len(value) <= MAX_BOUND:
+            raise ApiError(
+                400, f"malformed signed request: {name} must be 1-{MAX_BOUND} characters"
+            )
+    # 2. Fresh: within the clock window, and signed after this registrar started (and after
+    # any nonce it has had to forget).
     now = time.time() if now is None else now
-    if not cred.verify(public_key, body, signature):
-        raise ApiError(401, "signature does not verify with the enclosed key")
+    stamp = float(stamp)
     if abs(now - stamp) > CLOCK_SKEW:
         raise ApiError(401, f"request time is {now - stamp:+.0f}s off; check the clocks")
-    if not nonces.fresh(nonce, now):
+    if stamp <= nonces.floor:
+        raise ApiError(
+            401,
+            "request signed before this registrar's replay memory begins "
+            f"({nonces.floor - stamp:.0f}s earlier: it restarted, or its clock is ahead); "
+            "send a new one",
+        )
+    # 3. Meant for this very request: method, path with query, and this registrar.
+    if bound["method"] != method or bound["path"] != path:
+        raise ApiError(
+            401,
+            f"request was signed for {bound['method']} {bound['path']}, not {method} {path}",
+        )
+    if bound["audience"] not in audiences:
+        raise ApiError(
+            401,
+            f"request was signed for registrar {bound['audience']}, not this one "
+            f"({', '.join(sorted(audiences)) or 'unknown'})",
+        )
+    # 4. Not a replay.
+    if nonces.seen(nonce, now):
         raise ApiError(401, "replayed request (nonce already used)")
+    # 5. A key we accept.
+    try:
+        public_key = cred.load_request_key(pem)
+    except cred.KeyRefused as exc:
+        raise ApiError(403, f"key refused: {exc}") from exc
+    except cred.CredentialError as exc:
+        raise ApiError(400, f"malformed signed request: {exc}") from exc
+    # 6. Only now the expensive part; remembered only when it verified.
+    if not cred.verify(public_key, body, signature):
+        raise ApiError(401, "signature does not verify with the enclosed key")
+    nonces.add(nonce, stamp, now)
     return payload, public_key
+
+
+def registrar_audiences(request: web.Request) -> set[str]:
+    """The names a signed request may give this registrar: the component ids it announces its
+    API under, and the address and port this connection reached."""
+    names = {
+        c["component_id"]
+        for c in request.app[CONTEXT].local_components()
+        if c.get("role") in REGISTRAR_ROLES and isinstance(c.get("component_id"), str)
+    }
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        with contextlib.suppress(ValueError):  # not an IP socket
+            names.add(socket_audience(str(sockname[0]), int(sockname[1])))
+    return names
 
 
 async def read_signed(request: web.Request) -> tuple[dict[str, Any], cred.PublicKey]:
     """The verified payload and key of a signed request (ApiError otherwise)."""
     body = await request.read()
-    signature = request.headers.get(SIGNATURE_HEADER, "")
-    return verify_signed(body, signature, request.app[NONCES])
+    return verify_signed(
+        body,
+        request.headers.get(SIGNATURE_HEADER, ""),
+        request.app[NONCES],
+        method=request.method,
+        path=request.raw_path,
+        audiences=registrar_audiences(request),
+    )

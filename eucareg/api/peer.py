@@ -1,6 +1,6 @@
 """Registrar to registrar: the CLC reads each CC's records for its status tree. The CC side
 (POST /v1/peer/registry) answers only a request signed by the cloud CA key; the CLC side signs
-its requests with that key and gives each CC a few seconds.
+each request with that key for that one CC (its announced id) and gives each CC a few seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import Registrar
 
 PEER_TIMEOUT = 3.0  # when the CLC asks a CC for its NCs
+PEER_PATH = "/v1/peer/registry"
 # What the CLC's tree and the CLI read from each NC row a CC sends.
 _ROW_STRINGS = ("component_id", "role", "cluster", "address", "status", "reason")
 
@@ -60,7 +61,7 @@ async def fetch_peer_nodes(
     timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         results = await asyncio.gather(
-            *(_fetch_nodes(session, key, _url(a.address, a.api_port or 0)) for a in peers),
+            *(_fetch_nodes(session, key, a) for a in peers),
             return_exceptions=True,
         )
     rows: list[dict[str, Any]] = []
@@ -76,13 +77,15 @@ async def fetch_peer_nodes(
 
 def _url(address: IPAddress, port: int) -> str:
     host = f"[{address}]" if address.version == 6 else str(address)
-    return f"http://{host}:{port}/v1/peer/registry"
+    return f"http://{host}:{port}{PEER_PATH}"
 
 
 async def _fetch_nodes(
-    session: aiohttp.ClientSession, key: cred.PrivateKey, url: str
+    session: aiohttp.ClientSession, key: cred.PrivateKey, cc: Announcement
 ) -> list[dict[str, Any]]:
-    body, headers = signed_body(key, {})
+    # Signed for this CC alone (its announced id): a CC cannot replay it to another.
+    body, headers = signed_body(key, {}, method="POST", path=PEER_PATH, audience=cc.component_id)
+    url = _url(cc.address, cc.api_port or 0)
     async with session.post(url, data=body, headers=headers) as response:
         response.raise_for_status()
         data = await response.json()

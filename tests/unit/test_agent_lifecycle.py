@@ -191,8 +191,15 @@ async def test_stop_is_quick_with_a_long_poll_held_by_our_registrar(
     await eventually(lambda: clc.instance in mdns.published)
     assert mdns.published[clc.instance].txt["port"] == str(agent.service.port)
 
-    body, headers = signed_body(key(6), {"component_id": "nc-00000000beef"})
-    url = f"http://127.0.0.1:{agent.service.port}/v1/credentials?wait=30"
+    path = "/v1/credentials?wait=30"
+    body, headers = signed_body(
+        key(6),
+        {"component_id": "nc-00000000beef"},
+        method="POST",
+        path=path,
+        audience=clc.identity.component_id,
+    )
+    url = f"http://127.0.0.1:{agent.service.port}{path}"
     async with aiohttp.ClientSession() as session:
 
         async def long_poll() -> int:

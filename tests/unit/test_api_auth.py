@@ -19,9 +19,11 @@ from eucareg.api.app import OPERATOR_ROUTES
 from eucareg.api.auth import (
     CLOCK_SKEW,
     SIGNATURE_HEADER,
+    SIGNED_VERSION,
     NonceCache,
     check_admin,
     is_loopback,
+    socket_audience,
     verify_signed,
 )
 from eucareg.api.validate import ApiError
@@ -48,14 +50,35 @@ def signed(key: cred.PrivateKey, payload: dict[str, Any]) -> tuple[bytes, dict[s
     return body, {SIGNATURE_HEADER: cred.sign(key, body), "Content-Type": "application/json"}
 
 
-def request_fields(key: cred.PrivateKey, **overrides: Any) -> dict[str, Any]:
+AUDIENCE = "clc-00000000000a"  # the registrar verify_signed is told it is, below
+
+
+def request_fields(
+    key: cred.PrivateKey, audience: str = AUDIENCE, **overrides: Any
+) -> dict[str, Any]:
+    """A credential request for POST /v1/credentials at `audience`, field by field."""
     return {
         "component_id": "walrus-000000000001",
+        "v": SIGNED_VERSION,
+        "method": "POST",
+        "path": "/v1/credentials",
+        "audience": audience,
         "public_key": cred.public_pem(key.public_key()),
         "timestamp": time.time(),
         "nonce": "n" * 32,
         **overrides,
     }
+
+
+def at(h: Harness) -> str:
+    """The name of the harness's registrar as a client connecting to it signs it."""
+    return socket_audience(str(h.client.host), h.client.port or 0)
+
+
+def check(body: bytes, signature: str, nonces: NonceCache) -> Any:
+    return verify_signed(
+        body, signature, nonces, method="POST", path="/v1/credentials", audiences={AUDIENCE}
+    )
 
 
 # -- the operator ------------------------------------------------------------------------------
@@ -127,8 +150,8 @@ async def test_operator_routes_refuse_a_lan_address_even_with_the_token(tmp_path
 
 
 async def test_a_signature_over_another_body_is_401(clc: Harness, key: cred.PrivateKey) -> None:
-    body, headers = signed(key, request_fields(key))
-    _other, other_headers = signed(key, request_fields(key, nonce="m" * 32))
+    body, headers = signed(key, request_fields(key, at(clc)))
+    _other, other_headers = signed(key, request_fields(key, at(clc), nonce="m" * 32))
     status, answer = await clc.signed(
         "/v1/credentials", key, {}, body_and_headers=(body, other_headers)
     )
@@ -141,14 +164,14 @@ async def test_a_signature_over_another_body_is_401(clc: Harness, key: cred.Priv
 
 async def test_a_stale_or_future_request_is_401(clc: Harness, key: cred.PrivateKey) -> None:
     for offset in (-CLOCK_SKEW - 60, CLOCK_SKEW + 60):
-        body = signed(key, request_fields(key, timestamp=time.time() + offset))
+        body = signed(key, request_fields(key, at(clc), timestamp=time.time() + offset))
         status, answer = await clc.signed("/v1/credentials", key, {}, body_and_headers=body)
         assert status == 401
         assert "check the clocks" in answer["error"]
 
 
 async def test_a_replayed_request_is_401(clc: Harness, key: cred.PrivateKey) -> None:
-    body = signed(key, request_fields(key))
+    body = signed(key, request_fields(key, at(clc)))
     first, _ = await clc.signed("/v1/credentials", key, {}, body_and_headers=body)
     assert first == 202
     assert await clc.signed("/v1/credentials", key, {}, body_and_headers=body) == (
@@ -185,7 +208,17 @@ async def test_malformed_signed_bodies_are_400(
         ({"public_key": "-----BEGIN nonsense"}, "not a PEM public key"),
         ({"timestamp": "yesterday"}, "timestamp must be a Unix time"),
         ({"timestamp": 1e400}, "Infinity is not a JSON value"),
+        ({"timestamp": float("nan")}, "NaN is not a JSON value"),
+        ({"timestamp": "NaN"}, "timestamp must be a Unix time"),
         ({"timestamp": True}, "timestamp must be a Unix time"),
+        ({"timestamp": -1.0}, "timestamp must be a Unix time"),
+        ({"timestamp": 1e300}, "timestamp must be a Unix time"),
+        ({"timestamp": 10**30}, "timestamp must be a Unix time"),
+        ({"v": 1}, "version 1 is not supported"),
+        ({"v": None}, "version none is not supported"),
+        ({"v": True}, "version true is not supported"),
+        ({"path": 7}, "path must be"),
+        ({"audience": ""}, "audience must be"),
         ({"nonce": ["n"]}, "nonce must be"),
         ({"nonce": "n" * 129}, "nonce must be"),
         ({"nonce": ""}, "nonce must be"),
@@ -197,29 +230,32 @@ def test_signed_request_fields_are_checked_before_the_signature(
     fields = request_fields(key, **overrides)
     body = json.dumps(fields).encode()  # Python writes 1e400 as Infinity, which is not JSON
     with pytest.raises(ApiError) as refused:
-        verify_signed(body, cred.sign(key, body), NonceCache())
+        check(body, cred.sign(key, body), NonceCache(started=0.0))
     assert refused.value.status == 400
     assert message in refused.value.message
 
 
 def test_verify_signed_returns_the_payload_and_key(key: cred.PrivateKey) -> None:
     body, headers = signed(key, request_fields(key))
-    payload, public_key = verify_signed(body, headers[SIGNATURE_HEADER], NonceCache())
+    # (A registrar refuses what was signed before it started: this one started long ago.)
+    payload, public_key = check(body, headers[SIGNATURE_HEADER], NonceCache(started=0.0))
     assert payload["component_id"] == "walrus-000000000001"
     assert cred.fingerprint(public_key) == cred.fingerprint(key.public_key())
 
 
 def test_the_nonce_cache_forgets_only_what_the_clock_check_refuses_anyway() -> None:
-    nonces = NonceCache(keep=600)
-    assert nonces.fresh("a", 1000.0)
-    assert not nonces.fresh("a", 1599.0)
+    nonces = NonceCache(window=300, started=0.0)
+    nonces.add("a", 1000.0, 1000.0)
+    assert nonces.seen("a", 1299.0)
     for n in range(1000):
-        assert nonces.fresh(f"flood-{n}", 1500.0)
-    assert len(nonces) == 1001
-    # 600 s after "a", it is dropped (a replay of it is stale by now); the flood stays.
-    assert nonces.fresh("b", 1600.5)
-    assert len(nonces) == 1001
-    assert not nonces.fresh("flood-7", 1600.5)
+        nonces.add(f"flood-{n}", 1200.0, 1200.0)
+    assert len(nonces) == 1001 and nonces.floor == 0.0
+    # 300 s after its stamp, "a" is dropped (a replay of it is stale by now); the flood stays,
+    # and the floor rises to "a"'s stamp, so "a" stays refused even if the clock went back.
+    assert not nonces.seen("a", 1300.5)
+    assert len(nonces) == 1000 and nonces.floor == 1000.0
+    assert nonces.seen("flood-7", 1300.5)
     # Once the flood is old too, the cache shrinks back to what is recent.
-    assert nonces.fresh("c", 2200.0)
-    assert len(nonces) == 2  # "b" and "c"
+    nonces.add("c", 1600.0, 1600.0)
+    assert len(nonces) == 1  # "c"
+    assert nonces.floor == 1200.0

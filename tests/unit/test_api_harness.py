@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.typedefs import Middleware
 
 from eucareg.api.app import ApiContext, build_app, signed_body
+from eucareg.api.auth import socket_audience
 from eucareg.core.model import Announcement, Role
 from eucareg.core.policy import RegistrarSettings
 from eucareg.pki import credentials as cred
@@ -77,6 +78,11 @@ class Harness:
     local: list[dict[str, Any]]
 
     @property
+    def audience(self) -> str:
+        """This registrar as a client connecting to it names it in a signed request."""
+        return socket_audience(str(self.client.host), self.client.port or 0)
+
+    @property
     def base(self) -> str:
         return str(self.client.make_url("")).rstrip("/")
 
@@ -106,7 +112,9 @@ class Harness:
         query: str = "",
         body_and_headers: tuple[bytes, dict[str, str]] | None = None,
     ) -> tuple[int, Any]:
-        body, headers = body_and_headers or signed_body(key, fields)
+        body, headers = body_and_headers or signed_body(
+            key, fields, method="POST", path=path + query, audience=self.audience
+        )
         async with self.client.post(path + query, data=body, headers=headers) as resp:
             return resp.status, await resp.json(content_type=None)
 

@@ -258,6 +258,8 @@ async def test_the_clc_status_tree_holds_the_nodes_its_ccs_report(
         clc_host.local.append({"role": "clc", "component_id": "clc-1", "address": "10.0.0.1"})
         # cluster1's CC, registered at the CLC and announcing its API port.
         cc = ann(Role.CC, "cluster1", state=AnnouncedState.REGISTERED, api_port=8780)
+        # The CLC signs its peer request for this CC's announced id, which its registrar has.
+        cc_host.local.append({"role": "cc", "component_id": cc.component_id})
         window = {"open": True, "for": "5m"}
         assert (await clc_host.post("/v1/trust/install-window", window))[0] == 200
         clc_host.announce(cc)
