@@ -135,6 +135,9 @@ def load(path: Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except ValueError:
+        # tomllib's int() refuses integers of more than 4300 digits with a bare ValueError.
+        raise ConfigError(f"{path}: not valid TOML: a number too long to be one") from None
     except RecursionError:
         # tomllib recurses once per nesting level of arrays and inline tables.
         raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
@@ -194,7 +197,7 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     _no_unknown(mdns, {"ipv6"}, "mdns.")
     ipv6 = mdns.get("ipv6", False)
     if not isinstance(ipv6, bool):
-        raise ConfigError(f"mdns.ipv6: expected true or false, got {ipv6!r}")
+        raise ConfigError(f"mdns.ipv6: expected true or false, got {_shown(ipv6)}")
 
     components = _components(raw.get("components"), address, allowed)
     fallback = _fallback(raw.get("fallback_registrar"))
@@ -204,7 +207,7 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     ):
         raise ConfigError(
             f"ca_fingerprint: expected 'sha256:' and 64 hex digits (eucareg fingerprint on the "
-            f"CLC shows it), got {ca_fingerprint!r}"
+            f"CLC shows it), got {_shown(ca_fingerprint)}"
         )
     return Config(
         source=source,
@@ -236,12 +239,18 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
 def _fallback(value: Any) -> tuple[str, int] | None:
     if value is None:
         return None
-    match = re.fullmatch(
-        r"http://(?P<host>[A-Za-z0-9.-]{1,253}):(?P<port>[0-9]{1,5})/?", str(value)
+    match = (
+        re.fullmatch(r"http://(?P<host>[^:/]{1,253}):(?P<port>[0-9]{1,5})/?", value, re.ASCII)
+        if isinstance(value, str)
+        else None
     )
-    if not isinstance(value, str) or match is None or not 0 < int(match["port"]) < 65536:
+    if (
+        match is None
+        or grammar.integer_or_none(match["port"], 1, 65535) is None
+        or not _is_host(match["host"], ipv6=False)
+    ):
         raise ConfigError(
-            f"fallback_registrar: expected 'http://HOST:PORT' of a registrar, got {value!r}"
+            f"fallback_registrar: expected 'http://HOST:PORT' of a registrar, got {_shown(value)}"
         )
     return match["host"], int(match["port"])
 
@@ -260,7 +269,7 @@ def _components(
             role = Role(name)
         except ValueError:
             raise ConfigError(
-                f"components.{name}: unknown component; expected clc, walrus, cc, sc or nc"
+                f"components.{_key(name)}: unknown component; expected clc, walrus, cc, sc or nc"
             ) from None
         key = f"components.{name}"
         body = _table(body, key)
@@ -271,7 +280,7 @@ def _components(
                 raise ConfigError(f"{key}.cluster: required for a {name} (the cluster it serves)")
             if not isinstance(cluster, str) or not grammar.CLUSTER.fullmatch(cluster):
                 raise ConfigError(
-                    f"{key}.cluster: {cluster!r} is not a cluster name "
+                    f"{key}.cluster: {_shown(cluster)} is not a cluster name "
                     "(letters, digits, '.', '_' and '-', at most 64)"
                 )
         elif cluster is not None:
@@ -284,16 +293,17 @@ def _components(
         installed_raw = body.get("installed", f"/var/lib/dpkg/info/{PACKAGES[role]}.list")
         if installed_raw is True:
             installed = None
-        elif isinstance(installed_raw, str) and installed_raw:
+        elif isinstance(installed_raw, str) and installed_raw and "\0" not in installed_raw:
             installed = Path(installed_raw)
         else:
             raise ConfigError(
-                f"{key}.installed: expected a path or true (skip the check), got {installed_raw!r}"
+                f"{key}.installed: expected a path or true (skip the check), "
+                f"got {_shown(installed_raw)}"
             )
         token = body.get("token")
         if token is not None:
             if not isinstance(token, str):
-                raise ConfigError(f"{key}.token: expected the token string, got {token!r}")
+                raise ConfigError(f"{key}.token: expected the token string, got {_shown(token)}")
             try:
                 parse_token(token)
             except TokenError as exc:
@@ -308,40 +318,58 @@ def _components(
     return tuple(out)
 
 
+def _is_host(value: str, *, ipv6: bool) -> bool:
+    try:
+        grammar.host(value, "host", ipv6=ipv6)
+    except Invalid:
+        return False
+    return True
+
+
+def _shown(value: Any) -> str:
+    """A value for a message, cut short (grammar.shown)."""
+    return grammar.shown(value)
+
+
+def _key(name: str) -> str:
+    """A key from the file as a message names it: as written, or quoted and cut if odd."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name, re.ASCII) else _shown(name)
+
+
 def _no_unknown(table: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key (allowed here: {', '.join(sorted(allowed))})"
+            f"{prefix}{_key(unknown[0])}: unknown key (allowed here: {', '.join(sorted(allowed))})"
         )
 
 
 def _table(value: Any, key: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a table, got {value!r}")
+        raise ConfigError(f"{key}: expected a table, got {_shown(value)}")
     return value
 
 
 def _string(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        raise ConfigError(f"{key}: expected a non-empty string, got {_shown(value)}")
     return value
 
 
 def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {_shown(value)}")
     return str(value)
 
 
 def _path(value: Any, key: str) -> Path:
     if isinstance(value, Path):
         return value
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}: expected a path, got {value!r}")
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"{key}: expected a path, got {_shown(value)}")
     path = Path(value)
     if not path.is_absolute():
-        raise ConfigError(f"{key}: {value!r} must be an absolute path")
+        raise ConfigError(f"{key}: {_shown(value)} must be an absolute path")
     return path
 
 
@@ -385,8 +413,12 @@ def _sshd(value: Any) -> tuple[str, int] | None:
         return None
     if isinstance(value, str) and ":" in value:
         host, _, port = value.rpartition(":")
-        if host and grammar.integer_or_none(port, 1, 65535) is not None:
-            return host.strip("[]"), int(port)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            if ":" not in host:  # brackets hold an IPv6 address, nothing else
+                host = ""
+        if host and _is_host(host, ipv6=True) and grammar.integer_or_none(port, 1, 65535):
+            return host, int(port)
     raise ConfigError(
-        f"preconditions.sshd: expected 'HOST:PORT' of the local sshd, or false, got {value!r}"
+        f"preconditions.sshd: expected 'HOST:PORT' of the local sshd, or false, got {_shown(value)}"
     )

@@ -39,6 +39,10 @@ PROOF = re.compile(r"[A-Za-z0-9_-]{43}", re.ASCII)
 # Eucalyptus versions as packages write them ("1.6.2", "2.0~bzr1234-0ubuntu1"); may be empty.
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_-]{0,63}|", re.ASCII)
 _DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)
+# A host name as the resolver takes it: dot-separated labels of 1-63 letters, digits and '-'
+# (an empty or longer label, a NUL or a non-ASCII letter makes getaddrinfo raise, not fail).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
 _DURATION = re.compile(r"[ \t]*([0-9]{1,400}(?:\.[0-9]{1,9})?)[ \t]*(ms|s|m|h|d)?[ \t]*", re.ASCII)
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -49,7 +53,11 @@ _SHOWN = 40  # an echoed value is cut to this many characters
 
 def shown(value: object) -> str:
     """A value for an error message: its repr, cut short (input may be huge or hostile)."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        # repr() refuses ints of more than 4300 digits and lists nested past the stack.
+        text = f"<{type(value).__name__} too large to show>"
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
@@ -195,6 +203,7 @@ REFUSED: tuple[Range, ...] = _ranges(
     ("fec0::/10", "a site-local address (deprecated)"),
     ("ff00::/8", "a multicast address"),
 )
+_MAPPED = next(row for row in REFUSED if str(row.network) == "::ffff:0:0/96")
 # Usable by default: the private ranges and global unicast (what REFUSED leaves of it).
 USABLE: tuple[Range, ...] = _ranges(
     ("10.0.0.0/8", "private"),
@@ -207,9 +216,11 @@ USABLE: tuple[Range, ...] = _ranges(
 
 
 def network(value: object, field: str = "allowed_ranges") -> IPNetwork:
-    """A CIDR range for a site's allow-list, e.g. '100.64.0.0/10'."""
+    """A CIDR range for a site's allow-list, e.g. '100.64.0.0/10'; no IPv6 scope."""
     if not isinstance(value, str) or not value.isascii() or len(value) > 64:
         raise Invalid(field, f"expected a range such as '100.64.0.0/10', got {shown(value)}")
+    if "%" in value:
+        raise Invalid(field, f"{shown(value)} carries an IPv6 scope; scoped ranges are refused")
     try:
         return ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
@@ -218,7 +229,10 @@ def network(value: object, field: str = "allowed_ranges") -> IPNetwork:
 
 def address_problem(address: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | None:
     """Why an address must never be registered, or None when it is usable (lesson L3). A
-    range in `allowed` (the site's allow-list) wins over the refusals."""
+    range in `allowed` (the site's allow-list) wins over the refusals, but never over the
+    IPv4-mapped form: that is an IPv4 address in disguise, checked as such or not at all."""
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return f"is {_MAPPED.why}"
     if any(address in net for net in allowed if net.version == address.version):
         return None
     for row in REFUSED:
@@ -246,6 +260,23 @@ def address(value: object, field: str = "addr", allowed: Iterable[IPNetwork] = (
     if problem is not None:
         raise Invalid(field, f"{value} {problem}")
     return parsed
+
+
+def host(value: object, field: str, *, ipv6: bool = True) -> str:
+    """A host to connect to: a host name (HOSTNAME) or an IP address literal, IPv6 only when
+    `ipv6`; no scope. Returned as written (an IPv6 literal without brackets)."""
+    if not isinstance(value, str):
+        raise Invalid(field, f"expected a host name or address, got {_kind(value)}")
+    if len(value) <= 253 and HOSTNAME.fullmatch(value):
+        return value
+    if ipv6 and value.isascii() and 2 <= len(value) <= 45 and "%" not in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            pass
+        else:
+            return value
+    raise Invalid(field, f"{shown(value)} is not a host name or address")
 
 
 def _kind(value: object) -> str:

@@ -106,11 +106,12 @@ def decode(
         address = grammar.address(raw_address, "addr", allowed)
     except Invalid as exc:
         return Rejected("bad-address", f"addr={exc.reason}")
-    if addresses and str(address) not in {_plain(a) for a in addresses}:
+    if addresses and str(address) not in (plain := _plain(addresses)):
         return Rejected(
             "replayed",
             f"addr={raw_address} is not an address of the announcing host "
-            f"({', '.join(addresses)}); a copied announcement?",
+            f"({', '.join(sorted(plain)[:4]) or 'none usable'}"
+            f"{', ...' if len(plain) > 4 else ''}); a copied announcement?",
         )
     return Announcement(
         role=role,
@@ -159,9 +160,16 @@ def _shown(value: object) -> str:
     return grammar.shown(value)
 
 
-def _plain(address: str) -> str:
-    """An address without its IPv6 scope ('fe80::1%eth0' -> 'fe80::1')."""
-    return str(ipaddress.ip_address(address.split("%", 1)[0]))
+def _plain(addresses: Iterable[str]) -> set[str]:
+    """The responder's addresses without their IPv6 scope ('fe80::1%eth0' -> 'fe80::1');
+    anything that is not an address is left out (it cannot match `addr`)."""
+    plain = set()
+    for address in addresses:
+        try:
+            plain.add(str(ipaddress.ip_address(address.split("%", 1)[0])))
+        except ValueError:
+            continue
+    return plain
 
 
 def _token_fields(txt: Mapping[str, str]) -> tuple[str, int, str] | None:

@@ -117,3 +117,55 @@ def test_durations() -> None:
     for bad in ("", "0s", "-1s", True, "5 parsecs"):
         with pytest.raises(config.ConfigError, match=r"^k:"):
             config.parse_duration(bad, "k")
+
+
+CLC = 'address = "10.1.2.3"\n[components.clc]\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        # Found by the property tests: each raised something other than ConfigError, or was
+        # accepted and failed later where the value was used.
+        ("api_port = " + "1" * 5000 + "\n" + CLC, "not valid TOML: a number too long"),
+        ("api_port = 0x" + "f" * 5000 + "\n" + CLC, "api_port: expected a TCP port number"),
+        ('state_dir = "/a\\u0000b"\n' + CLC, "state_dir: expected a path"),
+        (CLC + 'installed = "/a\\u0000b"\n', "components.clc.installed: expected a path"),
+        (CLC + '[preconditions]\nsshd = "\\u0000:22"\n', "preconditions.sshd"),
+        (CLC + '[preconditions]\nsshd = "a..b:22"\n', "preconditions.sshd"),
+        (CLC + '[preconditions]\nsshd = "[10.0.0.1]:22"\n', "preconditions.sshd"),
+        ('fallback_registrar = "http://a..b:8780"\n' + CLC, "fallback_registrar"),
+        ('fallback_registrar = "http://x:0"\n' + CLC, "fallback_registrar"),
+        ('allowed_ranges = ["fe80::%eth0/64"]\n' + CLC, "allowed_ranges: 'fe80::%eth0/64' carries"),
+        (CLC + '"a\\nb" = 1\n', "components.clc.'a\\nb': unknown key"),
+        ('log_level = "' + "x" * 10000 + '"\n' + CLC, "log_level: expected one of"),
+    ],
+)
+def test_hostile_values_are_config_errors_naming_the_key(
+    tmp_path: Path, text: str, needle: str
+) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.load(write(tmp_path, text))
+    message = str(err.value)
+    assert needle in message
+    assert "\n" not in message and len(message) < len(str(tmp_path)) + 300
+
+
+@pytest.mark.parametrize(
+    ("sshd", "expected"),
+    [
+        ("127.0.0.1:22", ("127.0.0.1", 22)),
+        ("[::1]:2222", ("::1", 2222)),
+        ("::1:22", ("::1", 22)),
+        ("ssh.example.com.:22", ("ssh.example.com.", 22)),
+    ],
+)
+def test_sshd_hosts(tmp_path: Path, sshd: str, expected: tuple[str, int]) -> None:
+    cfg = config.load(write(tmp_path, CLC + f'[preconditions]\nsshd = "{sshd}"\n'))
+    assert cfg.sshd == expected
+
+
+def test_a_mapping_with_a_huge_number_is_a_config_error() -> None:
+    raw = {"address": "10.1.2.3", "fallback_registrar": 10**5000, "components": {"clc": {}}}
+    with pytest.raises(config.ConfigError, match=r"^fallback_registrar: .*too large to show"):
+        config.from_mapping(raw)

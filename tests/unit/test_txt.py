@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from eucareg.core import txt
@@ -67,3 +69,21 @@ def test_node_without_cluster_is_rejected_and_walrus_cluster_is_dropped() -> Non
     walrus = {**sighting(ann(Role.WALRUS)).txt, "cluster": "c1"}
     decoded = txt.decode("x", walrus)
     assert isinstance(decoded, Announcement) and decoded.cluster is None
+
+
+def test_a_responder_address_that_is_no_address_is_left_out_not_raised() -> None:
+    """Found by the property tests: decode() raised ValueError on a responder address that
+    did not parse; now such an address simply cannot match addr=."""
+    record = sighting(ann(Role.NC, "c1", address="10.77.9.9")).txt
+    assert isinstance(txt.decode("x", record, ("junk", "10.77.9.9")), Announcement)
+    result = txt.decode("x", record, ("junk\n" * 100, "fe80::1%eth0", "10.77.9.8"))
+    assert isinstance(result, txt.Rejected) and result.code == "replayed"
+    assert "(10.77.9.8, fe80::1); a copied" in result.reason and "junk" not in result.reason
+
+
+def test_an_allow_list_never_admits_the_ipv4_mapped_form() -> None:
+    record = {**sighting(ann(Role.NC, "c1")).txt, "addr": "::ffff:127.0.0.1"}
+    everything = [ipaddress.ip_network("::/0"), ipaddress.ip_network("0.0.0.0/0")]
+    result = txt.decode("x", record, (), everything)
+    assert isinstance(result, txt.Rejected) and result.code == "bad-address"
+    assert "IPv4-mapped" in result.reason
