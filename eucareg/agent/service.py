@@ -20,7 +20,7 @@ from eucareg.core.model import Role
 from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import new_master_key
 from eucareg.pki import credentials as cred
-from eucareg.registrar.engine import Issuer, Registrar, Timing
+from eucareg.registrar.engine import Issuer, Registrar, Retention, Timing
 from eucareg.store.registry import Store, sqlite_url
 
 from .component import Component
@@ -66,6 +66,7 @@ class RegistrarService:
             own_cluster=cc.conf.cluster if cc else None,
             observes_unmatched_nodes=self._clc is not None,
             replace_after=cfg.replace_after,
+            max_unadmitted=cfg.max_unadmitted,
             allowed_ranges=cfg.allowed_ranges,
         )
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,7 @@ class RegistrarService:
             issuer_for=self._issuer_for,
             self_registered=lambda: cc is not None and cc.registered,
             master_key=master_key,
+            retention=Retention(cfg.keep_history, cfg.max_events, cfg.max_hook_runs),
         )
         await self.registrar.start()
         context = ApiContext(

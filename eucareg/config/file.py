@@ -38,6 +38,7 @@ PACKAGES = {
 
 MAX_CONFIG_BYTES = 1024 * 1024  # a configuration is a few hundred bytes
 MAX_ALLOWED_RANGES = 64
+MAX_COUNT = 10_000_000  # the largest history or record limit a configuration may ask for
 
 
 class ConfigError(Exception):
@@ -81,6 +82,11 @@ class Config:
     allowed_ranges: tuple[IPNetwork, ...] = ()
     # The cloud CA's key fingerprint components accept credentials from (a token's pin wins).
     ca_fingerprint: str | None = None
+    # History kept (events, hook runs) and records of unadmitted components (docs/security.md).
+    keep_history: float = 90 * 86400.0
+    max_events: int = 200_000
+    max_hook_runs: int = 50_000
+    max_unadmitted: int = 5000
 
     def component(self, role: Role) -> ComponentConfig | None:
         return next((c for c in self.components if c.role is role), None)
@@ -190,7 +196,17 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     reg = _table(raw.get("registrar", {}), "registrar")
     _no_unknown(
         reg,
-        {"pending_timeout", "hook_timeout", "retry_base", "retry_max", "replace_after"},
+        {
+            "pending_timeout",
+            "hook_timeout",
+            "retry_base",
+            "retry_max",
+            "replace_after",
+            "keep_history",
+            "max_events",
+            "max_hook_runs",
+            "max_unadmitted",
+        },
         "registrar.",
     )
     mdns = _table(raw.get("mdns", {}), "mdns")
@@ -226,6 +242,10 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         retry_base=parse_duration(reg.get("retry_base", "2s"), "registrar.retry_base"),
         retry_max=parse_duration(reg.get("retry_max", "5m"), "registrar.retry_max"),
         replace_after=parse_duration(reg.get("replace_after", "10m"), "registrar.replace_after"),
+        keep_history=parse_duration(reg.get("keep_history", "90d"), "registrar.keep_history"),
+        max_events=_count(reg.get("max_events", 200_000), "registrar.max_events"),
+        max_hook_runs=_count(reg.get("max_hook_runs", 50_000), "registrar.max_hook_runs"),
+        max_unadmitted=_count(reg.get("max_unadmitted", 5000), "registrar.max_unadmitted"),
         ipv6=ipv6,
         log_level=log_level,
         log_format=log_format,
@@ -397,6 +417,14 @@ def _ranges(value: Any) -> tuple[IPNetwork, ...]:
         )
     try:
         return tuple(grammar.network(item, "allowed_ranges") for item in value)
+    except Invalid as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _count(value: Any, key: str) -> int:
+    """A limit on stored things: a whole number from 100 to 10,000,000."""
+    try:
+        return grammar.integer(value, key, 100, MAX_COUNT)
     except Invalid as exc:
         raise ConfigError(str(exc)) from None
 

@@ -96,6 +96,18 @@ address = "10.9.9.9"
             'address = "10.1.2.3"\nfallback_registrar = "ftp://x"\n[components.clc]\n',
             "fallback_registrar",
         ),
+        (
+            'address = "10.1.2.3"\n[registrar]\nmax_events = 99\n[components.clc]\n',
+            "registrar.max_events: must be between 100 and 10000000, got 99",
+        ),
+        (
+            'address = "10.1.2.3"\n[registrar]\nmax_unadmitted = 1e4\n[components.clc]\n',
+            "registrar.max_unadmitted: expected a whole number",
+        ),
+        (
+            'address = "10.1.2.3"\n[registrar]\nkeep_history = "forever"\n[components.clc]\n',
+            "registrar.keep_history",
+        ),
     ],
 )
 def test_bad_config_names_key_and_reason(tmp_path: Path, text: str, needle: str) -> None:
@@ -169,3 +181,25 @@ def test_a_mapping_with_a_huge_number_is_a_config_error() -> None:
     raw = {"address": "10.1.2.3", "fallback_registrar": 10**5000, "components": {"clc": {}}}
     with pytest.raises(config.ConfigError, match=r"^fallback_registrar: .*too large to show"):
         config.from_mapping(raw)
+
+
+def test_history_and_flood_limits_have_defaults_and_can_be_set(tmp_path: Path) -> None:
+    base = 'address = "10.1.2.3"\n[components.clc]\n'
+    cfg = config.load(write(tmp_path, base))
+    assert (cfg.keep_history, cfg.max_events, cfg.max_hook_runs, cfg.max_unadmitted) == (
+        90 * 86400.0,
+        200_000,
+        50_000,
+        5000,
+    )
+    text = (
+        'address = "10.1.2.3"\n[registrar]\nkeep_history = "7d"\nmax_events = 1000\n'
+        "max_hook_runs = 500\nmax_unadmitted = 20000\n[components.clc]\n"
+    )
+    cfg = config.load(write(tmp_path, text))
+    assert (cfg.keep_history, cfg.max_events, cfg.max_hook_runs, cfg.max_unadmitted) == (
+        7 * 86400.0,
+        1000,
+        500,
+        20000,
+    )
