@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from eucalab.lab import Lab, LabError, LabProcess, Topology, parse_topology
 from eucareg.config.file import DEFAULT_API_PORT
@@ -62,6 +62,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -369,19 +372,7 @@ class LabCloud:
         interval: float = 0.3,
     ) -> dict[str, Any]:
         """Poll a registrar's status until `done(status)`; LabError with the last status."""
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] | str = "no answer yet"
-        while time.monotonic() < deadline:
-            try:
-                last = self.status(host)
-            except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
-                last = str(exc)
-            else:
-                if done(last):
-                    return last
-            time.sleep(interval)
-        summary = json.dumps(last, indent=1)[-4000:] if isinstance(last, dict) else last
-        raise LabError(f"status on {host} not reached within {timeout}s; last:\n{summary}")
+        return _poll(f"status on {host}", lambda: self.status(host), done, timeout, interval)
 
     def expected(self) -> dict[str, int]:
         """How many components of each role the plan registers (the CLC registers itself)."""
@@ -432,19 +423,27 @@ class LabCloud:
         interval: float = 0.3,
     ) -> list[dict[str, Any]]:
         """Poll a registrar's flat registry (every record, any status) until ``done``."""
-        deadline = time.monotonic() + timeout
-        last: list[dict[str, Any]] | str = "no answer yet"
-        while time.monotonic() < deadline:
-            try:
-                last = self.registry(host)
-            except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
-                last = str(exc)
-            else:
-                if done(last):
-                    return last
-            time.sleep(interval)
-        summary = json.dumps(last, indent=1)[-4000:] if isinstance(last, list) else last
-        raise LabError(f"registry on {host} not reached within {timeout}s; last:\n{summary}")
+        return _poll(f"registry on {host}", lambda: self.registry(host), done, timeout, interval)
+
+
+def _poll(
+    what: str, fetch: Callable[[], T], done: Callable[[T], bool], timeout: float, interval: float
+) -> T:
+    """fetch() until done(answer); LabError naming `what` with the last answer otherwise."""
+    deadline = time.monotonic() + timeout
+    last: T | str = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            answer = fetch()
+        except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+            last = str(exc)
+        else:
+            if done(answer):
+                return answer
+            last = answer
+        time.sleep(interval)
+    summary = last if isinstance(last, str) else json.dumps(last, indent=1)[-4000:]
+    raise LabError(f"{what} not reached within {timeout}s; last:\n{summary}")
 
 
 def registered_components(status: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -312,22 +312,14 @@ def _check_role(
                 f"the cloud already has a Walrus: {holder.component_id} at {holder.address}",
             )
     elif ann.role is Role.CC:
-        holder = _first(
-            o
-            for o in others
-            if o.role is Role.CC and o.cluster == ann.cluster and o.status in HOLDS_SLOT
-        )
+        holder = _slot_holder(others, Role.CC, ann.cluster)
         if holder is not None:
             return _refuse(
                 "cluster-name-taken",
                 f"cluster name {ann.cluster} is taken by {holder.component_id} at {holder.address}",
             )
     elif ann.role is Role.SC:
-        holder = _first(
-            o
-            for o in others
-            if o.role is Role.SC and o.cluster == ann.cluster and o.status in HOLDS_SLOT
-        )
+        holder = _slot_holder(others, Role.SC, ann.cluster)
         if holder is not None:
             return _refuse(
                 "cluster-has-sc",
@@ -377,6 +369,13 @@ def _others(records: Mapping[str, Record], component_id: str) -> list[Record]:
 
 def _is_claimed(record: Record) -> bool:
     return record.status in HOLDS_SLOT or record.status is Status.PENDING
+
+
+def _slot_holder(others: Iterable[Record], role: Role, cluster: str | None) -> Record | None:
+    """The component holding the one `role` slot of `cluster` (a CC, or an SC), if any."""
+    return _first(
+        o for o in others if o.role is role and o.cluster == cluster and o.status in HOLDS_SLOT
+    )
 
 
 def _first(records: Iterable[Record]) -> Record | None:
