@@ -174,8 +174,10 @@ def _address_taken(
         return Decision(
             DecisionKind.PENDING,
             "address-held",
-            f"address {ann.address} belongs to {holder.component_id}, silent for {silent:.0f}s; "
-            f"it may be replaced after {settings.replace_after:g}s of silence ({left:.0f}s left)",
+            # No running countdown in the reason: a reason that changes at every re-decision
+            # would write a new record and event each time (and push its expiry forward).
+            f"address {ann.address} belongs to {holder.component_id}, which is silent; it may be "
+            f"replaced after {settings.replace_after:g}s of silence",
             waiting_for=f"{holder.component_id} to stay silent",
             recheck_at=view.now + left,
         )

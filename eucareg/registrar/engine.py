@@ -235,6 +235,8 @@ class Registrar:
 
     def on_sighting(self, sighting: Sighting) -> None:
         """Entry point for the mDNS browser; never blocks, never raises."""
+        if self.stopping:
+            return  # the browser may outlive us by a moment; the store is closed
         if sighting.change is SightingChange.REMOVED:
             self._forget_instance(sighting.instance)
             return
@@ -280,17 +282,21 @@ class Registrar:
         The request was signed by the announced key, so possession is already proven. It is
         not a live mDNS announcement: the component repeats it until it is registered.
         """
+        if self.stopping:
+            raise CredentialRefused(503, "the registrar is stopping; announce again shortly")
         key = (ann.component_id, ann.fingerprint)
-        known = ann.component_id in self.memory.records
         self.proven.add(key)
-        self.seen(ann.component_id)
         decision = self.decide(ann, fresh=ann.component_id not in self.live)
         record = self.memory.records.get(ann.component_id)
-        if record is None and not known:
-            # Nothing stored (refused outright, or not ours): keep nothing of it in memory
-            # either, or a flood of unique ids would grow it.
+        if record is None or record.fingerprint != ann.fingerprint:
+            # Nothing stored for this key (refused outright, not ours, or another key's id):
+            # keep nothing of it in memory either, or a flood of ids would grow it.
             self.proven.discard(key)
-            self.presence.last_seen.pop(ann.component_id, None)
+        else:
+            self.seen(ann.component_id)
+            if record.status is Status.AWAITING_KEY:
+                self.key_proven(record)  # heard over mDNS first: the request proves the key
+                record = self.memory.records.get(ann.component_id)
         await self.writer.flush()
         return decision, record
 
@@ -307,6 +313,11 @@ class Registrar:
         """A source of `component_id` went away (its announcement, or its last open request).
         If none is left, a newcomer refused its address now waits for it to stay silent and
         may replace it then: decide the blocked again, and once more when that time is up."""
+        record = self.memory.records.get(component_id)
+        if record is None or record.status not in HOLDS_SLOT:
+            # Silence matters only for a slot a newcomer may take over (and a flood of
+            # unknown ids going quiet must not cost a reconsider each).
+            return
         self.seen(component_id)
         if not self.presence.silent(component_id):
             return
@@ -462,10 +473,11 @@ class Registrar:
             self.step(expired(record, self.clock(), self.timing.pending_timeout))
 
     def key_proven(self, record: Record) -> None:
-        key = (record.component_id, record.fingerprint)
-        if key in self.proven:
+        # By the record's state, not by `proven`: an HTTP announcement proves the key too,
+        # and must not make the credential request that follows it a no-op.
+        if record.status is not Status.AWAITING_KEY:
             return
-        self.proven.add(key)
+        self.proven.add((record.component_id, record.fingerprint))
         old = self.memory.records.get(record.replaces) if record.replaces else None
         if old is not None and old.status in HOLDS_SLOT and record.status is Status.AWAITING_KEY:
             silent = self.view().silent_for(old.component_id)
@@ -479,6 +491,9 @@ class Registrar:
 
     def change_event(self, component_id: str) -> asyncio.Event:
         return self._changed.setdefault(component_id, asyncio.Event())
+
+    def forget_change_event(self, component_id: str) -> None:
+        self._changed.pop(component_id, None)
 
     def notify(self, component_id: str) -> None:
         """Wake every request waiting on this component; later waiters get a fresh event."""

@@ -262,7 +262,10 @@ async def test_a_long_poll_whose_client_hung_up_ends_at_once(clc: Harness) -> No
     runner_server = clc.client.server.runner.server
     assert runner_server is not None
     runner_server.handler_cancellation = False
-    walrus = ann(Role.WALRUS)  # unknown here: the request is held for its whole wait
+    walrus = ann(Role.WALRUS)
+    clc.announce(walrus)  # no window: it waits for approval, and its request is held
+    await clc.record_status(walrus.component_id, "pending")
+    await clc.registrar.idle()  # the pending decision's own wake-up has gone out
     poll = asyncio.create_task(collect(clc, walrus, wait=25))
     await eventually(lambda: walrus.component_id in clc.registrar.polling, "the held long-poll")
     poll.cancel()  # the client closes its connection
@@ -273,3 +276,25 @@ async def test_a_long_poll_whose_client_hung_up_ends_at_once(clc: Harness) -> No
     )
     status, _ = await collect(clc, walrus)  # and the desk still answers
     assert status == 202
+    assert walrus.component_id not in clc.registrar._changed  # no waiter left behind
+
+
+async def test_a_request_signed_with_another_key_leaves_nothing_behind(clc: Harness) -> None:
+    """Anyone can sign a request naming any id. With a key that is not the component's it
+    must not count as the component being heard (it would keep a silent machine "online"
+    and stop its replacement), nor leave per-id state once it ends."""
+    walrus = ann(Role.WALRUS)
+    clc.announce(walrus)
+    await clc.record_status(walrus.component_id, "pending")
+    seen_before = clc.registrar.presence.last_seen.get(walrus.component_id)
+    intruder = cred.generate_key()
+    status, answer = await collect(clc, walrus, key=intruder, wait=1)
+    assert status == 403, answer
+    assert clc.registrar.presence.last_seen.get(walrus.component_id) == seen_before
+    assert walrus.component_id not in clc.registrar.polling
+    for _ in range(50):  # unknown ids, one key: nothing per id stays
+        stranger = ann(Role.WALRUS)
+        status, _ = await collect(clc, stranger, key=intruder)
+        assert status == 202
+    assert not clc.registrar._changed and not clc.registrar.polling
+    assert len(clc.registrar.presence.last_seen) <= 1

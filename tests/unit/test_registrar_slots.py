@@ -12,7 +12,7 @@ import pytest
 
 from eucareg.core.model import Announcement, Role, Status
 from eucareg.core.policy import RegistrarSettings
-from eucareg.core.trust import announcement_proof_message, make_proof, parse_token
+from eucareg.core.trust import Mode, announcement_proof_message, make_proof, parse_token
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
@@ -204,4 +204,21 @@ async def test_a_flood_of_unauthenticated_http_announcements_leaves_nothing_behi
     assert reg.records() == {} and reg.store.records() == {}
     assert not reg.proven and not reg.presence.last_seen
     assert reg.memory.unadmitted == 0
+    await reg.close()
+
+
+async def test_an_http_announcement_after_an_mdns_one_does_not_strand_the_component(
+    tmp_path: Path,
+) -> None:
+    """Heard over mDNS first (admitted, awaiting its key), then announcing over HTTP as an
+    agent with fallback_registrar does: the signed announcement proves the key, and the
+    component registers instead of waiting for a proof that was already counted."""
+    reg = await make_registrar(tmp_path, CLC)
+    await reg.set_mode(Mode.ANY)
+    walrus = ann(Role.WALRUS)
+    reg.on_sighting(sighting(walrus))
+    await reg.idle()
+    assert reg.record(walrus.component_id).status is Status.AWAITING_KEY  # type: ignore[union-attr]
+    await reg.fallback(replace(walrus, source="fallback"))
+    await wait_for_status(reg, walrus.component_id, Status.REGISTERED)
     await reg.close()
