@@ -32,6 +32,7 @@ OUTPUT_LIMIT = 64 * 1024
 GATE = 'umask 022; read -r _ || exit 111; exec "$0" "$@"'
 GATE_NEVER_RAN = 111
 SPAWN_AT_ONCE = 4  # hook processes started per event-loop turn, at most
+RUNNING_AT_ONCE = 64  # hooks running at the same time, at most; the rest queue
 # Variables a hook may need from the agent's environment; nothing else leaks into it.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -74,6 +75,9 @@ class HookRunner:
         self.timeout = timeout
         self._journal = journal
         self._running: dict[int, asyncio.subprocess.Process] = {}
+        # Hooks running at once: each holds a few descriptors (output files, its pipe), and a
+        # burst of hundreds of slow hooks must not run the registrar out of them.
+        self._slots = asyncio.Semaphore(RUNNING_AT_ONCE)
         # Starting a process blocks the event loop for a few ms (fork of a large process).
         # A burst of admissions would start a hundred at once in one loop iteration, stalling
         # mDNS and HTTP for a second; a few at a time keeps the loop responsive.
@@ -102,6 +106,12 @@ class HookRunner:
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         env.setdefault("PATH", DEFAULT_PATH)
         env.update(hook_environment(record, eucavers, rerun=rerun, attempt=attempt))
+        async with self._slots:
+            return await self._spawn_and_run(run, script, record, env)
+
+    async def _spawn_and_run(
+        self, run: HookRun, script: Path, record: Record, env: dict[str, str]
+    ) -> HookRun:
         # Output goes to unlinked temporary files, not pipes: a child the script leaves running
         # can then hold nothing of ours open, and we keep only the tail of what was written.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -145,13 +155,16 @@ class HookRunner:
             code = None
             kill_group(proc.pid)
             await proc.wait()
-        except BaseException:
-            # Cancelled (the registrar stops) or the journal failed: the script must not run on.
+        except BaseException as exc:
+            # Cancelled (the registrar stops), or the gate broke: the script must not run on.
             kill_group(proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 await asyncio.shield(proc.wait())
             await _gone(started)
-            raise
+            if not isinstance(exc, Exception):
+                raise  # a stop: the journal row stays "running", and a restart re-runs it
+            # Finish the journaled run itself, so no "running" row is left behind.
+            return _finish(started, HookOutcome.FAILED, None, err=f"the hook broke: {exc!r}")
         crash_point("after-hook")
         stdout, stderr = _tail_of(out), _tail_of(err)
         if code is None:

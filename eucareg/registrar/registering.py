@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import TYPE_CHECKING
 
 from eucareg.core.model import HookOutcome, HookRun, Status
@@ -77,7 +78,7 @@ class Registering:
             # Never leave the record in `registering`: a fault of ours is a failed attempt.
             log.exception("hook for %s could not run", component_id)
             run = HookRun(
-                run_id=f"error-{int(engine.clock() * 1000)}",
+                run_id=uuid.uuid4().hex,
                 component_id=component_id,
                 hook=str(engine.hook_dir / record.role.hook_name),
                 started_at=engine.clock(),
