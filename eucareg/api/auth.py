@@ -23,6 +23,7 @@ from aiohttp import web
 
 from eucareg.api.context import CONTEXT
 from eucareg.api.validate import MAX_BODY, ApiError, as_object, parse_json
+from eucareg.core.grammar import peer_address
 from eucareg.pki import credentials as cred
 
 SIGNATURE_HEADER = "X-Eucareg-Signature"
@@ -163,9 +164,9 @@ def signed_body(
 def socket_audience(host: str, port: int) -> str:
     """How a registrar reached at an IP address and port is named in a signed request:
     "10.0.2.10:8780", "[fd00::10]:8780" (IPv4-mapped IPv6 as IPv4, no zone)."""
-    address = ipaddress.ip_address(host.partition("%")[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = peer_address(host)
+    if address is None:
+        raise ValueError(f"{host!r} is not an IP address")
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 

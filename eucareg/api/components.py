@@ -6,7 +6,6 @@ HTTP when mDNS cannot reach its registrar (POST /v1/announce, `fallback_registra
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
 from collections.abc import Coroutine
@@ -18,6 +17,7 @@ from aiohttp import web
 from eucareg.api.auth import read_signed
 from eucareg.api.context import REGISTRAR
 from eucareg.api.validate import ApiError, as_object, bad, error
+from eucareg.core.grammar import peer_address
 from eucareg.core.model import DecisionKind
 from eucareg.core.txt import Rejected, decode
 from eucareg.pki import credentials as cred
@@ -84,17 +84,6 @@ async def _unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
         task.cancel()
 
 
-def _plain(remote: str | None) -> str:
-    """The peer's address as ip_address prints it (no IPv6 scope, IPv4-mapped unwrapped)."""
-    try:
-        address = ipaddress.ip_address((remote or "").split("%", 1)[0])
-    except ValueError:
-        return ""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
-
-
 async def announce(request: web.Request) -> web.Response:
     """POST /v1/announce: a TXT record sent over HTTP, decided like an mDNS announcement."""
     payload, public_key = await read_signed(request)
@@ -107,7 +96,7 @@ async def announce(request: web.Request) -> web.Response:
         bad(f"{decoded.code}: {decoded.reason}")
     if decoded.fingerprint != cred.fingerprint(public_key):
         raise ApiError(403, "the request is not signed by the announced key")
-    if decoded.token_id is None and str(decoded.address) != _plain(request.remote):
+    if decoded.token_id is None and decoded.address != peer_address(request.remote):
         # Without a token (whose proof binds addr=), nothing vouches for an address the
         # request does not come from: it could name any machine on the LAN.
         raise ApiError(
@@ -115,7 +104,10 @@ async def announce(request: web.Request) -> web.Response:
             f"addr={decoded.address} is not the address this request comes from "
             f"({request.remote}); announce your own address, or use a join token",
         )
-    decision, record = await registrar.fallback(replace(decoded, source="fallback"))
+    try:
+        decision, record = await registrar.fallback(replace(decoded, source="fallback"))
+    except CredentialRefused as exc:
+        return error(exc.status, str(exc))
     if record is not None:
         return web.json_response({"status": record.status.value, "reason": record.reason})
     if decision.kind is DecisionKind.IGNORE:

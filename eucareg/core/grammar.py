@@ -227,6 +227,19 @@ def network(value: object, field: str = "allowed_ranges") -> IPNetwork:
         raise Invalid(field, f"{shown(value)} is not a network range ({exc})") from None
 
 
+def peer_address(text: str | None) -> IPAddress | None:
+    """An address as a socket or a responder reports it, normalised for comparison: no IPv6
+    scope, an IPv4-mapped IPv6 address as the IPv4 address; None if it is not one. (Not for
+    untrusted input that must be refused: `address` is.)"""
+    try:
+        parsed = ipaddress.ip_address((text or "").partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped
+    return parsed
+
+
 def address_problem(address: IPAddress, allowed: Iterable[IPNetwork] = ()) -> str | None:
     """Why an address must never be registered, or None when it is usable (lesson L3). A
     range in `allowed` (the site's allow-list) wins over the refusals, but never over the

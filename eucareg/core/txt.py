@@ -6,7 +6,6 @@ what registration needs. Decoding validates everything, because any host on the 
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -163,13 +162,7 @@ def _shown(value: object) -> str:
 def _plain(addresses: Iterable[str]) -> set[str]:
     """The responder's addresses without their IPv6 scope ('fe80::1%eth0' -> 'fe80::1');
     anything that is not an address is left out (it cannot match `addr`)."""
-    plain = set()
-    for address in addresses:
-        try:
-            plain.add(str(ipaddress.ip_address(address.split("%", 1)[0])))
-        except ValueError:
-            continue
-    return plain
+    return {str(a) for a in map(grammar.peer_address, addresses) if a is not None}
 
 
 def _token_fields(txt: Mapping[str, str]) -> tuple[str, int, str] | None:
