@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+CLAIM_PATIENCE = 3.0  # seconds a starting registrar waits for a just-dead one's lock
+
+
 class StoreBusy(Exception):
     """Another registrar already owns this database; the message says which process."""
 
@@ -85,12 +89,15 @@ class Store:
         self.migrated = migrate(self.engine)
         self._claim: int | None = None  # the lock file's descriptor while we own the store
 
-    def claim(self) -> None:
+    def claim(self, patience: float = CLAIM_PATIENCE) -> None:
         """Become the one registrar that writes this database, or raise StoreBusy.
 
         Two registrars on one state would each take the other's running hooks for orphans
         and kill them. The lock is an flock on `<database>.lock`, so the kernel drops it when
         the owner dies, however it dies; the file names the owner's PID for the message.
+        A registrar restarted right after a crash waits up to `patience` seconds: a hook the
+        dead one was forking holds the lock until its exec closes it. (Blocking: call it off
+        the event loop.)
         """
         if self._claim is not None:
             return
@@ -99,9 +106,15 @@ class Store:
             return
         path = Path(database).with_name(Path(database).name + ".lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise StoreBusy(
