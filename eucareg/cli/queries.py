@@ -15,7 +15,7 @@ from eucareg.cli.render import events_table, pending_table, render_tree
 
 EVENT_KINDS = (
     "pending, awaiting-key, registering, registered, failed, refused, rejected, expired, "
-    "unmatched, matched, replaced, hook, approved, deregistered, credentials, trust"
+    "unmatched, matched, replaced, hook, approved, deregistered, credentials, trust, summary"
 )
 CSV_FIELDS = ["seq", "at", "kind", "code", "role", "cluster", "component_id", "address", "reason"]
 

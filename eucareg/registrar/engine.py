@@ -108,6 +108,7 @@ class Registrar:
         self._on_fatal = on_fatal
         self.retention = retention or Retention()
         self._prune_handle: asyncio.TimerHandle | None = None
+        self._summary_handle: asyncio.TimerHandle | None = None
         self.memory = Memory({}, {}, TrustSettings(), {}, set())
         self.writer = Writer(store)
         self.hooks = HookRunner(hook_dir, timing.hook_timeout, self._journal)
@@ -160,9 +161,13 @@ class Registrar:
     async def close(self) -> None:
         """Stop: cancel timers and work (running hooks' process groups are killed and awaited),
         answer every waiting request, and let the last writes reach the store."""
+        held = self.notes.summary(self.clock())
+        if held is not None and self.writer.running:
+            self.step(Transition(Write(events=(held,))))  # what the window held back
         self.stopping = True
-        if self._prune_handle is not None:
-            self._prune_handle.cancel()
+        for handle in (self._prune_handle, self._summary_handle):
+            if handle is not None:
+                handle.cancel()
         self.timers.close()
         self.admin.close()
         tasks = list(self._tasks)
@@ -328,9 +333,10 @@ class Registrar:
     def _note_rejected(self, sighting: Sighting, rejected: Rejected) -> None:
         if not self.notes.first(f"rejected:{sighting.instance}", rejected.reason):
             return
-        log.warning("rejected announcement %r: %s", sighting.instance, rejected.reason)
-        event = rejected_event(sighting, rejected, self.clock())
-        self.step(Transition(Write(events=(event,))))
+        if self._admit_note(rejected.code):
+            log.warning("rejected announcement %r: %s", sighting.instance, rejected.reason)
+            event = rejected_event(sighting, rejected, self.clock())
+            self.step(Transition(Write(events=(event,))))
 
     def self_registration_changed(self) -> None:
         """The CC on this host got its credentials: NCs waiting on it may proceed."""
@@ -411,8 +417,26 @@ class Registrar:
         key = f"{ann.component_id}:{ann.fingerprint}:{ann.role}:{ann.cluster}"
         if not self.notes.first(key, decision.code):
             return
-        log.warning("refused %s %s: %s", ann.role.value, ann.component_id, decision.reason)
-        self.step(Transition(Write(events=(refused_event(ann, decision, self.clock()),))))
+        if self._admit_note(decision.code):
+            log.warning("refused %s %s: %s", ann.role.value, ann.component_id, decision.reason)
+            self.step(Transition(Write(events=(refused_event(ann, decision, self.clock()),))))
+
+    def _admit_note(self, code: str) -> bool:
+        """A note may be written now, or is held for the window's summary event."""
+        if self.notes.admit(self.clock(), code):
+            return True
+        if self._summary_handle is None and not self.stopping:
+            self._summary_handle = asyncio.get_running_loop().call_later(
+                self.notes.window, self._write_summary
+            )
+        return False
+
+    def _write_summary(self) -> None:
+        self._summary_handle = None
+        event = self.notes.summary(self.clock())
+        if event is not None and not self.stopping:
+            log.warning("%s", event.reason)
+            self.step(Transition(Write(events=(event,))))
 
     def redecide(self, component_id: str, *, fresh: bool = False, retry: bool = False) -> None:
         """Decide again for a known component: its live announcement if it is the accepted

@@ -12,12 +12,58 @@ from eucareg.core.txt import Rejected
 from eucareg.mdns.types import Sighting
 
 MAX_NOTES = 10_000  # a forgotten note is only written once more
+# Event-only notes written one by one per window; beyond that they are counted and written
+# as one summary event when the window ends (a flood of unique senders is one line a minute).
+NOTES_PER_WINDOW = 100
+NOTE_WINDOW = 60.0
 
 
 class Notes:
-    def __init__(self, limit: int = MAX_NOTES) -> None:
+    def __init__(
+        self,
+        limit: int = MAX_NOTES,
+        per_window: int = NOTES_PER_WINDOW,
+        window: float = NOTE_WINDOW,
+    ) -> None:
         self.limit = limit
+        self.per_window = per_window
+        self.window = window
         self._said: OrderedDict[str, str] = OrderedDict()
+        self._window_start = 0.0
+        self._written = 0  # notes written one by one in the current window
+        self.held: dict[str, int] = {}  # code -> notes summarised instead, this window
+
+    def admit(self, now: float, code: str) -> bool:
+        """Whether a new note may be written on its own now; if not, it is counted under
+        `code` for the window's summary (see summary())."""
+        if now - self._window_start >= self.window:
+            self._window_start, self._written = now, 0
+        if self._written < self.per_window:
+            self._written += 1
+            return True
+        self.held[code] = self.held.get(code, 0) + 1
+        return False
+
+    def summary(self, now: float) -> NewEvent | None:
+        """One event for the notes held back so far (and forget them), or None."""
+        if not self.held:
+            return None
+        total = sum(self.held.values())
+        codes = ", ".join(f"{code} {n}" for code, n in sorted(self.held.items()))
+        self.held = {}
+        return NewEvent(
+            at=now,
+            component_id="-",
+            role="registrar",
+            cluster=None,
+            address="",
+            kind="summary",
+            code="notes-summarised",
+            reason=(
+                f"{total} more rejected or refused announcements were not written one by one "
+                f"(more than {self.per_window} in {self.window:g}s): {codes}"
+            ),
+        )
 
     def __len__(self) -> int:
         return len(self._said)

@@ -42,6 +42,10 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="eucareg-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
     def commit(self, change: Write) -> asyncio.Future[None]:
         """Queue a change; the returned future resolves when it is durable."""
         if self._loop is None or self._thread is None:

@@ -3,6 +3,8 @@ running hook's journal row never), and the engine's memory of event-only notes h
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 from eucareg.core.model import HookOutcome, HookRun, NewEvent, Role
@@ -58,6 +60,30 @@ async def test_a_flood_of_unique_bad_announcements_cannot_grow_the_notes(tmp_pat
         reg.on_sighting(bad)
     await reg.idle()
     assert len(reg.notes) == 50
+    # Each was news once: the first 100 of the window are written one by one, the rest held
+    # for one summary event (written when the window ends, or here at close).
     rejected = [e for e in reg.store.events() if e.kind == "rejected"]
-    assert len(rejected) == 200  # each one was news once
+    assert len(rejected) == 100
     await reg.close()
+    [summary] = [e for e in reg.store.events() if e.kind == "summary"]
+    assert summary.code == "notes-summarised"
+    assert summary.reason.startswith("100 more rejected or refused announcements")
+    assert "bad-address 100" in summary.reason
+
+
+async def test_a_flood_of_refusals_becomes_one_summary_event_per_window(tmp_path: Path) -> None:
+    reg = await make_registrar(tmp_path)
+    reg.notes.per_window, reg.notes.window = 5, 0.3
+    base = sighting(ann(Role.WALRUS))
+    for n in range(20):
+        reg.on_sighting(Sighting(f"flood-{n}", base.change, txt={**base.txt, "fp": "md5:x"}))
+    await reg.idle()
+    assert len([e for e in reg.store.events() if e.kind == "rejected"]) == 5
+    deadline = time.monotonic() + 10
+    while not (summaries := [e for e in await reg.events() if e.kind == "summary"]):
+        assert time.monotonic() < deadline, "no summary event when the window ended"
+        await asyncio.sleep(0.05)
+    assert summaries[0].reason.startswith("15 more rejected or refused announcements")
+    assert "bad-txt 15" in summaries[0].reason
+    await reg.close()
+    assert len([e for e in reg.store.events() if e.kind == "summary"]) == 1  # nothing held
