@@ -7,7 +7,7 @@ import ipaddress
 import itertools
 
 from eucareg.core import txt
-from eucareg.core.model import AnnouncedState, Announcement, Role
+from eucareg.core.model import AnnouncedState, Announcement, Record, Role, Status
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
 
@@ -86,3 +86,17 @@ def sighting(
         ),
     )
     return Sighting(instance or a.instance, change, txt=record, addresses=(str(a.address),))
+
+
+def record_from(a: Announcement, status: Status = Status.PENDING, **fields: object) -> Record:
+    """The record a registrar would keep for `a`, in `status` (more fields as keywords)."""
+    return Record(
+        component_id=a.component_id,
+        role=a.role,
+        cluster=a.cluster,
+        address=str(a.address),
+        fingerprint=a.fingerprint,
+        status=status,
+        reason=str(fields.pop("reason", "")),
+        **fields,  # type: ignore[arg-type]
+    )

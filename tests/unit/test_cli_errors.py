@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,8 @@ from eucareg.cli import client
 from eucareg.cli.main import main
 from tests.unit.test_api_harness import ADMIN_TOKEN, CLC_SETTINGS, Harness, served
 
-
-@pytest.fixture(autouse=True)
-def no_host_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client, "DEFAULT_CONFIG", tmp_path / "absent.toml")
-
-
-@pytest.fixture
-async def clc(tmp_path: Path) -> AsyncIterator[Harness]:
-    async with served(tmp_path / "clc", CLC_SETTINGS) as harness:
-        yield harness
+# The CLI must not read this machine's /etc/eucareg (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_host_config")
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> Result:

@@ -10,30 +10,19 @@ import asyncio
 import csv
 import io
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
-from eucareg.cli import client
 from eucareg.cli.main import main
 from eucareg.core.model import Role
 from tests.factories import ann
-from tests.unit.test_api_harness import ADMIN_TOKEN, CLC_SETTINGS, Harness, key_of, served
+from tests.unit.test_api_harness import ADMIN_TOKEN, Harness, key_of
 
-
-@pytest.fixture(autouse=True)
-def no_host_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever this machine has in /etc/eucareg must not change the tests."""
-    monkeypatch.setattr(client, "DEFAULT_CONFIG", tmp_path / "absent.toml")
-
-
-@pytest.fixture
-async def clc(tmp_path: Path) -> AsyncIterator[Harness]:
-    async with served(tmp_path / "clc", CLC_SETTINGS) as harness:
-        yield harness
+# The CLI must not read this machine's /etc/eucareg (conftest.py).
+pytestmark = pytest.mark.usefixtures("no_host_config")
 
 
 @pytest.fixture

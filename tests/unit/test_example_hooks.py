@@ -23,7 +23,7 @@ import pytest
 
 from eucareg.core.model import HookOutcome, HookRun, Record, Role, Status
 from eucareg.registrar.hooks import HookRunner
-from tests.factories import ann
+from tests.factories import ann, record_from
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "hooks"
 
@@ -139,16 +139,7 @@ def hook_dir(tmp_path: Path) -> Path:
 
 
 def record_for(example: Example) -> Record:
-    a = ann(example.role, example.cluster)
-    return Record(
-        component_id=a.component_id,
-        role=a.role,
-        cluster=a.cluster,
-        address=str(a.address),
-        fingerprint=a.fingerprint,
-        status=Status.REGISTERING,
-        reason="test",
-    )
+    return record_from(ann(example.role, example.cluster), Status.REGISTERING, reason="test")
 
 
 def name_of(example: Example, record: Record) -> str:

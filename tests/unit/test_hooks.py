@@ -12,7 +12,7 @@ import pytest
 
 from eucareg.core.model import HookOutcome, HookRun, Record, Role, Status
 from eucareg.registrar.hooks import OUTPUT_LIMIT, HookRunner, group_alive
-from tests.factories import ann
+from tests.factories import ann, record_from
 
 
 def script(tmp_path: Path, name: str, body: str) -> Path:
@@ -23,16 +23,7 @@ def script(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def record_of(role: Role, cluster: str | None = None) -> Record:
-    a = ann(role, cluster)
-    return Record(
-        component_id=a.component_id,
-        role=a.role,
-        cluster=a.cluster,
-        address=str(a.address),
-        fingerprint=a.fingerprint,
-        status=Status.REGISTERING,
-        reason="test",
-    )
+    return record_from(ann(role, cluster), Status.REGISTERING, reason="test")
 
 
 class Journal:

@@ -33,7 +33,7 @@ from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
 from eucareg.registrar.hooks import proc_start_time
 from eucareg.store.registry import Store, sqlite_url
-from tests.factories import KEYS, ann, sighting
+from tests.factories import KEYS, ann, record_from, sighting
 
 CLC_SETTINGS = RegistrarSettings(
     registers=frozenset({Role.WALRUS, Role.CC, Role.SC}), observes_unmatched_nodes=True
@@ -447,17 +447,7 @@ async def test_unmatched_node_is_visible_and_cleared_when_its_cluster_registers(
 
 
 def _record(a: Announcement) -> Record:
-    return Record(
-        component_id=a.component_id,
-        role=a.role,
-        cluster=a.cluster,
-        address=str(a.address),
-        fingerprint=a.fingerprint,
-        status=Status.PENDING,
-        reason="",
-        first_seen=1.0,
-        updated_at=1.0,
-    )
+    return record_from(a, first_seen=1.0, updated_at=1.0)
 
 
 @pytest.fixture(scope="module")

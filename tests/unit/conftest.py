@@ -1,0 +1,24 @@
+"""Fixtures shared by unit tests: a CLC served on loopback to talk to, and (for the CLI
+tests, which ask for it) no host configuration leaking in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from eucareg.cli import client
+from tests.unit.test_api_harness import CLC_SETTINGS, Harness, served
+
+
+@pytest.fixture
+def no_host_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever this machine has in /etc/eucareg must not change the tests."""
+    monkeypatch.setattr(client, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+
+
+@pytest.fixture
+async def clc(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with served(tmp_path / "clc", CLC_SETTINGS) as harness:
+        yield harness
