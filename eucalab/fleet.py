@@ -39,6 +39,7 @@ from eucareg.core.model import AnnouncedState, Announcement, Role
 from eucareg.mdns.types import ServiceSpec, Sighting
 from eucareg.mdns.zeroconf_backend import ZeroconfBackend
 from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 
 API_PORT = 8780
 LONG_POLL = 25.0
@@ -162,6 +163,7 @@ async def _collect(
     session: aiohttp.ClientSession,
     keys: Path,
     pin: str | None,
+    cluster: str,
     changed: asyncio.Event,
 ) -> None:
     """Ask until the registrar hands over a bundle that verifies; survive registrar crashes."""
@@ -181,7 +183,7 @@ async def _collect(
                 endpoint,
                 keys / identity.component_id,
                 wait=LONG_POLL,
-                pin=pin,
+                expect=tls.Expect(Role.CC, cluster, endpoint.component_id, pin=pin),
             )
         except cred.CredentialError as exc:
             node.verify_errors += 1
@@ -263,7 +265,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 state.nodes[ident.component_id].announced_at = time.time()
             print(f"published batch {batch}: {len(members)} services", flush=True)
             tasks.extend(
-                asyncio.create_task(_collect(state, ident, session, keys, args.pin, changed))
+                asyncio.create_task(
+                    _collect(state, ident, session, keys, args.pin, args.cluster, changed)
+                )
                 for _, ident in members
             )
             changed.set()
@@ -321,7 +325,7 @@ async def verify(args: argparse.Namespace) -> dict[str, Any]:
                     key_dir,
                     wait=0,
                     have=format(cert.serial_number, "x"),
-                    pin=args.pin,
+                    expect=tls.Expect(Role.CC, args.cluster, pin=args.pin),
                 )
             except COLLECT_ERRORS as exc:
                 results[ident.component_id] = f"error: {exc}"
@@ -340,8 +344,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--cache", required=True, help="directory for the fleet's keys")
         p.add_argument("--keys", required=True, help="where each NC writes its credentials")
         p.add_argument("--pin", default=None, help="cloud CA fingerprint the NCs accept")
+        p.add_argument("--cluster", default="cluster1")
     run_p = sub.choices["run"]
-    run_p.add_argument("--cluster", default="cluster1")
     run_p.add_argument("--first-address", required=True)
     run_p.add_argument("--progress", default=None, help="JSON progress file")
     run_p.add_argument("--timeout", type=float, default=240)

@@ -23,6 +23,7 @@ from yarl import URL
 from eucareg.api.auth import signed_body, socket_audience
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 
 from .identity import Identity
 from .locate import Endpoint
@@ -79,13 +80,22 @@ async def _signed_post(
     path: str,
     key: cred.PrivateKey,
     fields: dict[str, Any],
+    expect: tls.Expect,
+    client: tls.ClientCert | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """POST a body signed for this path (with its query) at this registrar; the status and the
-    answer, which must be a JSON object."""
+    """POST a body signed for this path (with its query) at this registrar, over TLS to the
+    registrar `expect` accepts (else ClientConnectorCertificateError, nothing sent); the
+    status and the answer, which must be a JSON object."""
     base, audience = await _target(endpoint)
     url = URL(base + path)
     body, headers = signed_body(key, fields, method="POST", path=url.raw_path_qs, audience=audience)
-    async with session.post(url, data=body, headers=headers) as response:
+    async with session.post(
+        url,
+        data=body,
+        headers=headers,
+        ssl=tls.client_context(expect, client),
+        server_hostname=tls.SERVER_NAMES[expect.role],
+    ) as response:
         status, raw = response.status, await response.read()
     try:
         data = json.loads(raw)
@@ -108,21 +118,30 @@ async def collect_credentials(
     key_dir: Path,
     wait: float = LONG_POLL,
     have: str | None = None,
-    pin: str | None = None,
+    expect: tls.Expect | None = None,
+    named: cred.CertIdentity | None = None,
+    client: tls.ClientCert | None = None,
 ) -> Outcome:
     """One signed, long-polling credential request: WRITTEN or PENDING, or, when watching
     credentials we hold (`have`: our certificate's serial), UNCHANGED or REVOKED.
 
-    The signature proves we hold the announced key; the registrar answers only that key, and
-    we accept only a bundle that certifies it and chains to the pinned CA, if any. A 410 is
-    believed as it comes: answers are not signed, so whom we ask is the defence (locate.py).
+    The signature proves we hold the announced key; the registrar answers only that key. TLS
+    proves the registrar is the one `expect` accepts (by default: any registrar of the right
+    role, trust on first use), so a 410 or a bundle from anyone else never reaches us. We
+    accept only a bundle that certifies our key (naming us as `named` says) and chains to
+    the pinned CA.
     """
+    if expect is None:
+        registrar = Role.CC if role is Role.NC else Role.CLC
+        expect = tls.Expect(registrar, component_id=endpoint.component_id or None)
     fields: dict[str, Any] = {"component_id": identity.component_id}
     if have is not None:
         fields["have"] = have
     path = f"/v1/credentials?wait={wait:g}"
     log.debug("requesting credentials for %s from %s%s", identity.component_id, endpoint.url, path)
-    status, data = await _signed_post(session, endpoint, path, identity.key, fields)
+    status, data = await _signed_post(
+        session, endpoint, path, identity.key, fields, expect, client if expect.root else None
+    )
     if status == 410 and have is not None:
         log.warning("credentials of %s revoked: %s", identity.component_id, data.get("error"))
         return Outcome.REVOKED
@@ -137,7 +156,14 @@ async def collect_credentials(
     ):
         raise ProtocolError(f"HTTP 200 without a credential bundle: {str(data)[:200]}")
     # Verifying signatures and fsyncing files block: do both in a thread.
-    return await asyncio.to_thread(_accept, files, role, identity, endpoint, key_dir, have, pin)
+    return await asyncio.to_thread(
+        _accept, files, role, identity, endpoint, key_dir, have, _pin_of(expect), named
+    )
+
+
+def _pin_of(expect: tls.Expect) -> str | None:
+    """The CA key a bundle must chain to: the CA we hold, else the one we pin."""
+    return cred.cert_fingerprint(expect.root) if expect.root is not None else expect.pin
 
 
 def _accept(
@@ -148,9 +174,10 @@ def _accept(
     key_dir: Path,
     have: str | None,
     pin: str | None,
+    named: cred.CertIdentity | None,
 ) -> Outcome:
     try:
-        verified = cred.verify_bundle(files, role, identity.key)
+        verified = cred.verify_bundle(files, role, identity.key, expect=named)
     except (ValueError, UnsupportedAlgorithm) as exc:
         # Certificates that parse but hold what cryptography cannot use (say, a curve).
         raise ProtocolError(f"unusable credential bundle: {exc}") from exc
@@ -182,10 +209,15 @@ async def announce_over_http(
     identity: Identity,
     endpoint: Endpoint,
     record: Mapping[str, str],
+    expect: tls.Expect,
+    client: tls.ClientCert | None = None,
 ) -> None:
-    """Send our TXT record to a registrar that cannot hear us (the design's fallback)."""
+    """Send our TXT record to a registrar that cannot hear us (the design's fallback); with
+    `client`, our certificate proves who we are, and no mode any is needed."""
     fields = {"txt": dict(record)}
-    status, data = await _signed_post(session, endpoint, "/v1/announce", identity.key, fields)
+    status, data = await _signed_post(
+        session, endpoint, "/v1/announce", identity.key, fields, expect, client
+    )
     if status != 200:
         raise ProtocolError(_reason(status, data))
     log.info(

@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
@@ -17,12 +18,14 @@ from eucareg.config.file import ComponentConfig, Config
 from eucareg.core.model import Role
 from eucareg.core.trust import parse_token
 from eucareg.mdns.types import Announcer, ServiceSpec
+from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 
 from . import collect
 from .announce import TokenProver, instance_name, preconditions, service_spec
-from .identity import Identity
+from .identity import Identity, identity_key
 from .locate import Endpoint, Registrars
-from .presence import CredentialPresence
+from .presence import CredentialPresence, HeldRoot
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class AgentTiming:
     retry_base: float = 1.0  # first delay after a failed collection or announcement
     retry_max: float = 30.0  # longest such delay
     min_request_interval: float = 1.0  # a registrar answering at once is not asked faster
+    connect: float = 5.0  # TCP connect and TLS handshake: a decoy costs us this much at most
     stop_step: float = 1.0  # most any one shutdown step (goodbyes, API) may take
     stop_budget: float = 2.5  # most all shutdown steps together may take (SIGTERM: < 3 s)
 
@@ -49,9 +53,13 @@ class Backoff:
     def reset(self) -> None:
         self.delay = self._base
 
-    async def sleep(self) -> None:
+    def next(self) -> float:
+        """The delay to wait now; the one after it doubles."""
         delay, self.delay = self.delay, min(self._max, self.delay * 2)
-        await asyncio.sleep(delay)
+        return delay
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.next())
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -78,6 +86,9 @@ class Component:
         self.cfg, self.conf, self.identity = cfg, conf, identity
         self.prover = TokenProver(parse_token(conf.token)) if conf.token else None
         self.presence = CredentialPresence(cfg.key_dir, conf.role, identity.key)
+        self.root = HeldRoot(cfg.key_dir / cred.CLOUD_CERT)
+        self._proven: Endpoint | None = None  # the registrar that last proved itself
+        self.client_cert: tls.ClientCert | None = None  # presented once we are registered
         self.registered = False
         self.announced = False
         self.wake = asyncio.Event()  # re-check preconditions and credentials now
@@ -114,13 +125,34 @@ class Component:
 
     async def load_state(self) -> None:
         """The state found at start: registered if the credentials are already there."""
+        await self.root.check()
         self.registered = (await self.presence.check()).present
+        await self._refresh_client_cert()
 
     async def refresh(self) -> None:
         """Re-check key presence (cheap unless the files changed) and act on a change."""
+        await self.root.check()
         held = await self.presence.check()
         if held.present != self.registered:
             self.set_registered(held.present)
+        await self._refresh_client_cert()
+
+    async def _refresh_client_cert(self) -> None:
+        """The TLS client certificate we present once registered (docs/security.md)."""
+        held = self.presence.held
+        if not (self.registered and held.present and held.serial):
+            self.client_cert = None
+            return
+        if self.client_cert is not None and self.client_cert.serial == held.serial:
+            return
+        path = self.cfg.state_dir / "tls" / f"{self.role.value}-client.pem"
+        try:
+            await asyncio.to_thread(write_client_chain, self.cfg.key_dir, self.role, path)
+        except (OSError, cred.CredentialError) as exc:
+            log.warning("cannot present %s's certificate over TLS: %s", self.instance, exc)
+            self.client_cert = None
+            return
+        self.client_cert = tls.ClientCert(path, identity_key(self.cfg, self.role), held.serial)
 
     def set_registered(self, registered: bool) -> None:
         self.registered = registered
@@ -185,26 +217,27 @@ class Component:
                 continue
             held = self.presence.held
             issuer = held.issuer_fingerprint if self.registered else None
-            endpoint = self._registrars.for_component(
+            endpoints = self._registrars.candidates(
                 self.role, self.conf.cluster, pin=self.pin, issuer=issuer
             )
-            if endpoint is None:
+            if not endpoints:
                 await self._registrars.wait_changed(self.cfg.recheck_interval)
                 continue
             started = loop.time()
             try:
-                outcome = await self._ask(endpoint, held.serial if self.registered else None)
+                outcome = await self._ask_each(endpoints, held.serial if self.registered else None)
                 if outcome is not None:
                     await self._settle(outcome)
             except collect.COLLECT_ERRORS as exc:
                 log.warning(
-                    "collecting credentials of %s from %s failed: %s; retrying in %.1f s",
+                    "collecting credentials of %s failed: %s; retrying in %.1f s",
                     self.identity.component_id,
-                    endpoint.url,
                     str(exc) or type(exc).__name__,
                     backoff.delay,
                 )
-                await backoff.sleep()
+                # A registrar heard meanwhile cuts the wait short: after a decoy, the genuine
+                # registrar is asked as soon as it announces itself.
+                await self._registrars.wait_changed(backoff.next())
                 continue
             backoff.reset()
             # None: our own state moved (a credential file vanished, say), so we ask afresh.
@@ -215,6 +248,55 @@ class Component:
                 if pause > 0:
                     await wait_event(self.changed, pause)
 
+    def expect(self, endpoint: Endpoint) -> tls.Expect:
+        """Whom we accept as `endpoint`: once we hold a cloud CA, only a registrar it signed
+        (the pin sticks); before, the token's or the configuration's pin, if any."""
+        root, pin = self.root.cert, self.pin
+        joining = root is not None and pin is not None and not self.registered
+        if joining and root is not None and cred.cert_fingerprint(root) != pin:
+            root = None  # joining another cloud with a token that says so: the token decides
+        return tls.Expect(
+            Role.CC if self.role is Role.NC else Role.CLC,
+            cluster=self.conf.cluster if self.role is Role.NC else None,
+            component_id=endpoint.component_id or None,
+            root=root,
+            pin=None if root is not None else pin,
+        )
+
+    def named(self) -> cred.CertIdentity:
+        """What our certificate must name."""
+        cluster = self.conf.cluster if self.role in (Role.CC, Role.SC, Role.NC) else None
+        return cred.CertIdentity(self.role, cluster, self.identity.component_id)
+
+    async def _ask_each(
+        self, endpoints: list[Endpoint], have: str | None
+    ) -> collect.Outcome | None:
+        """Ask the candidates in turn, the one that last proved itself first, until one that
+        proves itself answers: a decoy costs one connect timeout, a rogue one handshake."""
+        if self._proven in endpoints:
+            endpoints = [self._proven, *(ep for ep in endpoints if ep != self._proven)]
+        problems: list[str] = []
+        for endpoint in endpoints:
+            try:
+                outcome = await self._ask(endpoint, have)
+            except collect.COLLECT_ERRORS as exc:
+                if self._proven == endpoint:
+                    self._proven = None
+                problems.append(f"{endpoint.url}: {_reason(exc)}")
+                if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+                    log.warning(
+                        "refusing registrar %s for %s: %s",
+                        endpoint.url,
+                        self.identity.component_id,
+                        _reason(exc),
+                    )
+                elif len(endpoints) > 1:
+                    log.info("no usable answer from registrar %s: %s", endpoint.url, _reason(exc))
+                continue
+            self._proven = endpoint
+            return outcome
+        raise collect.ProtocolError("; ".join(problems))
+
     async def _ask(self, endpoint: Endpoint, have: str | None) -> collect.Outcome | None:
         """Announce over HTTP if need be, then one credential request; None when our own state
         changes meanwhile (the request is abandoned)."""
@@ -222,7 +304,9 @@ class Component:
         if have is None and not endpoint.component_id:
             # No registrar heard on the LAN: announce over HTTP (the design's fallback).
             try:
-                await collect.announce_over_http(session, self.identity, endpoint, self.spec().txt)
+                await collect.announce_over_http(
+                    session, self.identity, endpoint, self.spec().txt, self.expect(endpoint)
+                )
             except collect.COLLECT_ERRORS as exc:
                 reason = str(exc) or type(exc).__name__
                 raise collect.ProtocolError(f"fallback announcement failed: {reason}") from exc
@@ -235,7 +319,9 @@ class Component:
                 self.cfg.key_dir,
                 wait=self._timing.long_poll,
                 have=have,
-                pin=self.pin,
+                expect=self.expect(endpoint),
+                named=self.named(),
+                client=self.client_cert if have is not None else None,
             )
         )
         change = asyncio.create_task(self.changed.wait())
@@ -262,3 +348,19 @@ class Component:
         elif outcome is collect.Outcome.REVOKED:
             collect.remove_credentials(self.cfg.key_dir, self.role)
             await self.refresh()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return str(exc.certificate_error)
+    return str(exc) or type(exc).__name__
+
+
+def write_client_chain(key_dir: Path, role: Role, path: Path) -> None:
+    """Our certificate, then its issuer's when that is not the cloud CA (a node's CC), as
+    one file for the TLS client context (blocking)."""
+    layout = cred.LAYOUTS[role]
+    names = [layout.cert] + ([layout.issuer] if layout.issuer else [])
+    certs = [cred.load_cert(key_dir / name) for name in names]
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tls.write_chain(path, certs)

@@ -75,6 +75,7 @@ class Agent:
         self.service: RegistrarService | None = None
         self.session: aiohttp.ClientSession | None = None
         self._stopped = False
+        self._tls_due = asyncio.Event()
         self._deadline = 0.0  # loop time by which stop() must be done
 
     @property
@@ -118,7 +119,9 @@ class Agent:
         for comp in self.components:
             await comp.load_state()
         self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timing.long_poll + 10)
+            timeout=aiohttp.ClientTimeout(
+                total=self.timing.long_poll + 10, sock_connect=self.timing.connect
+            )
         )
         if cfg.runs_registrar:
             self.service = RegistrarService(
@@ -134,6 +137,8 @@ class Agent:
         self.backend.watch(self.registrars.on_sighting)
         if self.registrar is not None:
             self.backend.watch(self.registrar.on_sighting)
+        if self.service is not None and cc is not None:
+            self.supervisor.spawn("tls", self._tls_loop)
         for comp in self.components:
             self.supervisor.spawn(f"announce-{comp.role.value}", comp.announce_loop)
             if comp.role is not Role.CLC:
@@ -152,9 +157,19 @@ class Agent:
         return self.service.port if self.service else self.config.api_port
 
     def _registration_changed(self, comp: Component) -> None:
+        if comp.role is Role.CC:
+            self._tls_due.set()  # serve NCs over HTTPS with the new certificate, or stop
         # NCs waiting for this host's CC to be registered may now proceed.
         if comp.role is Role.CC and comp.registered and self.registrar is not None:
             self.registrar.self_registration_changed()
+
+    async def _tls_loop(self) -> None:
+        """Follow the CC's registration with the certificate the registrar serves."""
+        assert self.service is not None
+        while True:
+            await self._tls_due.wait()
+            self._tls_due.clear()
+            await self.service.refresh_tls()
 
     def local_components(self) -> list[dict[str, Any]]:
         return [

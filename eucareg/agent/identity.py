@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from eucareg.config.file import Config
 from eucareg.core import grammar
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
@@ -39,6 +40,11 @@ def load_or_create_identity(state_dir: Path, role: Role) -> Identity:
         cred.write_atomic(id_file, component_id.encode() + b"\n", mode=0o600)
     key = cred.load_or_create_key(directory / f"{role.value}.key.pem")
     return Identity(component_id, key, cred.fingerprint(key.public_key()))
+
+
+def identity_key(cfg: Config, role: Role) -> Path:
+    """Where the key of this host's `role` component is kept (made by the call above)."""
+    return cfg.state_dir / "identity" / f"{role.value}.key.pem"
 
 
 def ensure_cloud_ca(key_dir: Path, identity: Identity) -> x509.Certificate:

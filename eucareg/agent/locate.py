@@ -1,12 +1,14 @@
 """Finding the registrar each component talks to: CLCs and registered CCs heard over mDNS, the
 token or configured CA pin, the registrar that certified credentials already held, and the
-configured HTTP fallback when nothing suitable announces itself.
+configured fallback URL when nothing suitable announces itself. Which of them is genuine is
+decided by TLS (pki/tls.py), never by what they announce.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from dataclasses import dataclass
 
@@ -30,7 +32,7 @@ class Endpoint:
     @property
     def url(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}"
+        return f"https://{host}:{self.port}"
 
 
 class Registrars:
@@ -77,43 +79,54 @@ class Registrars:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 
-    def for_component(
+    def candidates(
         self,
         role: Role,
         cluster: str | None,
         *,
         pin: str | None,
         issuer: str | None,
-    ) -> Endpoint | None:
-        """The registrar `role` asks, or None.
+    ) -> list[Endpoint]:
+        """The registrars `role` may ask, the likeliest first; the fallback when none is heard.
 
-        `pin` is the cloud CA a token or the configuration pins (it selects among CLCs).
-        `issuer` is, when we hold credentials, the key of the registrar that certified them:
-        only that registrar may tell us they were revoked, so an unpinned component never asks
-        a stranger announcing another key (it would answer 410 and have us drop them).
+        Every one of them must still prove itself in the TLS handshake (pki/tls.py): what is
+        announced over mDNS is only a hint. `pin` (the CA key a token or the configuration
+        names) filters CLCs by the key they announce. `issuer`, when we hold credentials, is the
+        key of the registrar that certified them: it goes first. A CC announcing another key
+        is tried after it, because a reinstalled CC has a new key under the same cloud CA.
         """
         if role is Role.NC:
-            candidates = [ep for c, ep in self._clusters.values() if c == cluster]
+            found = [ep for c, ep in self._clusters.values() if c == cluster]
+            if len(found) > 1:
+                self._warn(
+                    f"more than one CC announces itself as registered for cluster {cluster}: "
+                    + ", ".join(sorted(f"{ep.component_id}@{ep.address}" for ep in found))
+                )
         else:
-            candidates = [ep for ep in self._clc.values() if pin is None or ep.fingerprint == pin]
-            if len(self._clc) > 1 and len(candidates) != 1:
+            found = [ep for ep in self._clc.values() if pin is None or ep.fingerprint == pin]
+            if len(self._clc) > 1 and len(found) != 1:
                 self._warn(f"more than one CLC announces itself: {sorted(self._clc)}")
-            if not candidates and self._clc:
+            if not found and self._clc:
                 self._warn(
                     f"no announced CLC has the CA key we pin ({pin}); ignoring "
                     + ", ".join(sorted(ep.address for ep in self._clc.values()))
                 )
-        if issuer is not None:
-            strangers = [ep for ep in candidates if ep.fingerprint != issuer]
-            if strangers:
-                self._warn(
-                    "ignoring registrars that did not certify our credentials: "
-                    + ", ".join(sorted(f"{ep.component_id}@{ep.address}" for ep in strangers))
-                )
-            candidates = [ep for ep in candidates if ep.fingerprint == issuer]
-        return candidates[0] if candidates else self._fallback
+        # The one that certified us first, then by address: a stable order to go through.
+        found.sort(key=lambda ep: (ep.fingerprint != issuer, *_numeric(ep.address), ep.port))
+        if found:
+            return found
+        return [self._fallback] if self._fallback else []
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             log.warning("%s", message)
+
+
+def _numeric(address: str) -> tuple[int, int]:
+    """An address as (IP version, value) for sorting; a host name after every address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return (9, 0)
+    return (ip.version, int(ip))

@@ -6,11 +6,15 @@ re-check every few seconds costs a few stat calls instead of RSA key loads.
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 
 
 @dataclass(frozen=True)
@@ -62,3 +66,29 @@ class CredentialPresence:
                     )
                 self._stamp = stamp
             return self.held
+
+
+class HeldRoot:
+    """The cloud CA certificate on disk (cloud-cert.pem): once a component holds one, every
+    registrar it talks to must be signed by it. Re-read only when a stat shows a change."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stamp: tuple[int, int, int, int] | None = None
+        self.cert: x509.Certificate | None = None
+
+    async def check(self) -> x509.Certificate | None:
+        try:
+            st = os.stat(self._path)
+            stamp: tuple[int, int, int, int] | None = (
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+            )
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self.cert = await asyncio.to_thread(tls.load_root, self._path) if stamp else None
+        return self.cert

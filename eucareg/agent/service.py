@@ -7,29 +7,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from cryptography import x509
 
 from eucareg.api.app import ApiContext, build_app
-from eucareg.config.file import Config
+from eucareg.api.limits import RateLimits
+from eucareg.config.file import SOCKET_FILE, Config
 from eucareg.core.model import Role
 from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import new_master_key
 from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 from eucareg.registrar.engine import Issuer, Registrar, Retention, Timing
 from eucareg.store.registry import Store, sqlite_url
 
 from .component import Component
-from .identity import read_or_create_secret
+from .identity import identity_key, read_or_create_secret
 
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_FILE = "admin.token"
 MASTER_KEY_FILE = "registrar.key"
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket path (sun_path, with its terminating NUL)
 
 
 class RegistrarService:
@@ -52,6 +58,9 @@ class RegistrarService:
         self.store: Store | None = None
         self.registrar: Registrar | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._contexts: dict[Role, ssl.SSLContext] = {}
+        self._tls_lock = asyncio.Lock()
         self.port = cfg.api_port  # the bound port once started (differs only for port 0)
 
     async def start(self) -> None:
@@ -68,6 +77,7 @@ class RegistrarService:
             replace_after=cfg.replace_after,
             max_unadmitted=cfg.max_unadmitted,
             allowed_ranges=cfg.allowed_ranges,
+            own_clc=self._clc.identity.component_id if self._clc else None,
         )
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         master_key = await asyncio.to_thread(
@@ -95,6 +105,8 @@ class RegistrarService:
             local_components=self._local_components,
             ca_fingerprint=self._ca_fingerprint,
             peer_key=self._clc.identity.key if self._clc else None,
+            cloud_cert=self._cloud_cert,
+            limits=RateLimits(cfg.rate_limit, cfg.rate_burst, cfg.rate_sources, cfg.max_in_flight),
         )
         # A small shutdown_timeout: held long-polls are woken by registrar.close(), and what
         # still runs after that is cut rather than waited for (SIGTERM must stop us quickly).
@@ -104,10 +116,88 @@ class RegistrarService:
             shutdown_timeout=self._shutdown_timeout,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host=None, port=cfg.api_port, reuse_address=True)
+        await self._serve_operator()
+        await self.refresh_tls()
+
+    async def _serve_operator(self) -> None:
+        """The operator's socket: every route, for root on this host (docs/cli.md)."""
+        assert self._runner is not None
+        path = self.socket_path
+        if len(str(path).encode()) > MAX_SOCKET_PATH:
+            raise OSError(f"the operator socket path {path} is too long for a Unix socket")
+        site = web.UnixSite(self._runner, str(path))
         await site.start()
-        self.port = self._bound_port()
-        log.info("registrar API listening on port %d", self.port)
+        await asyncio.to_thread(os.chmod, path, 0o600)
+        log.info("operator API on %s", path)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.cfg.state_dir / SOCKET_FILE
+
+    async def refresh_tls(self) -> None:
+        """Serve HTTPS on the API port once this host's registrar holds its certificate: the
+        CLC at once (its cloud CA names it), a CC once registered. Called again whenever the
+        CC's registration changes; a CC that loses it stops serving components."""
+        async with self._tls_lock:
+            contexts = await asyncio.to_thread(self._tls_contexts)
+            self._contexts = contexts
+            if not contexts:
+                if self._site is not None:
+                    await self._site.stop()
+                    self._site = None
+                    log.info("registrar API closed: this host holds no registrar certificate")
+                return
+            default = contexts.get(Role.CLC) or contexts[Role.CC]
+            if self._site is not None:
+                return  # the front context picks up self._contexts at every handshake
+            assert self._runner is not None
+            default.sni_callback = self._choose
+            self._site = web.TCPSite(
+                self._runner,
+                host=None,
+                port=self.port,
+                reuse_address=True,
+                ssl_context=default,
+            )
+            await self._site.start()
+            self.port = self._bound_port()
+            log.info(
+                "registrar API (HTTPS, as %s) listening on port %d",
+                " and ".join(sorted(r.value for r in contexts)),
+                self.port,
+            )
+
+    def _choose(self, sslobj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        """SNI: a component asking for the CLC or for a CC gets that registrar's certificate."""
+        for role, server_name in tls.SERVER_NAMES.items():
+            if name == server_name and role in self._contexts:
+                sslobj.context = self._contexts[role]
+                return
+        # Anything else (or no name) keeps the default certificate; the client decides.
+
+    def _tls_contexts(self) -> dict[Role, ssl.SSLContext]:
+        """Build the server contexts from the certificates held now (blocking: files)."""
+        cfg = self.cfg
+        out: dict[Role, ssl.SSLContext] = {}
+        tls_dir = cfg.state_dir / "tls"
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
+        if self._clc is not None and self._cloud_cert is not None:
+            tls.write_chain(tls_dir / "clc.pem", [self._cloud_cert])
+            out[Role.CLC] = tls.server_context(
+                tls_dir / "clc.pem", identity_key(cfg, Role.CLC), client_ca=self._cloud_cert
+            )
+        cc = self._cc
+        if cc is not None and cc.registered:
+            try:
+                own = cred.load_cert(cfg.key_dir / cred.LAYOUTS[Role.CC].cert)
+                root = cred.load_cert(cfg.key_dir / cred.CLOUD_CERT)
+                tls.write_chain(tls_dir / "cc.pem", [own, root])
+                out[Role.CC] = tls.server_context(
+                    tls_dir / "cc.pem", identity_key(cfg, Role.CC), client_ca=root
+                )
+            except (cred.CredentialError, ssl.SSLError, OSError) as exc:
+                log.warning("cannot serve as the CC yet: %s", exc)
+        return out
 
     def _bound_port(self) -> int:
         """The IPv4 port (with port 0, the IPv4 and IPv6 sockets get different ones)."""

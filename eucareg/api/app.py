@@ -9,10 +9,10 @@ import logging
 
 from aiohttp import web
 
-from eucareg.api import components, operator, peer, status, trust
+from eucareg.api import components, limits, openapi, operator, peer, status, trust
 from eucareg.api.auth import NONCES, Handler, NonceCache, operator_only, signed_body
 from eucareg.api.context import CONTEXT, REGISTRAR, ApiContext
-from eucareg.api.validate import MAX_BODY, ApiError, error
+from eucareg.api.validate import MAX_BODY, ApiError, error, http_error
 from eucareg.registrar.engine import Registrar
 
 __all__ = ["ApiContext", "build_app", "signed_body"]
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # Anyone may call these; the signed ones check the key themselves.
 OPEN_ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/health", status.health),
+    ("GET", openapi.PATH, openapi.serve),
     ("POST", "/v1/credentials", components.collect),
     ("POST", "/v1/announce", components.announce),
     ("POST", "/v1/peer/registry", peer.peer_registry),
@@ -48,14 +49,16 @@ OPERATOR_ROUTES: tuple[tuple[str, str, Handler], ...] = (
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refusals become {"error": …} with their status; a bug becomes a JSON 500 and a log
-    line, so the CLI can still print a reason."""
+    """Refusals become {"error": …, "code": …} with their status, aiohttp's own (404, 405,
+    413) too; a bug becomes a JSON 500 and a log line, so the CLI can still print a reason."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return error(exc.status, exc.message)
-    except web.HTTPException:
-        raise  # aiohttp's own answers (404, 405, 413) stay as they are
+        return error(exc.status, exc.message, exc.code)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_error(request, exc)
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error(500, "internal error (see the registrar's log)")
@@ -66,6 +69,7 @@ def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
     app[REGISTRAR] = registrar
     app[CONTEXT] = ctx
     app[NONCES] = NonceCache()
+    limits.install(app, ctx.limits)  # runs inside json_errors (api/limits.py)
     for method, path, handler in OPEN_ROUTES:
         _add(app, method, path, handler)
     for method, path, handler in OPERATOR_ROUTES:

@@ -15,13 +15,15 @@ import ipaddress
 import json
 import math
 import secrets
+import sys
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from aiohttp import web
 
-from eucareg.api.context import CONTEXT
+from eucareg.api import limits
+from eucareg.api.context import CONTEXT, REGISTRAR
 from eucareg.api.validate import MAX_BODY, ApiError, as_object, parse_json
 from eucareg.core.grammar import peer_address
 from eucareg.pki import credentials as cred
@@ -33,7 +35,9 @@ MAX_NONCE = 128  # characters; agents send 32, and every nonce is kept for a whi
 MAX_PEM = 4096  # characters; an RSA-4096 public key in PEM is about 800
 MAX_BOUND = 512  # characters of "method", "path" and "audience" (ours are far shorter)
 MAX_TIMESTAMP = 2**33  # year 2242: a larger "Unix time" is not one
-NONCE_CAP = 50_000  # nonces remembered at most (a few MB); see NonceCache
+NONCE_CAP = 50_000  # nonces of trusted keys remembered at most (a few MB); see NonceCache
+OPEN_NONCE_CAP = 20_000  # nonces of other keys; past it, their requests wait (429)
+KEY_NONCE_QUOTA = 1_000  # a trusted key's nonces at most; past it, it is treated as untrusted
 # Registrar identities a request may be signed for: the component ids this host announces a
 # registrar API under (the TXT `id` of its CLC and its CC).
 REGISTRAR_ROLES = frozenset({"clc", "cc"})
@@ -51,9 +55,20 @@ def is_loopback(remote: str | None) -> bool:
         return False
 
 
+UNIX_PEER = "unix"  # the caller's "address" on the operator's socket (root-only, this host)
+
+
+def caller(request: web.Request) -> str | None:
+    """The caller's address, or UNIX_PEER for a request over the registrar's Unix socket."""
+    transport = request.transport
+    if transport is not None and isinstance(transport.get_extra_info("sockname"), str):
+        return UNIX_PEER
+    return request.remote
+
+
 def check_admin(remote: str | None, authorization: str, admin_token: str) -> None:
     """Raise the ApiError an operator request gets, unless it may pass."""
-    if not is_loopback(remote):
+    if remote != UNIX_PEER and not is_loopback(remote):
         raise ApiError(403, "operator endpoints answer on loopback only")
     given = authorization.removeprefix("Bearer ").strip()
     # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError),
@@ -70,7 +85,8 @@ def operator_only(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def checked(request: web.Request) -> web.StreamResponse:
         token = request.app[CONTEXT].admin_token
-        check_admin(request.remote, request.headers.get("Authorization", ""), token)
+        check_admin(caller(request), request.headers.get("Authorization", ""), token)
+        limits.exempt(request)
         return await handler(request)
 
     return checked
@@ -80,14 +96,21 @@ def operator_only(handler: Handler) -> Handler:
 
 
 class NonceCache:
-    """The nonces of accepted signed requests, bounded in time and in number.
+    """The nonces of accepted signed requests, bounded in time and in number, kept in two
+    partitions: requests by trusted keys (`limits.proven`: registered or admitted components,
+    the cloud CA, a valid join-token proof), at most `cap`; and all others, at most `open_cap`.
 
     The invariant: every request accepted since the registrar started and stamped after
     `floor` is remembered. `floor` starts at the registrar's start time (a request signed before
     a restart can never be replayed after it: the nonces it had are gone) and is raised to the
     timestamp of every nonce forgotten, either because the clock check refuses it anyway
-    (stamped more than CLOCK_SKEW ago) or because the cache is full (the oldest stamp goes
-    first). Requests stamped at or before `floor` are refused, so forgetting never re-admits one.
+    (stamped more than `window` ago) or because the trusted partition is full (its oldest
+    stamp goes first). Requests stamped at or before `floor` are refused, so forgetting never
+    re-admits one. The open partition never forgets a nonce early: when it is full it takes no
+    more (`open_wait`), so a flood of requests signed by keys anyone can make fills it and
+    waits, and cannot raise the floor past the requests of the registrar's own components.
+    One trusted key holds at most `key_quota` nonces (`over_quota`): past it, its requests are
+    treated like anyone's, so one leaked key cannot fill the trusted partition either.
     """
 
     def __init__(
@@ -95,38 +118,77 @@ class NonceCache:
         window: float = CLOCK_SKEW,
         cap: int = NONCE_CAP,
         started: float | None = None,
+        *,
+        open_cap: int = OPEN_NONCE_CAP,
+        key_quota: int = KEY_NONCE_QUOTA,
     ) -> None:
         self.window = window
         self.cap = cap
+        self.open_cap = open_cap
+        self.key_quota = key_quota
         self.started = time.time() if started is None else started
         self.floor = self.started
-        self._by_stamp: list[tuple[float, str]] = []  # a heap: the oldest stamp first
+        # Heaps, the oldest stamp first: (stamp, nonce, key fingerprint) and (stamp, nonce).
+        self._trusted: list[tuple[float, str, str]] = []
+        self._open: list[tuple[float, str]] = []
         self._seen: set[str] = set()
+        self._per_key: dict[str, int] = {}  # trusted nonces held per key
 
     def seen(self, nonce: str, now: float) -> bool:
         """Whether a request with this nonce was accepted (and is still remembered)."""
         self._expire(now)
         return nonce in self._seen
 
-    def add(self, nonce: str, stamp: float, now: float) -> None:
-        """Remember an accepted request's nonce (after its signature verified)."""
+    def over_quota(self, key: str) -> bool:
+        """Whether this trusted key holds its quota of nonces already."""
+        return self._per_key.get(key, 0) >= self.key_quota
+
+    def open_wait(self, now: float) -> float | None:
+        """None when the open partition has room; else the seconds until it will."""
+        self._expire(now)
+        if len(self._open) < self.open_cap:
+            return None
+        return max(1.0, self._open[0][0] + self.window - now)
+
+    def add(
+        self, nonce: str, stamp: float, now: float, *, key: str = "", trusted: bool = True
+    ) -> None:
+        """Remember an accepted request's nonce (after its signature verified). An untrusted
+        one needs room (open_wait, checked in the same step): ValueError otherwise."""
         self._expire(now)
         if nonce in self._seen:
             return
-        while len(self._seen) >= self.cap:
-            self._forget()
-        heapq.heappush(self._by_stamp, (stamp, nonce))
+        if trusted:
+            while len(self._trusted) >= self.cap:
+                self._forget_trusted()
+            key = sys.intern(key)  # one string per key, however many nonces it has
+            heapq.heappush(self._trusted, (stamp, nonce, key))
+            self._per_key[key] = self._per_key.get(key, 0) + 1
+        else:
+            if len(self._open) >= self.open_cap:
+                raise ValueError("the open nonce partition is full; check open_wait first")
+            heapq.heappush(self._open, (stamp, nonce))
         self._seen.add(nonce)
 
     def _expire(self, now: float) -> None:
         # Each nonce is forgotten once, so a flood costs O(log n) per request.
-        while self._by_stamp and self._by_stamp[0][0] < now - self.window:
-            self._forget()
+        oldest = now - self.window
+        while self._trusted and self._trusted[0][0] < oldest:
+            self._forget_trusted()
+        while self._open and self._open[0][0] < oldest:
+            stamp, nonce = heapq.heappop(self._open)
+            self._seen.discard(nonce)
+            self.floor = max(self.floor, stamp)
 
-    def _forget(self) -> None:
-        stamp, nonce = heapq.heappop(self._by_stamp)
+    def _forget_trusted(self) -> None:
+        stamp, nonce, key = heapq.heappop(self._trusted)
         self._seen.discard(nonce)
         self.floor = max(self.floor, stamp)
+        left = self._per_key[key] - 1
+        if left:
+            self._per_key[key] = left
+        else:
+            del self._per_key[key]
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -179,13 +241,20 @@ def verify_signed(
     path: str,
     audiences: Collection[str],
     now: float | None = None,
+    admit: Callable[[dict[str, Any], str], bool] | None = None,
 ) -> tuple[dict[str, Any], cred.PublicKey]:
     """Check a signed request, cheapest check first; the signature is verified last, and its
     nonce remembered only once it did.
 
+    `admit(payload, key fingerprint)`, called just before the signature is verified, says
+    whether the key is a trusted one (its nonce goes to the trusted partition) and may refuse
+    the request (read_signed charges an untrusted one to its source there). Without it every
+    key counts as trusted.
+
     400: malformed (body, fields, version, key PEM); 401: unsigned, stale or early, signed for
     another method, path or registrar, replayed, or a signature that does not verify;
-    403: a key of a type or size signed requests may not use.
+    403: a key of a type or size signed requests may not use; 429: an untrusted key while the
+    nonces of untrusted keys fill their partition (or whatever `admit` refuses).
     """
     # 1. Bounded input, parsed.
     if len(body) > MAX_BODY:
@@ -259,10 +328,22 @@ def verify_signed(
         raise ApiError(403, f"key refused: {exc}") from exc
     except cred.CredentialError as exc:
         raise ApiError(400, f"malformed signed request: {exc}") from exc
-    # 6. Only now the expensive part; remembered only when it verified.
+    # 6. Whose key it claims to be: a trusted key is never limited; any other is charged
+    # (admit) and needs room among the nonces of untrusted keys.
+    fingerprint = cred.fingerprint(public_key)
+    trusted = True if admit is None else admit(payload, fingerprint)
+    if not trusted:
+        wait = nonces.open_wait(now)
+        if wait is not None:
+            raise limits.RateLimited(
+                f"the registrar holds {nonces.open_cap} recent requests of unregistered keys; "
+                "ask again later, or authenticate with a join token",
+                wait,
+            )
+    # 7. Only now the expensive part; remembered only when it verified.
     if not cred.verify(public_key, body, signature):
         raise ApiError(401, "signature does not verify with the enclosed key")
-    nonces.add(nonce, stamp, now)
+    nonces.add(nonce, stamp, now, key=fingerprint, trusted=trusted)
     return payload, public_key
 
 
@@ -282,13 +363,44 @@ def registrar_audiences(request: web.Request) -> set[str]:
 
 
 async def read_signed(request: web.Request) -> tuple[dict[str, Any], cred.PublicKey]:
-    """The verified payload and key of a signed request (ApiError otherwise)."""
+    """The verified payload and key of a signed request (ApiError otherwise). A request by a
+    key the registrar does not trust is charged to its source before its signature is
+    checked (limits.py), and may be refused 429 there."""
     body = await request.read()
-    return verify_signed(
-        body,
-        request.headers.get(SIGNATURE_HEADER, ""),
-        request.app[NONCES],
-        method=request.method,
-        path=request.raw_path,
-        audiences=registrar_audiences(request),
-    )
+    nonces = request.app[NONCES]
+    claimed = False
+
+    def admit(payload: dict[str, Any], fingerprint: str) -> bool:
+        nonlocal claimed
+        registrar = request.app.get(REGISTRAR)  # (an app without one trusts no key)
+        claimed = (
+            registrar is not None
+            and limits.proven(
+                registrar,
+                request.app[CONTEXT].ca_fingerprint(),
+                payload,
+                fingerprint,
+                request.remote,
+            )
+            and not nonces.over_quota(fingerprint)
+        )
+        if claimed:
+            limits.exempt(request)
+        else:
+            limits.charge(request)
+        return claimed
+
+    try:
+        return verify_signed(
+            body,
+            request.headers.get(SIGNATURE_HEADER, ""),
+            nonces,
+            method=request.method,
+            path=request.raw_path,
+            audiences=registrar_audiences(request),
+            admit=admit,
+        )
+    except ApiError:
+        if claimed:
+            limits.debit(request)  # it named a trusted key, and its signature did not verify
+        raise

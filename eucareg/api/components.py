@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import re
 from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from eucareg.api.auth import read_signed
 from eucareg.api.context import REGISTRAR
-from eucareg.api.validate import ApiError, as_object, bad, error
-from eucareg.core.grammar import peer_address
-from eucareg.core.model import DecisionKind
+from eucareg.api.schemas import read_signed_body
+from eucareg.api.validate import ApiError, bad, error
+from eucareg.core.grammar import peer_address, shown
+from eucareg.core.model import Announcement, DecisionKind
 from eucareg.core.txt import Rejected, decode
 from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 from eucareg.registrar.engine import CredentialRefused
 
 log = logging.getLogger(__name__)
@@ -28,28 +29,28 @@ T = TypeVar("T")
 
 MAX_WAIT = 30.0  # longest long-poll a component may ask for
 HANGUP_CHECK = 0.25  # how often a held long-poll looks whether its client is still there
+# ?wait=SECONDS in ASCII digits (float() also takes Arabic-Indic digits, ' 1', '1_0', 'inf').
+WAIT = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
+# The codes of the refusals the credential desk and the fallback give (docs/cli.md).
+REFUSAL_CODES = {403: "wrong-key", 409: "conflict", 410: "revoked", 503: "unavailable"}
 
 
 async def collect(request: web.Request) -> web.Response:
     """POST /v1/credentials?wait=SECONDS: 200 with the files, 202 while not registered, 403
     for another key, 410 when `have` names revoked credentials."""
     wait = _wait(request.query.get("wait", "0"))
-    payload, public_key = await read_signed(request)
-    component_id = payload.get("component_id")
-    if not isinstance(component_id, str) or not component_id:
-        bad("malformed credential request: component_id must be a non-empty string")
-    have = payload.get("have")
-    if have is not None and not isinstance(have, str):
-        bad("malformed credential request: have must be a certificate serial (a string)")
+    payload, public_key = await read_signed_body(request)
+    component_id: str = payload["component_id"]
+    have: str | None = payload.get("have")
     registrar = request.app[REGISTRAR]
     try:
         answer = await _unless_gone(
-            request, registrar.credentials(component_id, public_key, wait, have or None)
+            request, registrar.credentials(component_id, public_key, wait, have)
         )
     except CredentialRefused as exc:
         if exc.status != 410:
             log.warning("credential request for %s refused: %s", component_id, exc)
-        return error(exc.status, str(exc))
+        return _refused(exc)
     if answer.files is None:
         status = answer.status.value if answer.status else "unknown"
         return web.json_response({"status": status, "reason": answer.reason}, status=202)
@@ -58,13 +59,13 @@ async def collect(request: web.Request) -> web.Response:
 
 
 def _wait(raw: str) -> float:
-    try:
-        seconds = float(raw)
-    except ValueError:
-        bad(f"malformed credential request: wait must be a number of seconds, got {raw[:20]!r}")
-    if math.isnan(seconds):
-        bad("malformed credential request: wait must be a number of seconds, got nan")
-    return min(MAX_WAIT, max(0.0, seconds))
+    if not WAIT.fullmatch(raw):
+        bad(f"wait must be a number of seconds, got {shown(raw)}", "invalid-query")
+    return min(MAX_WAIT, float(raw))
+
+
+def _refused(exc: CredentialRefused) -> web.Response:
+    return error(exc.status, str(exc), REFUSAL_CODES.get(exc.status))
 
 
 async def _unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
@@ -79,23 +80,31 @@ async def _unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
                 return task.result()
             transport = request.transport
             if transport is None or transport.is_closing():
-                raise ApiError(499, "the client hung up")
+                raise ApiError(499, "the client hung up", "client-closed")
     finally:
         task.cancel()
 
 
+def _certified(request: web.Request, ann: Announcement) -> bool:
+    transport = request.transport
+    peer = tls.peer_identity(transport.get_extra_info("ssl_object") if transport else None)
+    return (
+        peer is not None
+        and peer.fingerprint == ann.fingerprint
+        and peer.named == cred.CertIdentity(ann.role, ann.cluster, ann.component_id)
+    )
+
+
 async def announce(request: web.Request) -> web.Response:
     """POST /v1/announce: a TXT record sent over HTTP, decided like an mDNS announcement."""
-    payload, public_key = await read_signed(request)
-    raw = as_object(payload.get("txt"), "malformed announcement: txt")
-    if not all(isinstance(v, str) for v in raw.values()):
-        bad("malformed announcement: every txt value must be a string")
+    payload, public_key = await read_signed_body(request)
+    raw: dict[str, str] = payload["txt"]  # every value a string (schemas.TXT)
     registrar = request.app[REGISTRAR]
     decoded = decode(f"fallback:{request.remote}", raw, (), registrar.settings.allowed_ranges)
     if isinstance(decoded, Rejected):
-        bad(f"{decoded.code}: {decoded.reason}")
+        bad(f"{decoded.code}: {decoded.reason}", decoded.code)
     if decoded.fingerprint != cred.fingerprint(public_key):
-        raise ApiError(403, "the request is not signed by the announced key")
+        raise ApiError(403, "the request is not signed by the announced key", "wrong-key")
     if decoded.token_id is None and decoded.address != peer_address(request.remote):
         # Without a token (whose proof binds addr=), nothing vouches for an address the
         # request does not come from: it could name any machine on the LAN.
@@ -103,11 +112,15 @@ async def announce(request: web.Request) -> web.Response:
             403,
             f"addr={decoded.address} is not the address this request comes from "
             f"({request.remote}); announce your own address, or use a join token",
+            "address-mismatch",
         )
+    # Proven by the certificate we issued it (its TLS client certificate names this very
+    # component and key): authenticated, so not bound to mode any (docs/security.md).
+    source = "certified" if _certified(request, decoded) else "fallback"
     try:
-        decision, record = await registrar.fallback(replace(decoded, source="fallback"))
+        decision, record = await registrar.fallback(replace(decoded, source=source))
     except CredentialRefused as exc:
-        return error(exc.status, str(exc))
+        return _refused(exc)
     if record is not None:
         return web.json_response({"status": record.status.value, "reason": record.reason})
     if decision.kind is DecisionKind.IGNORE:

@@ -6,11 +6,13 @@ no closure over the agent.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 
+from eucareg.api.limits import RateLimits
 from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import Registrar
 
@@ -25,6 +27,10 @@ class ApiContext:
     ca_fingerprint: Callable[[], str | None]
     # The CLC's key, to sign its requests to CC registrars (None elsewhere).
     peer_key: cred.PrivateKey | None = None
+    # The CLC's cloud CA, that a CC must prove itself against over TLS (None elsewhere).
+    cloud_cert: x509.Certificate | None = None
+    # Limits on unauthenticated requests (the [registrar] rate_* keys; api/limits.py).
+    limits: RateLimits = field(default_factory=RateLimits)
 
 
 REGISTRAR = web.AppKey("registrar", Registrar)

@@ -1,6 +1,7 @@
 """Operator endpoints about components: the event log, hook runs, what is pending, and the
-operator's decisions (approve, reject, deregister). Every handler here is wrapped by
-`operator_only` in app.py; it only reads its input and calls the registrar facade.
+operator's decisions (approve, reject, deregister), each answered with what it changed. Every
+handler here is wrapped by `operator_only` in app.py; it only reads its input (checked against
+its schema, eucareg/api/schemas.py) and calls the registrar facade.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 from aiohttp import web
 
 from eucareg.api.context import REGISTRAR
-from eucareg.api.validate import MAX_SEQ, bad, json_object, query_int, text
+from eucareg.api.schemas import changed, read_body
+from eucareg.api.validate import MAX_SEQ, bad, query_int
 from eucareg.api.views import record_json
 from eucareg.core.model import Record, Status
 from eucareg.registrar.engine import Registrar
@@ -27,9 +29,9 @@ async def events(request: web.Request) -> web.Response:
     since = query_int(request, "since", 0)
     limit = min(query_int(request, "limit", 1000), MAX_EVENTS)
     if since < 0 or limit < 1:
-        bad("since must be >= 0 and limit >= 1")
+        bad("since must be >= 0 and limit >= 1", "invalid-query")
     if since > MAX_SEQ:
-        bad(f"since must be at most {MAX_SEQ}")
+        bad(f"since must be at most {MAX_SEQ}", "invalid-query")
     query = request.query
     rows = await request.app[REGISTRAR].events(
         since_seq=since,
@@ -60,43 +62,70 @@ async def pending(request: web.Request) -> web.Response:
 
 
 def named_record(registrar: Registrar, data: dict[str, Any]) -> Record:
-    """The record a body names by `component_id` (which wins) or `fingerprint`."""
-    component_id = text(data, "component_id")
-    fingerprint = text(data, "fingerprint")
-    if component_id is None and fingerprint is None:
-        bad("name the component: component_id or fingerprint is required")
+    """The record a checked body names by `component_id` (which wins) or `fingerprint`."""
     try:
-        return registrar.find(component_id, fingerprint)
+        return registrar.find(data.get("component_id"), data.get("fingerprint"))
     except KeyError as exc:
-        bad(str(exc.args[0]) if exc.args else str(exc))
+        bad(str(exc.args[0]) if exc.args else str(exc), "unknown-component")
+
+
+def stored(record: Record) -> dict[str, Any]:
+    """A record's stored fields, as ROW shows them (without `online`, which is not stored)."""
+    row = record_json(record, False)
+    del row["online"]
+    return row
 
 
 async def _decide(
     request: web.Request, action: Callable[[Registrar, Record], Awaitable[Record]]
 ) -> web.Response:
     registrar = request.app[REGISTRAR]
-    record = named_record(registrar, await json_object(request))
+    record = named_record(registrar, await read_body(request))
     try:
         updated = await action(registrar, record)
     except ValueError as exc:  # not allowed in the record's status
-        bad(str(exc))
+        bad(str(exc), "wrong-status")
     online = registrar.online(updated.component_id)
-    return web.json_response({"component": record_json(updated, online)})
+    return web.json_response(
+        {
+            "component": record_json(updated, online),
+            "changed": changed("component", record.component_id, stored(record), stored(updated)),
+        }
+    )
 
 
 async def approve(request: web.Request) -> web.Response:
-    """POST /v1/approve {"component_id"|"fingerprint"} -> {"component": ROW}"""
+    """POST /v1/approve {"component_id"|"fingerprint"} -> {"component": ROW, "changed": [..]}"""
     return await _decide(request, lambda registrar, record: registrar.approve(record))
 
 
 async def reject(request: web.Request) -> web.Response:
-    """POST /v1/reject {"component_id"|"fingerprint"} -> {"component": ROW}"""
+    """POST /v1/reject {"component_id"|"fingerprint"} -> {"component": ROW, "changed": [..]}"""
     return await _decide(request, lambda registrar, record: registrar.reject(record))
 
 
 async def deregister(request: web.Request) -> web.Response:
-    """POST /v1/deregister {"component_id"|"fingerprint"} -> {"deregistered": ID}"""
+    """POST /v1/deregister {"component_id"|"fingerprint"} -> {"deregistered": ID, "changed":
+    [the record deleted, its certificate revoked, the token uses it spent]}"""
     registrar = request.app[REGISTRAR]
-    record = named_record(registrar, await json_object(request))
+    record = named_record(registrar, await read_body(request))
+    component_id = record.component_id
+    certificate = registrar.memory.certificates.get(component_id)
+    spent_before = {t.token_id: t.spent_by for t in registrar.tokens()}
     await registrar.deregister(record)
-    return web.json_response({"deregistered": record.component_id})
+    changes = changed("component", component_id, stored(record), None)
+    if certificate is not None:
+        revoked = certificate.serial in registrar.memory.revoked
+        changes += changed(
+            "certificate", certificate.serial, {"revoked": False}, {"revoked": revoked}
+        )
+    for token in registrar.tokens():
+        before = spent_before.get(token.token_id, frozenset())
+        if component_id in token.spent_by and component_id not in before:
+            changes += changed(
+                "token",
+                token.token_id,
+                {"spent_by": sorted(before)},
+                {"spent_by": sorted(token.spent_by)},
+            )
+    return web.json_response({"deregistered": component_id, "changed": changes})

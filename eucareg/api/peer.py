@@ -10,13 +10,16 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from cryptography import x509
 
-from eucareg.api.auth import read_signed, signed_body
+from eucareg.api.auth import signed_body
 from eucareg.api.context import CONTEXT, REGISTRAR, ApiContext
+from eucareg.api.schemas import read_signed_body
 from eucareg.api.validate import ApiError
 from eucareg.api.views import registry_json
 from eucareg.core.model import Announcement, IPAddress, Role, Status
 from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 from eucareg.registrar.engine import Registrar
 
 PEER_TIMEOUT = 3.0  # when the CLC asks a CC for its NCs
@@ -27,11 +30,11 @@ _ROW_STRINGS = ("component_id", "role", "cluster", "address", "status", "reason"
 
 async def peer_registry(request: web.Request) -> web.Response:
     """POST /v1/peer/registry: this registrar's records, for the cloud CA's key only."""
-    _payload, key = await read_signed(request)
+    _payload, key = await read_signed_body(request)
     ctx = request.app[CONTEXT]
     allowed = ctx.ca_fingerprint()
     if allowed is None or cred.fingerprint(key) != allowed:
-        raise ApiError(403, "only the cloud controller may read this registry")
+        raise ApiError(403, "only the cloud controller may read this registry", "not-cloud-ca")
     return web.json_response(registry_json(request.app[REGISTRAR], ctx))
 
 
@@ -55,13 +58,13 @@ async def fetch_peer_nodes(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The NC rows of every peer CC, and one error line per CC that did not answer."""
     peers = peer_ccs(registrar)
-    if not peers or ctx.peer_key is None:
+    if not peers or ctx.peer_key is None or ctx.cloud_cert is None:
         return [], []
-    key = ctx.peer_key
+    key, root = ctx.peer_key, ctx.cloud_cert
     timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         results = await asyncio.gather(
-            *(_fetch_nodes(session, key, a) for a in peers),
+            *(_fetch_nodes(session, key, root, a) for a in peers),
             return_exceptions=True,
         )
     rows: list[dict[str, Any]] = []
@@ -77,16 +80,27 @@ async def fetch_peer_nodes(
 
 def _url(address: IPAddress, port: int) -> str:
     host = f"[{address}]" if address.version == 6 else str(address)
-    return f"http://{host}:{port}{PEER_PATH}"
+    return f"https://{host}:{port}{PEER_PATH}"
 
 
 async def _fetch_nodes(
-    session: aiohttp.ClientSession, key: cred.PrivateKey, cc: Announcement
+    session: aiohttp.ClientSession,
+    key: cred.PrivateKey,
+    root: x509.Certificate,
+    cc: Announcement,
 ) -> list[dict[str, Any]]:
     # Signed for this CC alone (its announced id): a CC cannot replay it to another.
     body, headers = signed_body(key, {}, method="POST", path=PEER_PATH, audience=cc.component_id)
     url = _url(cc.address, cc.api_port or 0)
-    async with session.post(url, data=body, headers=headers) as response:
+    # Only the CC that announced itself, proving it over TLS with the certificate we issued.
+    expect = tls.Expect(Role.CC, cc.cluster, cc.component_id, root=root)
+    async with session.post(
+        url,
+        data=body,
+        headers=headers,
+        ssl=tls.client_context(expect),
+        server_hostname=tls.SERVER_NAMES[Role.CC],
+    ) as response:
         response.raise_for_status()
         data = await response.json()
     # A CC's answer goes straight into our own tree: check its shape rather than fail later.

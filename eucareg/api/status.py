@@ -14,6 +14,7 @@ from eucareg.api.context import CONTEXT, REGISTRAR, ApiContext
 from eucareg.api.peer import fetch_peer_nodes
 from eucareg.api.validate import bad
 from eucareg.api.views import registry_json
+from eucareg.core.grammar import shown
 from eucareg.core.model import Role, Status
 from eucareg.registrar import lag as lag_monitor
 from eucareg.registrar.engine import Registrar
@@ -35,7 +36,7 @@ async def status(request: web.Request) -> web.Response:
     """GET /v1/status[?lag=reset]"""
     how = request.query.get("lag")
     if how not in (None, "", "reset"):
-        bad(f"lag must be reset, got {how[:40]!r}")
+        bad(f"lag must be reset, got {shown(how)}", "invalid-query")
     # HEAD answers like GET but changes nothing.
     reset = how == "reset" and request.method == "GET"
     registrar = request.app[REGISTRAR]
@@ -74,6 +75,8 @@ async def status_tree(
         "local": own["local"],
         "tree": tree([*own["components"], *nodes], own["local"]),
         "errors": errors,
+        # What breaks the design's "only one" rules: a second CLC, a cluster claimed twice.
+        "warnings": registrar.warnings(),
     }
 
 

@@ -1,30 +1,23 @@
 """Operator endpoints about trust: the mode, locks and install window (each answers the
-resulting settings), and join tokens (create, list without secrets, revoke). Wrapped by
-`operator_only` in app.py.
+resulting settings and what changed), and join tokens (create, list without secrets, revoke).
+Wrapped by `operator_only` in app.py; bodies are checked against eucareg/api/schemas.py.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
 
 from eucareg.api.context import CONTEXT, REGISTRAR
-from eucareg.api.validate import (
-    MAX_USES,
-    bad,
-    count,
-    duration,
-    flag,
-    json_object,
-    required_text,
-    text,
-)
+from eucareg.api.schemas import changed, read_body
+from eucareg.api.validate import bad, duration
 from eucareg.api.views import trust_json
 from eucareg.core.model import Role
-from eucareg.core.trust import Mode, Task, Token
+from eucareg.core.trust import Mode, Task, Token, parse_token
 from eucareg.registrar.engine import Registrar
 
 
@@ -33,25 +26,34 @@ async def show(request: web.Request) -> web.Response:
     return web.json_response(trust_json(request.app[REGISTRAR]))
 
 
+def _settings(registrar: Registrar) -> dict[str, Any]:
+    """The stored trust settings (the rest of the trust object follows from them)."""
+    trust = trust_json(registrar)
+    return {k: trust[k] for k in ("mode", "locked", "install_until")}
+
+
+async def _changing(registrar: Registrar, change: Awaitable[object]) -> web.Response:
+    """Make a trust change; answer the settings and what changed in them."""
+    before = _settings(registrar)
+    await change
+    answer = trust_json(registrar)
+    answer["changed"] = changed("trust", "trust", before, _settings(registrar))
+    return web.json_response(answer)
+
+
 async def set_mode(request: web.Request) -> web.Response:
     """POST /v1/trust/mode {"mode": "local" | "any" | "off"}"""
     registrar = request.app[REGISTRAR]
-    name = required_text(await json_object(request), "mode")
-    try:
-        mode = Mode(name)
-    except ValueError:
-        bad(f"mode {name!r}: expected local, any or off")
-    await registrar.set_mode(mode)
-    return web.json_response(trust_json(registrar))
+    mode = Mode((await read_body(request))["mode"])
+    return await _changing(registrar, registrar.set_mode(mode))
 
 
 async def set_lock(request: web.Request) -> web.Response:
     """POST /v1/trust/lock {"tasks": "clc" | "cc" | "all" | [...], "locked": bool}"""
     registrar = request.app[REGISTRAR]
-    data = await json_object(request)
+    data = await read_body(request)
     tasks = tasks_of(registrar, data.get("tasks"))
-    await registrar.set_locked(tasks, flag(data, "locked", True))
-    return web.json_response(trust_json(registrar))
+    return await _changing(registrar, registrar.set_locked(tasks, data.get("locked", True)))
 
 
 def tasks_of(registrar: Registrar, raw: Any) -> frozenset[Task]:
@@ -61,52 +63,41 @@ def tasks_of(registrar: Registrar, raw: Any) -> frozenset[Task]:
         mine.add(Task.CC)
     if raw in (None, "all", []):
         return frozenset(mine)
-    names = [raw] if isinstance(raw, str) else raw
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        bad("tasks must be clc, cc, all or a list of those")
-    tasks = set()
-    for name in names:
-        try:
-            task = Task(name)
-        except ValueError:
-            bad(f"task {name!r}: expected clc, cc or all")
-        if task not in mine:
-            bad(f"this registrar has no {task.value} task")
-        tasks.add(task)
+    # A task name or a list of them (schemas.TASKS).
+    tasks = {Task(name) for name in ([raw] if isinstance(raw, str) else raw)}
+    for task in sorted(tasks - mine):
+        bad(f"this registrar has no {task.value} task", "out-of-scope")
     return frozenset(tasks)
 
 
 async def install_window(request: web.Request) -> web.Response:
     """POST /v1/trust/install-window {"open": true, "for": "30m"} or {"open": false}"""
     registrar = request.app[REGISTRAR]
-    data = await json_object(request)
-    if flag(data, "open", False):
-        await registrar.open_install_window(duration(data.get("for"), "for"))
-    else:
-        await registrar.close_install_window()
-    return web.json_response(trust_json(registrar))
+    data = await read_body(request)
+    if data.get("open", False):
+        seconds = duration(data["for"], "for")  # the schema bounds numbers, not '9999d'
+        return await _changing(registrar, registrar.open_install_window(seconds))
+    return await _changing(registrar, registrar.close_install_window())
 
 
 async def create_token(request: web.Request) -> web.Response:
-    """POST /v1/tokens {"role", "cluster", "ttl", "uses"} -> {"token": "eucareg1...."}"""
+    """POST /v1/tokens {"role", "cluster", "ttl", "uses"} -> {"token": "eucareg1....",
+    "changed": [the token created]}"""
     registrar = request.app[REGISTRAR]
-    data = await json_object(request)
-    name = required_text(data, "role")
-    try:
-        role = Role(name)
-    except ValueError:
-        bad(f"role {name!r}: expected walrus, cc, sc or nc")
-    cluster = text(data, "cluster")
+    data = await read_body(request)
+    role = Role(data["role"])
     ttl = duration(data.get("ttl", "1h"), "ttl")
-    uses = count(data, "uses", MAX_USES)
     ca = request.app[CONTEXT].ca_fingerprint()
     if ca is None:
-        bad("this registrar has no cloud CA yet (is its CC registered?)")
+        bad("this registrar has no cloud CA yet (is its CC registered?)", "no-cloud-ca")
     try:
-        token = await registrar.create_token(role, cluster, ttl, uses, ca)
+        token = await registrar.create_token(role, data.get("cluster"), ttl, data.get("uses"), ca)
     except ValueError as exc:  # a role or cluster this registrar does not register
-        bad(str(exc))
-    return web.json_response({"token": token})
+        bad(str(exc), "out-of-scope")
+    token_id = parse_token(token).token_id
+    now = time.time()
+    row = next(token_json(t, now) for t in registrar.tokens() if t.token_id == token_id)
+    return web.json_response({"token": token, "changed": changed("token", token_id, None, row)})
 
 
 def token_json(token: Token, now: float) -> dict[str, Any]:
@@ -133,10 +124,16 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 
 async def revoke_token(request: web.Request) -> web.Response:
-    """POST /v1/tokens/revoke {"token_id"} -> {"revoked": ID}"""
-    token_id = required_text(await json_object(request), "token_id")
+    """POST /v1/tokens/revoke {"token_id"} -> {"revoked": ID, "changed": [the token]}"""
+    registrar = request.app[REGISTRAR]
+    token_id: str = (await read_body(request))["token_id"]
+    now = time.time()
+    before = next((token_json(t, now) for t in registrar.tokens() if t.token_id == token_id), None)
     try:
-        await request.app[REGISTRAR].revoke_token(token_id)
+        await registrar.revoke_token(token_id)
     except KeyError as exc:
-        bad(str(exc.args[0]) if exc.args else str(exc))
-    return web.json_response({"revoked": token_id})
+        bad(str(exc.args[0]) if exc.args else str(exc), "unknown-token")
+    after = next(token_json(t, now) for t in registrar.tokens() if t.token_id == token_id)
+    return web.json_response(
+        {"revoked": token_id, "changed": changed("token", token_id, before, after)}
+    )

@@ -91,12 +91,16 @@ def check_config(config_path: Path, as_json: bool) -> None:
         "max_events": cfg.max_events,
         "max_hook_runs": cfg.max_hook_runs,
         "max_unadmitted": cfg.max_unadmitted,
+        "rate_limit": cfg.rate_limit,
+        "rate_burst": cfg.rate_burst,
+        "rate_sources": cfg.rate_sources,
+        "max_in_flight": cfg.max_in_flight,
         "ipv6": cfg.ipv6,
         "log_level": cfg.log_level,
         "log_format": cfg.log_format,
         "eucalyptus_version": cfg.eucavers,
         "fallback_registrar": (
-            f"http://{cfg.fallback_registrar[0]}:{cfg.fallback_registrar[1]}"
+            f"https://{cfg.fallback_registrar[0]}:{cfg.fallback_registrar[1]}"
             if cfg.fallback_registrar
             else None
         ),

@@ -32,8 +32,8 @@ def status(api: Api, as_json: bool) -> None:
         print_json(data, sort_keys=True)
         return
     console.print(render_tree(data))
-    for error in data.get("errors", []):
-        err_console.print(f"[yellow]warning:[/] {error}", highlight=False)
+    for line in [*data.get("warnings", []), *data.get("errors", [])]:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
 
 
 @click.command()

@@ -22,6 +22,7 @@ from eucareg.core.model import IPAddress, Role
 from eucareg.core.trust import TokenError, parse_token
 
 DEFAULT_STATE_DIR = Path("/var/lib/eucareg")
+SOCKET_FILE = "api.sock"  # the operator API socket, in state_dir (docs/cli.md)
 DEFAULT_HOOK_DIR = Path("/etc/eucareg/hooks")
 DEFAULT_API_PORT = 8780
 DEFAULT_SSHD = "127.0.0.1:22"
@@ -39,6 +40,7 @@ PACKAGES = {
 MAX_CONFIG_BYTES = 1024 * 1024  # a configuration is a few hundred bytes
 MAX_ALLOWED_RANGES = 64
 MAX_COUNT = 10_000_000  # the largest history or record limit a configuration may ask for
+MAX_RATE = 1_000_000  # the largest request rate, burst or in-flight limit (effectively none)
 
 
 class ConfigError(Exception):
@@ -87,6 +89,12 @@ class Config:
     max_events: int = 200_000
     max_hook_runs: int = 50_000
     max_unadmitted: int = 5000
+    # Unauthenticated requests: per source (a second, and at once), sources tracked, and
+    # being answered at once (eucareg/api/limits.py, docs/security.md).
+    rate_limit: int = 10
+    rate_burst: int = 100
+    rate_sources: int = 10_000
+    max_in_flight: int = 1000
 
     def component(self, role: Role) -> ComponentConfig | None:
         return next((c for c in self.components if c.role is role), None)
@@ -206,6 +214,10 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             "max_events",
             "max_hook_runs",
             "max_unadmitted",
+            "rate_limit",
+            "rate_burst",
+            "rate_sources",
+            "max_in_flight",
         },
         "registrar.",
     )
@@ -246,6 +258,12 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         max_events=_count(reg.get("max_events", 200_000), "registrar.max_events"),
         max_hook_runs=_count(reg.get("max_hook_runs", 50_000), "registrar.max_hook_runs"),
         max_unadmitted=_count(reg.get("max_unadmitted", 5000), "registrar.max_unadmitted"),
+        rate_limit=_bounded(reg.get("rate_limit", 10), "registrar.rate_limit", 1, MAX_RATE),
+        rate_burst=_bounded(reg.get("rate_burst", 100), "registrar.rate_burst", 1, MAX_RATE),
+        rate_sources=_count(reg.get("rate_sources", 10_000), "registrar.rate_sources"),
+        max_in_flight=_bounded(
+            reg.get("max_in_flight", 1000), "registrar.max_in_flight", 10, MAX_RATE
+        ),
         ipv6=ipv6,
         log_level=log_level,
         log_format=log_format,
@@ -260,7 +278,7 @@ def _fallback(value: Any) -> tuple[str, int] | None:
     if value is None:
         return None
     match = (
-        re.fullmatch(r"http://(?P<host>[^:/]{1,253}):(?P<port>[0-9]{1,5})/?", value, re.ASCII)
+        re.fullmatch(r"https?://(?P<host>[^:/]{1,253}):(?P<port>[0-9]{1,5})/?", value, re.ASCII)
         if isinstance(value, str)
         else None
     )
@@ -270,7 +288,7 @@ def _fallback(value: Any) -> tuple[str, int] | None:
         or not _is_host(match["host"], ipv6=False)
     ):
         raise ConfigError(
-            f"fallback_registrar: expected 'http://HOST:PORT' of a registrar, got {_shown(value)}"
+            "fallback_registrar: expected 'https://HOST:PORT' of a registrar, got " + _shown(value)
         )
     return match["host"], int(match["port"])
 
@@ -425,6 +443,14 @@ def _count(value: Any, key: str) -> int:
     """A limit on stored things: a whole number from 100 to 10,000,000."""
     try:
         return grammar.integer(value, key, 100, MAX_COUNT)
+    except Invalid as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _bounded(value: Any, key: str, low: int, high: int) -> int:
+    """A whole number from `low` to `high` (request limits)."""
+    try:
+        return grammar.integer(value, key, low, high)
     except Invalid as exc:
         raise ConfigError(str(exc)) from None
 

@@ -88,7 +88,9 @@ class Announcement:
     token_id: str | None = None
     token_proof: str | None = None
     token_stamp: int | None = None
-    # "mdns" for announcements heard on the LAN, "fallback" for signed HTTP requests.
+    # "mdns" for announcements heard on the LAN, "fallback" for signed HTTP requests, and
+    # "certified" for those whose TLS client certificate (issued by this cloud) names the
+    # announced component and key: authenticated, so mode any does not apply to them.
     source: str = "mdns"
 
 

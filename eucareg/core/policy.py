@@ -40,6 +40,8 @@ class RegistrarSettings:
     max_unadmitted: int = 5000
     # Address ranges the site admits besides the private ones and global unicast.
     allowed_ranges: tuple[IPNetwork, ...] = ()
+    # The id of the CLC on this host, if any: another CLC announcing itself is reported.
+    own_clc: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,17 @@ def _decide(
     if not handles:
         if ann.role is Role.NC and settings.observes_unmatched_nodes:
             return _observe_node(view, ann)
+        if ann.role is Role.CLC and settings.own_clc not in (None, ann.component_id):
+            # The design assumes one CLC per LAN; a second one splits the cloud (or is a rogue).
+            return replace(
+                _refuse(
+                    "second-clc",
+                    f"another CLC announces itself at {ann.address} (key "
+                    f"{ann.fingerprint[:19]}…): a cloud has one CLC; components pinned to ours "
+                    "refuse it",
+                ),
+                event_only=True,  # an event and a status warning, never a record
+            )
         return Decision(DecisionKind.IGNORE, "not-mine", "not registered by this registrar")
 
     existing = view.records.get(ann.component_id)

@@ -30,6 +30,7 @@ from eucareg.core.model import (
     announcement_of,
 )
 from eucareg.core.policy import RegistrarSettings, View, decide
+from eucareg.core.rivals import rival_warnings
 from eucareg.core.transitions import (
     Effect,
     EffectKind,
@@ -350,6 +351,10 @@ class Registrar:
                 self.decide(ann)
 
     # -- decisions ---------------------------------------------------------------------------
+
+    def warnings(self) -> list[str]:
+        """What contradicts the design's "only one" rules among the components heard now."""
+        return rival_warnings(self.live.values(), self.settings.own_clc)
 
     def view(self, ann: Announcement | None = None) -> View:
         records = self.memory.records

@@ -363,17 +363,20 @@ def test_component_with_a_pinned_token_refuses_a_rogue_registrar(
     }
     node1 = start_with_id(cloud, "node1")
     node2 = start_with_id(cloud, "node2")
-    # The rogue does not know the token; its operator lets the node in anyway. node2 came in
-    # through the rogue's install window.
+    # The rogue does not know the token; its operator lets the node in anyway. node2 comes
+    # in through the rogue's install window, and waits there for a request signed by its key.
     _wait_status_on(cloud, "rogue", node1, "refused")
     cloud.cli("rogue", "approve", node1)
-    _wait_status_on(cloud, "rogue", node1, "registered")
-    _wait_status_on(cloud, "rogue", node2, "registered")
-    # Each agent got the rogue's bundle and refused it (it refuses every time it asks).
+    _wait_status_on(cloud, "rogue", node2, "awaiting-key")
+    # Each agent refuses the rogue in the TLS handshake (it refuses every time it asks): the
+    # rogue never gets a request signed by the node's key, so never registers it.
     for host in ("node1", "node2"):
-        cloud.agents[host].wait_for_log("refusing a rogue registrar", timeout=60)
+        cloud.agents[host].wait_for_log("refusing registrar", timeout=60)
+        assert "does not show the cloud CA we pin" in cloud.logs(host)
     assert not has_credentials(cloud, "node1", "node-cert.pem")
     assert not has_credentials(cloud, "node2", "node-cert.pem")
+    rows = rows_by_id(cloud.status("rogue"))
+    assert rows[node1]["status"] != "registered" and rows[node2]["status"] != "registered"
 
 
 def _wait_status_on(cloud: LabCloud, host: str, component_id: str, state: str) -> None:

@@ -69,7 +69,7 @@ async def start_walrus(tmp_path: Path) -> AsyncIterator[StartAgent]:
 
 @pytest.fixture
 async def registrar(cloud: FakeCloud) -> AsyncIterator[FakeRegistrar]:
-    fake = FakeRegistrar(bundle_reply(cloud, Role.WALRUS))
+    fake = FakeRegistrar(bundle_reply(cloud, Role.WALRUS), cloud)
     yield fake
     await fake.close()
 
@@ -217,22 +217,24 @@ def clc_sighting(instance: str, fingerprint: str, address: str) -> Sighting:
     return Sighting(instance, Change.ADDED, txt=record, addresses=(address,))
 
 
-def test_a_registered_component_only_watches_the_registrar_that_certified_it(
-    cloud: FakeCloud,
-) -> None:
-    """Without a pin, a stranger CLC heard first is asked for new credentials (trust on first
-    use, docs/credentials.md), but never about credentials we hold: it cannot revoke them."""
+def test_candidates_put_the_registrar_that_certified_us_first(cloud: FakeCloud) -> None:
+    """Every CLC heard is a candidate (TLS decides which is genuine, pki/tls.py); the one
+    that certified the credentials we hold is asked first, and a pin filters by the key
+    announced, so a stranger is not even tried."""
     registrars = Registrars()
     rogue_fp = cred.fingerprint(key(3).public_key())
-    registrars.on_sighting(clc_sighting("cloud-clc-00000000dead", rogue_fp, "10.0.2.66"))
-    registrars.on_sighting(clc_sighting("cloud-clc-00000000c10d", cloud.fingerprint, "10.0.2.1"))
+    registrars.on_sighting(clc_sighting("cloud-clc-00000000dead", rogue_fp, "10.0.2.9"))
+    registrars.on_sighting(clc_sighting("cloud-clc-00000000c10d", cloud.fingerprint, "10.0.2.66"))
 
-    first = registrars.for_component(Role.WALRUS, None, pin=None, issuer=None)
-    watched = registrars.for_component(Role.WALRUS, None, pin=None, issuer=cloud.fingerprint)
-    assert first is not None and first.fingerprint == rogue_fp
-    assert watched is not None and watched.address == "10.0.2.1"
+    first = registrars.candidates(Role.WALRUS, None, pin=None, issuer=None)
+    watched = registrars.candidates(Role.WALRUS, None, pin=None, issuer=cloud.fingerprint)
+    assert [ep.address for ep in first] == ["10.0.2.9", "10.0.2.66"]  # by address, as numbers
+    assert [ep.address for ep in watched] == ["10.0.2.66", "10.0.2.9"]
+    pinned = registrars.candidates(Role.WALRUS, None, pin=cloud.fingerprint, issuer=None)
+    assert [ep.address for ep in pinned] == ["10.0.2.66"]
 
     registrars.on_sighting(Sighting("cloud-clc-00000000c10d", Change.REMOVED))
-    assert registrars.for_component(Role.WALRUS, None, pin=None, issuer=cloud.fingerprint) is None
-    pinned = registrars.for_component(Role.WALRUS, None, pin=cloud.fingerprint, issuer=None)
-    assert pinned is None
+    assert [
+        ep.address for ep in registrars.candidates(Role.WALRUS, None, pin=None, issuer=None)
+    ] == ["10.0.2.9"]
+    assert registrars.candidates(Role.WALRUS, None, pin=cloud.fingerprint, issuer=None) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from eucareg.config.file import Config, from_mapping
 from eucareg.core.model import Role
 from eucareg.mdns.types import Change, ServiceSpec, Sighting, SightingHandler
 from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 
 _KEYS: list[cred.PrivateKey] = []
 
@@ -156,7 +158,8 @@ class FakeRegistrar:
     it holds the request until released). Every request's JSON body is recorded.
     """
 
-    def __init__(self, default: Reply | None = None) -> None:
+    def __init__(self, default: Reply | None = None, cloud: FakeCloud | None = None) -> None:
+        self.cloud = cloud or FakeCloud()  # whose CLC this registrar is (its TLS certificate)
         self.script: list[Reply] = []
         self.default = default or self.hold
         self.requests: list[dict[str, Any]] = []
@@ -164,19 +167,28 @@ class FakeRegistrar:
         self.release = asyncio.Event()  # ends every held request (teardown)
         self.held = 0  # requests being held right now
         self.server: TestServer | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     async def start(self) -> str:
+        """Serve HTTPS as the cloud's CLC (its certificate is the cloud CA, which names it)."""
         app = web.Application()
         app.router.add_post("/v1/credentials", self._credentials)
         app.router.add_post("/v1/announce", self._announce)
+        self._dir = tempfile.TemporaryDirectory()
+        where = Path(self._dir.name)
+        tls.write_chain(where / "chain.pem", [self.cloud.cert])
+        cred.write_atomic(where / "key.pem", cred.key_pem(self.cloud.key))
+        context = tls.server_context(where / "chain.pem", where / "key.pem")
         self.server = TestServer(app, host="127.0.0.1", port=0)
-        await self.server.start_server()
-        return f"http://127.0.0.1:{self.server.port}"
+        await self.server.start_server(ssl=context)
+        return f"https://127.0.0.1:{self.server.port}"
 
     async def close(self) -> None:
         self.release.set()
         if self.server is not None:
             await self.server.close()
+        if self._dir is not None:
+            self._dir.cleanup()
 
     async def _announce(self, request: web.Request) -> web.Response:
         self.announcements += 1
@@ -251,7 +263,9 @@ async def test_fake_registrar_follows_its_script_then_the_default() -> None:
         async with aiohttp.ClientSession() as session:
             statuses = []
             for n in range(2):
-                async with session.post(f"{url}/v1/credentials", json={"n": n}) as response:
+                async with session.post(
+                    f"{url}/v1/credentials", json={"n": n}, ssl=False
+                ) as response:
                     statuses.append(response.status)
     finally:
         await fake.close()

@@ -31,6 +31,7 @@ from eucareg.pki import credentials as cred
 from tests.unit.test_api_harness import ADMIN_TOKEN, CLC_SETTINGS, Harness, served
 
 ADMIN_REFUSED = "the local admin credential is required (see docs/security.md)"
+ADMIN_REFUSAL = {"error": ADMIN_REFUSED, "code": "unauthorized"}
 
 
 @pytest.fixture
@@ -88,11 +89,8 @@ def check(body: bytes, signature: str, nonces: NonceCache) -> Any:
 async def test_every_operator_route_wants_the_admin_token(
     clc: Harness, method: str, path: str
 ) -> None:
-    assert await clc.admin(method, path, {}, token=None) == (401, {"error": ADMIN_REFUSED})
-    assert await clc.admin(method, path, {}, token="not-the-token") == (
-        401,
-        {"error": ADMIN_REFUSED},
-    )
+    assert await clc.admin(method, path, {}, token=None) == (401, ADMIN_REFUSAL)
+    assert await clc.admin(method, path, {}, token="not-the-token") == (401, ADMIN_REFUSAL)
 
 
 async def test_the_admin_token_opens_operator_routes_and_health_is_open(clc: Harness) -> None:
@@ -113,7 +111,7 @@ async def test_a_non_ascii_bearer_token_is_401_not_500(clc: Harness) -> None:
     writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401")
-    assert json.loads(body) == {"error": ADMIN_REFUSED}
+    assert json.loads(body) == ADMIN_REFUSAL
     with pytest.raises(ApiError) as refused:
         check_admin("127.0.0.1", "Bearer t\u00f6ken", ADMIN_TOKEN)
     assert refused.value.status == 401
@@ -140,7 +138,7 @@ async def test_operator_routes_refuse_a_lan_address_even_with_the_token(tmp_path
     async with served(tmp_path, CLC_SETTINGS, middlewares=(from_the_lan,)) as harness:
         assert await harness.get("/v1/trust") == (
             403,
-            {"error": "operator endpoints answer on loopback only"},
+            {"error": "operator endpoints answer on loopback only", "code": "forbidden"},
         )
         # Component endpoints do not care where a request comes from.
         assert await harness.admin("GET", "/v1/health", token=None) == (200, {"ok": True})
@@ -155,7 +153,11 @@ async def test_a_signature_over_another_body_is_401(clc: Harness, key: cred.Priv
     status, answer = await clc.signed(
         "/v1/credentials", key, {}, body_and_headers=(body, other_headers)
     )
-    assert (status, answer) == (401, {"error": "signature does not verify with the enclosed key"})
+    assert (status, answer["error"], answer["code"]) == (
+        401,
+        "signature does not verify with the enclosed key",
+        "unauthorized",
+    )
     missing = {k: v for k, v in headers.items() if k != SIGNATURE_HEADER}
     assert (await clc.signed("/v1/credentials", key, {}, body_and_headers=(body, missing)))[
         0
@@ -176,7 +178,7 @@ async def test_a_replayed_request_is_401(clc: Harness, key: cred.PrivateKey) -> 
     assert first == 202
     assert await clc.signed("/v1/credentials", key, {}, body_and_headers=body) == (
         401,
-        {"error": "replayed request (nonce already used)"},
+        {"error": "replayed request (nonce already used)", "code": "unauthorized"},
     )
 
 

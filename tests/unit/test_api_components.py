@@ -10,15 +10,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
+from eucareg.agent import collect as agent_collect
+from eucareg.agent.locate import Endpoint
 from eucareg.core.model import Announcement, Role
 from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 from tests.factories import ann, sighting
 from tests.unit.test_api_harness import (
     CC_SETTINGS,
     CLC_SETTINGS,
+    CLOUD_CLC_ID,
     Harness,
     eventually,
     key_of,
@@ -91,7 +96,10 @@ async def test_another_key_for_a_registered_id_is_403(clc: Harness) -> None:
     walrus, _files = await registered_walrus(clc)
     status, answer = await collect(clc, walrus, key=cred.generate_key())
     assert status == 403
-    assert answer == {"error": f"{walrus.component_id} is registered with another key"}
+    assert answer == {
+        "error": f"{walrus.component_id} is registered with another key",
+        "code": "wrong-key",
+    }
 
 
 async def test_revoked_credentials_are_410_also_for_a_waiting_long_poll(clc: Harness) -> None:
@@ -103,23 +111,36 @@ async def test_revoked_credentials_are_410_also_for_a_waiting_long_poll(clc: Har
     # Give the watch time to be waiting inside the registrar. Either order ends in 410; the
     # wait_for below fails only if a waiting watch is not woken (it would last 20 s).
     await asyncio.sleep(0.1)
-    assert await clc.post("/v1/deregister", {"component_id": walrus.component_id}) == (
-        200,
-        {"deregistered": walrus.component_id},
-    )
+    status, answer = await clc.post("/v1/deregister", {"component_id": walrus.component_id})
+    assert (status, answer["deregistered"]) == (200, walrus.component_id)
+    # What it changed: the record is gone, and the certificate the watch names is revoked.
+    assert [(c["object"], c["id"], c["action"]) for c in answer["changed"]] == [
+        ("component", walrus.component_id, "deleted"),
+        ("certificate", serial, "updated"),
+    ]
+    assert answer["changed"][1]["after"] == {"revoked": True}
     status, answer = await asyncio.wait_for(watch, 10)
-    assert (status, answer) == (410, {"error": "these credentials were revoked (deregistered)"})
+    assert (status, answer) == (
+        410,
+        {"error": "these credentials were revoked (deregistered)", "code": "revoked"},
+    )
     assert (await collect(clc, walrus, have=serial))[0] == 410
 
 
 @pytest.mark.parametrize(
     ("fields", "query", "message"),
     [
-        ({"component_id": ["x"]}, "", "component_id must be a non-empty string"),
-        ({"component_id": ""}, "", "component_id must be a non-empty string"),
-        ({"have": 12}, "", "have must be a certificate serial"),
+        ({"component_id": ["x"]}, "", "component_id: expected a component id (8-64 of"),
+        ({"component_id": ""}, "", "component_id: '' is not a component id"),
+        ({"component_id": "walrus-1\n"}, "", "component_id: 'walrus-1\\n' is not a component"),
+        ({"have": 12}, "", "have must be a string, got the number 12"),
+        ({"have": "not-hex"}, "", "have: 'not-hex' does not match"),
+        ({"bogus": 1}, "", "unknown field 'bogus'"),
         ({}, "?wait=soon", "wait must be a number of seconds"),
         ({}, "?wait=nan", "wait must be a number of seconds"),
+        ({}, "?wait=inf", "wait must be a number of seconds"),
+        ({}, "?wait=%D9%A1", "wait must be a number of seconds"),  # an Arabic-Indic 1
+        ({}, "?wait=1_0", "wait must be a number of seconds"),
     ],
 )
 async def test_malformed_credential_requests_are_400(
@@ -144,6 +165,12 @@ async def lan_clc(tmp_path: Path) -> AsyncIterator[tuple[Harness, dict[str, str]
     """A CLC whose /v1/announce requests come from `peer["remote"]` (a LAN host), while the
     operator's calls still come from loopback."""
     peer = {"remote": "10.77.0.2"}
+    async with served(tmp_path, CLC_SETTINGS, middlewares=(from_lan(peer),)) as harness:
+        yield harness, peer
+
+
+def from_lan(peer: dict[str, str]) -> Any:
+    """A middleware: /v1/announce requests come from `peer["remote"]` (a LAN host)."""
 
     @web.middleware
     async def from_peer(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -152,8 +179,7 @@ async def lan_clc(tmp_path: Path) -> AsyncIterator[tuple[Harness, dict[str, str]
         response: web.StreamResponse = await handler(request)
         return response
 
-    async with served(tmp_path, CLC_SETTINGS, middlewares=(from_peer,)) as harness:
-        yield harness, peer
+    return from_peer
 
 
 async def test_http_announcements_need_mode_any_or_a_token_and_leave_nothing_when_refused(
@@ -201,7 +227,10 @@ async def test_a_fallback_announcement_must_be_signed_by_the_announced_key(
     clc: Harness,
 ) -> None:
     status, answer = await fallback(clc, ann(Role.WALRUS), key=cred.generate_key())
-    assert (status, answer) == (403, {"error": "the request is not signed by the announced key"})
+    assert (status, answer) == (
+        403,
+        {"error": "the request is not signed by the announced key", "code": "wrong-key"},
+    )
 
 
 async def test_a_fallback_announcement_for_another_registrar_is_ignored(tmp_path: Path) -> None:
@@ -222,7 +251,10 @@ async def test_a_fallback_announcement_for_another_registrar_is_ignored(tmp_path
     [
         (None, "txt must be a JSON object, got null"),
         (["type=walrus"], "txt must be a JSON object, got a list"),
-        ({"type": 5}, "every txt value must be a string"),
+        ({"type": 5}, "txt.type must be a string, got the number 5"),
+        ({"type": "walrus", "id": "walrus_1"}, "txt.id: 'walrus_1' is not a component id"),
+        ({f"k{n}": "v" for n in range(33)}, "txt may have at most 32 fields"),
+        ({"type": "x" * 256}, "txt.type must be 0-255 characters long, got 256"),
         ({"type": "walrus"}, "bad-txt"),
     ],
 )
@@ -248,7 +280,10 @@ async def test_peer_registry_answers_only_the_cloud_ca_key(clc: Harness, tmp_pat
     assert status == 200
     assert set(answer) == {"registrar", "local", "components"}
     status, answer = await clc.signed("/v1/peer/registry", cred.generate_key(), {})
-    assert (status, answer) == (403, {"error": "only the cloud controller may read this registry"})
+    assert (status, answer) == (
+        403,
+        {"error": "only the cloud controller may read this registry", "code": "not-cloud-ca"},
+    )
     async with served(tmp_path / "cc", CC_SETTINGS, ca_known=False) as cc:
         # A CC without its cloud CA (not registered yet) answers nobody.
         assert (await cc.signed("/v1/peer/registry", cc.cloud.key, {}))[0] == 403
@@ -298,3 +333,53 @@ async def test_a_request_signed_with_another_key_leaves_nothing_behind(clc: Harn
         assert status == 202
     assert not clc.registrar._changed and not clc.registrar.polling
     assert len(clc.registrar.presence.last_seen) <= 1
+
+
+async def test_a_certified_component_may_announce_over_https_in_mode_local(
+    tmp_path: Path,
+) -> None:
+    """A component presenting, as its TLS client certificate, the certificate this cloud
+    issued it is authenticated: its HTTP announcement is decided in mode local too. The same
+    request without the certificate, or with one naming another component, is not."""
+    peer = {"remote": "10.77.0.2"}
+    served_ = served(
+        tmp_path / "clc", CLC_SETTINGS, middlewares=(from_lan(peer),), tls_dir=tmp_path / "tls"
+    )
+    async with served_ as clc, aiohttp.ClientSession() as session:
+        clc.local.append({"role": "clc", "component_id": CLOUD_CLC_ID})
+        walrus = ann(Role.WALRUS)
+        peer["remote"] = str(walrus.address)
+        endpoint = Endpoint("127.0.0.1", clc.client.port or 0, CLOUD_CLC_ID)
+        expect = tls.Expect(Role.CLC, component_id=CLOUD_CLC_ID, root=clc.cloud.issuer.cert)
+
+        async def announce(client: tls.ClientCert | None) -> tuple[int, dict[str, Any]]:
+            fields = {"txt": txt_of(walrus)}
+            return await agent_collect._signed_post(
+                session, endpoint, "/v1/announce", key_of(walrus), fields, expect, client
+            )
+
+        status, answer = await announce(None)
+        assert (status, answer["code"]) == (403, "fallback-not-allowed")
+        stranger = ann(Role.WALRUS)
+        status, answer = await announce(certificate(tmp_path / "s", clc, stranger))
+        assert (status, answer["code"]) == (403, "fallback-not-allowed")
+        status, answer = await announce(certificate(tmp_path / "w", clc, walrus))
+        assert status == 200, answer
+        assert answer["status"] != "refused"
+        assert clc.registrar.record(walrus.component_id) is not None
+
+
+def certificate(where: Path, clc: Harness, a: Announcement) -> tls.ClientCert:
+    """The certificate this cloud would have issued `a`, as client certificate files."""
+    cert = cred.issue_certificate(
+        issuer_key=clc.cloud.key,
+        issuer_cert=clc.cloud.issuer.cert,
+        subject_key=key_of(a).public_key(),
+        role=a.role,
+        component_id=a.component_id,
+        cluster=a.cluster,
+    )
+    where.mkdir(parents=True)
+    tls.write_chain(where / "chain.pem", [cert])
+    cred.write_atomic(where / "key.pem", cred.key_pem(key_of(a)))
+    return tls.ClientCert(where / "chain.pem", where / "key.pem", format(cert.serial_number, "x"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from eucareg.api.auth import socket_audience
 from eucareg.core.model import Announcement, Role
 from eucareg.core.policy import RegistrarSettings
 from eucareg.pki import credentials as cred
+from eucareg.pki import tls
 from eucareg.registrar.engine import Issuer, Registrar, Timing
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, sighting
@@ -46,11 +48,14 @@ class Cloud:
         return cred.fingerprint(self.key.public_key())
 
 
+CLOUD_CLC_ID = "clc-0000000000c1"  # the CLC the cloud CA names (and serves TLS as)
+
+
 @functools.cache
 def the_cloud() -> Cloud:
     """One cloud CA for the session (key generation is slow)."""
     key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "clc-test")
+    ca = cred.create_cloud_ca(key, CLOUD_CLC_ID)
     return Cloud(key, Issuer(key=key, cert=ca, cloud_cert=ca))
 
 
@@ -143,6 +148,15 @@ def key_of(ann: Announcement) -> cred.PrivateKey:
     return KEYS[ann.fingerprint]
 
 
+def _serve_as_clc(tls_dir: Path, cloud: Cloud) -> ssl.SSLContext:
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    tls.write_chain(tls_dir / "chain.pem", [cloud.issuer.cert])
+    cred.write_atomic(tls_dir / "key.pem", cred.key_pem(cloud.key))
+    return tls.server_context(
+        tls_dir / "chain.pem", tls_dir / "key.pem", client_ca=cloud.issuer.cert
+    )
+
+
 @contextlib.asynccontextmanager
 async def served(
     tmp_path: Path,
@@ -151,9 +165,12 @@ async def served(
     ca_known: bool = True,
     peer_key: cred.PrivateKey | None = None,
     middlewares: Sequence[Middleware] = (),
+    tls_dir: Path | None = None,
 ) -> AsyncIterator[Harness]:
     """A registrar and its API on 127.0.0.1, port 0; closed again on the way out.
-    `middlewares` run inside the API's own, e.g. to pretend a request came from elsewhere."""
+    `middlewares` run inside the API's own, e.g. to pretend a request came from elsewhere.
+    With `tls_dir`, it serves HTTPS as the CLC (the test client then cannot call it; the
+    agent's functions can)."""
     cloud = the_cloud()
     registrar = await make_registrar(tmp_path, settings, cloud)
     local: list[dict[str, Any]] = []
@@ -162,10 +179,15 @@ async def served(
         local_components=lambda: local,
         ca_fingerprint=lambda: cloud.fingerprint if ca_known else None,
         peer_key=peer_key,
+        cloud_cert=cloud.issuer.cert if peer_key else None,
     )
     app = build_app(registrar, ctx)
     app.middlewares.extend(middlewares)
-    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    server = TestServer(app)
+    if tls_dir is not None:
+        context = await asyncio.to_thread(_serve_as_clc, tls_dir, cloud)
+        await server.start_server(ssl=context)
+    client: TestClient[Any, Any] = TestClient(server)
     await client.start_server()
     try:
         yield Harness(registrar, client, cloud, local)

@@ -65,6 +65,22 @@ async def test_approve_then_key_proof_registers_a_pending_component(clc: Harness
     assert status == 200
     assert answer["component"]["approved"] is True
     assert "approved by the operator" in answer["component"]["reason"]
+    # It names what it changed: this record's approval, reason and time, nothing else.
+    [change] = answer["changed"]
+    assert (change["object"], change["id"], change["action"]) == (
+        "component",
+        walrus.component_id,
+        "updated",
+    )
+    assert (change["before"]["approved"], change["after"]["approved"]) == (False, True)
+    assert set(change["before"]) == set(change["after"]) <= ROW_FIELDS - {"online"}
+    assert {k for k in change["after"] if row[k] != change["after"][k]} <= {
+        "approved",
+        "reason",
+        "updated_at",
+        "status",
+        "waiting_for",
+    }
     await clc.record_status(walrus.component_id, "awaiting-key")
     status, _ = await clc.signed(
         "/v1/credentials", key_of(walrus), {"component_id": walrus.component_id}, "?wait=10"
@@ -101,7 +117,15 @@ async def test_deregister_removes_the_record_and_is_logged(clc: Harness) -> None
     clc.announce(walrus)
     await clc.record_status(walrus.component_id, "pending")
     status, answer = await clc.post("/v1/deregister", {"component_id": walrus.component_id})
-    assert (status, answer) == (200, {"deregistered": walrus.component_id})
+    assert (status, answer["deregistered"]) == (200, walrus.component_id)
+    [change] = answer["changed"]  # no certificate was issued: only the record
+    assert (change["object"], change["id"], change["action"], change["after"]) == (
+        "component",
+        walrus.component_id,
+        "deleted",
+        None,
+    )
+    assert change["before"]["status"] == "pending"
     status, answer = await clc.get("/v1/events", kind="deregistered")
     assert [e["component_id"] for e in answer["events"]] == [walrus.component_id]
 
@@ -110,10 +134,19 @@ async def test_deregister_removes_the_record_and_is_logged(clc: Harness) -> None
     ("body", "message"),
     [
         ({}, "component_id or fingerprint is required"),
-        ({"component_id": ["x"]}, "component_id must be a string, got a list"),
-        ({"fingerprint": {"a": 1}}, "fingerprint must be a string, got an object"),
+        (
+            {"component_id": ["x"]},
+            "component_id: expected a component id (8-64 of a-z 0-9 -), got a list",
+        ),
+        (
+            {"fingerprint": {"a": 1}},
+            "fingerprint: expected a key fingerprint (sha256: and 64 hex digits), got an object",
+        ),
         ({"component_id": "nosuch-component"}, "no component nosuch-component in this"),
-        ({"fingerprint": "sha256:00"}, "no component with key sha256:00"),
+        ({"fingerprint": "sha256:00"}, "fingerprint: 'sha256:00' is not a key fingerprint"),
+        ({"component_id": "nosuch-component\n"}, "is not a component id"),
+        ({"component_id": None}, "component_id: expected a component id"),
+        ({"component_id": "nosuch-component", "force": True}, "unknown field 'force'"),
     ],
 )
 @pytest.mark.parametrize("path", ["/v1/approve", "/v1/reject", "/v1/deregister"])
@@ -132,6 +165,9 @@ async def test_naming_a_component_badly_is_400(
         (b"not json", "body is not JSON"),
         (b'["component_id"]', "body must be a JSON object, got a list"),
         (b'"x"', "body must be a JSON object, got a string"),
+        (b"", "body is not JSON"),
+        (b'{"a": 1, "a": 2}', "'a' appears twice"),
+        (b"[" * 33 + b"]" * 33, "nested too deeply"),
         (b"\xff", "not UTF-8"),
         (b'{"component_id": Infinity}', "Infinity is not a JSON value"),
     ],
@@ -237,7 +273,7 @@ async def test_registry_and_status_on_a_cc(tmp_path: Path) -> None:
         assert [c["component_id"] for c in registry["components"]] == [nc.component_id]
         status, answer = await cc.get("/v1/status")
         assert status == 200
-        assert set(answer) == {"registrar", "local", "tree", "errors"}
+        assert set(answer) == {"registrar", "local", "tree", "errors", "warnings"}
         assert answer["errors"] == []
         assert answer["tree"]["clc"] is None
         [cluster] = answer["tree"]["clusters"]

@@ -42,8 +42,14 @@ def write(path: Path, text: str | bytes) -> Path:
     return path
 
 
-def config_for(tmp_path: Path, port: int) -> Path:
+async def config_for(tmp_path: Path, clc: Harness) -> Path:
+    """A host config whose state_dir holds the operator socket of `clc`."""
     state = tmp_path / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    runner = clc.client.server.runner
+    assert runner is not None
+    await web.UnixSite(runner, str(state / "api.sock")).start()
+    port = clc.client.port
     return write(
         tmp_path / "eucareg.toml",
         f'address = "10.0.2.10"\nstate_dir = "{state}"\napi_port = {port}\n'
@@ -51,17 +57,15 @@ def config_for(tmp_path: Path, port: int) -> Path:
     )
 
 
-async def test_config_gives_the_port_and_the_credential(clc: Harness, tmp_path: Path) -> None:
-    port = clc.client.port
-    assert port is not None
-    config = config_for(tmp_path, port)
+async def test_config_gives_the_socket_and_the_credential(clc: Harness, tmp_path: Path) -> None:
+    config = await config_for(tmp_path, clc)
     write(tmp_path / "state" / "admin.token", ADMIN_TOKEN)
     result = await run("trust", "--config", str(config))
     assert (result.exit_code, result.stdout) == (
         0,
         "mode local; locked: nothing; install window closed\n",
     )
-    # EUCAREG_API wins over the port in --config.
+    # EUCAREG_API wins over the socket in --config's state_dir.
     result = await run("trust", "--config", str(config), env={"EUCAREG_API": closed_url()})
     assert result.exit_code == 3
 
@@ -145,7 +149,7 @@ async def test_every_operator_command_checks_the_shape_of_the_answer(
 
 async def test_no_credential_is_exit_4(clc: Harness, tmp_path: Path) -> None:
     # The default file (state_dir/admin.token) does not exist: the request goes without one.
-    config = config_for(tmp_path, clc.client.port or 0)
+    config = await config_for(tmp_path, clc)
     result = await run("status", "--config", str(config))
     assert (result.exit_code, result.stderr) == (
         4,
@@ -242,4 +246,4 @@ async def test_the_admin_credential_never_leaves_the_host(
 async def test_a_url_that_is_not_http_is_a_usage_error(tmp_path: Path) -> None:
     result = await run("status", "--api", "ftp://127.0.0.1/")
     assert result.exit_code == 2
-    assert "is not an http:// URL" in result.output
+    assert "is not unix:PATH or an http(s):// URL" in result.output

@@ -56,7 +56,14 @@ async def test_trust_commands_print_the_trust_line_or_json(clc: Harness, token_f
     assert result.exit_code == 0
     assert result.stdout == "mode local; locked: nothing; install window closed\n"
     locked = parsed(await op(clc, token_file, "lock", "--task", "clc", "--json"))
-    assert set(locked) == {"mode", "locked", "install_until", "install_open", "install_remaining"}
+    assert set(locked) == {
+        "mode",
+        "locked",
+        "install_until",
+        "install_open",
+        "install_remaining",
+        "changed",
+    }
     assert locked["locked"] == ["clc"]
     result = await op(clc, token_file, "unlock")
     assert result.stdout == "mode local; locked: nothing; install window closed\n"
@@ -92,7 +99,7 @@ async def test_pending_approve_and_status(clc: Harness, token_file: Path) -> Non
     assert result.exit_code == 0
     assert result.stdout == (f"approved walrus {walrus.component_id} ({walrus.fingerprint})\n")
     status = parsed(await op(clc, token_file, "status", "--json"))
-    assert list(status) == ["errors", "local", "registrar", "tree"]  # keys sorted
+    assert list(status) == ["errors", "local", "registrar", "tree", "warnings"]  # keys sorted
     [row] = status["tree"]["walrus"]
     assert row["component_id"] == walrus.component_id and row["approved"] is True
     tree = await op(clc, token_file, "status")
@@ -114,7 +121,8 @@ async def test_reject_and_deregister_by_id_or_fingerprint(clc: Harness, token_fi
     result = await op(clc, token_file, "deregister", second.component_id)
     assert result.stdout == f"deregistered {second.component_id}; its credentials are revoked\n"
     answer = parsed(await op(clc, token_file, "deregister", first.component_id, "--json"))
-    assert answer == {"deregistered": first.component_id}
+    assert answer["deregistered"] == first.component_id
+    assert answer["changed"][0]["action"] == "deleted"
 
 
 async def test_an_unknown_component_is_exit_1_with_the_registrars_reason(
@@ -195,7 +203,7 @@ async def test_tokens_create_list_and_revoke(clc: Harness, token_file: Path) -> 
     token = result.stdout.strip()
     assert token.startswith("eucareg1.") and token.endswith(clc.cloud.fingerprint[7:])
     created = parsed(await op(clc, token_file, "token", "create", "--role", "walrus", "--json"))
-    assert list(created) == ["token"]
+    assert list(created) == ["token", "changed"]
     listed = parsed(await op(clc, token_file, "token", "list", "--json"))
     assert [(t["role"], t["uses"], t["state"]) for t in listed] == [
         ("cc", 2, "valid"),

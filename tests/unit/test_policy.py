@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from eucareg.core.model import AnnouncedState, Announcement, DecisionKind, Record, Role, Status
 from eucareg.core.policy import RegistrarSettings, View, decide
+from eucareg.core.rivals import rival_warnings
 from eucareg.core.trust import Mode, Task, TokenVerdict, TrustSettings
 from tests.factories import ann, fake_fingerprint
 
@@ -295,3 +296,39 @@ def test_past_the_cap_a_newcomer_is_refused_pending_full_and_not_stored() -> Non
     pending = replace(record_of(walrus), status=Status.PENDING)
     again = replace(view(pending, trust=closed), unadmitted=3)
     assert decide(again, walrus, settings).code != "pending-full"
+
+
+# -- a second CLC, rival CCs ------------------------------------------------------------------
+
+
+def test_a_second_clc_is_an_event_never_a_record() -> None:
+    settings = RegistrarSettings(
+        registers=frozenset({Role.WALRUS, Role.CC, Role.SC}), own_clc="clc-0000000000c1"
+    )
+    view = View(records={}, live_registered_clusters=frozenset(), self_registered=True)
+    other = ann(Role.CLC, None)
+    decision = decide(view, other, settings)
+    assert (decision.kind, decision.code, decision.event_only) == (
+        DecisionKind.REFUSE,
+        "second-clc",
+        True,
+    )
+    assert str(other.address) in decision.reason
+    ours = replace(other, component_id="clc-0000000000c1")
+    assert decide(view, ours, settings).kind is DecisionKind.IGNORE
+    # A CC host (no CLC of its own) does not judge CLCs.
+    cc_host = RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="c1")
+    assert decide(view, other, cc_host).kind is DecisionKind.IGNORE
+
+
+def test_rival_warnings_name_a_second_clc_and_clusters_claimed_twice() -> None:
+    other_clc = ann(Role.CLC, None)
+    own = replace(ann(Role.CLC, None), component_id="clc-0000000000c1")
+    cc1, cc2, cc3 = ann(Role.CC, "c1"), ann(Role.CC, "c1"), ann(Role.CC, "c2")
+    lines = rival_warnings([own, other_clc, cc1, cc2, cc3], "clc-0000000000c1")
+    assert len(lines) == 2
+    assert lines[0].startswith(f"another CLC announces itself: {other_clc.component_id} at ")
+    assert lines[1].startswith("2 CCs claim cluster c1: ")
+    assert cc1.component_id in lines[1] and cc2.component_id in lines[1]
+    assert rival_warnings([own, cc1, cc3], "clc-0000000000c1") == []
+    assert rival_warnings([other_clc], None) == []  # only a CLC host reports CLCs

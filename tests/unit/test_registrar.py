@@ -601,3 +601,25 @@ async def test_an_impostor_of_a_registered_cc_hides_nothing_and_is_logged(
     conflicts = [e for e in reg.store.events(kind="refused") if e.code == "identity-conflict"]
     assert [e.address for e in conflicts] == [str(impostor.address)]
     assert reg.store.get(cc.component_id).fingerprint == cc.fingerprint  # type: ignore[union-attr]
+
+
+async def test_a_second_clc_is_an_event_and_a_warning_never_a_record(tmp_path: Path) -> None:
+    """The design assumes one CLC per LAN: another one heard is reported once, and shown as a
+    warning while it is heard, on the CLC's registrar; it is never stored or registered."""
+    settings = replace(CLC_SETTINGS, own_clc="clc-0000000000c1")
+    registrar = await make_registrar(tmp_path, settings)
+    try:
+        other = ann(Role.CLC)
+        own = ann(Role.CLC, component_id="clc-0000000000c1")
+        for a in (own, other, other):
+            registrar.on_sighting(sighting(a))
+        await registrar.idle()
+        events = await registrar.events(kind="refused")
+        assert [(e.component_id, e.code) for e in events] == [(other.component_id, "second-clc")]
+        assert registrar.record(other.component_id) is None
+        [warning] = registrar.warnings()
+        assert warning.startswith(f"another CLC announces itself: {other.component_id} at ")
+        registrar.on_sighting(sighting(other, Change.REMOVED))
+        assert registrar.warnings() == []
+    finally:
+        await registrar.close()

@@ -177,7 +177,10 @@ async def test_a_request_is_refused_with_another_method(key: cred.PrivateKey) ->
             status, answer = await send(client, "/echo", envelope, method)
             assert (status, answer) == (
                 401,
-                {"error": f"request was signed for POST /echo, not {method} /echo"},
+                {
+                    "error": f"request was signed for POST /echo, not {method} /echo",
+                    "code": "unauthorized",
+                },
             )
         assert await send(client, "/echo", envelope) == (
             200,
@@ -220,11 +223,12 @@ async def test_the_clcs_peer_request_is_good_for_the_cc_it_names_only(
         cc_b.local.append({"role": "cc", "component_id": "cc-00000000000b"})
         async with aiohttp.ClientSession() as session:
             monkeypatch.setattr(peer, "_url", lambda _a, _p: f"{cc_a.base}/v1/peer/registry")
-            assert await peer._fetch_nodes(session, cc_a.cloud.key, target) == []
+            root = cc_a.cloud.issuer.cert
+            assert await peer._fetch_nodes(session, cc_a.cloud.key, root, target) == []
             # The same CLC request, sent to another CC (or replayed by a CC to another one).
             monkeypatch.setattr(peer, "_url", lambda _a, _p: f"{cc_b.base}/v1/peer/registry")
             with pytest.raises(aiohttp.ClientResponseError) as refused:
-                await peer._fetch_nodes(session, cc_b.cloud.key, target)
+                await peer._fetch_nodes(session, cc_b.cloud.key, root, target)
             assert refused.value.status == 401
 
 
@@ -237,7 +241,8 @@ async def test_a_request_is_refused_after_the_registrar_restarts(
         envelope = request_for(key, CLC_ID)
         assert (await send(before, CREDENTIALS, envelope))[0] == 202
         assert (await send(before, CREDENTIALS, envelope))[1] == {
-            "error": "replayed request (nonce already used)"
+            "error": "replayed request (nonce already used)",
+            "code": "unauthorized",
         }
     # The same registrar (same registry, same id) started again: its nonces are gone, and
     # still the captured request is refused, well inside the clock window.
@@ -372,7 +377,7 @@ async def test_a_flood_failing_any_cheaper_check_never_reaches_verify(
     forged = sign_raw(cred.generate_key(), fields(key, CLC_ID))
     assert await send(clc, CREDENTIALS, forged) == (
         401,
-        {"error": "signature does not verify with the enclosed key"},
+        {"error": "signature does not verify with the enclosed key", "code": "unauthorized"},
     )
     assert len(verifies) == 2
 
@@ -494,25 +499,32 @@ def test_the_default_nonce_cache_holds_a_busy_windows_worth() -> None:
 
 
 async def test_the_agent_signs_for_the_registrar_it_heard_or_the_address_it_dials(
-    clc: Harness, tmp_path: Path, key: cred.PrivateKey
+    tmp_path: Path, key: cred.PrivateKey
 ) -> None:
     identity = Identity("walrus-000000000001", key, cred.fingerprint(key.public_key()))
-    port = clc.client.port or 0
-    heard = Endpoint("127.0.0.1", port, CLC_ID)
-    assert await collect._target(heard) == (f"http://127.0.0.1:{port}", CLC_ID)
-    assert await collect._target(Endpoint("localhost", port, "")) == (
-        f"http://127.0.0.1:{port}",
-        f"127.0.0.1:{port}",
-    )
-    async with aiohttp.ClientSession() as session:
-        for endpoint in (heard, Endpoint("127.0.0.1", port, ""), Endpoint("localhost", port, "")):
-            outcome = await collect.collect_credentials(
-                session, identity, Role.WALRUS, endpoint, tmp_path, wait=0
-            )
-            assert outcome is collect.Outcome.PENDING
-        # A registrar heard under another id is not this one: the request is refused.
-        stranger = Endpoint("127.0.0.1", port, "clc-0000000000ff")
-        with pytest.raises(collect.ProtocolError, match="signed for registrar clc-0000000000ff"):
-            await collect.collect_credentials(
-                session, identity, Role.WALRUS, stranger, tmp_path, wait=0
-            )
+    async with served(tmp_path / "clc", CLC_SETTINGS, tls_dir=tmp_path / "tls") as clc:
+        clc.local.append({"role": "clc", "component_id": CLC_ID})
+        port = clc.client.port or 0
+        heard = Endpoint("127.0.0.1", port, CLC_ID)
+        assert await collect._target(heard) == (f"https://127.0.0.1:{port}", CLC_ID)
+        assert await collect._target(Endpoint("localhost", port, "")) == (
+            f"https://127.0.0.1:{port}",
+            f"127.0.0.1:{port}",
+        )
+        async with aiohttp.ClientSession() as session:
+            for endpoint in (
+                heard,
+                Endpoint("127.0.0.1", port, ""),
+                Endpoint("localhost", port, ""),
+            ):
+                outcome = await collect.collect_credentials(
+                    session, identity, Role.WALRUS, endpoint, tmp_path, wait=0
+                )
+                assert outcome is collect.Outcome.PENDING
+            # A registrar heard under another id is not this one: refused in the TLS
+            # handshake, before the request is sent.
+            stranger = Endpoint("127.0.0.1", port, "clc-0000000000ff")
+            with pytest.raises(aiohttp.ClientConnectorCertificateError, match="ff announced"):
+                await collect.collect_credentials(
+                    session, identity, Role.WALRUS, stranger, tmp_path, wait=0
+                )
