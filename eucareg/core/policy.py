@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 
 from eucareg.core.grammar import IPNetwork
+from eucareg.core.index import RecordIndex
 from eucareg.core.model import (
     HOLDS_SLOT,
     Announcement,
@@ -63,6 +64,19 @@ class View:
     last_seen: Mapping[str, float] = field(default_factory=dict)
     seen_floor: float = 0.0
     unadmitted: int = 0  # records of components nobody admitted (see max_unadmitted)
+    # The registrar keeps this in step with `records`; a View built without one (tests)
+    # indexes its records when first asked.
+    index: RecordIndex | None = None
+
+    def indexed(self) -> RecordIndex:
+        if self.index is None:
+            object.__setattr__(self, "index", RecordIndex.of(self.records))
+        assert self.index is not None
+        return self.index
+
+    def matching(self, ids: Iterable[str], but: str) -> list[Record]:
+        """The records of `ids` except `but`'s, in a stable order."""
+        return [self.records[i] for i in sorted(ids) if i != but and i in self.records]
 
     def silent_for(self, component_id: str) -> float | None:
         """Seconds the component has been silent on every source; None while it is heard."""
@@ -143,18 +157,16 @@ def _decide(
         if verdict is not None:
             return verdict
 
-    replaced: Record | None = None
-    for other in _others(view.records, ann.component_id):
-        if other.fingerprint == ann.fingerprint and _is_claimed(other):
+    index = view.indexed()
+    for other in view.matching(index.with_key(ann.fingerprint), ann.component_id):
+        if _is_claimed(other):
             return _refuse(
                 "key-in-use",
                 f"key {ann.fingerprint[:19]}… already belongs to {other.component_id}",
             )
-        if (
-            other.role is ann.role
-            and other.address == str(ann.address)
-            and other.status in HOLDS_SLOT
-        ):
+    replaced: Record | None = None
+    for other in view.matching(index.at(ann.role, str(ann.address)), ann.component_id):
+        if other.status in HOLDS_SLOT:
             verdict = _address_taken(view, ann, other, settings)
             if verdict is not None:
                 return verdict
@@ -318,23 +330,22 @@ def _check_role(
 ) -> Decision:
     """The design's per-role checks, applied to a component we may register; `gone` are
     records this component replaces, which hold no slot against it."""
-    others = [o for o in _others(view.records, ann.component_id) if o.component_id not in gone]
     if ann.role is Role.WALRUS:
-        holder = _first(o for o in others if o.role is Role.WALRUS and o.status in HOLDS_SLOT)
+        holder = _slot_holder(view, ann, Role.WALRUS, None, gone)
         if holder is not None:
             return _refuse(
                 "walrus-exists",
                 f"the cloud already has a Walrus: {holder.component_id} at {holder.address}",
             )
     elif ann.role is Role.CC:
-        holder = _slot_holder(others, Role.CC, ann.cluster)
+        holder = _slot_holder(view, ann, Role.CC, ann.cluster, gone)
         if holder is not None:
             return _refuse(
                 "cluster-name-taken",
                 f"cluster name {ann.cluster} is taken by {holder.component_id} at {holder.address}",
             )
     elif ann.role is Role.SC:
-        holder = _slot_holder(others, Role.SC, ann.cluster)
+        holder = _slot_holder(view, ann, Role.SC, ann.cluster, gone)
         if holder is not None:
             return _refuse(
                 "cluster-has-sc",
@@ -360,8 +371,13 @@ def _check_role(
 
 def _observe_node(view: View, ann: Announcement) -> Decision:
     """The CLC's watch for NCs whose cluster no registered CC serves (lesson L4)."""
+    index = view.indexed()
     clusters = {
-        r.cluster for r in view.records.values() if r.role is Role.CC and r.status in HOLDS_SLOT
+        cluster
+        for cluster in index.clusters(Role.CC)
+        if any(
+            r.status in HOLDS_SLOT for r in view.matching(index.in_cluster(Role.CC, cluster), "")
+        )
     }
     existing = view.records.get(ann.component_id)
     if ann.cluster in clusters:
@@ -378,19 +394,17 @@ def _observe_node(view: View, ann: Announcement) -> Decision:
     )
 
 
-def _others(records: Mapping[str, Record], component_id: str) -> list[Record]:
-    return [r for r in records.values() if r.component_id != component_id]
-
-
 def _is_claimed(record: Record) -> bool:
     return record.status in HOLDS_SLOT or record.status is Status.PENDING
 
 
-def _slot_holder(others: Iterable[Record], role: Role, cluster: str | None) -> Record | None:
-    """The component holding the one `role` slot of `cluster` (a CC, or an SC), if any."""
-    return _first(
-        o for o in others if o.role is role and o.cluster == cluster and o.status in HOLDS_SLOT
-    )
+def _slot_holder(
+    view: View, ann: Announcement, role: Role, cluster: str | None, gone: frozenset[str]
+) -> Record | None:
+    """The component holding the one `role` slot of `cluster` (the Walrus, a CC, an SC), if
+    any, other than `ann` itself and the records it replaces (`gone`)."""
+    ids = view.indexed().in_cluster(role, cluster) - gone
+    return _first(o for o in view.matching(ids, ann.component_id) if o.status in HOLDS_SLOT)
 
 
 def _first(records: Iterable[Record]) -> Record | None:

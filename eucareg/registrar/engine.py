@@ -386,6 +386,7 @@ class Registrar:
             last_seen=self.presence.last_seen,
             seen_floor=self.started_at,
             unadmitted=self.memory.unadmitted,
+            index=self.memory.index,
         )
 
     def decide(self, ann: Announcement, *, fresh: bool = False, retry: bool = False) -> Decision:

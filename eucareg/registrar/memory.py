@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from eucareg.core.index import RecordIndex
 from eucareg.core.model import UNADMITTED, IssuedCertificate, Record
 from eucareg.core.transitions import TokenChange, Write
 from eucareg.core.trust import Token, TrustSettings
@@ -23,14 +24,18 @@ class Memory:
     revoked: set[str]
     # How many records are UNADMITTED (kept in step by apply; the policy caps it).
     unadmitted: int = field(init=False, default=0)
+    # The records by key, address and cluster (kept in step by apply; the policy's checks).
+    index: RecordIndex = field(init=False)
 
     def __post_init__(self) -> None:
         self.unadmitted = sum(r.status in UNADMITTED for r in self.records.values())
+        self.index = RecordIndex.of(self.records)
 
     def _put(self, record: Record | None, new: Record | None) -> None:
         self.unadmitted += (new is not None and new.status in UNADMITTED) - (
             record is not None and record.status in UNADMITTED
         )
+        self.index.update(record, new)
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> Memory:
