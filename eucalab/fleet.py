@@ -247,6 +247,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     backend = ZeroconfBackend()
     await backend.start()
+    tls.shrink_read_buffers()  # as the agent does: a thousand NCs in one process
     _watch_registrar(backend, state, args.cluster)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=LONG_POLL + 20)

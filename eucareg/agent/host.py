@@ -17,6 +17,7 @@ from eucareg.config.file import Config
 from eucareg.core.model import Role
 from eucareg.mdns.types import Announcer, Watcher
 from eucareg.mdns.zeroconf_backend import ZeroconfBackend
+from eucareg.pki import tls
 from eucareg.registrar.engine import Registrar
 
 from .collect import collect_credentials
@@ -89,6 +90,7 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        tls.shrink_read_buffers()  # a registrar holds one TLS connection per component
         # Keys, tokens and the registry live here: private, or we do not start.
         await asyncio.to_thread(secure_state_dir, cfg.state_dir)
         # Key loads (and, at first start, key generation) validate RSA: not on the loop.

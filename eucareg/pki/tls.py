@@ -5,6 +5,7 @@ rules, and the trust-on-first-use case, are in docs/security.md ("TLS and pinnin
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import datetime
 import functools
 import logging
@@ -229,6 +230,19 @@ def peer_identity(obj: ssl.SSLObject | None) -> Peer | None:
         return Peer(named, cred.cert_fingerprint(leaf))
     except cred.CredentialError:
         return None
+
+
+# asyncio gives every TLS connection a read buffer of SSLProtocol.max_size, 256 KiB: with a
+# thousand components long-polling a registrar, 250 MiB of buffers. A TLS record carries
+# 16 KiB at most, so a smaller buffer costs nothing but a second read of a large body.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def shrink_read_buffers() -> None:
+    """Make asyncio's per-connection TLS read buffer TLS_READ_BUFFER (process-wide)."""
+    protocol = getattr(asyncio.sslproto, "SSLProtocol", None)
+    if protocol is not None and getattr(protocol, "max_size", 0) > TLS_READ_BUFFER:
+        protocol.max_size = TLS_READ_BUFFER
 
 
 def write_chain(path: Path, certs: list[x509.Certificate]) -> None:

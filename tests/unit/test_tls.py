@@ -258,3 +258,38 @@ async def test_a_client_certificate_of_another_cloud_fails_the_handshake(tmp_pat
     key, cert = stranger.issue(Role.WALRUS, "walrus-00000003")
     with pytest.raises(aiohttp.ClientError):
         await whoami(tmp_path, client_files(tmp_path, key, [cert]))
+
+
+async def test_small_read_buffers_still_carry_a_full_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent shrinks asyncio's TLS read buffer (a thousand long-polls held 250 MiB of
+    them); a body of the API's largest size still arrives whole, both ways."""
+    import asyncio.sslproto
+
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", 256 * 1024)
+    tls.shrink_read_buffers()
+    assert asyncio.sslproto.SSLProtocol.max_size == tls.TLS_READ_BUFFER
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read())
+
+    chain_file, key_file = tmp_path / "chain.pem", tmp_path / "key.pem"
+    tls.write_chain(chain_file, [CC_CERT, CLOUD.root])
+    cred.write_atomic(key_file, cred.key_pem(CC_KEY))
+    app = web.Application(client_max_size=128 * 1024)
+    app.router.add_post("/", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.server_context(chain_file, key_file))
+    await site.start()
+    body = bytes(range(256)) * 256  # 64 KiB
+    try:
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}/"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=body, ssl=tls.client_context(CC_EXPECT)) as response,
+        ):
+            assert await response.read() == body
+    finally:
+        await runner.cleanup()
