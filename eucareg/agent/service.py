@@ -98,6 +98,7 @@ class RegistrarService:
             self_registered=lambda: cc is not None and cc.registered,
             master_key=master_key,
             retention=Retention(cfg.keep_history, cfg.max_events, cfg.max_hook_runs),
+            hooks_at_once=cfg.max_hooks_running,
         )
         await self.registrar.start()
         context = ApiContext(

@@ -91,6 +91,7 @@ def check_config(config_path: Path, as_json: bool) -> None:
         "max_events": cfg.max_events,
         "max_hook_runs": cfg.max_hook_runs,
         "max_unadmitted": cfg.max_unadmitted,
+        "max_hooks_running": cfg.max_hooks_running,
         "rate_limit": cfg.rate_limit,
         "rate_burst": cfg.rate_burst,
         "rate_sources": cfg.rate_sources,

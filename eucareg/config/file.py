@@ -89,6 +89,7 @@ class Config:
     max_events: int = 200_000
     max_hook_runs: int = 50_000
     max_unadmitted: int = 5000
+    max_hooks_running: int = 64  # registration hooks running at once; the rest queue
     # Unauthenticated requests: per source (a second, and at once), sources tracked, and
     # being answered at once (eucareg/api/limits.py, docs/security.md).
     rate_limit: int = 10
@@ -214,6 +215,7 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             "max_events",
             "max_hook_runs",
             "max_unadmitted",
+            "max_hooks_running",
             "rate_limit",
             "rate_burst",
             "rate_sources",
@@ -258,6 +260,9 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         max_events=_count(reg.get("max_events", 200_000), "registrar.max_events"),
         max_hook_runs=_count(reg.get("max_hook_runs", 50_000), "registrar.max_hook_runs"),
         max_unadmitted=_count(reg.get("max_unadmitted", 5000), "registrar.max_unadmitted"),
+        max_hooks_running=_bounded(
+            reg.get("max_hooks_running", 64), "registrar.max_hooks_running", 1, 1024
+        ),
         rate_limit=_bounded(reg.get("rate_limit", 10), "registrar.rate_limit", 1, MAX_RATE),
         rate_burst=_bounded(reg.get("rate_burst", 100), "registrar.rate_burst", 1, MAX_RATE),
         rate_sources=_count(reg.get("rate_sources", 10_000), "registrar.rate_sources"),

@@ -49,7 +49,7 @@ from eucareg.mdns.types import Change as SightingChange
 from eucareg.mdns.types import Sighting
 from eucareg.registrar.admin import TrustAdmin
 from eucareg.registrar.desk import CredentialAnswer, CredentialDesk, CredentialRefused, Issuer
-from eucareg.registrar.hooks import HookRunner
+from eucareg.registrar.hooks import RUNNING_AT_ONCE, HookRunner
 from eucareg.registrar.lag import LagMonitor
 from eucareg.registrar.memory import Memory
 from eucareg.registrar.notes import Notes, refused_event, rejected_event
@@ -98,6 +98,7 @@ class Registrar:
         master_key: bytes = b"",
         on_fatal: Callable[[BaseException], None] = _die,
         retention: Retention | None = None,
+        hooks_at_once: int = RUNNING_AT_ONCE,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -112,7 +113,7 @@ class Registrar:
         self._summary_handle: asyncio.TimerHandle | None = None
         self.memory = Memory({}, {}, TrustSettings(), {}, set())
         self.writer = Writer(store)
-        self.hooks = HookRunner(hook_dir, timing.hook_timeout, self._journal)
+        self.hooks = HookRunner(hook_dir, timing.hook_timeout, self._journal, hooks_at_once)
         self.presence = Presence(clock)
         # The presence's parts, by the names the API, the desk and the tests use.
         self.live = self.presence.live

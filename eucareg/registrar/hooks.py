@@ -70,14 +70,21 @@ def script_for(hook_dir: Path, role: Role) -> Path:
 class HookRunner:
     """Runs hooks, journals them, and kills every one still running when closed."""
 
-    def __init__(self, hook_dir: Path, timeout: float, journal: Journal) -> None:
+    def __init__(
+        self,
+        hook_dir: Path,
+        timeout: float,
+        journal: Journal,
+        running: int = RUNNING_AT_ONCE,
+    ) -> None:
         self.hook_dir = hook_dir
         self.timeout = timeout
         self._journal = journal
         self._running: dict[int, asyncio.subprocess.Process] = {}
         # Hooks running at once: each holds a few descriptors (output files, its pipe), and a
-        # burst of hundreds of slow hooks must not run the registrar out of them.
-        self._slots = asyncio.Semaphore(RUNNING_AT_ONCE)
+        # burst of hundreds of slow hooks must not run the registrar out of them; and a site
+        # whose hooks call euca_conf may want fewer (registrar.max_hooks_running).
+        self._slots = asyncio.Semaphore(running)
         # Starting a process blocks the event loop for a few ms (fork of a large process).
         # A burst of admissions would start a hundred at once in one loop iteration, stalling
         # mDNS and HTTP for a second; a few at a time keeps the loop responsive.

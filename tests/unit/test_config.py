@@ -203,3 +203,21 @@ def test_history_and_flood_limits_have_defaults_and_can_be_set(tmp_path: Path) -
         500,
         20000,
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", 64), ("max_hooks_running = 1\n", 1), ("max_hooks_running = 1024\n", 1024)],
+)
+def test_hooks_running_at_once_has_a_default_and_bounds(
+    tmp_path: Path, value: str, expected: int
+) -> None:
+    text = f'address = "10.1.2.3"\n[registrar]\n{value}[components.clc]\n'
+    assert config.load(write(tmp_path, text)).max_hooks_running == expected
+
+
+@pytest.mark.parametrize("value", ["0", "1025", "2.5", '"eight"', "true"])
+def test_hooks_running_at_once_out_of_bounds_is_refused(tmp_path: Path, value: str) -> None:
+    text = f'address = "10.1.2.3"\n[registrar]\nmax_hooks_running = {value}\n[components.clc]\n'
+    with pytest.raises(config.ConfigError, match=r": registrar\.max_hooks_running: "):
+        config.load(write(tmp_path, text))

@@ -166,3 +166,19 @@ def _zombie(pid: int) -> bool:
     except OSError:
         return True
     return stat[stat.rindex(")") + 2] == "Z"
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+async def test_no_more_hooks_run_at_once_than_the_limit(tmp_path: Path, limit: int) -> None:
+    """registrar.max_hooks_running: six slow hooks with a limit of N never overlap by more
+    than N, and do overlap by N (the limit is not a serialisation)."""
+    log = tmp_path / "log"
+    hooks_dir = script(tmp_path, "node", f"echo start >> {log}; sleep 0.3; echo end >> {log}")
+    hooks = HookRunner(hooks_dir, 5, Journal(), limit)
+    runs = await asyncio.gather(*(hooks.run(record_of(Role.NC, "c1")) for _ in range(6)))
+    assert all(run.outcome is HookOutcome.OK for run in runs)
+    running, most = 0, 0
+    for line in log.read_text().split():
+        running += 1 if line == "start" else -1
+        most = max(most, running)
+    assert most == limit
