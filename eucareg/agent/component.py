@@ -217,8 +217,13 @@ class Component:
                 continue
             held = self.presence.held
             issuer = held.issuer_fingerprint if self.registered else None
+            # Once registered, the CA we hold decides (expect()); a token's or the
+            # configuration's pin must not hide the registrar that certified us.
             endpoints = self._registrars.candidates(
-                self.role, self.conf.cluster, pin=self.pin, issuer=issuer
+                self.role,
+                self.conf.cluster,
+                pin=None if self.registered else self.pin,
+                issuer=issuer,
             )
             if not endpoints:
                 await self._registrars.wait_changed(self.cfg.recheck_interval)
@@ -252,6 +257,13 @@ class Component:
         """Whom we accept as `endpoint`: once we hold a cloud CA, only a registrar it signed
         (the pin sticks); before, the token's or the configuration's pin, if any."""
         root, pin = self.root.cert, self.pin
+        if root is None and (self.registered or self.root.unusable):
+            # A damaged or vanished pin must not turn into trusting the first to answer.
+            raise cred.CredentialError(
+                f"{self.root.path} is missing or not a CA certificate we can pin; refusing "
+                "every registrar until it is restored (or removed together with this "
+                "component's credentials, to join a cloud afresh)"
+            )
         joining = root is not None and pin is not None and not self.registered
         if joining and root is not None and cred.cert_fingerprint(root) != pin:
             root = None  # joining another cloud with a token that says so: the token decides

@@ -73,13 +73,14 @@ class HeldRoot:
     registrar it talks to must be signed by it. Re-read only when a stat shows a change."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
+        self.path = path
         self._stamp: tuple[int, int, int, int] | None = None
         self.cert: x509.Certificate | None = None
+        self.unusable = False  # a file is there, but it is no CA we can pin
 
     async def check(self) -> x509.Certificate | None:
         try:
-            st = os.stat(self._path)
+            st = os.stat(self.path)
             stamp: tuple[int, int, int, int] | None = (
                 st.st_dev,
                 st.st_ino,
@@ -90,5 +91,6 @@ class HeldRoot:
             stamp = None
         if stamp != self._stamp:
             self._stamp = stamp
-            self.cert = await asyncio.to_thread(tls.load_root, self._path) if stamp else None
+            self.cert = await asyncio.to_thread(tls.load_root, self.path) if stamp else None
+            self.unusable = stamp is not None and self.cert is None
         return self.cert

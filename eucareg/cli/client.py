@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
-import urllib.parse
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -27,7 +27,7 @@ T = TypeVar("T")
 class Api:
     """The local registrar's API, with the admin credential operator endpoints require."""
 
-    base: str  # "unix:PATH" (the operator socket), or http(s)://LOOPBACK:PORT
+    base: str  # "unix:PATH": the operator socket
     token: str | None
 
     def call(
@@ -39,18 +39,17 @@ class Api:
     ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-        socket = self.base.removeprefix("unix:") if self.base.startswith("unix:") else None
-        # Over TCP only to loopback (checked in make_api): certificates prove nothing there.
-        url = ("http://localhost" if socket else self.base) + path
+        socket = self.base.removeprefix("unix:")
+        if self.token:
+            _trusted_socket(Path(socket))
+        url = "http://localhost" + path  # the host part means nothing on a Unix socket
 
         async def fetch() -> tuple[int, Any]:
             timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-            connector = aiohttp.UnixConnector(path=socket) if socket else None
+            connector = aiohttp.UnixConnector(path=socket)
             async with (
                 aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
-                session.request(
-                    method, url, params=params, json=body, headers=headers, ssl=False
-                ) as response,
+                session.request(method, url, params=params, json=body, headers=headers) as response,
             ):
                 return response.status, await response.json(content_type=None)
 
@@ -86,29 +85,44 @@ class Api:
         fail(f"{self.base} did not answer like an eucareg registrar: {why}", 3)
 
 
-def _loopback_only(base: str) -> None:
-    """The admin credential opens every operator action: it never leaves this host."""
-    try:
-        url = urllib.parse.urlsplit(base)
-        host = url.hostname
-    except ValueError:
-        url, host = None, None
+def _trusted_socket(path: Path) -> None:
+    """The admin credential goes only to a socket that root (or we) made, in a directory
+    no one else can write: another local user must not be able to stand in for it."""
+    me = os.geteuid()
+    for where, what in ((path.parent, "directory"), (path, "socket")):
+        try:
+            st = where.lstat()
+        except FileNotFoundError:
+            continue  # nothing to talk to: the connection fails (exit 3)
+        except OSError as exc:
+            fail(f"cannot check the operator {what} {where}: {exc}", 4)
+        if st.st_uid not in (0, me):
+            fail(
+                f"the operator {what} {where} belongs to uid {st.st_uid}, not to root: "
+                "refusing to send it the admin credential",
+                4,
+            )
+        if what == "directory" and st.st_mode & 0o022:
+            fail(
+                f"the operator socket's directory {where} is writable by others: refusing "
+                "to send the admin credential there",
+                4,
+            )
+        if what == "socket" and not stat.S_ISSOCK(st.st_mode):
+            fail(f"{where} is not a socket: refusing to send it the admin credential", 4)
+
+
+def _socket_only(base: str) -> None:
+    """The admin credential opens every operator action: it goes to the operator socket only.
+    Not to a loopback TCP port either: any local user can listen on one while the agent is
+    down, and would receive it."""
     if base.startswith("unix:") and len(base) > len("unix:"):
-        return  # a socket is on this host by definition
-    if url is None or url.scheme not in ("http", "https") or not host:
-        fail(f"--api {base!r} is not unix:PATH or an http(s):// URL of the local registrar", 2)
-    if host == "localhost":
         return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        fail(
-            f"--api {base!r}: refusing to send the admin credential to {host}; operator "
-            "commands talk to the registrar on this host (a loopback address) only",
-            2,
-        )
+    fail(
+        f"--api {base!r} is not unix:PATH: refusing to send the admin credential anywhere "
+        "but the operator socket of the registrar on this host (STATE_DIR/api.sock)",
+        2,
+    )
 
 
 def make_api(api_url: str | None, config_path: Path | None, token_file: Path | None) -> Api:
@@ -117,7 +131,7 @@ def make_api(api_url: str | None, config_path: Path | None, token_file: Path | N
     cfg = load_config(path) if path is not None else None
     state_dir = cfg.state_dir if cfg else config_mod.DEFAULT_STATE_DIR
     base = api_url.rstrip("/") if api_url else f"unix:{state_dir / config_mod.SOCKET_FILE}"
-    _loopback_only(base)
+    _socket_only(base)
     token_path = token_file or state_dir / "admin.token"
     try:
         token: str | None = token_path.read_text().strip()
@@ -153,7 +167,7 @@ def with_api_options(func: Any) -> Any:
             "--api",
             "api_url",
             envvar="EUCAREG_API",
-            help="The local registrar's API: unix:PATH, or https://127.0.0.1:PORT "
+            help="The local registrar's operator socket, as unix:PATH "
             "[default: unix:STATE_DIR/api.sock, STATE_DIR from --config].",
         ),
         click.option(

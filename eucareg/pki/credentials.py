@@ -275,8 +275,10 @@ def cert_identity(cert: x509.Certificate) -> CertIdentity | None:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except (x509.ExtensionNotFound, ValueError):
+    except x509.ExtensionNotFound:
         uris = []
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return None  # a name we cannot read names nobody (never fall back to the subject)
     for uri in uris:
         parts = uri.removeprefix(URI_PREFIX).split(":") if uri.startswith(URI_PREFIX) else []
         if len(parts) == 3:

@@ -83,7 +83,8 @@ def check_registrar(chain: list[x509.Certificate], expect: Expect, now: datetime
         )
     if not expect.pinned:
         return
-    root = expect.root or _pinned_in(chain[1:], expect.pin)
+    # The leaf too: the CLC's certificate is the cloud CA itself (the handshake proved its key).
+    root = expect.root or _pinned_in(chain, expect.pin)
     if root is None:
         raise UntrustedRegistrar(
             f"the registrar does not show the cloud CA we pin ({expect.pin}): a rogue registrar?"
@@ -120,7 +121,17 @@ class _CheckedObject(ssl.SSLObject):
         expect: Expect | None = getattr(self.context, ATTRIBUTE, None)
         if expect is None:
             return
-        check_registrar(_peer_chain(self), expect, datetime.datetime.now(datetime.UTC))
+        try:
+            check_registrar(_peer_chain(self), expect, datetime.datetime.now(datetime.UTC))
+        except UntrustedRegistrar:
+            raise
+        except Exception as exc:
+            # A certificate OpenSSL takes but we cannot read (odd encodings, name types, key
+            # types): a refusal like any other. Anything but an SSLError here would escape
+            # asyncio's handshake as a crash, and let a crafted decoy kill the agent.
+            raise UntrustedRegistrar(
+                f"the registrar sent a certificate we cannot use: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 _DER = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]  # Certificate.public_bytes: DER
@@ -200,6 +211,13 @@ def peer_identity(obj: ssl.SSLObject | None) -> Peer | None:
     counts when the chain goes through one; anything else must be signed by the CA itself."""
     if obj is None:
         return None
+    try:
+        return _peer_identity(obj)
+    except Exception:  # a certificate OpenSSL verified but we cannot read names nobody
+        return None
+
+
+def _peer_identity(obj: ssl.SSLObject) -> Peer | None:
     getter: Any = getattr(obj, "get_verified_chain", None)
     if getter is None:
         getter = getattr(obj._sslobj, "get_verified_chain", None)  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.typedefs import Middleware
 
@@ -81,6 +82,7 @@ class Harness:
     client: TestClient[Any, Any]
     cloud: Cloud
     local: list[dict[str, Any]]
+    socket: str = ""  # "unix:PATH": the operator socket, as the CLI talks to the agent
 
     @property
     def audience(self) -> str:
@@ -189,8 +191,11 @@ async def served(
         await server.start_server(ssl=context)
     client: TestClient[Any, Any] = TestClient(server)
     await client.start_server()
+    assert server.runner is not None
+    socket_path = tmp_path / "api.sock"
+    await web.UnixSite(server.runner, str(socket_path)).start()
     try:
-        yield Harness(registrar, client, cloud, local)
+        yield Harness(registrar, client, cloud, local, f"unix:{socket_path}")
     finally:
         await client.close()
         await registrar.close()

@@ -7,19 +7,19 @@ missing, unreadable or refused credential and a non-loopback source (exit 4). Ea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from click.testing import CliRunner, Result
 
 from eucareg.cli import client
 from eucareg.cli.main import main
-from tests.unit.test_api_harness import ADMIN_TOKEN, CLC_SETTINGS, Harness, served
+from tests.unit.test_api_harness import ADMIN_TOKEN, Harness
 
 # The CLI must not read this machine's /etc/eucareg (conftest.py).
 pytestmark = pytest.mark.usefixtures("no_host_config")
@@ -66,7 +66,7 @@ async def test_config_gives_the_socket_and_the_credential(clc: Harness, tmp_path
         "mode local; locked: nothing; install window closed\n",
     )
     # EUCAREG_API wins over the socket in --config's state_dir.
-    result = await run("trust", "--config", str(config), env={"EUCAREG_API": closed_url()})
+    result = await run("trust", "--config", str(config), env={"EUCAREG_API": closed_url(tmp_path)})
     assert result.exit_code == 3
 
 
@@ -74,20 +74,17 @@ async def test_the_environment_names_the_api_and_the_credential(
     clc: Harness, tmp_path: Path
 ) -> None:
     token = write(tmp_path / "t", ADMIN_TOKEN)
-    env = {"EUCAREG_API": clc.base, "EUCAREG_ADMIN_TOKEN_FILE": str(token)}
+    env = {"EUCAREG_API": clc.socket, "EUCAREG_ADMIN_TOKEN_FILE": str(token)}
     assert (await run("trust", env=env)).exit_code == 0
 
 
-def closed_url() -> str:
-    """A loopback port nobody listens on (bound, then closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+def closed_url(tmp_path: Path) -> str:
+    """An operator socket nobody listens on."""
+    return f"unix:{tmp_path / 'nobody.sock'}"
 
 
 async def test_an_unreachable_registrar_is_exit_3(tmp_path: Path) -> None:
-    url = closed_url()
+    url = closed_url(tmp_path)
     token = str(write(tmp_path / "t", "x"))
     result = await run("status", "--api", url, "--admin-token-file", token)
     assert result.exit_code == 3
@@ -95,15 +92,22 @@ async def test_an_unreachable_registrar_is_exit_3(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
-async def other_server(answer: web.Response) -> TestServer:
+@contextlib.asynccontextmanager
+async def other_server(tmp_path: Path, answer: web.Response) -> AsyncIterator[str]:
+    """Something that is not a registrar, on a socket where the CLI may look: its base."""
+
     async def handler(_request: web.Request) -> web.Response:
         return answer
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    server = TestServer(app)
-    await server.start_server()
-    return server
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(tmp_path / "other.sock")).start()
+    try:
+        yield f"unix:{tmp_path / 'other.sock'}"
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize(
@@ -118,13 +122,9 @@ async def other_server(answer: web.Response) -> TestServer:
 async def test_something_that_is_not_a_registrar_is_exit_3(
     tmp_path: Path, answer: web.Response, why: str
 ) -> None:
-    server = await other_server(answer)
-    try:
-        base = str(server.make_url("")).rstrip("/")
+    async with other_server(tmp_path, answer) as base:
         token = str(write(tmp_path / "t", ADMIN_TOKEN))
         result = await run("status", "--api", base, "--admin-token-file", token)
-    finally:
-        await server.close()
     assert result.exit_code == 3
     assert result.stderr.startswith(f"error: {base} did not answer like an eucareg registrar: ")
     assert why in result.stderr
@@ -136,13 +136,9 @@ async def test_something_that_is_not_a_registrar_is_exit_3(
 async def test_every_operator_command_checks_the_shape_of_the_answer(
     tmp_path: Path, command: tuple[str, ...]
 ) -> None:
-    server = await other_server(web.json_response({"something": "else"}))
-    try:
-        base = str(server.make_url(""))
+    async with other_server(tmp_path, web.json_response({"something": "else"})) as base:
         token = str(write(tmp_path / "t", ADMIN_TOKEN))
         result = await run(*command, "--api", base, "--admin-token-file", token)
-    finally:
-        await server.close()
     assert result.exit_code == 3
     assert "did not answer like an eucareg registrar" in result.stderr
 
@@ -157,7 +153,7 @@ async def test_no_credential_is_exit_4(clc: Harness, tmp_path: Path) -> None:
     )
     # An explicitly named file that cannot be read is an error before any request.
     missing = tmp_path / "nonexistent"
-    result = await run("status", "--api", closed_url(), "--admin-token-file", str(missing))
+    result = await run("status", "--api", closed_url(tmp_path), "--admin-token-file", str(missing))
     assert (result.exit_code, result.stderr) == (
         4,
         f"error: cannot read the admin credential {missing}\n",
@@ -166,7 +162,7 @@ async def test_no_credential_is_exit_4(clc: Harness, tmp_path: Path) -> None:
 
 async def test_a_wrong_credential_is_exit_4(clc: Harness, tmp_path: Path) -> None:
     token = write(tmp_path / "t", "wrong-token")
-    result = await run("status", "--api", clc.base, "--admin-token-file", str(token))
+    result = await run("status", "--api", clc.socket, "--admin-token-file", str(token))
     assert (result.exit_code, result.stderr) == (
         4,
         "error: the local admin credential is required (see docs/security.md) (HTTP 401)\n",
@@ -180,7 +176,7 @@ async def test_a_credential_that_is_not_a_token_is_exit_4(
     tmp_path: Path, content: str | bytes
 ) -> None:
     token = write(tmp_path / "t", content)
-    result = await run("status", "--api", closed_url(), "--admin-token-file", str(token))
+    result = await run("status", "--api", closed_url(tmp_path), "--admin-token-file", str(token))
     assert result.exit_code == 4
     assert result.stderr.startswith(f"error: the admin credential {token} is not a token")
 
@@ -189,26 +185,32 @@ async def test_a_credential_that_is_not_a_token_is_exit_4(
 async def test_an_unreadable_credential_is_exit_4(tmp_path: Path) -> None:
     token = write(tmp_path / "t", ADMIN_TOKEN)
     token.chmod(0)
-    result = await run("status", "--api", closed_url(), "--admin-token-file", str(token))
+    result = await run("status", "--api", closed_url(tmp_path), "--admin-token-file", str(token))
     assert (result.exit_code, result.stderr) == (
         4,
         f"error: cannot read the admin credential {token}: permission denied (run as root)\n",
     )
 
 
-async def test_a_lan_source_address_is_exit_4(tmp_path: Path) -> None:
-    @web.middleware
-    async def from_the_lan(request: web.Request, handler: Any) -> web.StreamResponse:
-        response: web.StreamResponse = await handler(request.clone(remote="10.0.2.7"))
-        return response
-
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a socket another user's needs root")
+async def test_a_socket_another_user_could_have_made_gets_no_credential(
+    tmp_path: Path,
+) -> None:
+    """The credential goes only to a socket root (or we) made, in a directory nobody else
+    can write: otherwise another local user could be listening there."""
     token = str(write(tmp_path / "t", ADMIN_TOKEN))
-    async with served(tmp_path / "clc", CLC_SETTINGS, middlewares=(from_the_lan,)) as lan:
-        result = await run("pending", "--api", lan.base, "--admin-token-file", token)
-    assert (result.exit_code, result.stderr) == (
-        4,
-        "error: operator endpoints answer on loopback only (HTTP 403)\n",
-    )
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    async with other_server(theirs, web.json_response({"tree": {}})) as base:
+        os.chown(theirs / "other.sock", 65534, 65534)
+        result = await run("status", "--api", base, "--admin-token-file", token)
+        assert result.exit_code == 4
+        assert "belongs to uid 65534, not to root" in result.stderr
+        os.chown(theirs / "other.sock", 0, 0)
+        theirs.chmod(0o777)
+        result = await run("status", "--api", base, "--admin-token-file", token)
+        assert result.exit_code == 4
+        assert "writable by others" in result.stderr
 
 
 async def test_an_invalid_config_is_exit_2(tmp_path: Path) -> None:
@@ -225,6 +227,10 @@ async def test_an_invalid_config_is_exit_2(tmp_path: Path) -> None:
         "http://[::ffff:127.0.0.1]:8780",
         "http://127.0.0.1.example.com:8780",
         "http://operator@10.0.0.1:8780",
+        # Not loopback either: any local user may listen there while the agent is down.
+        "http://127.0.0.1:8780",
+        "https://localhost:8780",
+        "unix:",
     ],
 )
 async def test_the_admin_credential_never_leaves_the_host(
@@ -243,7 +249,7 @@ async def test_the_admin_credential_never_leaves_the_host(
         assert "refusing to send the admin credential" in result.output
 
 
-async def test_a_url_that_is_not_http_is_a_usage_error(tmp_path: Path) -> None:
+async def test_an_api_that_is_not_a_socket_is_a_usage_error(tmp_path: Path) -> None:
     result = await run("status", "--api", "ftp://127.0.0.1/")
     assert result.exit_code == 2
-    assert "is not unix:PATH or an http(s):// URL" in result.output
+    assert "is not unix:PATH" in result.output

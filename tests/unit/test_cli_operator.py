@@ -43,7 +43,7 @@ async def run(*args: str, env: dict[str, str] | None = None) -> Result:
 
 async def op(h: Harness, token_file: Path, *args: str) -> Result:
     """An operator command with --api and --admin-token-file pointing at `h`."""
-    return await run(*args, "--api", h.base + "/", "--admin-token-file", str(token_file))
+    return await run(*args, "--api", h.socket, "--admin-token-file", str(token_file))
 
 
 def parsed(result: Result) -> Any:
