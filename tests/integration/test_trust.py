@@ -429,3 +429,37 @@ def test_remote_component_registers_over_http_only_in_mode_any(
         time.sleep(0.2)
     assert has_credentials(cloud, "walrus", "walrus-cert.pem")
     assert "fallback announcement" in cloud.logs("walrus")
+
+
+def test_token_pinned_walrus_and_cc_register_with_the_genuine_clc(
+    cloud_factory: CloudFactory,
+) -> None:
+    """A token pins the cloud CA by its key; the CLC proves itself with that CA's own
+    certificate. A Walrus and a CC of another host, each with a token and nothing else,
+    register over TLS and write their credentials (no install window, no approval)."""
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None},
+        "walrus": {"walrus": None},
+        "cc2": {"cc": "cluster2"},
+    }
+    cloud = cloud_factory(plan, trust="manual")
+    cloud.start("cloud")
+    cloud.wait_for_api("cloud")
+    walrus_token = token(cloud, "cloud", "--role", "walrus")
+    cc_token = token(cloud, "cloud", "--role", "cc", "--cluster", "cluster2")
+    cloud.settings = {
+        **cloud.settings,
+        "tokens": {"walrus": {"walrus": walrus_token}, "cc2": {"cc": cc_token}},
+    }
+    cloud.start("walrus")
+    cloud.start("cc2")
+    cloud.wait_for("cloud", all_registered({"walrus": 1, "cc": 1}), timeout=90)
+    deadline = time.monotonic() + 60
+    while not (
+        has_credentials(cloud, "walrus", "walrus-cert.pem")
+        and has_credentials(cloud, "cc2", "cluster-cert.pem")
+    ):
+        assert time.monotonic() < deadline, cloud.logs("walrus")[-2000:] + cloud.logs("cc2")[-2000:]
+        time.sleep(0.2)
+    for host in ("walrus", "cc2"):
+        assert "refusing registrar" not in cloud.logs(host)
