@@ -23,7 +23,7 @@ from yarl import URL
 from eucareg.api.auth import signed_body, socket_audience
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
+from eucareg.pki import names, tls
 
 from .identity import Identity
 from .locate import Endpoint
@@ -119,7 +119,7 @@ async def collect_credentials(
     wait: float = LONG_POLL,
     have: str | None = None,
     expect: tls.Expect | None = None,
-    named: cred.CertIdentity | None = None,
+    named: names.CertIdentity | None = None,
     client: tls.ClientCert | None = None,
 ) -> Outcome:
     """One signed, long-polling credential request: WRITTEN or PENDING, or, when watching
@@ -174,7 +174,7 @@ def _accept(
     key_dir: Path,
     have: str | None,
     pin: str | None,
-    named: cred.CertIdentity | None,
+    named: names.CertIdentity | None,
 ) -> Outcome:
     try:
         verified = cred.verify_bundle(files, role, identity.key, expect=named)

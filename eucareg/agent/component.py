@@ -19,7 +19,7 @@ from eucareg.core.model import Role
 from eucareg.core.trust import parse_token
 from eucareg.mdns.types import Announcer, ServiceSpec
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
+from eucareg.pki import names, tls
 
 from . import collect
 from .announce import TokenProver, instance_name, preconditions, service_spec
@@ -275,10 +275,10 @@ class Component:
             pin=None if root is not None else pin,
         )
 
-    def named(self) -> cred.CertIdentity:
+    def named(self) -> names.CertIdentity:
         """What our certificate must name."""
         cluster = self.conf.cluster if self.role in (Role.CC, Role.SC, Role.NC) else None
-        return cred.CertIdentity(self.role, cluster, self.identity.component_id)
+        return names.CertIdentity(self.role, cluster, self.identity.component_id)
 
     async def _ask_each(
         self, endpoints: list[Endpoint], have: str | None

@@ -21,7 +21,7 @@ from eucareg.core.grammar import peer_address, shown
 from eucareg.core.model import Announcement, DecisionKind
 from eucareg.core.txt import Rejected, decode
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
+from eucareg.pki import names, tls
 from eucareg.registrar.engine import CredentialRefused
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _certified(request: web.Request, ann: Announcement) -> bool:
     return (
         peer is not None
         and peer.fingerprint == ann.fingerprint
-        and peer.named == cred.CertIdentity(ann.role, ann.cluster, ann.component_id)
+        and peer.named == names.CertIdentity(ann.role, ann.cluster, ann.component_id)
     )
 
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from eucareg.core.model import Role
 
 from . import credentials as cred
+from . import names
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def check_registrar(chain: list[x509.Certificate], expect: Expect, now: datetime
     if not chain:
         raise UntrustedRegistrar("the registrar presented no certificate")
     leaf = chain[0]
-    named = cred.cert_identity(leaf)
+    named = names.cert_identity(leaf)
     if named is None or named.role is not expect.role:
         raise UntrustedRegistrar(
             f"the registrar's certificate names {named or 'no component'}, "
@@ -199,7 +200,7 @@ def server_context(
 class Peer:
     """The component a verified TLS client certificate names, and the key it certifies."""
 
-    named: cred.CertIdentity
+    named: names.CertIdentity
     fingerprint: str
 
 
@@ -230,11 +231,11 @@ def _peer_identity(obj: ssl.SSLObject) -> Peer | None:
         return None
     if not chain:
         return None
-    leaf, named = chain[0], cred.cert_identity(chain[0])
+    leaf, named = chain[0], names.cert_identity(chain[0])
     if named is None:
         return None
     if len(chain) == 3:
-        issuer = cred.cert_identity(chain[1])
+        issuer = names.cert_identity(chain[1])
         if (
             named.role is not Role.NC
             or issuer is None

@@ -43,7 +43,7 @@ from eucareg.agent.tasks import RestartPolicy
 from eucareg.cli.main import main as cli_main
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
+from eucareg.pki import names, tls
 from tests.factories import ann, fresh_key, sighting
 from tests.unit.test_agent_collect import clc_sighting
 from tests.unit.test_agent_fakes import (
@@ -717,8 +717,8 @@ def test_cert_identity_reads_only_what_the_certificate_says(
     (The SAN is written as raw DER, so that non-ASCII bytes reach the parser.)"""
     k = fresh_key()
     cert = build(k, k, subject=subject, raw_san=tlv(0x30, tlv(0x86, uri.encode())))
-    got = cred.cert_identity(cert)
-    assert got == (cred.CertIdentity(*named) if named else None)
+    got = names.cert_identity(cert)
+    assert got == (names.CertIdentity(*named) if named else None)
 
 
 async def test_a_server_with_no_certificate_or_an_old_protocol_is_refused(tmp_path: Path) -> None:
@@ -1162,7 +1162,7 @@ async def test_a_crafted_client_certificate_gets_a_refusal_not_a_500(tmp_path: P
         )
         node = ann(Role.NC, "cluster1")
         peer["remote"] = str(node.address)
-        uri = cred.identity_uri(Role.NC, "cluster1", node.component_id)
+        uri = names.identity_uri(Role.NC, "cluster1", node.component_id)
         cert = build(
             key_of(node),
             cc1_key,

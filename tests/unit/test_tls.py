@@ -16,7 +16,7 @@ from cryptography import x509
 
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
+from eucareg.pki import names, tls
 from tests.factories import fresh_key
 
 
@@ -165,9 +165,9 @@ def test_check_registrar_refuses_expired_and_empty() -> None:
 
 
 def test_cert_identity_reads_san_and_old_subjects() -> None:
-    assert cred.cert_identity(CC_CERT) == cred.CertIdentity(Role.CC, "cluster1", "cc-00000001")
+    assert names.cert_identity(CC_CERT) == names.CertIdentity(Role.CC, "cluster1", "cc-00000001")
     # The cloud CA certifies the CLC's own key and names it: the CLC serves TLS with it.
-    assert cred.cert_identity(CLOUD.root) == cred.CertIdentity(Role.CLC, None, "clc-00000001")
+    assert names.cert_identity(CLOUD.root) == names.CertIdentity(Role.CLC, None, "clc-00000001")
 
 
 def test_load_root(tmp_path: Path) -> None:
