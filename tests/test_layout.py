@@ -161,3 +161,21 @@ def test_the_cycle_finder_finds_cycles(
     graph: dict[str, set[str]], expected: list[list[str]]
 ) -> None:
     assert _cycles(graph) == expected
+
+
+def test_an_agent_without_a_registrar_does_not_load_the_registrar_side() -> None:
+    """An NC's agent (the CLI's `agent` command and the host) loads neither the store
+    (SQLAlchemy), nor the API server (aiohttp.web, jsonschema): they cost it ~20 MiB."""
+    import subprocess
+
+    code = (
+        "import sys, eucareg.cli.main, eucareg.agent.host\n"
+        "heavy = [m for m in ('sqlalchemy', 'aiohttp.web', 'jsonschema', "
+        "'eucareg.registrar.engine', 'eucareg.store.registry', 'eucareg.api.app') "
+        "if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "", result.stdout

@@ -20,10 +20,10 @@ import aiohttp
 from cryptography.exceptions import UnsupportedAlgorithm
 from yarl import URL
 
-from eucareg.api.auth import signed_body, socket_audience
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 from eucareg.pki import names, tls
+from eucareg.pki.signing import signed_body, socket_audience
 
 from .identity import Identity
 from .locate import Endpoint

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
@@ -18,13 +18,11 @@ from eucareg.core.model import Role
 from eucareg.mdns.types import Announcer, Watcher
 from eucareg.mdns.zeroconf_backend import ZeroconfBackend
 from eucareg.pki import tls
-from eucareg.registrar.engine import Registrar
 
 from .collect import collect_credentials
 from .component import AgentTiming, Component
 from .identity import Identity, ensure_cloud_ca, load_or_create_identity, read_or_create_secret
 from .locate import Endpoint, Registrars
-from .service import RegistrarService
 from .statedir import secure_state_dir
 from .tasks import AgentFailed, RestartPolicy, Supervisor
 
@@ -40,6 +38,11 @@ __all__ = [
     "load_or_create_identity",
     "read_or_create_secret",
 ]
+
+if TYPE_CHECKING:  # the registrar side (SQLAlchemy, aiohttp's server) loads only when used
+    from eucareg.registrar.engine import Registrar
+
+    from .service import RegistrarService
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,8 @@ class Agent:
             )
         )
         if cfg.runs_registrar:
+            from .service import RegistrarService  # only hosts with a registrar load it
+
             self.service = RegistrarService(
                 cfg,
                 clc=clc,

@@ -10,9 +10,10 @@ import logging
 from aiohttp import web
 
 from eucareg.api import components, limits, openapi, operator, peer, status, trust
-from eucareg.api.auth import NONCES, Handler, NonceCache, operator_only, signed_body
+from eucareg.api.auth import NONCES, Handler, NonceCache, operator_only
 from eucareg.api.context import CONTEXT, REGISTRAR, ApiContext
 from eucareg.api.validate import MAX_BODY, ApiError, error, http_error
+from eucareg.pki.signing import signed_body
 from eucareg.registrar.engine import Registrar
 
 __all__ = ["ApiContext", "build_app", "signed_body"]

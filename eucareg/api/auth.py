@@ -14,7 +14,6 @@ import hmac
 import ipaddress
 import json
 import math
-import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -25,11 +24,9 @@ from aiohttp import web
 from eucareg.api import limits
 from eucareg.api.context import CONTEXT, REGISTRAR
 from eucareg.api.validate import MAX_BODY, ApiError, as_object, parse_json
-from eucareg.core.grammar import peer_address
 from eucareg.pki import credentials as cred
+from eucareg.pki.signing import SIGNATURE_HEADER, SIGNED_VERSION, socket_audience
 
-SIGNATURE_HEADER = "X-Eucareg-Signature"
-SIGNED_VERSION = 2  # the envelope's "v"; 1 (no "v") bound neither method, path nor registrar
 CLOCK_SKEW = 300.0  # seconds a signed request may be early or late
 MAX_NONCE = 128  # characters; agents send 32, and every nonce is kept for a while
 MAX_PEM = 4096  # characters; an RSA-4096 public key in PEM is about 800
@@ -195,41 +192,6 @@ class NonceCache:
 
 
 NONCES = web.AppKey("nonces", NonceCache)
-
-
-def signed_body(
-    key: cred.PrivateKey,
-    fields: dict[str, Any],
-    *,
-    method: str,
-    path: str,
-    audience: str,
-) -> tuple[bytes, dict[str, str]]:
-    """A request body for `method path` (the path with its query, exactly as sent) to the
-    registrar `audience` (its component id, or "ADDRESS:PORT" as we connect to it), carrying
-    our public key, the time and a nonce; and its signature header."""
-    body = json.dumps(
-        {
-            **fields,
-            "v": SIGNED_VERSION,
-            "method": method,
-            "path": path,
-            "audience": audience,
-            "public_key": cred.public_pem(key.public_key()),
-            "timestamp": time.time(),
-            "nonce": secrets.token_hex(16),
-        }
-    ).encode()
-    return body, {SIGNATURE_HEADER: cred.sign(key, body), "Content-Type": "application/json"}
-
-
-def socket_audience(host: str, port: int) -> str:
-    """How a registrar reached at an IP address and port is named in a signed request:
-    "10.0.2.10:8780", "[fd00::10]:8780" (IPv4-mapped IPv6 as IPv4, no zone)."""
-    address = peer_address(host)
-    if address is None:
-        raise ValueError(f"{host!r} is not an IP address")
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def verify_signed(

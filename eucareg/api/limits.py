@@ -54,7 +54,7 @@ DEFAULT_SOURCES = 10_000  # sources tracked at once (about 150 bytes each)
 DEFAULT_IN_FLIGHT = 1_000  # unauthenticated requests being answered at once, all sources together
 
 # Headers that may make a request authenticated; one without either is charged at once.
-# (auth.SIGNATURE_HEADER is the second; auth imports this module, not the other way round.)
+# (signing.SIGNATURE_HEADER is the second; auth imports this module, not the other way round.)
 CREDENTIAL_HEADERS = ("Authorization", "X-Eucareg-Signature")
 UNIX_SOURCE = "unix"  # the operator's socket: root on this host
 UNKNOWN_SOURCE = "unknown"

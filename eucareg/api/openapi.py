@@ -17,10 +17,10 @@ from typing import Any
 from aiohttp import web
 
 from eucareg.api import schemas
-from eucareg.api.auth import SIGNATURE_HEADER
 from eucareg.api.components import MAX_WAIT, WAIT
 from eucareg.api.operator import MAX_EVENTS
 from eucareg.api.validate import MAX_BODY, MAX_DEPTH, MAX_SEQ
+from eucareg.pki.signing import SIGNATURE_HEADER
 
 Schema = dict[str, Any]
 PATH = "/v1/openapi.json"

@@ -12,7 +12,6 @@ import aiohttp
 from aiohttp import web
 from cryptography import x509
 
-from eucareg.api.auth import signed_body
 from eucareg.api.context import CONTEXT, REGISTRAR, ApiContext
 from eucareg.api.schemas import read_signed_body
 from eucareg.api.validate import ApiError
@@ -20,6 +19,7 @@ from eucareg.api.views import registry_json
 from eucareg.core.model import Announcement, IPAddress, Role, Status
 from eucareg.pki import credentials as cred
 from eucareg.pki import tls
+from eucareg.pki.signing import signed_body
 from eucareg.registrar.engine import Registrar
 
 PEER_TIMEOUT = 3.0  # when the CLC asks a CC for its NCs

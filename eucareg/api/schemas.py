@@ -33,6 +33,7 @@ from eucareg.core.model import Event, HookRun, Record, Role
 from eucareg.core.trust import Mode, Task, Token
 from eucareg.core.txt import MAX_TXT_VALUE
 from eucareg.pki import credentials as cred
+from eucareg.pki import signing
 
 Schema = dict[str, Any]
 
@@ -138,7 +139,7 @@ REVOKE_TOKEN = _object({"token_id": TOKEN_ID}, ("token_id",))
 # What every signed request carries (docs/credentials.md, "Signed requests"); auth.py checks
 # it, cheapest first, before the route's own fields are looked at.
 ENVELOPE: Schema = {
-    "v": {"const": auth.SIGNED_VERSION},
+    "v": {"const": signing.SIGNED_VERSION},
     "method": {"type": "string", "minLength": 1, "maxLength": auth.MAX_BOUND},
     "path": {"type": "string", "minLength": 1, "maxLength": auth.MAX_BOUND},
     "audience": {"type": "string", "minLength": 1, "maxLength": auth.MAX_BOUND},

@@ -77,10 +77,10 @@ def _requests(
     """(source, method, path, body, headers) for `count` requests: 30% HTTP announcements,
     30% credential requests (from narrow sources, a quarter of them long-polls of 2 s), 20%
     peer reads, 20% junk."""
-    from eucareg.api.auth import SIGNATURE_HEADER, signed_body, socket_audience
     from eucareg.core import txt
     from eucareg.core.model import AnnouncedState, Role
     from eucareg.pki import credentials as cred
+    from eucareg.pki.signing import SIGNATURE_HEADER, signed_body, socket_audience
 
     keys = [cred.load_key(p) for p in sorted(keys_dir.glob("*.pem"))]
     prints = [cred.fingerprint(k.public_key()) for k in keys]

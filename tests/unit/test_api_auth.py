@@ -18,16 +18,14 @@ from aiohttp import web
 from eucareg.api.app import OPERATOR_ROUTES
 from eucareg.api.auth import (
     CLOCK_SKEW,
-    SIGNATURE_HEADER,
-    SIGNED_VERSION,
     NonceCache,
     check_admin,
     is_loopback,
-    socket_audience,
     verify_signed,
 )
 from eucareg.api.validate import ApiError
 from eucareg.pki import credentials as cred
+from eucareg.pki.signing import SIGNATURE_HEADER, SIGNED_VERSION, socket_audience
 from tests.unit.test_api_harness import ADMIN_TOKEN, CLC_SETTINGS, Harness, served
 
 ADMIN_REFUSED = "the local admin credential is required (see docs/security.md)"

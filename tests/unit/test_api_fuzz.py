@@ -39,11 +39,11 @@ from hypothesis import strategies as st
 from jsonschema.protocols import Validator
 
 from eucareg.api import openapi, schemas
-from eucareg.api.auth import SIGNATURE_HEADER, signed_body, socket_audience
 from eucareg.api.validate import MAX_BODY, compile_schema
 from eucareg.core.model import Announcement, Role
 from eucareg.core.trust import parse_token
 from eucareg.pki import credentials as cred
+from eucareg.pki.signing import SIGNATURE_HEADER, signed_body, socket_audience
 from tests.factories import ann, pool_key, sighting
 from tests.unit.test_api_harness import ADMIN_TOKEN, CLC_SETTINGS, Harness, key_of, served
 

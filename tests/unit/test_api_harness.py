@@ -21,11 +21,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.typedefs import Middleware
 
 from eucareg.api.app import ApiContext, build_app, signed_body
-from eucareg.api.auth import socket_audience
 from eucareg.core.model import Announcement, Role
 from eucareg.core.policy import RegistrarSettings
 from eucareg.pki import credentials as cred
 from eucareg.pki import tls
+from eucareg.pki.signing import socket_audience
 from eucareg.registrar.engine import Issuer, Registrar, Timing
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, sighting

@@ -26,8 +26,6 @@ from eucareg.api.app import ApiContext, build_app
 from eucareg.api.auth import (
     CLOCK_SKEW,
     NONCES,
-    SIGNATURE_HEADER,
-    SIGNED_VERSION,
     NonceCache,
     verify_signed,
 )
@@ -38,6 +36,7 @@ from eucareg.core.model import Announcement, Role
 from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import announcement_proof_message, make_proof, parse_token
 from eucareg.pki import credentials as cred
+from eucareg.pki.signing import SIGNATURE_HEADER, SIGNED_VERSION
 from tests.factories import ann, sighting
 from tests.unit.test_api_harness import (
     ADMIN_TOKEN,

@@ -29,18 +29,15 @@ from eucareg.api.auth import (
     CLOCK_SKEW,
     NONCE_CAP,
     NONCES,
-    SIGNATURE_HEADER,
-    SIGNED_VERSION,
     NonceCache,
     read_signed,
-    signed_body,
-    socket_audience,
     verify_signed,
 )
 from eucareg.api.context import CONTEXT, ApiContext
 from eucareg.api.validate import ApiError
 from eucareg.core.model import AnnouncedState, Role
 from eucareg.pki import credentials as cred
+from eucareg.pki.signing import SIGNATURE_HEADER, SIGNED_VERSION, signed_body, socket_audience
 from tests.factories import ann
 from tests.unit.test_api_harness import CC_SETTINGS, CLC_SETTINGS, Harness, served
 
