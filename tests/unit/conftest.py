@@ -3,12 +3,13 @@ tests, which ask for it) no host configuration leaking in."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from eucareg.cli import client
+from eucareg.pki import credentials as cred
 from tests.unit.test_api_harness import CLC_SETTINGS, Harness, served
 
 
@@ -22,3 +23,17 @@ def no_host_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 async def clc(tmp_path: Path) -> AsyncIterator[Harness]:
     async with served(tmp_path / "clc", CLC_SETTINGS) as harness:
         yield harness
+
+
+@pytest.fixture
+def verifies(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Count the signature checks the registrar makes (one element per call)."""
+    calls: list[int] = []
+    real = cred.verify
+
+    def counting(public_key: cred.PublicKey, body: bytes, signature: str) -> bool:
+        calls.append(1)
+        return real(public_key, body, signature)
+
+    monkeypatch.setattr(cred, "verify", counting)
+    yield calls

@@ -21,6 +21,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.typedefs import Middleware
 
 from eucareg.api.app import ApiContext, build_app, signed_body
+from eucareg.api.auth import NONCES, NonceCache
+from eucareg.api.limits import RateLimits
 from eucareg.core.model import Announcement, Role
 from eucareg.core.policy import RegistrarSettings
 from eucareg.pki import credentials as cred
@@ -167,10 +169,15 @@ async def served(
     ca_known: bool = True,
     peer_key: cred.PrivateKey | None = None,
     middlewares: Sequence[Middleware] = (),
+    outer: Sequence[Middleware] = (),
     tls_dir: Path | None = None,
+    limits: RateLimits | None = None,
+    nonces: NonceCache | None = None,
 ) -> AsyncIterator[Harness]:
     """A registrar and its API on 127.0.0.1, port 0; closed again on the way out.
-    `middlewares` run inside the API's own, e.g. to pretend a request came from elsewhere.
+    `middlewares` run inside the API's own, e.g. to pretend a request came from elsewhere;
+    `outer` outside all of them (before the rate limits see the request). `limits` and
+    `nonces` replace the API's defaults.
     With `tls_dir`, it serves HTTPS as the CLC (the test client then cannot call it; the
     agent's functions can)."""
     cloud = the_cloud()
@@ -182,9 +189,14 @@ async def served(
         ca_fingerprint=lambda: cloud.fingerprint if ca_known else None,
         peer_key=peer_key,
         cloud_cert=cloud.issuer.cert if peer_key else None,
+        **({"limits": limits} if limits is not None else {}),
     )
     app = build_app(registrar, ctx)
     app.middlewares.extend(middlewares)
+    for middleware in reversed(outer):
+        app.middlewares.insert(0, middleware)
+    if nonces is not None:
+        app[NONCES] = nonces
     server = TestServer(app)
     if tls_dir is not None:
         context = await asyncio.to_thread(_serve_as_clc, tls_dir, cloud)

@@ -12,17 +12,14 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from eucareg.api import limits
-from eucareg.api.app import ApiContext, build_app
 from eucareg.api.auth import (
     CLOCK_SKEW,
     NONCES,
@@ -43,9 +40,8 @@ from tests.unit.test_api_harness import (
     CC_SETTINGS,
     Harness,
     eventually,
-    make_registrar,
-    the_cloud,
 )
+from tests.unit.test_api_harness import served as harness_served
 
 REMOTE = "X-Test-Remote"  # the source address a request pretends to come from
 CREDENTIALS = "/v1/credentials"
@@ -61,35 +57,17 @@ async def from_header(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-@contextlib.asynccontextmanager
-async def served(
+def served(
     tmp_path: Path,
     rate_limits: RateLimits,
     *,
     settings: RegistrarSettings = CC_SETTINGS,
     nonces: NonceCache | None = None,
-) -> AsyncIterator[Harness]:
+) -> contextlib.AbstractAsyncContextManager[Harness]:
     """A CC registrar whose API has these limits (and this nonce cache), on 127.0.0.1."""
-    cloud = the_cloud()
-    registrar = await make_registrar(tmp_path, settings, cloud)
-    local: list[dict[str, Any]] = []
-    ctx = ApiContext(
-        admin_token=ADMIN_TOKEN,
-        local_components=lambda: local,
-        ca_fingerprint=lambda: cloud.fingerprint,
-        limits=rate_limits,
+    return harness_served(
+        tmp_path, settings, outer=(from_header,), limits=rate_limits, nonces=nonces
     )
-    app = build_app(registrar, ctx)
-    app.middlewares.insert(0, from_header)  # outside every middleware of the API's own
-    if nonces is not None:
-        app[NONCES] = nonces
-    client: TestClient[Any, Any] = TestClient(TestServer(app))
-    await client.start_server()
-    try:
-        yield Harness(registrar, client, cloud, local)
-    finally:
-        await client.close()
-        await registrar.close()
 
 
 def limiter_of(h: Harness) -> SourceLimiter:
@@ -104,20 +82,6 @@ def nonces_of(h: Harness) -> NonceCache:
 def keys() -> list[cred.PrivateKey]:
     """Self-made keys, as an attacker would use: a few, reused with fresh ids and nonces."""
     return [cred.generate_key() for _ in range(12)]
-
-
-@pytest.fixture
-def verifies(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Count the signature checks the registrar makes."""
-    calls: list[int] = []
-    real = cred.verify
-
-    def counting(public_key: cred.PublicKey, body: bytes, signature: str) -> bool:
-        calls.append(1)
-        return real(public_key, body, signature)
-
-    monkeypatch.setattr(cred, "verify", counting)
-    yield calls
 
 
 Answer = tuple[int, Any, dict[str, str]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +58,6 @@ async def clc(tmp_path: Path) -> AsyncIterator[Harness]:
     async with served(tmp_path, CLC_SETTINGS) as harness:
         harness.local.append({"role": "clc", "component_id": CLC_ID})
         yield harness
-
-
-@pytest.fixture
-def verifies(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Count the signature checks the registrar makes (one element per call)."""
-    calls: list[int] = []
-    real = cred.verify
-
-    def counting(public_key: cred.PublicKey, body: bytes, signature: str) -> bool:
-        calls.append(1)
-        return real(public_key, body, signature)
-
-    monkeypatch.setattr(cred, "verify", counting)
-    yield calls
 
 
 def at(h: Harness) -> str:
