@@ -511,14 +511,16 @@ def certificate_issued(
     )
 
 
-def registrar_event(now: float, code: str, reason: str) -> NewEvent:
+def registrar_event(now: float, code: str, reason: str, kind: str = "trust") -> NewEvent:
+    """An event about the registrar itself rather than a component (a trust change, a
+    summary of held-back notes)."""
     return NewEvent(
         at=now,
         component_id="-",
         role="registrar",
         cluster=None,
         address="",
-        kind="trust",
+        kind=kind,
         code=code,
         reason=reason,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from eucareg.core.model import Announcement, Decision, NewEvent, Role
+from eucareg.core.transitions import registrar_event
 from eucareg.core.txt import Rejected
 from eucareg.mdns.types import Sighting
 
@@ -51,18 +52,12 @@ class Notes:
         total = sum(self.held.values())
         codes = ", ".join(f"{code} {n}" for code, n in sorted(self.held.items()))
         self.held = {}
-        return NewEvent(
-            at=now,
-            component_id="-",
-            role="registrar",
-            cluster=None,
-            address="",
+        return registrar_event(
+            now,
+            "notes-summarised",
+            f"{total} more rejected or refused announcements were not written one by one "
+            f"(more than {self.per_window} in {self.window:g}s): {codes}",
             kind="summary",
-            code="notes-summarised",
-            reason=(
-                f"{total} more rejected or refused announcements were not written one by one "
-                f"(more than {self.per_window} in {self.window:g}s): {codes}"
-            ),
         )
 
     def __len__(self) -> int:
