@@ -241,8 +241,13 @@ class Component:
                     backoff.delay,
                 )
                 # A registrar heard meanwhile cuts the wait short: after a decoy, the genuine
-                # registrar is asked as soon as it announces itself.
-                await self._registrars.wait_changed(backoff.next())
+                # registrar is asked as soon as it announces itself. Not sooner than a second,
+                # though: a decoy that re-announces itself all the time must not make us
+                # hammer it (or anyone) in a loop.
+                delay = backoff.next()
+                floor = min(delay, self._timing.min_request_interval)
+                await asyncio.sleep(floor)
+                await self._registrars.wait_changed(delay - floor)
                 continue
             backoff.reset()
             # None: our own state moved (a credential file vanished, say), so we ask afresh.

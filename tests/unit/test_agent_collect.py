@@ -5,10 +5,12 @@ collected again, and what a 410 does. mDNS is the in-memory fake; nothing leaves
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import stat
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -238,3 +240,50 @@ def test_candidates_put_the_registrar_that_certified_us_first(cloud: FakeCloud) 
         ep.address for ep in registrars.candidates(Role.WALRUS, None, pin=None, issuer=None)
     ] == ["10.0.2.9"]
     assert registrars.candidates(Role.WALRUS, None, pin=cloud.fingerprint, issuer=None) == []
+
+
+async def test_a_flapping_announcer_does_not_make_us_retry_in_a_loop(tmp_path: Path) -> None:
+    """After a failed request, a change among the registrars heard cuts the wait short, but
+    never below min_request_interval: a decoy re-announcing itself every 10 ms must not turn
+    our retries into a loop against whoever fails us."""
+    accepted = 0
+
+    async def garbage(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.write(b"\x00\xff not TLS")
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    slow = AgentTiming(long_poll=0.3, retry_base=2.0, retry_max=4.0, min_request_interval=0.5)
+    seed_identity(tmp_path / "state", Role.WALRUS, WALRUS_ID, key(1))
+    cfg = make_config(tmp_path, {"walrus": {}}, fallback_registrar=f"https://127.0.0.1:{port}")
+    mdns = FakeMdns()
+    agent = Agent(cfg, backend=mdns, timing=slow)
+    await agent.start()
+    try:
+        await eventually(lambda: accepted >= 1)
+        began, first, n = time.monotonic(), accepted, 0
+        record = txt.encode(
+            role=Role.CC,
+            component_id="cc-00000000f1a9",
+            cluster="other",
+            state=AnnouncedState.REGISTERED,
+            address=ipaddress.ip_address("10.0.2.50"),
+            fingerprint="sha256:" + "f" * 64,
+            api_port=8780,
+            eucavers="3.4",
+        )
+        while time.monotonic() - began < 2.5:  # another cluster's CC, flapping
+            n += 1
+            change = Change.ADDED if n % 2 else Change.REMOVED
+            mdns.hear(Sighting("cluster-cc-f1a9", change, txt=record, addresses=("10.0.2.50",)))
+            await asyncio.sleep(0.01)
+        # One attempt a second at most (min_request_interval 0.5 s, the backoff 2 s and
+        # more), not one per flap (about 250).
+        assert accepted - first <= 6, (accepted - first, n)
+    finally:
+        await agent.stop()
+        server.close()
+        await server.wait_closed()
