@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -150,6 +151,7 @@ def bench_fleet(work: Path, count: int) -> dict[str, Any]:
     plan: dict[str, dict[str, str | None]] = {"cloud": CLOUD}
     topology = parse_topology("subnet lan 10.77.0.0/16\nhost cloud lan\nhost fleet lan")
     cache = RESULTS / "fleet-keys"
+    work.mkdir(parents=True, exist_ok=True)
     keys = work / "fleet-credentials"
     progress_file = work / "fleet.json"
     with Lab(topology, work / "lab-fleet") as lab:
@@ -214,8 +216,15 @@ def bench_fleet(work: Path, count: int) -> dict[str, Any]:
             for row in cluster["nc"]
             if row["status"] == "registered" and row["component_id"] in fleet_ids
         )
-        hook_runs = sum(1 for line in cloud.hook_log("cloud") if line.startswith("node "))
-        fleet["node_hook_runs"] = hook_runs
+        hooked = [line.split()[1] for line in cloud.hook_log("cloud") if line.startswith("node ")]
+        fleet["node_hook_runs"] = len(hooked)
+        # The judge's figures (issue 8): counted only from what was verified.
+        fleet["missed"] = count - fleet["verified_current"]
+        fleet["duplicated"] = len(hooked) - len(set(hooked))
+        complete = fleet["missed"] == 0 and not fleet["collected_but_not_current"]
+        fleet["all_registered_s"] = (
+            fleet.get("first_announcement_to_last_credentials_s") if complete else None
+        )
         fleet["registrar_worst_loop_lag_ms"] = lag["worst_ms"]
         fleet["loop_lag_period_s"] = lag_period
         # From the registrar's start until the burst: its own start-up and the cloud's.
@@ -227,31 +236,52 @@ def bench_fleet(work: Path, count: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=25, help="latency samples (>= 20)")
-    parser.add_argument("--fleet", type=int, default=200, help="NCs announced at once")
+    parser.add_argument(
+        "--fleet",
+        type=int,
+        nargs="+",
+        default=[200],
+        help="NCs announced at once; several sizes run one after another (e.g. 200 1000)",
+    )
     parser.add_argument(
         "--only", choices=("latency", "fleet"), default=None, help="run one benchmark only"
     )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     cleanup_stale()
-    results: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        # The machine's load when we start: figures from a busy machine are not comparable.
+        "load_average_at_start": list(os.getloadavg()),
+    }
     with tempfile.TemporaryDirectory(prefix="eucareg-bench-") as tmp:
         work = Path(tmp)
         if args.only in (None, "latency"):
             print(f"latency: {args.runs} NCs joining one at a time", flush=True)
             results["latency"] = bench_latency(work, args.runs)
+            results["latency"]["nc_median_ms"] = results["latency"]["median_ms"]
         if args.only in (None, "fleet"):
-            print(f"fleet: {args.fleet} NCs announced at once", flush=True)
-            results["fleet"] = bench_fleet(work, args.fleet)
+            for count in args.fleet:
+                print(f"fleet: {count} NCs announced at once", flush=True)
+                results[f"fleet_{count}"] = bench_fleet(work / f"fleet-{count}", count)
+    lags = [
+        part["registrar_worst_loop_lag_ms"]
+        for part in results.values()
+        if isinstance(part, dict) and "registrar_worst_loop_lag_ms" in part
+    ]
+    results["loop_lag"] = {"max_ms": max(lags) if lags else None}
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
-    fleet = results.get("fleet")
-    if fleet is not None and (fleet["missing"] or fleet["collected_but_not_current"]):
-        print(
-            f"fleet: {len(fleet['missing'])} of {fleet['count']} NCs hold no verified "
-            f"credentials, {len(fleet['collected_but_not_current'])} hold stale ones",
-            file=sys.stderr,
-        )
+    failed = False
+    for name, fleet in results.items():
+        if name.startswith("fleet_") and (fleet["missing"] or fleet["collected_but_not_current"]):
+            print(
+                f"{name}: {len(fleet['missing'])} of {fleet['count']} NCs hold no verified "
+                f"credentials, {len(fleet['collected_but_not_current'])} hold stale ones",
+                file=sys.stderr,
+            )
+            failed = True
+    if failed:
         sys.exit(1)
 
 
