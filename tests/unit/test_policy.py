@@ -8,7 +8,7 @@ from eucareg.core.model import AnnouncedState, Announcement, DecisionKind, Recor
 from eucareg.core.policy import RegistrarSettings, View, decide
 from eucareg.core.rivals import rival_warnings
 from eucareg.core.trust import Mode, Task, TokenVerdict, TrustSettings
-from tests.factories import ann, fake_fingerprint
+from tests.factories import ann, fake_fingerprint, record_from
 
 CLC = RegistrarSettings(
     registers=frozenset({Role.WALRUS, Role.CC, Role.SC}), observes_unmatched_nodes=True
@@ -17,15 +17,7 @@ CC1 = RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="c1")
 
 
 def record_of(a: Announcement, status: Status = Status.REGISTERED, reason: str = "ok") -> Record:
-    return Record(
-        component_id=a.component_id,
-        role=a.role,
-        cluster=a.cluster,
-        address=str(a.address),
-        fingerprint=a.fingerprint,
-        status=status,
-        reason=reason,
-    )
+    return record_from(a, status, reason=reason)
 
 
 # The operator opened an install window: these tests are about the design's checks.

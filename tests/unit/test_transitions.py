@@ -35,7 +35,7 @@ from eucareg.core.transitions import (
 )
 from eucareg.core.trust import Token, TrustSettings, check_token
 from eucareg.registrar.memory import Memory
-from tests.factories import ann, fake_fingerprint
+from tests.factories import ann, fake_fingerprint, record_from
 
 NC_SETTINGS = RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="c1")
 TIMING = Timing(retry_base=1, retry_max=10)
@@ -43,17 +43,7 @@ NOW = 1000.0
 
 
 def token_record(status: Status, token_id: str = "tok000000001") -> Record:
-    a = ann(Role.NC, "c1")
-    return Record(
-        component_id=a.component_id,
-        role=a.role,
-        cluster=a.cluster,
-        address=str(a.address),
-        fingerprint=a.fingerprint,
-        status=status,
-        reason="",
-        admitted_by=f"token:{token_id}",
-    )
+    return record_from(ann(Role.NC, "c1"), status, admitted_by=f"token:{token_id}")
 
 
 @pytest.mark.parametrize(
