@@ -25,6 +25,7 @@ from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import new_master_key
 from eucareg.pki import credentials as cred
 from eucareg.pki import tls
+from eucareg.registrar.batch import Batching
 from eucareg.registrar.engine import Issuer, Registrar, Retention, Timing
 from eucareg.store.registry import Store, sqlite_url
 
@@ -99,6 +100,7 @@ class RegistrarService:
             master_key=master_key,
             retention=Retention(cfg.keep_history, cfg.max_events, cfg.max_hook_runs),
             hooks_at_once=cfg.max_hooks_running,
+            batching=Batching(cfg.batch_hooks, cfg.batch_max, cfg.batch_wait),
         )
         await self.registrar.start()
         context = ApiContext(

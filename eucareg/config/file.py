@@ -90,6 +90,11 @@ class Config:
     max_hook_runs: int = 50_000
     max_unadmitted: int = 5000
     max_hooks_running: int = 64  # registration hooks running at once; the rest queue
+    # Roles whose hooks may run as one batch (docs/hooks.md, "Batches"), how many at most, and
+    # how long the first of a batch waits for others to join it.
+    batch_hooks: frozenset[Role] = frozenset()
+    batch_max: int = 100
+    batch_wait: float = 0.5
     # Unauthenticated requests: per source (a second, and at once), sources tracked, and
     # being answered at once (eucareg/api/limits.py, docs/security.md).
     rate_limit: int = 10
@@ -109,10 +114,10 @@ class Config:
         return self.state_dir / "registry.db"
 
 
-def parse_duration(value: Any, key: str) -> float:
+def parse_duration(value: Any, key: str, high: float = grammar.MAX_DURATION) -> float:
     """A duration through the one grammar (core/grammar.py); ConfigError names the key."""
     try:
-        return grammar.duration(value, key)
+        return grammar.duration(value, key, high=high)
     except Invalid as exc:
         raise ConfigError(str(exc)) from None
 
@@ -216,6 +221,9 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             "max_hook_runs",
             "max_unadmitted",
             "max_hooks_running",
+            "batch_hooks",
+            "batch_max",
+            "batch_wait",
             "rate_limit",
             "rate_burst",
             "rate_sources",
@@ -263,6 +271,9 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         max_hooks_running=_bounded(
             reg.get("max_hooks_running", 64), "registrar.max_hooks_running", 1, 1024
         ),
+        batch_hooks=_batch_hooks(reg.get("batch_hooks", [])),
+        batch_max=_bounded(reg.get("batch_max", 100), "registrar.batch_max", 2, 10_000),
+        batch_wait=parse_duration(reg.get("batch_wait", "500ms"), "registrar.batch_wait", 60.0),
         rate_limit=_bounded(reg.get("rate_limit", 10), "registrar.rate_limit", 1, MAX_RATE),
         rate_burst=_bounded(reg.get("rate_burst", 100), "registrar.rate_burst", 1, MAX_RATE),
         rate_sources=_count(reg.get("rate_sources", 10_000), "registrar.rate_sources"),
@@ -277,6 +288,27 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         ca_fingerprint=ca_fingerprint,
         allowed_ranges=allowed,
     )
+
+
+BATCHABLE = {role.hook_name: role for role in Role if role is not Role.CLC}
+
+
+def _batch_hooks(value: Any) -> frozenset[Role]:
+    """Hook scripts (by name) whose runs may be batched: a list of walrus, cluster, storage,
+    node, each at most once."""
+    names = ", ".join(BATCHABLE)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"registrar.batch_hooks: expected a list of hook names ({names}), got {_shown(value)}"
+        )
+    unknown = [v for v in value if v not in BATCHABLE]
+    if unknown:
+        raise ConfigError(
+            f"registrar.batch_hooks: {_shown(unknown[0])} is not a hook; expected {names}"
+        )
+    if len(set(value)) != len(value):
+        raise ConfigError(f"registrar.batch_hooks: a hook is named twice in {_shown(value)}")
+    return frozenset(BATCHABLE[v] for v in value)
 
 
 def _fallback(value: Any) -> tuple[str, int] | None:

@@ -242,6 +242,7 @@ class HookRun:
     rerun: bool = False  # run again because an earlier run of it was interrupted
     pgid: int | None = None  # its process group (the script runs in a session of its own)
     proc_start: int | None = None  # the group leader's start time (guards against PID reuse)
+    batch: str | None = None  # the batch this run was part of (one script run for many)
 
 
 @dataclass(frozen=True)

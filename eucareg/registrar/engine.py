@@ -48,6 +48,7 @@ from eucareg.core.txt import Rejected, decode
 from eucareg.mdns.types import Change as SightingChange
 from eucareg.mdns.types import Sighting
 from eucareg.registrar.admin import TrustAdmin
+from eucareg.registrar.batch import Batcher, Batching
 from eucareg.registrar.desk import CredentialAnswer, CredentialDesk, CredentialRefused, Issuer
 from eucareg.registrar.hooks import RUNNING_AT_ONCE, HookRunner
 from eucareg.registrar.lag import LagMonitor
@@ -99,6 +100,7 @@ class Registrar:
         on_fatal: Callable[[BaseException], None] = _die,
         retention: Retention | None = None,
         hooks_at_once: int = RUNNING_AT_ONCE,
+        batching: Batching | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -122,6 +124,7 @@ class Registrar:
         self.online_ids = self.presence.online
         self.timers = Timers(clock, self._fire)
         self.notes = Notes()
+        self.batcher = Batcher(self.hooks, batching or Batching(), self.spawn)
         self.registering = Registering(self)
         self._changed: dict[str, asyncio.Event] = {}  # woken when a record changes
         self._tasks: set[asyncio.Task[None]] = set()
@@ -495,8 +498,8 @@ class Registrar:
             elif effect.kind is EffectKind.REDECIDE:
                 self.redecide(cid, fresh=True)
 
-    async def _journal(self, run: HookRun) -> None:
-        await self.writer.commit(Write(hook_runs=(run,)))
+    async def _journal(self, *runs: HookRun) -> None:
+        await self.writer.commit(Write(hook_runs=runs))
 
     def _expire(self, component_id: str) -> None:
         record = self.memory.records.get(component_id)

@@ -16,10 +16,10 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from eucareg.core.model import HookOutcome, HookRun, Record, Role
 from eucareg.registrar.faults import crash_point
@@ -37,7 +37,22 @@ RUNNING_AT_ONCE = 64  # hooks running at the same time, at most; the rest queue
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-Journal = Callable[[HookRun], Awaitable[None]]
+
+class Journal(Protocol):
+    """Makes runs durable (one transaction for all of them) before their script may start."""
+
+    def __call__(self, *runs: HookRun) -> Awaitable[None]: ...
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a script's process ended: its exit code (None when it was killed at the timeout)
+    and the tails of its output, or why it could not run or broke."""
+
+    code: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    broke: str | None = None
 
 
 def hook_environment(
@@ -67,6 +82,22 @@ def script_for(hook_dir: Path, role: Role) -> Path:
     return hook_dir / role.hook_name
 
 
+def base_environment() -> dict[str, str]:
+    """What a hook inherits from the agent's environment: PATH and the locale, no more."""
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env
+
+
+def unrunnable(script: Path) -> tuple[HookOutcome, str] | None:
+    """Why `script` is not run at all: missing (nothing to do), or not executable."""
+    if not script.exists():
+        return HookOutcome.SKIPPED, f"no script {script}; nothing to run"
+    if not os.access(script, os.X_OK):
+        return HookOutcome.FAILED, f"{script} is not executable"
+    return None
+
+
 class HookRunner:
     """Runs hooks, journals them, and kills every one still running when closed."""
 
@@ -84,7 +115,7 @@ class HookRunner:
         # Hooks running at once: each holds a few descriptors (output files, its pipe), and a
         # burst of hundreds of slow hooks must not run the registrar out of them; and a site
         # whose hooks call euca_conf may want fewer (registrar.max_hooks_running).
-        self._slots = asyncio.Semaphore(running)
+        self.slots = asyncio.Semaphore(running)
         # Starting a process blocks the event loop for a few ms (fork of a large process).
         # A burst of admissions would start a hundred at once in one loop iteration, stalling
         # mDNS and HTTP for a second; a few at a time keeps the loop responsive.
@@ -104,21 +135,19 @@ class HookRunner:
             attempt=attempt,
             rerun=rerun,
         )
-        if not script.exists():
-            return _finish(
-                run, HookOutcome.SKIPPED, None, err=f"no script {script}; nothing to run"
-            )
-        if not os.access(script, os.X_OK):
-            return _finish(run, HookOutcome.FAILED, None, err=f"{script} is not executable")
-        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        env.setdefault("PATH", DEFAULT_PATH)
-        env.update(hook_environment(record, eucavers, rerun=rerun, attempt=attempt))
-        async with self._slots:
-            return await self._spawn_and_run(run, script, record, env)
+        refused = unrunnable(script)
+        if refused is not None:
+            return _finish(run, refused[0], None, err=refused[1])
+        env = base_environment() | hook_environment(record, eucavers, rerun=rerun, attempt=attempt)
+        async with self.slots:
+            (started,), ended = await self.execute(script, hook_arguments(record), env, (run,))
+        return outcome_of(started, ended, self.timeout)
 
-    async def _spawn_and_run(
-        self, run: HookRun, script: Path, record: Record, env: dict[str, str]
-    ) -> HookRun:
+    async def execute(
+        self, script: Path, args: list[str], env: dict[str, str], runs: tuple[HookRun, ...]
+    ) -> tuple[tuple[HookRun, ...], Ended]:
+        """Start `script` behind the gate, journal `runs` with its process group, let it go and
+        wait for it (within the timeout). The caller holds a slot."""
         # Output goes to unlinked temporary files, not pipes: a child the script leaves running
         # can then hold nothing of ours open, and we keep only the tail of what was written.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -129,7 +158,7 @@ class HookRunner:
                         "-c",
                         GATE,
                         str(script),
-                        *hook_arguments(record),
+                        *args,
                         stdin=asyncio.subprocess.PIPE,
                         stdout=out,
                         stderr=err,
@@ -139,19 +168,24 @@ class HookRunner:
                     )
             except (OSError, ValueError) as exc:
                 # ValueError: a value exec refuses, such as one with a NUL byte.
-                return _finish(run, HookOutcome.FAILED, None, err=f"cannot run {script}: {exc}")
+                return runs, Ended(None, broke=f"cannot run {script}: {exc}")
             self._running[proc.pid] = proc
             try:
-                return await self._gated(run, proc, out, err)
+                return await self._gated(runs, proc, out, err)
             finally:
                 self._running.pop(proc.pid, None)
 
     async def _gated(
-        self, run: HookRun, proc: asyncio.subprocess.Process, out: IO[bytes], err: IO[bytes]
-    ) -> HookRun:
-        started = replace(run, pgid=proc.pid, proc_start=proc_start_time(proc.pid))
+        self,
+        runs: tuple[HookRun, ...],
+        proc: asyncio.subprocess.Process,
+        out: IO[bytes],
+        err: IO[bytes],
+    ) -> tuple[tuple[HookRun, ...], Ended]:
+        start = proc_start_time(proc.pid)
+        started = tuple(replace(run, pgid=proc.pid, proc_start=start) for run in runs)
         try:
-            await self._journal(started)
+            await self._journal(*started)
             crash_point("before-hook")
             assert proc.stdin is not None
             proc.stdin.write(b"go\n")
@@ -167,19 +201,13 @@ class HookRunner:
             kill_group(proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 await asyncio.shield(proc.wait())
-            await _gone(started)
+            await _gone(started[0])
             if not isinstance(exc, Exception):
-                raise  # a stop: the journal row stays "running", and a restart re-runs it
-            # Finish the journaled run itself, so no "running" row is left behind.
-            return _finish(started, HookOutcome.FAILED, None, err=f"the hook broke: {exc!r}")
+                raise  # a stop: the journal rows stay "running", and a restart re-runs them
+            # Finish the journaled runs themselves, so no "running" row is left behind.
+            return started, Ended(None, broke=f"the hook broke: {exc!r}")
         crash_point("after-hook")
-        stdout, stderr = _tail_of(out), _tail_of(err)
-        if code is None:
-            note = stderr + f"\nkilled after {self.timeout:g}s".encode()
-            return _finish(started, HookOutcome.TIMEOUT, None, stdout, note)
-        return _finish(
-            started, HookOutcome.OK if code == 0 else HookOutcome.FAILED, code, stdout, stderr
-        )
+        return started, Ended(code, _tail_of(out), _tail_of(err))
 
     async def close(self) -> None:
         """Kill every running hook's whole process group, and wait for the scripts to end."""
@@ -193,21 +221,37 @@ class HookRunner:
             await _gone(HookRun("", "", "", 0.0, HookOutcome.RUNNING, pgid=proc.pid))
 
 
+def outcome_of(run: HookRun, ended: Ended, timeout: float, limit: int = OUTPUT_LIMIT) -> HookRun:
+    """The finished run, by how its script ended (the exit status decides)."""
+    if ended.broke is not None:
+        return _finish(run, HookOutcome.FAILED, None, err=ended.broke)
+    if ended.code is None:
+        note = ended.stderr + f"\nkilled after {timeout:g}s".encode()
+        return _finish(run, HookOutcome.TIMEOUT, None, ended.stdout, note, limit)
+    outcome = HookOutcome.OK if ended.code == 0 else HookOutcome.FAILED
+    return _finish(run, outcome, ended.code, ended.stdout, ended.stderr, limit)
+
+
 def _finish(
-    run: HookRun, outcome: HookOutcome, code: int | None, out: bytes = b"", err: bytes | str = b""
+    run: HookRun,
+    outcome: HookOutcome,
+    code: int | None,
+    out: bytes = b"",
+    err: bytes | str = b"",
+    limit: int = OUTPUT_LIMIT,
 ) -> HookRun:
     return replace(
         run,
         outcome=outcome,
         exit_code=code,
         duration=time.time() - run.started_at,
-        stdout=_tail(out),
-        stderr=err if isinstance(err, str) else _tail(err),
+        stdout=_tail(out, limit),
+        stderr=err if isinstance(err, str) else _tail(err, limit),
     )
 
 
-def _tail(data: bytes) -> str:
-    return data[-OUTPUT_LIMIT:].decode("utf-8", errors="replace")
+def _tail(data: bytes, limit: int = OUTPUT_LIMIT) -> str:
+    return data[-limit:].decode("utf-8", errors="replace")
 
 
 def _tail_of(handle: IO[bytes]) -> bytes:

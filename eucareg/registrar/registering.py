@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from eucareg.core.model import HookOutcome, HookRun, Status
 from eucareg.core.transitions import EffectKind, hook_finished, hook_interrupted
+from eucareg.registrar.batch import Member
 from eucareg.registrar.faults import crash_point
 from eucareg.registrar.hooks import kill_orphaned
 from eucareg.store.registry import Snapshot
@@ -68,10 +69,14 @@ class Registering:
             return
         live = engine.live.get(component_id)
         eucavers = live.eucavers if live and live.fingerprint == record.fingerprint else ""
+        attempt = record.attempts + 1
         try:
-            run = await engine.hooks.run(
-                record, eucavers=eucavers, rerun=rerun, attempt=record.attempts + 1
-            )
+            if engine.batcher.takes(record):
+                run = await engine.batcher.run(Member(record, eucavers, rerun, attempt))
+            else:
+                run = await engine.hooks.run(
+                    record, eucavers=eucavers, rerun=rerun, attempt=attempt
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:

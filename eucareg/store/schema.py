@@ -117,6 +117,7 @@ hook_runs = sa.Table(
     sa.Column("rerun", sa.Boolean, nullable=False, default=False, server_default="0"),
     sa.Column("pgid", sa.Integer),
     sa.Column("proc_start", sa.BigInteger),
+    sa.Column("batch", sa.String(40)),
 )
 
 

@@ -221,3 +221,37 @@ def test_hooks_running_at_once_out_of_bounds_is_refused(tmp_path: Path, value: s
     text = f'address = "10.1.2.3"\n[registrar]\nmax_hooks_running = {value}\n[components.clc]\n'
     with pytest.raises(config.ConfigError, match=r": registrar\.max_hooks_running: "):
         config.load(write(tmp_path, text))
+
+
+def test_batch_hooks_default_to_none_and_name_scripts(tmp_path: Path) -> None:
+    base = 'address = "10.1.2.3"\n[registrar]\n{}[components.clc]\n'
+    cfg = config.load(write(tmp_path, base.format("")))
+    assert (cfg.batch_hooks, cfg.batch_max, cfg.batch_wait) == (frozenset(), 100, 0.5)
+    text = 'batch_hooks = ["node", "storage"]\nbatch_max = 2\nbatch_wait = "60s"\n'
+    cfg = config.load(write(tmp_path, base.format(text)))
+    assert (cfg.batch_hooks, cfg.batch_max, cfg.batch_wait) == (
+        frozenset({Role.NC, Role.SC}),
+        2,
+        60.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('batch_hooks = "node"', r"registrar\.batch_hooks: expected a list of hook names"),
+        ('batch_hooks = ["nc"]', r"registrar\.batch_hooks: 'nc' is not a hook; expected walrus"),
+        ('batch_hooks = ["cloud"]', r"registrar\.batch_hooks: 'cloud' is not a hook"),
+        ("batch_hooks = [1]", r"registrar\.batch_hooks: expected a list"),
+        ('batch_hooks = ["node", "node"]', r"registrar\.batch_hooks: a hook is named twice"),
+        ("batch_max = 1", r"registrar\.batch_max: "),
+        ("batch_max = 10001", r"registrar\.batch_max: "),
+        ('batch_wait = "61s"', r"registrar\.batch_wait: must be at most"),
+        ('batch_wait = "0s"', r"registrar\.batch_wait: must be longer than zero"),
+        ("batch_size = 5", r"registrar\.batch_size"),
+    ],
+)
+def test_bad_batch_settings_are_refused_by_name(tmp_path: Path, line: str, message: str) -> None:
+    text = f'address = "10.1.2.3"\n[registrar]\n{line}\n[components.clc]\n'
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(write(tmp_path, text))

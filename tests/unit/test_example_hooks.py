@@ -54,6 +54,22 @@ if args[0] in LIST:
             print(f"{{kind}}\\t{{partition}}\\t{{name}}\\t{{host}}\\tENABLED\\t{{{{}}}}")
     sys.exit(0)
 kind = REGISTER[args[0]]
+if kind == "NODE" and " " in args[1]:
+    # Many nodes in one call, as euca_conf takes them: each registered or refused on its own
+    # (a file "refuse-HOST" makes that host unreachable); non-zero if any was refused.
+    failed = False
+    for host in args[1].split():
+        if (STATE / f"refuse-{{host}}").exists():
+            print(f"ERROR: cannot reach node {{host}}", file=sys.stderr)
+            failed = True
+        elif any(r[2] == host for r in rows if r[0] == kind):
+            print(f"ERROR: {{host}} is already registered.", file=sys.stderr)
+            failed = True
+        else:
+            with open(db, "a") as out:
+                out.write(f"{{kind}} - {{host}} {{host}}\\n")
+            print(f"SERVICE\\t{{kind}}\\t-\\t{{host}}\\tregistered")
+    sys.exit(1 if failed else 0)
 if kind == "NODE":
     host, partition, name = args[1], "-", args[1]
 else:

@@ -30,6 +30,7 @@ from eucareg.core.transitions import Write
 from eucareg.core.trust import Task
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
+from eucareg.registrar.batch import Batching
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
 from eucareg.registrar.hooks import proc_start_time
 from eucareg.store.registry import Store, sqlite_url
@@ -64,6 +65,7 @@ async def make_registrar(
     me: list[bool] | None = None,
     issuer: Issuer | None = None,
     install_window: bool = True,
+    batching: Batching | None = None,
 ) -> Registrar:
     store = Store(sqlite_url(tmp_path / "registry.db"))
     flag = me if me is not None else [False]
@@ -75,6 +77,7 @@ async def make_registrar(
         issuer_for=lambda _role: issuer,
         self_registered=lambda: flag[0],
         master_key=b"test-master-key",
+        batching=batching,
     )
     await registrar.start()
     if install_window:
