@@ -30,8 +30,8 @@ class Journal:
     def __init__(self) -> None:
         self.runs: list[HookRun] = []
 
-    async def __call__(self, run: HookRun) -> None:
-        self.runs.append(run)
+    async def __call__(self, *runs: HookRun) -> None:
+        self.runs.extend(runs)
 
 
 def runner(hooks: Path, timeout: float = 5) -> tuple[HookRunner, Journal]:
@@ -182,3 +182,41 @@ async def test_no_more_hooks_run_at_once_than_the_limit(tmp_path: Path, limit: i
         running += 1 if line == "start" else -1
         most = max(most, running)
     assert most == limit
+
+
+def our_children() -> set[int]:
+    """Processes whose parent is this test process (any of its threads), zombies included."""
+    found: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        text = (task / "children").read_text()
+        found.update(int(pid) for pid in text.split())
+    return found
+
+
+@pytest.mark.parametrize("turns", range(0, 40, 3))
+async def test_cancelled_at_any_point_a_run_leaves_no_process_behind(
+    tmp_path: Path, turns: int
+) -> None:
+    """A stop can cancel a run while its process is being started in a worker thread, held
+    at the gate, journaled or running: whatever the point, nothing of it survives, no zombie
+    is left, and a script that had not been let through the gate never ran."""
+    log = tmp_path / "ran"
+    hooks, journal = runner(script(tmp_path, "walrus", f"echo ran >> {log}\nexec sleep 30"))
+    before = our_children()
+    task = asyncio.create_task(hooks.run(record_of(Role.WALRUS)))
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await hooks.close()
+    # The reaper of an abandoned start is a thread of its own: give it a bounded moment.
+    for _ in range(500):
+        if not our_children() - before:
+            break
+        await asyncio.sleep(0.02)
+    assert our_children() - before == set()
+    if not journal.runs:
+        assert not log.exists()  # never journaled, so never let through the gate
+    for run in journal.runs:
+        assert run.pgid is not None and not group_alive(run.pgid, run.proc_start)
