@@ -242,8 +242,8 @@ class RegistrarService:
             key_dir = self.cfg.key_dir
             return Issuer(
                 key=cc.identity.key,
-                cert=cred.load_cert(key_dir / cred.LAYOUTS[Role.CC].cert),
-                cloud_cert=cred.load_cert(key_dir / cred.CLOUD_CERT),
+                cert=cred.load_cert_cached(key_dir / cred.LAYOUTS[Role.CC].cert),
+                cloud_cert=cred.load_cert_cached(key_dir / cred.CLOUD_CERT),
             )
         if self._clc is None or self._cloud_cert is None:
             return None

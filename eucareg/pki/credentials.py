@@ -261,6 +261,25 @@ def load_cert(path: Path) -> x509.Certificate:
         raise CredentialError(f"cannot read certificate {path}: {exc}") from exc
 
 
+_LOADED: dict[Path, tuple[tuple[int, int, int], x509.Certificate]] = {}
+
+
+def load_cert_cached(path: Path) -> x509.Certificate:
+    """load_cert, parsed again only when the file changed (a new inode, size or mtime): a
+    registrar hands its CA certificates out with every bundle, a thousand in a burst."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CredentialError(f"cannot read certificate {path}: {exc}") from exc
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    held = _LOADED.get(path)
+    if held is not None and held[0] == stamp:
+        return held[1]
+    cert = load_cert(path)
+    _LOADED[path] = (stamp, cert)
+    return cert
+
+
 def cert_fingerprint(cert: x509.Certificate) -> str:
     """Fingerprint of the key a certificate certifies (how tokens pin a CA)."""
     public = cert.public_key()

@@ -100,3 +100,17 @@ def test_signatures_verify_only_for_the_signed_body_and_key() -> None:
     assert not cred.verify(key.public_key(), body + b" ", signature)
     assert not cred.verify(other.public_key(), body, signature)
     assert not cred.verify(key.public_key(), body, "not base64!")
+
+
+def test_a_cached_certificate_is_parsed_again_only_when_its_file_changed(tmp_path: Path) -> None:
+    path = tmp_path / "cloud-cert.pem"
+    first = cred.create_cloud_ca(cred.generate_key(), "first")
+    second = cred.create_cloud_ca(cred.generate_key(), "second")
+    cred.write_atomic(path, cred.cert_pem(first).encode())
+    held = cred.load_cert_cached(path)
+    assert held == first and cred.load_cert_cached(path) is held
+    cred.write_atomic(path, cred.cert_pem(second).encode())  # a new inode, as on renewal
+    assert cred.load_cert_cached(path) == second
+    path.unlink()
+    with pytest.raises(cred.CredentialError, match="cannot read certificate"):
+        cred.load_cert_cached(path)
