@@ -1,18 +1,23 @@
-"""eucareg benchmarks: NC registration latency, 200 NCs at once, the registrar's idle RSS and
-its worst event-loop lag while it works.
+"""eucareg benchmarks: NC registration latency, N NCs at once (with `eucareg status` polled
+during the largest burst), HTTP fallback registrations and first credential collections, an
+idle NC agent's memory and wake-ups, the registrar's idle RSS and its worst event-loop lag.
 
 Run as root with `make bench` (or `.venv/bin/python -m bench.run`). Everything happens in a
 lab of network namespaces that is torn down afterwards; results go to bench/results/. The NCs
 announced at once are the lab's fleet of simulated NCs (`eucalab/fleet.py`, also used by the
 crash tests); an NC counts only once it holds credentials it verified against its own key and
-the pinned cloud CA, and the registrar confirms afterwards that they are current.
+the pinned cloud CA, and the registrar confirms afterwards that they are current. The parts
+other than latency and the fleet live in bench/fallback.py (with its load generator
+bench/httpgen.py), bench/agent_idle.py and bench/status_poll.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -20,15 +25,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.agent_idle import bench_agent_idle
+from bench.common import (
+    CLOUD,
+    FLEET_FIRST_ADDRESS,
+    KEY_CACHE,
+    RESULTS,
+    add_addresses,
+    cloud_pin,
+    load_average,
+)
+from bench.fallback import bench_fallback
+from bench.lan import bench_lan
+from bench.procstat import udp_drops
+from bench.status_poll import StatusPoller
 from eucalab.cloud import LabCloud, all_registered
-from eucalab.fleet import fleet_addresses, fleet_identities, read_progress
+from eucalab.fleet import node_id, read_progress
 from eucalab.lab import Lab, cleanup_stale, parse_topology
+from eucareg.config.file import SOCKET_FILE
 from eucareg.pki import credentials as cred
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-CLOUD: dict[str, str | None] = {"clc": None, "walrus": None, "cc": "cluster1", "sc": "cluster1"}
-FLEET_FIRST_ADDRESS = "10.77.2.1"
+PARTS = ("latency", "fleet", "fallback", "collect", "agent", "lan")
+DEFAULT_PARTS = ("latency", "fleet", "fallback", "collect", "agent")
 FLEET_TIMEOUT = 300.0  # seconds the fleet may take before it gives up on missing NCs
 
 
@@ -145,58 +163,85 @@ def fleet_summary(progress: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def bench_fleet(work: Path, count: int) -> dict[str, Any]:
+def ensure_fleet_keys(count: int) -> set[str]:
+    """The fleet's ids; keys not yet in the cache are made now (generating them is not what
+    is measured). Existing keys are not loaded here: only the fleet needs them."""
+    for i in range(count):
+        path = KEY_CACHE / f"fleet{i:06d}.pem"  # eucalab.fleet.fleet_identities' layout
+        if not path.exists():
+            cred.load_or_create_key(path)
+    return {node_id("fleet", i) for i in range(count)}
+
+
+def status_burst(poller: StatusPoller, progress: dict[str, Any]) -> dict[str, Any]:
+    """The poller's figures over the burst: first announcement to last credentials."""
+    nodes = progress["nodes"]
+    announced = [n["announced_at"] for n in nodes if n["announced_at"] is not None]
+    collected = [n["collected_at"] for n in nodes if n["collected_at"] is not None]
+    since = min(announced) if announced else poller.started_at
+    until = max(collected) if collected else poller.stopped_at
+    return {"fleet": len(nodes), **poller.summary(since, until)}
+
+
+def bench_fleet(work: Path, count: int, status_interval: float = 0.0) -> dict[str, Any]:
     """N simulated NCs announce at once from one host; time until all hold verified
-    credentials, and the registrar's worst event-loop lag meanwhile."""
+    credentials, and the registrar's worst event-loop lag meanwhile. With `status_interval`,
+    an operator polls GET /v1/status that often during the burst (`status_during_burst`)."""
     plan: dict[str, dict[str, str | None]] = {"cloud": CLOUD}
     topology = parse_topology("subnet lan 10.77.0.0/16\nhost cloud lan\nhost fleet lan")
-    cache = RESULTS / "fleet-keys"
     work.mkdir(parents=True, exist_ok=True)
     keys = work / "fleet-credentials"
     progress_file = work / "fleet.json"
+    load = load_average()
     with Lab(topology, work / "lab-fleet") as lab:
         cloud = LabCloud(lab, plan, work / "cloud-fleet")
         cloud.start("cloud")
         cloud.wait_for("cloud", all_registered({"walrus": 1, "cc": 1, "sc": 1}), timeout=60)
-        pin = cred.cert_fingerprint(cred.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT))
+        pin = cloud_pin(cloud)
         # Give every simulated NC a real address of its own on the fleet host.
-        lab.run(
-            "fleet",
-            [
-                "sh",
-                "-c",
-                'for a; do ip addr add "$a/16" dev eth0 || exit 1; done',
-                "sh",
-                *fleet_addresses(FLEET_FIRST_ADDRESS, count),
-            ],
-            check=True,
-        )
-        # Make the keys first (cached between runs): generating them is not what is measured.
-        fleet_ids = {ident.component_id for ident in fleet_identities(cache, count)}
-        common = [f"--count={count}", f"--cache={cache}", f"--keys={keys}", f"--pin={pin}"]
+        add_addresses(lab, "fleet", count)
+        fleet_ids = ensure_fleet_keys(count)
+        common = [f"--count={count}", f"--cache={KEY_CACHE}", f"--keys={keys}", f"--pin={pin}"]
         fleet_argv = [sys.executable, "-m", "eucalab.fleet"]
-        before = loop_lag(reset_loop_lag(cloud, "cloud"))
-        lab.run(
-            "fleet",
-            [
-                *fleet_argv,
-                "run",
-                *common,
-                f"--first-address={FLEET_FIRST_ADDRESS}",
-                f"--progress={progress_file}",
-                f"--timeout={FLEET_TIMEOUT:g}",
-                "--exit-when-done",
-            ],
-            timeout=FLEET_TIMEOUT + 120,
-            check=True,
+        poller = StatusPoller(
+            cloud.host_dir("cloud") / "state" / SOCKET_FILE,
+            cloud.admin_token("cloud"),
+            interval=status_interval or 1.0,
         )
+        registrar_pid = cloud.agents["cloud"].pid
+        drops_before = udp_drops(registrar_pid)
+        before = loop_lag(reset_loop_lag(cloud, "cloud"))
+        run_argv = [
+            *fleet_argv,
+            "run",
+            *common,
+            f"--first-address={FLEET_FIRST_ADDRESS}",
+            f"--progress={progress_file}",
+            f"--timeout={FLEET_TIMEOUT:g}",
+            "--exit-when-done",
+        ]
+        if status_interval > 0:
+            with poller:
+                lab.run("fleet", run_argv, timeout=FLEET_TIMEOUT + 120, check=True)
+        else:
+            lab.run("fleet", run_argv, timeout=FLEET_TIMEOUT + 120, check=True)
         status = reset_loop_lag(cloud, "cloud")
+        drops_after = udp_drops(registrar_pid)
         lag = loop_lag(status)
         lag_period = time.time() - lag["since"]
         progress = read_progress(progress_file)
         if progress is None:
             raise RuntimeError(f"the fleet left no progress file at {progress_file}")
         fleet = fleet_summary(progress)
+        fleet["load_average_at_start"] = load
+        # Datagrams the registrar's mDNS sockets dropped (receive buffer full) in the burst.
+        fleet["registrar_mdns_drops"] = drops_after["drops"] - drops_before["drops"]
+        fleet["registrar_mdns_sockets"] = drops_after["sockets"]
+        if progress.get("cpu_at_publish_s") is not None:
+            fleet["generator_cpu_s"] = round(progress["cpu_s"] - progress["cpu_at_publish_s"], 3)
+            fleet["generator_cpu_before_publish_s"] = round(progress["cpu_at_publish_s"], 3)
+        if status_interval > 0:
+            fleet["status_during_burst"] = status_burst(poller, progress)
         # The registrar's word on each collected NC: the certificate it holds is the current one.
         result = lab.run(
             "fleet",
@@ -233,55 +278,134 @@ def bench_fleet(work: Path, count: int) -> dict[str, Any]:
     return fleet
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=25, help="latency samples (>= 20)")
     parser.add_argument(
         "--fleet",
         type=int,
         nargs="+",
-        default=[200],
+        default=[200, 1000],
         help="NCs announced at once; several sizes run one after another (e.g. 200 1000)",
     )
     parser.add_argument(
-        "--only", choices=("latency", "fleet"), default=None, help="run one benchmark only"
+        "--status-interval",
+        type=float,
+        default=0.1,
+        help="seconds between GET /v1/status during the largest fleet burst (0: no poller)",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--lan", type=int, default=1000, help="simulated NCs around the real one (--only lan)"
+    )
+    parser.add_argument(
+        "--fallback", type=int, default=1000, help="NCs registering over the HTTP fallback"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=100, help="HTTP requests the generator keeps open"
+    )
+    parser.add_argument(
+        "--idle-window",
+        type=float,
+        default=30.0,
+        help="seconds the NC agent's wake-ups are counted",
+    )
+    parser.add_argument(
+        "--only",
+        choices=PARTS,
+        nargs="+",
+        default=None,
+        help="run these parts only (fallback and collect are one part: the first collections "
+        "are made by the NCs the fallback registered)",
+    )
+    return parser.parse_args()
+
+
+def failures(results: dict[str, Any]) -> list[str]:
+    """What makes the run fail: an NC without verified credentials, a registration missed."""
+    out = []
+    for name, part in results.items():
+        if name.startswith("fleet_") and (part["missing"] or part["collected_but_not_current"]):
+            out.append(
+                f"{name}: {len(part['missing'])} of {part['count']} NCs hold no verified "
+                f"credentials, {len(part['collected_but_not_current'])} hold stale ones"
+            )
+        elif name in ("http_fallback", "credentials") and (
+            part["missed"] or part.get("duplicated")
+        ):
+            out.append(f"{name}: {part['missed']} missed, {part.get('duplicated', 0)} duplicated")
+    return out
+
+
+def merged(results: dict[str, Any]) -> dict[str, Any]:
+    """This run's results over the parts of earlier runs that it did not repeat (a run of
+    `--only fleet --fleet 2000` must not drop the other figures). `measured` says when and
+    under which load each part was measured."""
+    previous: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        previous = json.loads((RESULTS / "latest.json").read_text())
+    stamp = {"when": results["when"], "load_average_at_start": results["load_average_at_start"]}
+    measured = dict(previous.get("measured", {}))
+    out = {k: v for k, v in previous.items() if isinstance(v, dict) and k != "measured"}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            measured[key] = stamp
+        out[key] = value
+    out["measured"] = measured
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    # SIGTERM (a timeout, Ctrl-C in another form) unwinds like an error: every lab is torn down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    parts = set(args.only or DEFAULT_PARTS)
     RESULTS.mkdir(parents=True, exist_ok=True)
     cleanup_stale()
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         # The machine's load when we start: figures from a busy machine are not comparable.
         "load_average_at_start": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
     }
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="eucareg-bench-") as tmp:
         work = Path(tmp)
-        if args.only in (None, "latency"):
+        if "latency" in parts:
             print(f"latency: {args.runs} NCs joining one at a time", flush=True)
             results["latency"] = bench_latency(work, args.runs)
             results["latency"]["nc_median_ms"] = results["latency"]["median_ms"]
-        if args.only in (None, "fleet"):
+        if parts & {"fallback", "collect"}:
+            print(f"fallback: {args.fallback} NCs registering over HTTP", flush=True)
+            fallback, collected = bench_fallback(work / "fallback", args.fallback, args.concurrency)
+            results["http_fallback"], results["credentials"] = fallback, collected
+        if "agent" in parts:
+            print(f"agent: one NC agent idle for {args.idle_window:g} s", flush=True)
+            results["nc_agent"] = bench_agent_idle(work / "agent", args.idle_window)
+        if "lan" in parts:
+            print(f"lan: one NC agent among {args.lan} NCs powering on", flush=True)
+            results[f"lan_{args.lan}"] = bench_lan(work / "lan", args.lan)
+        if "fleet" in parts:
+            largest = max(args.fleet)
             for count in args.fleet:
                 print(f"fleet: {count} NCs announced at once", flush=True)
-                results[f"fleet_{count}"] = bench_fleet(work / f"fleet-{count}", count)
+                interval = args.status_interval if count == largest else 0.0
+                fleet = bench_fleet(work / f"fleet-{count}", count, interval)
+                results[f"fleet_{count}"] = fleet
+                if "status_during_burst" in fleet:
+                    results["status_during_burst"] = fleet["status_during_burst"]
     lags = [
         part["registrar_worst_loop_lag_ms"]
         for part in results.values()
         if isinstance(part, dict) and "registrar_worst_loop_lag_ms" in part
     ]
     results["loop_lag"] = {"max_ms": max(lags) if lags else None}
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    (RESULTS / "latest.json").write_text(json.dumps(merged(results), indent=2) + "\n")
     print(json.dumps(results, indent=2))
-    failed = False
-    for name, fleet in results.items():
-        if name.startswith("fleet_") and (fleet["missing"] or fleet["collected_but_not_current"]):
-            print(
-                f"{name}: {len(fleet['missing'])} of {fleet['count']} NCs hold no verified "
-                f"credentials, {len(fleet['collected_but_not_current'])} hold stale ones",
-                file=sys.stderr,
-            )
-            failed = True
-    if failed:
+    problems = failures(results)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
         sys.exit(1)
 
 
