@@ -31,6 +31,10 @@ from .locate import Endpoint
 log = logging.getLogger(__name__)
 
 LONG_POLL = 25.0  # seconds a collector waits inside one credential request
+# Seconds a registered component asks its registrar to hold a request watching for revocation
+# (a 410 ends it at once): its one periodic request. The registrar may hold it less (MAX_WAIT).
+WATCH_POLL = 240.0
+HTTP_SLACK = 10.0  # beyond the wait: connecting, the registrar's answer, reading it
 
 
 class Outcome(StrEnum):
@@ -82,10 +86,11 @@ async def _signed_post(
     fields: dict[str, Any],
     expect: tls.Expect,
     client: tls.ClientCert | None = None,
+    wait: float = 0.0,
 ) -> tuple[int, dict[str, Any]]:
     """POST a body signed for this path (with its query) at this registrar, over TLS to the
     registrar `expect` accepts (else ClientConnectorCertificateError, nothing sent); the
-    status and the answer, which must be a JSON object."""
+    status and the answer, which must be a JSON object. `wait`: how long it may hold it."""
     base, audience = await _target(endpoint)
     url = URL(base + path)
     body, headers = signed_body(key, fields, method="POST", path=url.raw_path_qs, audience=audience)
@@ -95,6 +100,7 @@ async def _signed_post(
         headers=headers,
         ssl=tls.client_context(expect, client),
         server_hostname=tls.SERVER_NAMES[expect.role],
+        timeout=_timeout(session, wait),
     ) as response:
         status, raw = response.status, await response.read()
     try:
@@ -104,6 +110,20 @@ async def _signed_post(
     if not isinstance(data, dict):
         raise ProtocolError(f"HTTP {status}, answer is not a JSON object: {raw[:80]!r}")
     return status, data
+
+
+def _timeout(session: aiohttp.ClientSession, wait: float) -> aiohttp.ClientTimeout:
+    """The session's timeouts, with the total stretched to cover a long-poll of `wait`."""
+    base = session.timeout
+    if base.total is None or base.total >= wait + HTTP_SLACK:
+        return base
+    return aiohttp.ClientTimeout(
+        total=wait + HTTP_SLACK,
+        connect=base.connect,
+        sock_read=base.sock_read,
+        sock_connect=base.sock_connect,
+        ceil_threshold=base.ceil_threshold,
+    )
 
 
 def _reason(status: int, data: Mapping[str, Any]) -> str:
@@ -140,7 +160,14 @@ async def collect_credentials(
     path = f"/v1/credentials?wait={wait:g}"
     log.debug("requesting credentials for %s from %s%s", identity.component_id, endpoint.url, path)
     status, data = await _signed_post(
-        session, endpoint, path, identity.key, fields, expect, client if expect.root else None
+        session,
+        endpoint,
+        path,
+        identity.key,
+        fields,
+        expect,
+        client if expect.root else None,
+        wait=wait,
     )
     if status == 410 and have is not None:
         log.warning("credentials of %s revoked: %s", identity.component_id, data.get("error"))

@@ -1,15 +1,13 @@
 """One component of this host at run time: its state (registered, announced) and its two loops,
 announcing while its preconditions hold, and collecting its credentials (or, once it holds
-them, watching for their revocation). Expected failures are logged and retried with backoff.
+them, watching for their revocation). Both wait for events, not timers; failures back off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -26,45 +24,10 @@ from .announce import TokenProver, instance_name, preconditions, service_spec
 from .identity import Identity, identity_key
 from .locate import Endpoint, Registrars
 from .presence import CredentialPresence, HeldRoot
+from .timing import AgentTiming, Backoff, first_of, wait_event
+from .watch import FileWatch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AgentTiming:
-    """The agent's own time constants (the configuration holds the operator's)."""
-
-    long_poll: float = collect.LONG_POLL  # `wait` of one credential request
-    retry_base: float = 1.0  # first delay after a failed collection or announcement
-    retry_max: float = 30.0  # longest such delay
-    min_request_interval: float = 1.0  # a registrar answering at once is not asked faster
-    connect: float = 5.0  # TCP connect and TLS handshake: a decoy costs us this much at most
-    stop_step: float = 1.0  # most any one shutdown step (goodbyes, API) may take
-    stop_budget: float = 2.5  # most all shutdown steps together may take (SIGTERM: < 3 s)
-
-
-class Backoff:
-    """Doubling delays between retries, reset by a success."""
-
-    def __init__(self, base: float, maximum: float) -> None:
-        self._base, self._max = base, maximum
-        self.delay = base
-
-    def reset(self) -> None:
-        self.delay = self._base
-
-    def next(self) -> float:
-        """The delay to wait now; the one after it doubles."""
-        delay, self.delay = self.delay, min(self._max, self.delay * 2)
-        return delay
-
-    async def sleep(self) -> None:
-        await asyncio.sleep(self.next())
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
 
 
 class Component:
@@ -129,6 +92,15 @@ class Component:
         self.registered = (await self.presence.check()).present
         await self._refresh_client_cert()
 
+    def watched(self) -> list[Path]:
+        """The files whose change may change what this component does: its credentials
+        (which the CLC makes itself, so it does not watch them) and its `installed` file."""
+        role, key_dir = self.role, self.cfg.key_dir
+        paths = [] if role is Role.CLC else [key_dir / n for n in cred.required_files(role)]
+        if self.conf.installed is not None:
+            paths.append(self.conf.installed)
+        return paths
+
     async def refresh(self) -> None:
         """Re-check key presence (cheap unless the files changed) and act on a change."""
         await self.root.check()
@@ -171,6 +143,18 @@ class Component:
     # -- announcing -----------------------------------------------------------------------
 
     async def announce_loop(self) -> None:
+        # Armed before the first round: a change from here on wakes us, none is missed.
+        with FileWatch(self.watched(), self.wake.set) as files:
+            await self._announce(files)
+
+    def _recheck(self, files: FileWatch) -> float | None:
+        """The longest we wait before checking again unwoken: only what nothing tells us of is
+        polled, sshd (if configured) and the files where they cannot be watched; else never."""
+        if files.polling or self.cfg.sshd is not None:
+            return self.cfg.recheck_interval
+        return None
+
+    async def _announce(self, files: FileWatch) -> None:
         last_problem: str | None = "startup"
         backoff = Backoff(self._timing.retry_base, self._timing.retry_max)
         while True:
@@ -187,7 +171,7 @@ class Component:
                 continue
             backoff.reset()
             last_problem = problem
-            await wait_event(self.wake, self.cfg.recheck_interval)
+            await wait_event(self.wake, self._recheck(files))
 
     async def _apply(self, problem: str | None, last_problem: str | None) -> None:
         if problem is None:
@@ -213,7 +197,7 @@ class Component:
             # Cleared before reading our state, so a change from here on is never missed.
             self.changed.clear()
             if not self.registered and not self.announced:
-                await wait_event(self.changed, self.cfg.recheck_interval)
+                await self.changed.wait()
                 continue
             held = self.presence.held
             issuer = held.issuer_fingerprint if self.registered else None
@@ -226,7 +210,7 @@ class Component:
                 issuer=issuer,
             )
             if not endpoints:
-                await self._registrars.wait_changed(self.cfg.recheck_interval)
+                await first_of(self._registrars.wait_changed(None), self.changed.wait())
                 continue
             started = loop.time()
             try:
@@ -334,7 +318,8 @@ class Component:
                 self.role,
                 endpoint,
                 self.cfg.key_dir,
-                wait=self._timing.long_poll,
+                # Watching, the request is held until revoked: a few minutes per request.
+                wait=self._timing.watch_poll if have is not None else self._timing.long_poll,
                 have=have,
                 expect=self.expect(endpoint),
                 named=self.named(),

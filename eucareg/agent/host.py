@@ -20,11 +20,12 @@ from eucareg.mdns.zeroconf_backend import ZeroconfBackend
 from eucareg.pki import tls
 
 from .collect import collect_credentials
-from .component import AgentTiming, Component
+from .component import Component
 from .identity import Identity, ensure_cloud_ca, load_or_create_identity, read_or_create_secret
 from .locate import Endpoint, Registrars
 from .statedir import secure_state_dir
 from .tasks import AgentFailed, RestartPolicy, Supervisor
+from .timing import AgentTiming
 
 # What other packages import from here (bench, the CLI, the lab), wherever it now lives.
 __all__ = [

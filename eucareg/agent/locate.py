@@ -74,8 +74,8 @@ class Registrars:
             self._changed = asyncio.Event()
             self._warned.clear()
 
-    async def wait_changed(self, timeout: float) -> None:
-        """Return when the registrars heard change, or after `timeout` seconds."""
+    async def wait_changed(self, timeout: float | None) -> None:
+        """Return when the registrars heard change, or after `timeout` seconds (None: never)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 

@@ -1,6 +1,6 @@
 """Whether a component's credentials are on disk ("key presence is registration"). They are
-verified once, then re-verified, in a thread, only when a stat of the files shows a change, so the
-re-check every few seconds costs a few stat calls instead of RSA key loads.
+verified once, then re-verified, in a thread, only when a stat of the files shows a change: a
+re-check (when a file watch fires, or polled where none works) costs stats, not RSA key loads.
 """
 
 from __future__ import annotations

@@ -1,0 +1,63 @@
+"""The agent's own time constants, and the retry delays and waits its loops share: events
+first, with a timeout only where nothing else would tell us that something changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from . import collect
+
+
+@dataclass(frozen=True)
+class AgentTiming:
+    """The agent's own time constants (the configuration holds the operator's)."""
+
+    long_poll: float = collect.LONG_POLL  # `wait` of one credential request
+    watch_poll: float = collect.WATCH_POLL  # `wait` of one request watching for revocation
+    retry_base: float = 1.0  # first delay after a failed collection or announcement
+    retry_max: float = 30.0  # longest such delay
+    min_request_interval: float = 1.0  # a registrar answering at once is not asked faster
+    connect: float = 5.0  # TCP connect and TLS handshake: a decoy costs us this much at most
+    stop_step: float = 1.0  # most any one shutdown step (goodbyes, API) may take
+    stop_budget: float = 2.5  # most all shutdown steps together may take (SIGTERM: < 3 s)
+
+
+class Backoff:
+    """Doubling delays between retries, reset by a success."""
+
+    def __init__(self, base: float, maximum: float) -> None:
+        self._base, self._max = base, maximum
+        self.delay = base
+
+    def reset(self) -> None:
+        self.delay = self._base
+
+    def next(self) -> float:
+        """The delay to wait now; the one after it doubles."""
+        delay, self.delay = self.delay, min(self._max, self.delay * 2)
+        return delay
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.next())
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Until `event` is set, or `timeout` seconds pass (None: no timeout)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+
+
+async def first_of(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Until the first of `waits` is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
