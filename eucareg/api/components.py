@@ -18,7 +18,7 @@ from eucareg.api.context import REGISTRAR
 from eucareg.api.schemas import read_signed_body
 from eucareg.api.validate import ApiError, bad, error
 from eucareg.core.grammar import peer_address, shown
-from eucareg.core.model import Announcement, DecisionKind
+from eucareg.core.model import Announcement, DecisionKind, Status
 from eucareg.core.txt import Rejected, decode
 from eucareg.pki import credentials as cred
 from eucareg.pki import names, tls
@@ -28,7 +28,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_WAIT = 30.0  # longest long-poll a component may ask for
-HANGUP_CHECK = 0.25  # how often a held long-poll looks whether its client is still there
+# ... and a registered component watching its own certificate (`have`, signed by its key): its
+# one periodic request while idle, so a few minutes (docs/credentials.md).
+MAX_WATCH = 300.0
+# How often a held long-poll looks whether its client is still there: soon after it came, then
+# less often (a thousand NCs watching, each checked 4 times a second, were 4,000 wake-ups a
+# second on the CC's loop; aiohttp here offers no event for a client that went away).
+HANGUP_CHECK = 0.25
+HANGUP_CHECK_MAX = 2.0
 # ?wait=SECONDS in ASCII digits (float() also takes Arabic-Indic digits, ' 1', '1_0', 'inf').
 WAIT = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?", re.ASCII)
 # The codes of the refusals the credential desk and the fallback give (docs/cli.md).
@@ -38,11 +45,19 @@ REFUSAL_CODES = {403: "wrong-key", 409: "conflict", 410: "revoked", 503: "unavai
 async def collect(request: web.Request) -> web.Response:
     """POST /v1/credentials?wait=SECONDS: 200 with the files, 202 while not registered, 403
     for another key, 410 when `have` names revoked credentials."""
-    wait = _wait(request.query.get("wait", "0"))
+    asked = _wait(request.query.get("wait", "0"))
     payload, public_key = await read_signed_body(request)
     component_id: str = payload["component_id"]
     have: str | None = payload.get("have")
     registrar = request.app[REGISTRAR]
+    record = registrar.record(component_id)
+    watching = (
+        have is not None
+        and record is not None
+        and record.status is Status.REGISTERED
+        and record.fingerprint == cred.fingerprint(public_key)
+    )
+    wait = min(asked, MAX_WATCH if watching else MAX_WAIT)
     try:
         answer = await _unless_gone(
             request, registrar.credentials(component_id, public_key, wait, have)
@@ -61,7 +76,7 @@ async def collect(request: web.Request) -> web.Response:
 def _wait(raw: str) -> float:
     if not WAIT.fullmatch(raw):
         bad(f"wait must be a number of seconds, got {shown(raw)}", "invalid-query")
-    return min(MAX_WAIT, float(raw))
+    return min(MAX_WATCH, float(raw))
 
 
 def _refused(exc: CredentialRefused) -> web.Response:
@@ -73,9 +88,11 @@ async def _unless_gone(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
     component that hung up (its agent stopped) must stop counting at once, not when its
     wait runs out; aiohttp does not cancel a handler whose client went away."""
     task = asyncio.ensure_future(work)
+    check = HANGUP_CHECK
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=HANGUP_CHECK)
+            done, _ = await asyncio.wait({task}, timeout=check)
+            check = min(HANGUP_CHECK_MAX, check * 2)
             if done:
                 return task.result()
             transport = request.transport

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 # (docs/configuration.md). An unauthenticated caller (a component waiting for approval, a
 # monitoring probe) sends a request every few seconds; 10 a second with a burst of 100 lets a
 # site put a hundred such components behind one address, while one source can hold at most
-# 100 + 30 s x 10 long-polls open (MAX_WAIT is 30 s) and make at most 10 records a second.
+# 100 + 30 s x 10 long-polls open (MAX_WAIT is 30 s; the longer MAX_WATCH is for registered keys,
+# which are never charged) and make at most 10 records a second.
 DEFAULT_RATE = 10  # requests a second per source
 DEFAULT_BURST = 100  # requests a source may send at once after a quiet spell
 DEFAULT_SOURCES = 10_000  # sources tracked at once (about 150 bytes each)

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from eucareg.api import schemas
-from eucareg.api.components import MAX_WAIT, WAIT
+from eucareg.api.components import MAX_WAIT, MAX_WATCH, WAIT
 from eucareg.api.operator import MAX_EVENTS
 from eucareg.api.validate import MAX_BODY, MAX_DEPTH, MAX_SEQ
 from eucareg.pki.signing import SIGNATURE_HEADER
@@ -93,7 +93,9 @@ ROUTES: tuple[Route, ...] = (
             _query(
                 "wait",
                 {"type": "string", "pattern": schemas.full(WAIT)},
-                f"Seconds to hold the request until something changes (at most {MAX_WAIT:g}).",
+                f"Seconds to hold the request until something changes: at most {MAX_WAIT:g}, "
+                f"or {MAX_WATCH:g} for a registered component watching its certificate "
+                "(`have`, signed by its key).",
             ),
         ),
     ),

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from eucareg.agent import collect as agent_collect
 from eucareg.agent.locate import Endpoint
+from eucareg.api import components
 from eucareg.core.model import Announcement, Role
 from eucareg.pki import credentials as cred
 from eucareg.pki import tls
@@ -383,3 +384,23 @@ def certificate(where: Path, clc: Harness, a: Announcement) -> tls.ClientCert:
     tls.write_chain(where / "chain.pem", [cert])
     cred.write_atomic(where / "key.pem", cred.key_pem(key_of(a)))
     return tls.ClientCert(where / "chain.pem", where / "key.pem", format(cert.serial_number, "x"))
+
+
+async def test_a_registered_components_watch_is_held_longer_than_any_other_long_poll(
+    clc: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle agent's one periodic request: its watch (`have`, signed by its registered
+    key) may be held MAX_WATCH; every other long-poll at most MAX_WAIT, also when it asks
+    for more, and also a `have` signed by another key."""
+    monkeypatch.setattr(components, "MAX_WAIT", 0.2)
+    monkeypatch.setattr(components, "MAX_WATCH", 30.0)
+    walrus, files = await registered_walrus(clc)
+    serial = format(cred.load_cert_pem(files[cred.LAYOUTS[Role.WALRUS].cert]).serial_number, "x")
+    watch = asyncio.create_task(collect(clc, walrus, have=serial, wait=20))
+    stranger = ann(Role.WALRUS)
+    assert (await collect(clc, stranger, wait=20))[0] == 202  # held 0.2 s, not 20
+    assert (await collect(clc, walrus, key=cred.generate_key(), have=serial, wait=20))[0] == 403
+    assert not watch.done()  # still held after both came back
+    # A revocation ends the watch at once, as ever.
+    assert (await clc.post("/v1/deregister", {"component_id": walrus.component_id}))[0] == 200
+    assert (await asyncio.wait_for(watch, 10))[0] == 410

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ import pytest
 
 from eucareg.api import peer
 from eucareg.api.status import tree
-from eucareg.core.model import AnnouncedState, Role
-from tests.factories import ann
+from eucareg.api.views import record_json
+from eucareg.core.model import AnnouncedState, Role, Status
+from tests.factories import ann, record_from
 from tests.unit.test_api_harness import CC_SETTINGS, CLC_SETTINGS, Harness, key_of, served
 
 ROW_FIELDS = {
@@ -338,3 +340,13 @@ def test_the_tree_puts_each_row_in_its_place_once() -> None:
     assert [c["component_id"] for c in shaped["clusters"][0]["nc"]] == ["nc-1"]
     assert shaped["clusters"][1]["nc"] == []  # the first row of nc-1 wins
     assert [u["component_id"] for u in shaped["unmatched"]] == ["nc-2"]
+
+
+def test_a_record_row_is_the_record_with_its_enums_as_text() -> None:
+    """record_json copies fields flat: it must stay what asdict() gives, should a field
+    ever hold something nested."""
+    record = record_from(
+        ann(Role.NC, "c1"), Status.REGISTERED, waiting_for="cluster c1", replaces="nc-old"
+    )
+    expected = {**asdict(record), "role": "nc", "status": "registered", "online": True}
+    assert record_json(record, True) == expected
