@@ -27,6 +27,7 @@ from eucareg.pki import credentials as cred
 from eucareg.pki import tls
 from eucareg.registrar.batch import Batching
 from eucareg.registrar.engine import Issuer, Registrar, Retention, Timing
+from eucareg.registrar.quietgc import QuietCollector
 from eucareg.store.registry import Store, sqlite_url
 
 from .component import Component
@@ -59,6 +60,7 @@ class RegistrarService:
         self.store: Store | None = None
         self.registrar: Registrar | None = None
         self._runner: web.AppRunner | None = None
+        self._collector: QuietCollector | None = None
         self._site: web.TCPSite | None = None
         self._contexts: dict[Role, ssl.SSLContext] = {}
         self._tls_lock = asyncio.Lock()
@@ -121,6 +123,8 @@ class RegistrarService:
         await self._runner.setup()
         await self._serve_operator()
         await self.refresh_tls()
+        self._collector = QuietCollector(lambda: self.registrar.busy_at if self.registrar else 0.0)
+        self._collector.start()
 
     async def _serve_operator(self) -> None:
         """The operator's socket: every route, for root on this host (docs/cli.md)."""
@@ -213,6 +217,8 @@ class RegistrarService:
     async def close(self) -> None:
         """Wake held long-polls and kill running hooks, then stop the API, then the store."""
         try:
+            if self._collector is not None:
+                await self._collector.stop()
             if self.registrar is not None:
                 try:
                     await asyncio.wait_for(self.registrar.close(), self._shutdown_timeout * 2)

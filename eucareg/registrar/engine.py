@@ -130,6 +130,7 @@ class Registrar:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.started_at = clock()
+        self.busy_at = time.monotonic()
         self.lag = LagMonitor()
         self.admin = TrustAdmin(self)
         self.desk = CredentialDesk(self, issuer_for)
@@ -469,6 +470,7 @@ class Registrar:
             done.set_result(None)
             return done
         self.memory.apply(step.change)
+        self.busy_at = time.monotonic()  # for quietgc: a burst is on while transitions come
         durable = self.writer.commit(step.change)
         # Shielded: a caller that is cancelled (a client hung up) must not cancel the effects
         # of a transition that is already in memory and on its way to the disk.
