@@ -45,7 +45,7 @@ from eucalab.lab import Lab, cleanup_stale, parse_topology
 from eucareg.config.file import SOCKET_FILE
 from eucareg.pki import credentials as cred
 
-PARTS = ("latency", "fleet", "fallback", "collect", "agent", "lan")
+PARTS = ("latency", "fleet", "fallback", "collect", "agent", "lan", "hooks")
 DEFAULT_PARTS = ("latency", "fleet", "fallback", "collect", "agent")
 FLEET_TIMEOUT = 300.0  # seconds the fleet may take before it gives up on missing NCs
 
@@ -183,7 +183,12 @@ def status_burst(poller: StatusPoller, progress: dict[str, Any]) -> dict[str, An
     return {"fleet": len(nodes), **poller.summary(since, until)}
 
 
-def bench_fleet(work: Path, count: int, status_interval: float = 0.0) -> dict[str, Any]:
+def bench_fleet(
+    work: Path,
+    count: int,
+    status_interval: float = 0.0,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """N simulated NCs announce at once from one host; time until all hold verified
     credentials, and the registrar's worst event-loop lag meanwhile. With `status_interval`,
     an operator polls GET /v1/status that often during the burst (`status_during_burst`)."""
@@ -194,7 +199,7 @@ def bench_fleet(work: Path, count: int, status_interval: float = 0.0) -> dict[st
     progress_file = work / "fleet.json"
     load = load_average()
     with Lab(topology, work / "lab-fleet") as lab:
-        cloud = LabCloud(lab, plan, work / "cloud-fleet")
+        cloud = LabCloud(lab, plan, work / "cloud-fleet", settings or {})
         cloud.start("cloud")
         cloud.wait_for("cloud", all_registered({"walrus": 1, "cc": 1, "sc": 1}), timeout=60)
         pin = cloud_pin(cloud)
@@ -276,6 +281,41 @@ def bench_fleet(work: Path, count: int, status_interval: float = 0.0) -> dict[st
         fleet["registrar_worst_loop_lag_before_ms"] = before["worst_ms"]
         fleet["registrar_rss_after_kib"] = rss_kib(lab, cloud, "cloud")
     return fleet
+
+
+# A node hook as slow as euca_conf --register-nodes: one run per NC, or one per batch.
+SLOW_NODE = """#!/bin/sh
+sleep 1
+echo "node $EUCAREG_ID $EUCAREG_ADDRESS $EUCAREG_CLUSTER" >> {log}
+"""
+SLOW_BATCH = """#!/bin/sh
+sleep 1
+while IFS='	' read -r address cluster id _rest; do
+    echo "node $id $address $cluster" >> {log}
+    echo "ok $id" >> "$EUCAREG_RESULTS"
+done < "$EUCAREG_BATCH"
+"""
+
+
+def bench_slow_hooks(work: Path, count: int) -> dict[str, Any]:
+    """The fleet burst with a node hook that takes 1 s: one run per NC (at most
+    max_hooks_running at once), then batched (registrar.batch_hooks, docs/hooks.md)."""
+    out: dict[str, Any] = {}
+    for mode in ("single", "batch"):
+        log = work / mode / "cloud-fleet" / "cloud" / "hooks.log"
+        hooks = {"node": SLOW_NODE.format(log=log)}
+        registrar: dict[str, Any] = {}
+        if mode == "batch":
+            hooks["node-batch"] = SLOW_BATCH.format(log=log)
+            registrar = {"batch_hooks": ["node"]}
+        settings = {"hooks": {"cloud": hooks}, "registrar": registrar}
+        fleet = bench_fleet(work / mode, count, 0.0, settings)
+        keys = ("all_registered_s", "missed", "duplicated", "node_hook_runs", "latency_median_s")
+        out[mode] = {k: fleet.get(k) for k in keys} | {
+            "registrar_worst_loop_lag_ms": fleet["registrar_worst_loop_lag_ms"],
+            "load_average_at_start": fleet["load_average_at_start"],
+        }
+    return out
 
 
 def parse_args() -> argparse.Namespace:
@@ -384,6 +424,10 @@ def main() -> None:
         if "lan" in parts:
             print(f"lan: one NC agent among {args.lan} NCs powering on", flush=True)
             results[f"lan_{args.lan}"] = bench_lan(work / "lan", args.lan)
+        if "hooks" in parts:
+            count = max(args.fleet)
+            print(f"hooks: {count} NCs at once, a node hook that sleeps 1 s", flush=True)
+            results[f"slow_hooks_{count}"] = bench_slow_hooks(work / "hooks", count)
         if "fleet" in parts:
             largest = max(args.fleet)
             for count in args.fleet:

@@ -63,6 +63,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
@@ -181,7 +183,8 @@ class LabCloud:
         hooks = base / "hooks"
         hooks.mkdir(parents=True, exist_ok=True)
         custom = self.setting("hooks", host, {})
-        for name in HOOK_TYPES:
+        # Custom scripts may add names of their own (a batch script such as node-batch).
+        for name in [*HOOK_TYPES, *(n for n in custom if n not in HOOK_TYPES)]:
             script = hooks / name
             script.write_text(
                 custom.get(name)
