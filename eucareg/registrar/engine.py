@@ -124,7 +124,7 @@ class Registrar:
         self.online_ids = self.presence.online
         self.timers = Timers(clock, self._fire)
         self.notes = Notes()
-        self.batcher = Batcher(self.hooks, batching or Batching(), self.spawn)
+        self.batcher = Batcher(self.hooks, batching or Batching(), self.spawn, self._owed)
         self.registering = Registering(self)
         self._changed: dict[str, asyncio.Event] = {}  # woken when a record changes
         self._tasks: set[asyncio.Task[None]] = set()
@@ -499,6 +499,17 @@ class Registrar:
                 self.reconsider()
             elif effect.kind is EffectKind.REDECIDE:
                 self.redecide(cid, fresh=True)
+
+    def _owed(self, ran_for: Record) -> bool:
+        """Whether the hook started for `ran_for` is still owed: the component's record is
+        still that one, registering (not deregistered, replaced or moved meanwhile)."""
+        record = self.memory.records.get(ran_for.component_id)
+        return (
+            record is not None
+            and record.status is Status.REGISTERING
+            and (record.fingerprint, record.address, record.role, record.cluster)
+            == (ran_for.fingerprint, ran_for.address, ran_for.role, ran_for.cluster)
+        )
 
     async def _journal(self, *runs: HookRun) -> None:
         await self.writer.commit(Write(hook_runs=runs))

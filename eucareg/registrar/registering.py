@@ -27,6 +27,10 @@ class Registering:
     def __init__(self, engine: Registrar) -> None:
         self.engine = engine
         self._locks: dict[str, asyncio.Lock] = {}
+        # Runs holding or waiting for each lock: a lock goes only when none is left. (Dropped
+        # when merely unlocked, it vanished between a release and its waiter's wake-up, and a
+        # third run took a fresh lock and ran beside the second.)
+        self._users: dict[str, int] = {}
 
     async def resume(self, snapshot: Snapshot) -> None:
         """Pick up the hooks of a registrar that stopped: kill what still runs of them, record
@@ -55,11 +59,16 @@ class Registering:
 
     async def run(self, component_id: str, *, rerun: bool) -> None:
         lock = self._locks.setdefault(component_id, asyncio.Lock())
+        self._users[component_id] = self._users.get(component_id, 0) + 1
         try:
             async with lock:
                 await self._run(component_id, rerun=rerun)
         finally:
-            if not lock.locked() and self._locks.get(component_id) is lock:
+            left = self._users[component_id] - 1
+            if left:
+                self._users[component_id] = left
+            else:
+                del self._users[component_id]
                 del self._locks[component_id]
 
     async def _run(self, component_id: str, *, rerun: bool) -> None:
@@ -72,7 +81,10 @@ class Registering:
         attempt = record.attempts + 1
         try:
             if engine.batcher.takes(record):
-                run = await engine.batcher.run(Member(record, eucavers, rerun, attempt))
+                batched = await engine.batcher.run(Member(record, eucavers, rerun, attempt))
+                if batched is None:
+                    return  # dropped before its batch started: nothing ran, nothing to record
+                run = batched
             else:
                 run = await engine.hooks.run(
                     record, eucavers=eucavers, rerun=rerun, attempt=attempt

@@ -188,7 +188,10 @@ def our_children() -> set[int]:
     """Processes whose parent is this test process (any of its threads), zombies included."""
     found: set[int] = set()
     for task in Path("/proc/self/task").iterdir():
-        text = (task / "children").read_text()
+        try:
+            text = (task / "children").read_text()
+        except FileNotFoundError:  # the thread ended meanwhile (a reaper, a worker)
+            continue
         found.update(int(pid) for pid in text.split())
     return found
 

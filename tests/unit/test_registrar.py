@@ -626,3 +626,32 @@ async def test_a_second_clc_is_an_event_and_a_warning_never_a_record(tmp_path: P
         assert registrar.warnings() == []
     finally:
         await registrar.close()
+
+
+async def test_hook_runs_of_one_component_never_overlap_across_a_lock_hand_over(
+    tmp_path: Path,
+) -> None:
+    """One run at a time per component. A run that ends hands the component's lock to the
+    one waiting; a third arriving in that moment must queue behind it, not take a fresh
+    lock (the lock used to be dropped when merely unlocked, before the waiter woke)."""
+    reg = await make_registrar(tmp_path)
+    inside: list[int] = []
+    worst = 0
+
+    async def hook_work(component_id: str, *, rerun: bool) -> None:
+        nonlocal worst
+        inside.append(1)
+        worst = max(worst, len(inside))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        inside.pop()
+
+    reg.registering._run = hook_work  # type: ignore[method-assign]
+    first = asyncio.create_task(reg.registering.run("nc-1", rerun=False))
+    second = asyncio.create_task(reg.registering.run("nc-1", rerun=False))
+    await first
+    third = asyncio.create_task(reg.registering.run("nc-1", rerun=False))
+    await asyncio.gather(second, third)
+    assert worst == 1
+    assert reg.registering._locks == {} and reg.registering._users == {}
+    await reg.close()
