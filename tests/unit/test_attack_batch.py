@@ -9,11 +9,9 @@ never for a fixed time.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from eucareg.registrar.engine import Registrar, Timing
 from eucareg.registrar.hooks import group_alive
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, ann, sighting
+from tests.unit.test_api_harness import eventually
 from tests.unit.test_batch_hooks import BATCH_LOG, lines
 from tests.unit.test_registrar import (
     CLC_SETTINGS,
@@ -57,15 +56,6 @@ async def admit(reg: Registrar, node: Announcement) -> None:
     and its hook is owed (without settle(), which would wait for a gathering batch)."""
     reg.on_sighting(sighting(node))
     await reg.credentials(node.component_id, KEYS[node.fingerprint].public_key(), wait=0)
-
-
-async def until(done: Callable[[], bool], what: str, limit: float = 15.0) -> None:
-    """Poll (bounded) until `done()` holds: waiting for an event, never a decision by time."""
-    deadline = time.monotonic() + limit
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def gathering(reg: Registrar) -> int:
@@ -122,7 +112,7 @@ async def test_a_stop_while_a_batch_gathers_starts_nothing_and_the_restart_runs_
     members = nodes(3)
     for node in members:
         await admit(reg, node)
-    await until(lambda: gathering(reg) == 3, "three members gathering")
+    await eventually(lambda: gathering(reg) == 3, "three members gathering")
     await reg.close()
     assert lines(log, "run") == []
     assert {stored(reg, n) for n in members} == {Status.REGISTERING}
@@ -150,7 +140,7 @@ async def test_a_stop_while_a_batch_runs_kills_it_and_the_restart_reruns_it_once
     members = nodes(3)
     for node in members:
         await admit(reg, node)
-    await until(started.exists, "the batch script to start")
+    await eventually(started.exists, "the batch script to start")
     await reg.writer.flush()
     running = reg.store.hook_runs()
     assert len(running) == 3 and {r.outcome for r in running} == {HookOutcome.RUNNING}
@@ -195,7 +185,7 @@ async def test_a_member_deregistered_and_back_as_another_machine_while_its_batch
     victim, other = nodes(2)
     await admit(reg, victim)
     await admit(reg, other)
-    await until(started.exists, "the batch script to start")
+    await eventually(started.exists, "the batch script to start")
     reg.on_sighting(sighting(victim, Change.REMOVED))
     await reg.deregister(reg.find(victim.component_id, None))
     moved = ann(Role.NC, "c1", component_id=victim.component_id)
@@ -228,7 +218,7 @@ async def test_a_member_deregistered_while_its_batch_gathers_is_not_handed_to_th
     reg = await node_registrar(tmp_path, max_size=2, wait=60)
     victim, other = nodes(2)
     await admit(reg, victim)
-    await until(lambda: gathering(reg) == 1, "the victim gathering")
+    await eventually(lambda: gathering(reg) == 1, "the victim gathering")
     reg.on_sighting(sighting(victim, Change.REMOVED))
     await reg.deregister(reg.find(victim.component_id, None))
     assert reg.record(victim.component_id) is None
@@ -253,7 +243,7 @@ async def test_twice_deregistered_and_back_while_running_never_runs_two_hooks_at
     reg = await node_registrar(tmp_path, wait=1.5)  # the third run comes well within it
     first = ann(Role.NC, "c1")
     await admit(reg, first)
-    await until(started.exists, "the first batch to start")
+    await eventually(started.exists, "the first batch to start")
 
     async def replace_it() -> Announcement:
         current = reg.live[first.component_id]
@@ -265,7 +255,7 @@ async def test_twice_deregistered_and_back_while_running_never_runs_two_hooks_at
 
     await replace_it()  # its run waits for the running one
     release.touch()
-    await until(lambda: gathering(reg) == 1, "the second run gathering")
+    await eventually(lambda: gathering(reg) == 1, "the second run gathering")
     await replace_it()  # a third run while the second gathers
     await settle(reg)
     members = lines(log, "member")
@@ -568,7 +558,7 @@ async def test_a_batch_script_removed_while_its_batch_gathers_falls_back_to_the_
     one, two = nodes(2)
     await admit(reg, one)
     await admit(reg, two)
-    await until(lambda: gathering(reg) == 2, "both gathering")
+    await eventually(lambda: gathering(reg) == 2, "both gathering")
     (hooks / "node-batch").unlink()  # before the batch's timer fires
     await settle(reg)
     assert sorted(lines(log, "single")) == sorted(f"single {n.component_id}" for n in (one, two))
@@ -678,9 +668,9 @@ async def test_a_retry_never_joins_a_gathering_batch(tmp_path: Path) -> None:
     good, flaky, late, later = nodes(4)
     await admit(reg, good)
     await admit(reg, flaky)
-    await until(lambda: status(reg, flaky) is Status.FAILED, "the flaky one failing")
+    await eventually(lambda: status(reg, flaky) is Status.FAILED, "the flaky one failing")
     await admit(reg, late)
-    await until(lambda: status(reg, flaky) is Status.REGISTERED, "the retry alone")
+    await eventually(lambda: status(reg, flaky) is Status.REGISTERED, "the retry alone")
     assert gathering(reg) == 1 and status(reg, late) is Status.REGISTERING
     await admit(reg, later)
     await settle(reg)
