@@ -336,6 +336,16 @@ class Batcher:
             self._start(key, batch)
         return await done
 
+    def close(self) -> None:
+        """Stop gathering: the batches not started yet never start (their members' records
+        stay `registering`, unjournaled, and a restart runs them as first runs)."""
+        for batch in self._open.values():
+            if batch.timer is not None:
+                batch.timer.cancel()
+            for _, done in batch.members:
+                done.cancel()
+        self._open.clear()
+
     def _start(self, key: tuple[Role, str | None], batch: _Open) -> None:
         if self._open.get(key) is batch:
             del self._open[key]

@@ -176,6 +176,7 @@ class Registrar:
                 handle.cancel()
         self.timers.close()
         self.admin.close()
+        self.batcher.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

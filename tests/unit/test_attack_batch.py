@@ -114,6 +114,7 @@ async def test_a_stop_while_a_batch_gathers_starts_nothing_and_the_restart_runs_
         await admit(reg, node)
     await eventually(lambda: gathering(reg) == 3, "three members gathering")
     await reg.close()
+    assert gathering(reg) == 0  # the batch was dropped, its timer cancelled
     assert lines(log, "run") == []
     assert {stored(reg, n) for n in members} == {Status.REGISTERING}
     assert reg.store.hook_runs() == []
