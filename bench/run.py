@@ -242,6 +242,8 @@ def bench_fleet(
         # Datagrams the registrar's mDNS sockets dropped (receive buffer full) in the burst.
         fleet["registrar_mdns_drops"] = drops_after["drops"] - drops_before["drops"]
         fleet["registrar_mdns_sockets"] = drops_after["sockets"]
+        # How much of the burst the HTTPS port's pacer spread over later loop iterations.
+        fleet["registrar_pacing"] = status["registrar"].get("pacing")
         if progress.get("cpu_at_publish_s") is not None:
             fleet["generator_cpu_s"] = round(progress["cpu_s"] - progress["cpu_at_publish_s"], 3)
             fleet["generator_cpu_before_publish_s"] = round(progress["cpu_at_publish_s"], 3)

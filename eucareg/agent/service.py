@@ -19,6 +19,7 @@ from cryptography import x509
 
 from eucareg.api.app import ApiContext, build_app
 from eucareg.api.limits import RateLimits
+from eucareg.api.pacing import PacedTLSSite, Pacer
 from eucareg.config.file import SOCKET_FILE, Config
 from eucareg.core.model import Role
 from eucareg.core.policy import RegistrarSettings
@@ -61,8 +62,9 @@ class RegistrarService:
         self.registrar: Registrar | None = None
         self._runner: web.AppRunner | None = None
         self._collector: QuietCollector | None = None
-        self._site: web.TCPSite | None = None
+        self._site: PacedTLSSite | None = None
         self._contexts: dict[Role, ssl.SSLContext] = {}
+        self._pacer: Pacer | None = None
         self._tls_lock = asyncio.Lock()
         self.port = cfg.api_port  # the bound port once started (differs only for port 0)
 
@@ -115,8 +117,10 @@ class RegistrarService:
         )
         # A small shutdown_timeout: held long-polls are woken by registrar.close(), and what
         # still runs after that is cut rather than waited for (SIGTERM must stop us quickly).
+        # One pacer for the HTTPS port's handshakes and its requests (api/pacing.py).
+        self._pacer = Pacer(asyncio.get_running_loop())
         self._runner = web.AppRunner(
-            build_app(self.registrar, context),
+            build_app(self.registrar, context, self._pacer),
             access_log=None,
             shutdown_timeout=self._shutdown_timeout,
         )
@@ -159,12 +163,13 @@ class RegistrarService:
                 return  # the front context picks up self._contexts at every handshake
             assert self._runner is not None
             default.sni_callback = self._choose
-            self._site = web.TCPSite(
+            self._site = PacedTLSSite(
                 self._runner,
                 host=None,
                 port=self.port,
                 reuse_address=True,
                 ssl_context=default,
+                pacer=self._pacer,
             )
             await self._site.start()
             self.port = self._bound_port()

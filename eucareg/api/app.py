@@ -9,7 +9,7 @@ import logging
 
 from aiohttp import web
 
-from eucareg.api import components, limits, openapi, operator, peer, status, trust
+from eucareg.api import components, limits, openapi, operator, pacing, peer, status, trust
 from eucareg.api.auth import NONCES, Handler, NonceCache, operator_only
 from eucareg.api.context import CONTEXT, REGISTRAR, ApiContext
 from eucareg.api.validate import MAX_BODY, ApiError, error, http_error
@@ -65,12 +65,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error(500, "internal error (see the registrar's log)")
 
 
-def build_app(registrar: Registrar, ctx: ApiContext) -> web.Application:
+def build_app(
+    registrar: Registrar, ctx: ApiContext, pacer: pacing.Pacer | None = None
+) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
     app[REGISTRAR] = registrar
     app[CONTEXT] = ctx
     app[NONCES] = NonceCache()
     limits.install(app, ctx.limits)  # runs inside json_errors (api/limits.py)
+    if pacer is not None:
+        pacing.install(app, pacer)  # after the limits: a refused request never waits
     for method, path, handler in OPEN_ROUTES:
         _add(app, method, path, handler)
     for method, path, handler in OPERATOR_ROUTES:

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from eucareg.api.context import CONTEXT, REGISTRAR, ApiContext
+from eucareg.api.pacing import PACER, Pacer
 from eucareg.api.peer import fetch_peer_nodes
 from eucareg.api.validate import bad
 from eucareg.api.views import registry_json
@@ -40,7 +41,22 @@ async def status(request: web.Request) -> web.Response:
     # HEAD answers like GET but changes nothing.
     reset = how == "reset" and request.method == "GET"
     registrar = request.app[REGISTRAR]
-    return web.json_response(await status_tree(registrar, request.app[CONTEXT], reset_lag=reset))
+    answer = await status_tree(registrar, request.app[CONTEXT], reset_lag=reset)
+    answer["registrar"]["pacing"] = pacing_json(request.app.get(PACER))
+    return web.json_response(answer)
+
+
+def pacing_json(pacer: Pacer | None) -> dict[str, Any] | None:
+    """How the HTTPS port spreads a burst (api/pacing.py); None when it is not paced."""
+    if pacer is None:
+        return None
+    return {
+        "waiting": pacer.waiting,
+        "deferred": pacer.deferred,
+        "slice_ms": round(pacer.allowance * 1000, 3),
+        "target_ms": round(pacer.target * 1000, 3),
+        "request_cost_ms": round(pacer.request_cost * 1000, 3),
+    }
 
 
 def loop_lag_json(registrar: Registrar, *, reset: bool = False) -> dict[str, Any]:

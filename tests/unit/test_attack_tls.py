@@ -270,11 +270,11 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent's registrar API binds every interface (host=None); in these tests it binds
     127.0.0.1 only."""
 
-    class LoopbackSite(web.TCPSite):
+    class LoopbackSite(service_module.PacedTLSSite):
         def __init__(self, runner: Any, host: Any = None, port: Any = None, **kw: Any) -> None:
             super().__init__(runner, "127.0.0.1", port, **kw)
 
-    monkeypatch.setattr(service_module.web, "TCPSite", LoopbackSite)
+    monkeypatch.setattr(service_module, "PacedTLSSite", LoopbackSite)
 
 
 @pytest.fixture
