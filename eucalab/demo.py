@@ -144,7 +144,7 @@ def _run(
     as_json: bool,
     timeout: float,
 ) -> int:
-    from eucareg.cli.main import render_tree
+    from eucareg.cli.render import render_tree
 
     cloud = LabCloud(lab, plan, work / "cloud")
     console.rule("[bold]eucalab demo[/]: CLC+Walrus+CC+SC on one host, plus NCs")

@@ -11,16 +11,33 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from rich.console import Console
 
 from eucareg.config import file as config_mod
 
 DEFAULT_CONFIG = Path("/etc/eucareg/eucareg.toml")
 FC = TypeVar("FC", bound=Callable[..., Any])
 
-# Piped output is not cut to 80 columns: tables stay one row per line for grep and less.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+class LazyConsole:
+    """A rich Console made on first use. `eucareg agent` never prints through one, and every
+    host runs it: rich is 2 MiB that a node's agent should not carry (docs/performance.md)."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            # Piped output is not cut to 80 columns: tables stay one row per line for grep.
+            self._console = Console(stderr=self._stderr, width=None if stream.isatty() else 160)
+        return getattr(self._console, name)
+
+
+console = LazyConsole()
+err_console = LazyConsole(stderr=True)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 

@@ -16,11 +16,9 @@ import click
 from eucareg.cli import queries, trust
 from eucareg.cli.common import config_option, console, fail, load_config, print_json
 from eucareg.cli.logs import setup_logging
-from eucareg.cli.render import render_tree
 from eucareg.pki.credentials import CredentialError
 
-# eucalab's demo imports render_tree from here; its home is eucareg.cli.render.
-__all__ = ["main", "render_tree"]
+__all__ = ["main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +42,7 @@ def agent(config_path: Path) -> None:
     its announcements."""
     from eucareg.agent.host import Agent
     from eucareg.agent.statedir import AGENT_UMASK, StateDirError
-    from eucareg.store.registry import StoreBusy
+    from eucareg.store.errors import StoreBusy
 
     cfg = load_config(config_path)
     setup_logging(cfg.log_level, cfg.log_format)

@@ -11,7 +11,6 @@ import click
 
 from eucareg.cli.client import Api, with_api_options
 from eucareg.cli.common import console, err_console, json_option, print_json
-from eucareg.cli.render import events_table, pending_table, render_tree
 
 EVENT_KINDS = (
     "pending, awaiting-key, registering, registered, failed, refused, rejected, expired, "
@@ -31,6 +30,8 @@ def status(api: Api, as_json: bool) -> None:
     if as_json:
         print_json(data, sort_keys=True)
         return
+    from eucareg.cli.render import render_tree  # rich, only to print
+
     console.print(render_tree(data))
     for line in [*data.get("warnings", []), *data.get("errors", [])]:
         err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
@@ -71,6 +72,8 @@ def events(
         writer.writeheader()
         writer.writerows(rows)
     else:
+        from eucareg.cli.render import events_table  # rich, only to print
+
         console.print(events_table(rows))
 
 
@@ -84,4 +87,6 @@ def pending(api: Api, as_json: bool) -> None:
     if as_json:
         print_json(rows)
     else:
+        from eucareg.cli.render import pending_table  # rich, only to print
+
         console.print(pending_table(rows))

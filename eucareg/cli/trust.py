@@ -12,7 +12,6 @@ import click
 
 from eucareg.cli.client import Api, with_api_options
 from eucareg.cli.common import console, fail, json_option, print_json
-from eucareg.cli.render import tokens_table, trust_line
 
 ROLES = click.Choice(["walrus", "cc", "sc", "nc"])
 
@@ -21,6 +20,8 @@ def _print_trust(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(data, sort_keys=True)
     else:
+        from eucareg.cli.render import trust_line  # rich, only to print
+
         console.print(trust_line(data), highlight=False)
 
 
@@ -174,6 +175,8 @@ def token_list(api: Api, as_json: bool) -> None:
     if as_json:
         print_json(rows)
     else:
+        from eucareg.cli.render import tokens_table  # rich, only to print
+
         console.print(tokens_table(rows))
 
 

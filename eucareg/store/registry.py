@@ -31,6 +31,7 @@ from eucareg.core.model import (
 )
 from eucareg.core.transitions import Prune, TokenChange, Write
 from eucareg.core.trust import Mode, Task, Token, TrustSettings
+from eucareg.store.errors import StoreBusy
 from eucareg.store.schema import (
     certificates,
     components,
@@ -73,10 +74,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 CLAIM_PATIENCE = 3.0  # seconds a starting registrar waits for a just-dead one's lock
-
-
-class StoreBusy(Exception):
-    """Another registrar already owns this database; the message says which process."""
 
 
 class Store:

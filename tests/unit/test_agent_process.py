@@ -160,3 +160,69 @@ def test_a_fresh_agent_under_umask_022_keeps_its_state_private(
     assert not readable, readable
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
+
+
+NODE_ONLY = """\
+[components.nc]
+cluster = "cluster1"
+installed = true
+"""
+
+# What only a registrar needs. A node's agent that loads them carries 15 MiB it never uses
+# (SQLAlchemy alone is 12 MiB): the lean-agent part of docs/performance.md.
+REGISTRAR_ONLY = (
+    "sqlalchemy",
+    "rich",
+    "aiohttp.web",
+    "eucareg.registrar",
+    "eucareg.store.registry",
+)
+
+
+def test_a_node_agent_never_imports_what_only_a_registrar_needs(
+    tmp_path: Path, private_network: None
+) -> None:
+    config = tmp_path / "eucareg.toml"
+    # The CLC+CC host's settings, with a node's component instead of the CLC and the CC.
+    head = config_text(tmp_path).split("[components.clc]")[0]
+    config.write_text(head + NODE_ONLY)
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        # -X importtime: every module the process imports, as it imports it, on stderr.
+        proc = subprocess.Popen(
+            [
+                "unshare",
+                "-rn",
+                "sh",
+                "-c",
+                f'{NAMESPACE_SETUP} && exec "$0" -X importtime -m eucareg agent --config "$1"',
+                sys.executable,
+                str(config),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+        wait_for_messages(proc, log, "agent started", 1)
+        # It announces its NC and looks for its CC: a node's whole steady work. Then it stops.
+        wait_for_messages(proc, log, "announcing nc", 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in log.read_text(errors="replace").splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "eucareg.agent.host" in imported and "zeroconf" in imported  # the list is real
+    loaded = sorted(
+        m
+        for m in imported
+        if m.split(".")[0] in {"sqlalchemy", "rich"}
+        or any(m == p or m.startswith(p + ".") or m.startswith(p + "_") for p in REGISTRAR_ONLY)
+    )
+    assert loaded == []

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from click.testing import CliRunner, Result
 
-from eucareg.cli.main import main, render_tree
+from eucareg.cli.main import main
+from eucareg.cli.render import render_tree
 from eucareg.cli.render import render_tree as render_tree_home
 
 
