@@ -13,6 +13,7 @@ import asyncio
 import asyncio.sslproto
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -56,9 +57,11 @@ class Pacer:
         self._owed = 0.0  # the estimated cost of requests woken for the next slice
         self._drain_queued = False
         self.request_cost = FIRST_REQUEST_COST  # seconds, a moving average
-        # The requests the last slice woke: how many resumed, the first and last resume time.
+        # The requests the last drain woke: how many resumed, and when the first one did;
+        # measured only when the next drain was queued right behind them.
         self._resumed = 0
-        self._resumed_span = (0.0, 0.0)
+        self._first_resume = 0.0
+        self._measure = False
         self.deferred = 0  # how many runs had to wait for a later iteration (status, tests)
         self.slices = 0  # how many slices were opened
 
@@ -90,20 +93,20 @@ class Pacer:
         self._note_resume()
 
     def _note_resume(self) -> None:
-        # Woken requests resume one after another, as the slice woke them: the gap between
-        # two resumes is what the first one ran. The first opens this iteration's slice.
-        now = self._clock()
+        # The first woken request to resume opens this iteration's slice.
+        if not self._resumed:
+            self._first_resume = self._clock()
         self._open()
-        first, _ = self._resumed_span
-        self._resumed_span = (first if self._resumed else now, now)
         self._resumed += 1
 
     def _learn_cost(self) -> None:
-        if self._resumed >= 2:
-            first, last = self._resumed_span
-            sample = (last - first) / (self._resumed - 1)
+        # Requests a drain wakes resume one after another, and the next drain, queued right
+        # behind them, runs when the last has run: from the first resume to now is what
+        # they cost together. A cost above the target still lets one through per drain.
+        if self._measure and self._resumed:
+            sample = min(self.target, (self._clock() - self._first_resume) / self._resumed)
             self.request_cost = 0.7 * self.request_cost + 0.3 * sample
-        self._resumed = 0
+        self._resumed, self._measure = 0, False
 
     def _charge(self, work: Callable[[], None]) -> None:
         began = self._clock()
@@ -139,6 +142,15 @@ class Pacer:
         self._drain_queued = False
         self._learn_cost()
         self._open()
+        try:
+            self._run_slice()
+        finally:
+            # Queued again even if a callback raised: what waits behind it must not wedge.
+            if self._queue:
+                self._measure = self._owed > 0
+                self._queue_drain()
+
+    def _run_slice(self) -> None:
         progress = False
         # At least one piece of work per iteration, whatever ran before us in it: progress.
         # First come, first served: the first item that does not fit stops the slice.
@@ -159,10 +171,16 @@ class Pacer:
                 if progress and (self._paced >= self.allowance or self._owed > 0):
                     break
                 self._queue.popleft()
-                self._charge(item)
+                self._charge_safely(item)
             progress = True
-        if self._queue:
-            self._queue_drain()
+
+    def _charge_safely(self, work: Callable[[], None]) -> None:
+        try:
+            self._charge(work)
+        except Exception as exc:  # one connection's fault is reported, not everyone's wedge
+            self._loop.call_exception_handler(
+                {"message": "paced work failed", "exception": exc, "callback": work}
+            )
 
 
 PACER = web.AppKey("pacer", Pacer)
@@ -196,11 +214,24 @@ class PacedTLSProtocol(asyncio.sslproto.SSLProtocol):
     are deferred only while the connection is in the state that called them, and re-check it
     when they run: the peer may have gone, or the handshake timed out, meanwhile. A read is
     paced only as new data arrives: the reads of a closing connection (its flush) run at once,
-    so the data still buffered is delivered before it shuts down."""
+    so the data still buffered is delivered before it shuts down. One read at most waits per
+    connection, and the socket stops being read while more than asyncio's limit of TLS data
+    waits in it, exactly as when the read runs at once."""
 
     def __init__(self, pacer: Pacer, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pacer = pacer
+        self._read_queued = False
+
+    @property
+    def handshaking(self) -> bool:
+        """Not yet handed to the application (aiohttp knows it only after its handshake)."""
+        return getattr(self, "_state", None) in (_State.UNWRAPPED, _State.DO_HANDSHAKE)
+
+    def abort(self) -> None:
+        transport: Any = self._transport  # a socket transport: it has abort()
+        if transport is not None:
+            transport.abort()
 
     def _do_handshake(self) -> None:
         self._pacer.run(self._paced_handshake)
@@ -214,9 +245,13 @@ class PacedTLSProtocol(asyncio.sslproto.SSLProtocol):
             super().buffer_updated(nbytes)
             return
         self._incoming.write(self._ssl_buffer_view[:nbytes])  # type: ignore[attr-defined]
-        self._pacer.run(self._paced_read)
+        self._control_ssl_reading()  # type: ignore[attr-defined]
+        if not self._read_queued:
+            self._read_queued = True
+            self._pacer.run(self._paced_read)
 
     def _paced_read(self) -> None:
+        self._read_queued = False
         if self._in_state(_State.WRAPPED):
             self._do_read()  # type: ignore[attr-defined]
 
@@ -234,7 +269,7 @@ _State: Any = getattr(asyncio.sslproto, "SSLProtocolState", None)
 # The members PacedTLSProtocol relies on (CPython 3.11 to 3.13); without them, no pacing.
 SUPPORTED = _State is not None and all(
     hasattr(asyncio.sslproto.SSLProtocol, name)
-    for name in ("_do_handshake", "_do_read", "buffer_updated", "_get_extra_info")
+    for name in ("_do_handshake", "_do_read", "_control_ssl_reading", "buffer_updated")
 )
 
 
@@ -267,6 +302,8 @@ class PacedTLSSite(web.TCPSite):
         )
         self._pacer = pacer
         self._handshake_timeout = handshake_timeout
+        # Connections aiohttp does not know yet (their handshake may wait): stop() drops them.
+        self._protocols: weakref.WeakSet[PacedTLSProtocol] = weakref.WeakSet()
 
     @property
     def pacer(self) -> Pacer | None:
@@ -287,7 +324,7 @@ class PacedTLSSite(web.TCPSite):
         pacer, context, timeout = self._pacer, self._ssl_context, self._handshake_timeout
 
         def protocol() -> asyncio.BaseProtocol:
-            return PacedTLSProtocol(
+            made = PacedTLSProtocol(
                 pacer,
                 loop,
                 server(),
@@ -296,6 +333,8 @@ class PacedTLSSite(web.TCPSite):
                 server_side=True,
                 ssl_handshake_timeout=timeout,
             )
+            self._protocols.add(made)
+            return made
 
         self._server = await loop.create_server(
             protocol,
@@ -306,3 +345,12 @@ class PacedTLSSite(web.TCPSite):
         )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def stop(self) -> None:
+        """Stop listening, and drop the connections still in their handshake: aiohttp closes
+        those it serves, but it does not know these, and a handshake finished later would
+        hand a request to an application that has stopped."""
+        await super().stop()
+        for made in list(self._protocols):
+            if made.handshaking:
+                made.abort()
