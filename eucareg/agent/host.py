@@ -15,12 +15,13 @@ import aiohttp
 
 from eucareg.config.file import Config
 from eucareg.core.model import Role
-from eucareg.mdns.types import Announcer, Watcher
+from eucareg.mdns.types import Announcer, Sighting, Watcher
 from eucareg.mdns.zeroconf_backend import ZeroconfBackend
 from eucareg.pki import tls
 
 from .collect import collect_credentials
 from .component import Component
+from .greet import Serving, greeting_for
 from .identity import Identity, ensure_cloud_ca, load_or_create_identity, read_or_create_secret
 from .locate import Endpoint, Registrars
 from .statedir import secure_state_dir
@@ -145,6 +146,7 @@ class Agent:
         self.backend.watch(self.registrars.on_sighting)
         if self.registrar is not None:
             self.backend.watch(self.registrar.on_sighting)
+            self.backend.watch(self._greet)
         if self.service is not None and cc is not None:
             self.supervisor.spawn("tls", self._tls_loop)
         for comp in self.components:
@@ -155,6 +157,19 @@ class Agent:
             "agent started: %s",
             ", ".join(f"{c.role.value}={c.identity.component_id}" for c in self.components),
         )
+
+    def _greet(self, sighting: Sighting) -> None:
+        instance = greeting_for(sighting, self._serving())
+        if instance is not None:
+            self.backend.greet(instance)
+
+    def _serving(self) -> dict[Role, Serving]:
+        """This host's registrars that can hand out credentials now (a CC once registered)."""
+        out: dict[Role, Serving] = {}
+        for comp in self.components:
+            if comp.role is Role.CLC or (comp.role is Role.CC and comp.registered):
+                out[comp.role] = Serving(comp.instance, comp.conf.cluster)
+        return out
 
     def _client(self) -> aiohttp.ClientSession:
         if self.session is None:

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 RECEIVE_BUFFER = 4 * 1024 * 1024
 RESOLVE_TIMEOUT_MS = 3000
 RESOLVE_ATTEMPTS = 3
+# RFC 6762 section 6: a record is multicast on an interface at most once a second.
+MULTICAST_INTERVAL = 1.0
+# python-zeroconf announces a new or changed service 3 times, 225 ms apart, from publish().
+ANNOUNCING_FOR = 0.5
 
 
 class ZeroconfBackend:
@@ -40,6 +44,8 @@ class ZeroconfBackend:
         self._ip_version = IPVersion.All if ipv6 else IPVersion.V4Only
         self._started: AsyncZeroconf | None = None
         self._published: dict[str, AsyncServiceInfo] = {}
+        # Loop time when each published service's records last went out unasked.
+        self._multicast_at: dict[str, float] = {}
         self._browser: AsyncServiceBrowser | None = None
         self._handlers: list[SightingHandler] = []
         self._resolving: set[asyncio.Task[None]] = set()
@@ -96,9 +102,24 @@ class ZeroconfBackend:
         else:
             await self._aiozc.async_register_service(info, cooperating_responders=True)
         self._published[spec.instance] = info
+        self._multicast_at[spec.instance] = asyncio.get_running_loop().time() + ANNOUNCING_FOR
         log.debug("published %s txt=%s", spec.instance, dict(spec.txt))
 
+    def greet(self, instance: str) -> bool:
+        info = self._published.get(instance)
+        if info is None or self._started is None:
+            return False
+        now = asyncio.get_running_loop().time()
+        if now - self._multicast_at.get(instance, -MULTICAST_INTERVAL) < MULTICAST_INTERVAL:
+            return False
+        zc = self._aiozc.zeroconf
+        zc.async_send(zc.generate_service_broadcast(info, None))
+        self._multicast_at[instance] = now
+        log.debug("greeted with %s", instance)
+        return True
+
     async def withdraw(self, instance: str) -> None:
+        self._multicast_at.pop(instance, None)
         info = self._published.pop(instance, None)
         if info is not None:
             # The goodbye packets go out from a task; wait for it, or a shutdown would

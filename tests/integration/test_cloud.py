@@ -449,3 +449,35 @@ def test_operator_commands_preferred_address_and_credential_repair(
     assert cert.read_bytes() == original
     assert hook_calls(cloud) == hooks
     assert "no longer registered (credentials missing)" in cloud.logs("node1")
+
+
+def test_a_node_that_joins_is_greeted_by_its_registered_cc(cloud_factory: CloudFactory) -> None:
+    """When a node appears, its registered CC multicasts its own announcement once more, so the
+    node's browser has it without its first query (RFC 6762 section 5.2's 20-120 ms delay).
+    A node of another cluster is not greeted."""
+    plan: dict[str, dict[str, str | None]] = {
+        "cloud": {"clc": None, "walrus": None, "cc": "cluster1", "sc": "cluster1"},
+        "node1": {"nc": "cluster1"},
+        "stray": {"nc": "cluster9"},
+    }
+    cloud = cloud_factory(plan, log_level="debug")
+    cloud.start("cloud")
+    cloud.wait_for("cloud", all_registered({"walrus": 1, "cc": 1, "sc": 1}), timeout=60)
+    cloud.start("stray")
+    cloud.wait_for("cloud", lambda status: len(status["tree"]["unmatched"]) == 1, timeout=30)
+    # The greeting handler ran with the sighting that made the stray unmatched: decided.
+    assert "greeted with" not in cloud.logs("cloud")
+    # The CC's records went out when it registered; a greeting waits a second after that.
+    published = [
+        json.loads(line)["ts"]
+        for line in cloud.logs("cloud").splitlines()
+        if "published cluster-cc-" in line
+    ]
+    while time.time() < published[-1] + 1.6:
+        time.sleep(0.1)
+    cloud.start("node1")
+    cloud.agents["node1"].wait_for_log("credentials for nc", timeout=30)
+    greetings = [m for m in cloud.logs("cloud").splitlines() if "greeted with" in m]
+    assert len(greetings) == 1 and "greeted with cluster-cc-" in greetings[0]
+    # The node's browser heard the greeting (its own query may come later, or not at all).
+    assert "browser: added cluster-cc-" in cloud.logs("node1")

@@ -77,6 +77,12 @@ class FakeMdns:
         if self.published.pop(instance, None) is not None:
             self.calls.append(("withdraw", instance))
 
+    def greet(self, instance: str) -> bool:
+        if instance not in self.published:
+            return False
+        self.calls.append(("greet", instance))
+        return True
+
     def watch(self, handler: SightingHandler) -> None:
         self.handlers.append(handler)
 
