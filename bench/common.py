@@ -29,17 +29,20 @@ def load_average() -> list[float]:
 
 @contextlib.contextmanager
 def cloud_lab(
-    work: Path, name: str, extra_hosts: dict[str, dict[str, str | None]]
+    work: Path,
+    name: str,
+    extra_hosts: dict[str, dict[str, str | None]],
+    settings: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Lab, LabCloud]]:
     """A lab with the cloud host (CLC, Walrus, CC, SC, its cluster registered) and the extra
     hosts (those with roles get a plan; the others, an empty one: started by nobody), torn
-    down on the way out whatever happened."""
+    down on the way out whatever happened. `settings` go to LabCloud."""
     plan: dict[str, dict[str, str | None]] = {"cloud": CLOUD, **extra_hosts}
     topology = parse_topology(
         "subnet lan 10.77.0.0/16\n" + "\n".join(f"host {h} lan" for h in plan)
     )
     with Lab(topology, work / f"lab-{name}") as lab:
-        cloud = LabCloud(lab, plan, work / f"cloud-{name}")
+        cloud = LabCloud(lab, plan, work / f"cloud-{name}", settings or {})
         cloud.start("cloud")
         cloud.wait_for("cloud", all_registered({"walrus": 1, "cc": 1, "sc": 1}), timeout=60)
         yield lab, cloud
