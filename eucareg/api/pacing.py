@@ -22,7 +22,7 @@ from aiohttp import web
 
 from eucareg.api.auth import Handler
 
-TARGET = 0.015  # seconds: the event-loop iteration pacing aims for, paced work included
+TARGET = 0.010  # seconds: the event-loop iteration pacing aims for, paced work included
 MIN_SLICE = 0.002  # seconds of paced work an iteration may run however busy it is
 # What one woken request is first assumed to cost on the loop, until it has been measured.
 FIRST_REQUEST_COST = 0.0005

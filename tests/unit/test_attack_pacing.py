@@ -857,7 +857,7 @@ async def test_the_learned_cost_of_a_request_comes_back_down_when_requests_get_c
     iteration's drain), or decay the estimate when a slice ends under budget."""
     loop = asyncio.get_running_loop()
     clock = Clock()
-    pacer = Pacer(loop, clock=clock)
+    pacer = Pacer(loop, target=0.015, clock=clock)
 
     async def request(cost: float) -> None:
         await pacer.turn()
