@@ -77,23 +77,19 @@ def messages(log: Path) -> list[str]:
     return [str(e["msg"]) for e in entries(log)]
 
 
-@pytest.fixture
-def agent_process(
-    tmp_path: Path, private_network: None
-) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    config = tmp_path / "eucareg.toml"
-    config.write_text(config_text(tmp_path))
-    log = tmp_path / "agent.log"
+def start_agent(config: Path, log: Path, *python_options: str) -> subprocess.Popen[bytes]:
+    """`python -m eucareg agent` in a private network namespace, logging to `log`."""
     with log.open("wb") as out:
         # unshare and then sh exec, so the PID we hold is the agent's own.
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [
                 "unshare",
                 "-rn",
                 "sh",
                 "-c",
                 # umask 022, as a shell would give it: the agent must not rely on the caller's.
-                f'{NAMESPACE_SETUP} && umask 022 && exec "$0" -m eucareg agent --config "$1"',
+                f'{NAMESPACE_SETUP} && umask 022 && exec "$0" '
+                f'{" ".join(python_options)} -m eucareg agent --config "$1"',
                 sys.executable,
                 str(config),
             ],
@@ -101,6 +97,16 @@ def agent_process(
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+
+
+@pytest.fixture
+def agent_process(
+    tmp_path: Path, private_network: None
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    config = tmp_path / "eucareg.toml"
+    config.write_text(config_text(tmp_path))
+    log = tmp_path / "agent.log"
+    proc = start_agent(config, log)
     try:
         yield proc, log
     finally:
@@ -187,22 +193,8 @@ def test_a_node_agent_never_imports_what_only_a_registrar_needs(
     head = config_text(tmp_path).split("[components.clc]")[0]
     config.write_text(head + NODE_ONLY)
     log = tmp_path / "agent.log"
-    with log.open("wb") as out:
-        # -X importtime: every module the process imports, as it imports it, on stderr.
-        proc = subprocess.Popen(
-            [
-                "unshare",
-                "-rn",
-                "sh",
-                "-c",
-                f'{NAMESPACE_SETUP} && exec "$0" -X importtime -m eucareg agent --config "$1"',
-                sys.executable,
-                str(config),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+    # -X importtime: every module the process imports, as it imports it, on stderr.
+    proc = start_agent(config, log, "-X", "importtime")
     try:
         wait_for_messages(proc, log, "agent started", 1)
         # It announces its NC and looks for its CC: a node's whole steady work. Then it stops.
