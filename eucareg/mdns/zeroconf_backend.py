@@ -14,7 +14,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf, current_time_millis
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from eucareg.core.txt import SERVICE_TYPE
@@ -28,7 +28,8 @@ RESOLVE_TIMEOUT_MS = 3000
 RESOLVE_ATTEMPTS = 3
 # RFC 6762 section 6: a record is multicast on an interface at most once a second.
 MULTICAST_INTERVAL = 1.0
-# python-zeroconf announces a new or changed service 3 times, 225 ms apart, from publish().
+# python-zeroconf announces a new or changed service 3 times, 225 ms apart, from publish();
+# if we cannot see when it is done, we assume this.
 ANNOUNCING_FOR = 0.5
 
 
@@ -44,8 +45,12 @@ class ZeroconfBackend:
         self._ip_version = IPVersion.All if ipv6 else IPVersion.V4Only
         self._started: AsyncZeroconf | None = None
         self._published: dict[str, AsyncServiceInfo] = {}
-        # Loop time when each published service's records last went out unasked.
+        # Loop time when each published service's records last went out unasked, and when
+        # each host name's address records did (a CLC and a CC of one host share them).
         self._multicast_at: dict[str, float] = {}
+        self._addresses_at: dict[str, float] = {}
+        # python-zeroconf's announcements of a service still going out (its broadcast task).
+        self._announcing: dict[str, Any] = {}
         self._browser: AsyncServiceBrowser | None = None
         self._handlers: list[SightingHandler] = []
         self._resolving: set[asyncio.Task[None]] = set()
@@ -98,28 +103,55 @@ class ZeroconfBackend:
         if current is not None:
             if _same(current, info):
                 return
-            await self._aiozc.async_update_service(info)
+            announcing = await self._aiozc.async_update_service(info)
         else:
-            await self._aiozc.async_register_service(info, cooperating_responders=True)
+            announcing = await self._aiozc.async_register_service(info, cooperating_responders=True)
         self._published[spec.instance] = info
-        self._multicast_at[spec.instance] = asyncio.get_running_loop().time() + ANNOUNCING_FOR
+        self._announced(spec.instance, info, announcing)
         log.debug("published %s txt=%s", spec.instance, dict(spec.txt))
+
+    def _announced(self, instance: str, info: AsyncServiceInfo, announcing: Any) -> None:
+        """python-zeroconf is announcing `instance` now: no greeting until a second after its
+        last announcement, which a busy loop may send well after the nominal 0.45 s."""
+        now = asyncio.get_running_loop().time()
+        self._multicast_at[instance] = now + ANNOUNCING_FOR
+        self._addresses_at[str(info.server)] = now + ANNOUNCING_FOR
+        if announcing is None or not hasattr(announcing, "add_done_callback"):
+            return
+        self._announcing[instance] = announcing
+
+        def done(_: Any) -> None:
+            if self._announcing.get(instance) is announcing:
+                del self._announcing[instance]
+                at = asyncio.get_running_loop().time()
+                self._multicast_at[instance] = at
+                self._addresses_at[str(info.server)] = at
+
+        announcing.add_done_callback(done)
 
     def greet(self, instance: str) -> bool:
         info = self._published.get(instance)
-        if info is None or self._started is None:
+        if info is None or self._started is None or instance in self._announcing:
             return False
         now = asyncio.get_running_loop().time()
         if now - self._multicast_at.get(instance, -MULTICAST_INTERVAL) < MULTICAST_INTERVAL:
             return False
         zc = self._aiozc.zeroconf
-        zc.async_send(zc.generate_service_broadcast(info, None))
+        if _multicast_lately(zc, info):
+            return False
+        # The host's address records go out with the first greeting of a second only.
+        server = str(info.server)
+        addresses = now - self._addresses_at.get(server, -MULTICAST_INTERVAL) >= MULTICAST_INTERVAL
+        zc.async_send(zc.generate_service_broadcast(info, None, addresses))
         self._multicast_at[instance] = now
+        if addresses:
+            self._addresses_at[server] = now
         log.debug("greeted with %s", instance)
         return True
 
     async def withdraw(self, instance: str) -> None:
         self._multicast_at.pop(instance, None)
+        self._announcing.pop(instance, None)
         info = self._published.pop(instance, None)
         if info is not None:
             # The goodbye packets go out from a task; wait for it, or a shutdown would
@@ -195,6 +227,20 @@ def _grow_receive_buffer(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
     size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     log.debug("mDNS receive buffer: %d bytes (asked for %d)", size, RECEIVE_BUFFER)
+
+
+def _multicast_lately(zc: Zeroconf, info: AsyncServiceInfo) -> bool:
+    """Whether python-zeroconf itself multicast the service's records less than a second ago,
+    in answer to a query: what it sends comes back into its own cache, as it does for others."""
+    cache = getattr(zc, "cache", None)
+    if cache is None:
+        return False
+    now = current_time_millis()
+    for record in (info.dns_service(), info.dns_text()):
+        held = cache.async_get_unique(record)
+        if held is not None and now - held.created < MULTICAST_INTERVAL * 1000:
+            return True
+    return False
 
 
 def _same(a: AsyncServiceInfo, b: AsyncServiceInfo) -> bool:

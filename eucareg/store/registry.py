@@ -316,28 +316,37 @@ def _upsert(
     conn: Connection, table: sa.Table, key: Mapping[str, Any], values: Mapping[str, Any]
 ) -> None:
     """Update the row with `key`, or insert it (portable across SQLite and PostgreSQL)."""
-    update, insert = _upsert_statements(table, tuple(key), tuple(values))
-    params = {**values, **{f"key_{name}": value for name, value in key.items()}}
+    update, insert, bound = _upsert_statements(table, tuple(key), tuple(values))
+    params = {**values, **{bound[name]: value for name, value in key.items()}}
     if conn.execute(update, params).rowcount == 0:
         conn.execute(insert, dict(values))
 
 
-_UPSERTS: dict[tuple[str, tuple[str, ...], tuple[str, ...]], tuple[sa.Update, sa.Insert]] = {}
+_Upsert = tuple[sa.Update, sa.Insert, dict[str, str]]
+_UPSERTS: dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Upsert] = {}
 
 
-def _upsert_statements(
-    table: sa.Table, key: tuple[str, ...], columns: tuple[str, ...]
-) -> tuple[sa.Update, sa.Insert]:
-    """The UPDATE and INSERT of an upsert, built once with bound parameters: a statement made
-    anew with its values inside costs SQLAlchemy a cache key and more each time, and the
-    writer thread holding the GIL for that slowed the event loop (docs/performance.md)."""
+def _upsert_statements(table: sa.Table, key: tuple[str, ...], columns: tuple[str, ...]) -> _Upsert:
+    """The UPDATE and INSERT of an upsert, built once with bound parameters, and the name each
+    key column is bound as in the UPDATE. A statement made anew with its values inside costs
+    SQLAlchemy a cache key and more each time, and the writer thread holding the GIL for that
+    slowed the event loop (docs/performance.md)."""
     made = _UPSERTS.get((table.name, key, columns))
     if made is None:
-        where = [table.c[name] == sa.bindparam(f"key_{name}") for name in key]
+        bound = {name: _key_param(table, name) for name in key}
+        where = [table.c[name] == sa.bindparam(bound[name]) for name in key]
         row: dict[str, Any] = {name: sa.bindparam(name) for name in columns}
-        made = (table.update().where(*where).values(row), table.insert().values(row))
+        made = (table.update().where(*where).values(row), table.insert().values(row), bound)
         _UPSERTS[(table.name, key, columns)] = made
     return made
+
+
+def _key_param(table: sa.Table, name: str) -> str:
+    # Not the name of any column: a column's own value is bound under its name.
+    param = f"key_{name}"
+    while param in table.c:
+        param = "_" + param
+    return param
 
 
 def _first_event_time(new_events: Iterable[NewEvent]) -> float:

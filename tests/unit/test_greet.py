@@ -97,7 +97,9 @@ class FakeZeroconf:
     def __init__(self) -> None:
         self.sent: list[str] = []
 
-    def generate_service_broadcast(self, info: Any, ttl: int | None) -> str:
+    def generate_service_broadcast(
+        self, info: Any, ttl: int | None, broadcast_addresses: bool = True
+    ) -> str:
         return str(info.name)
 
     def async_send(self, out: str) -> None:
