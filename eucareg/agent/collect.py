@@ -45,7 +45,17 @@ class Outcome(StrEnum):
 
 
 class ProtocolError(Exception):
-    """A registrar's answer we cannot use: an error status, a malformed body or bundle."""
+    """A registrar's answer we cannot use: an error status, a malformed body or bundle.
+
+    `retry_after`: the seconds the registrar asked us to wait (429 or 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# The longest Retry-After we honour: a registrar (or a decoy) asking for more is asked sooner.
+MAX_RETRY_AFTER = 300.0
 
 
 # What a collection attempt may fail with, short of a bug: logged, then retried with backoff.
@@ -103,13 +113,24 @@ async def _signed_post(
         timeout=_timeout(session, wait),
     ) as response:
         status, raw = response.status, await response.read()
+        later = retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
     try:
         data = json.loads(raw)
     except ValueError as exc:
-        raise ProtocolError(f"HTTP {status}, answer is not JSON: {raw[:80]!r}") from exc
+        raise ProtocolError(f"HTTP {status}, answer is not JSON: {raw[:80]!r}", later) from exc
     if not isinstance(data, dict):
-        raise ProtocolError(f"HTTP {status}, answer is not a JSON object: {raw[:80]!r}")
+        raise ProtocolError(f"HTTP {status}, answer is not a JSON object: {raw[:80]!r}", later)
+    if later is not None:
+        raise ProtocolError(_reason(status, data), later)
     return status, data
+
+
+def retry_after(value: str | None) -> float | None:
+    """A Retry-After header in seconds (RFC 9110: delay-seconds; an HTTP date is not used by
+    our registrars and is ignored), at most MAX_RETRY_AFTER; None if absent or unusable."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(float(value.strip()), MAX_RETRY_AFTER)
 
 
 def _timeout(session: aiohttp.ClientSession, wait: float) -> aiohttp.ClientTimeout:

@@ -218,18 +218,19 @@ class Component:
                 if outcome is not None:
                     await self._settle(outcome)
             except collect.COLLECT_ERRORS as exc:
+                asked = getattr(exc, "retry_after", None)
+                delay = backoff.next(at_least=asked)
                 log.warning(
                     "collecting credentials of %s failed: %s; retrying in %.1f s",
                     self.identity.component_id,
                     str(exc) or type(exc).__name__,
-                    backoff.delay,
+                    delay,
                 )
                 # A registrar heard meanwhile cuts the wait short: after a decoy, the genuine
                 # registrar is asked as soon as it announces itself. Not sooner than a second,
                 # though: a decoy that re-announces itself all the time must not make us
-                # hammer it (or anyone) in a loop.
-                delay = backoff.next()
-                floor = min(delay, self._timing.min_request_interval)
+                # hammer it (or anyone) in a loop. A registrar's own Retry-After is waited out.
+                floor = delay if asked else min(delay, self._timing.min_request_interval)
                 await asyncio.sleep(floor)
                 await self._registrars.wait_changed(delay - floor)
                 continue
@@ -277,6 +278,7 @@ class Component:
         if self._proven in endpoints:
             endpoints = [self._proven, *(ep for ep in endpoints if ep != self._proven)]
         problems: list[str] = []
+        asked: list[float] = []  # the Retry-After of each registrar that sent us away
         for endpoint in endpoints:
             try:
                 outcome = await self._ask(endpoint, have)
@@ -284,6 +286,9 @@ class Component:
                 if self._proven == endpoint:
                     self._proven = None
                 problems.append(f"{endpoint.url}: {_reason(exc)}")
+                later = getattr(exc, "retry_after", None)
+                if later is not None:
+                    asked.append(later)
                 if isinstance(exc, aiohttp.ClientConnectorCertificateError):
                     log.warning(
                         "refusing registrar %s for %s: %s",
@@ -296,7 +301,8 @@ class Component:
                 continue
             self._proven = endpoint
             return outcome
-        raise collect.ProtocolError("; ".join(problems))
+        # Asked again when the first registrar that sent us away will have us back.
+        raise collect.ProtocolError("; ".join(problems), min(asked) if asked else None)
 
     async def _ask(self, endpoint: Endpoint, have: str | None) -> collect.Outcome | None:
         """Announce over HTTP if need be, then one credential request; None when our own state
@@ -310,7 +316,9 @@ class Component:
                 )
             except collect.COLLECT_ERRORS as exc:
                 reason = str(exc) or type(exc).__name__
-                raise collect.ProtocolError(f"fallback announcement failed: {reason}") from exc
+                raise collect.ProtocolError(
+                    f"fallback announcement failed: {reason}", getattr(exc, "retry_after", None)
+                ) from exc
         request = asyncio.create_task(
             collect.collect_credentials(
                 session,

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+import random
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,19 +29,26 @@ class AgentTiming:
 
 
 class Backoff:
-    """Doubling delays between retries, reset by a success."""
+    """Doubling delays between retries, reset by a success, each drawn at random from its
+    upper half: a thousand components refused together do not come back together."""
 
-    def __init__(self, base: float, maximum: float) -> None:
-        self._base, self._max = base, maximum
-        self.delay = base
+    def __init__(
+        self, base: float, maximum: float, rng: Callable[[float, float], float] = random.uniform
+    ) -> None:
+        self._base, self._max, self._rng = base, maximum, rng
+        self.delay = base  # the upper bound of the next delay
 
     def reset(self) -> None:
         self.delay = self._base
 
-    def next(self) -> float:
-        """The delay to wait now; the one after it doubles."""
-        delay, self.delay = self.delay, min(self._max, self.delay * 2)
-        return delay
+    def next(self, at_least: float | None = None) -> float:
+        """The delay to wait now; the bound of the one after it doubles. `at_least`: what the
+        registrar asked for (Retry-After), which is honoured, and spread over up to half again
+        as much so that those it sent away together are not back together."""
+        bound, self.delay = self.delay, min(self._max, self.delay * 2)
+        if at_least is not None and at_least > 0:
+            return self._rng(at_least, at_least * 1.5)
+        return self._rng(bound / 2, bound)
 
     async def sleep(self) -> None:
         await asyncio.sleep(self.next())
