@@ -54,8 +54,10 @@ class ProtocolError(Exception):
         self.retry_after = retry_after
 
 
-# The longest Retry-After we honour: a registrar (or a decoy) asking for more is asked sooner.
-MAX_RETRY_AFTER = 300.0
+# The longest Retry-After we honour: a registrar asking for more is asked sooner. Our own ask
+# for seconds; and a component that trusts on first use must not be parked for long by the
+# first registrar to answer.
+MAX_RETRY_AFTER = 60.0
 
 
 # What a collection attempt may fail with, short of a bug: logged, then retried with backoff.
