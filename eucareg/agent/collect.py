@@ -34,6 +34,10 @@ LONG_POLL = 25.0  # seconds a collector waits inside one credential request
 # Seconds a registered component asks its registrar to hold a request watching for revocation
 # (a 410 ends it at once): its one periodic request. The registrar may hold it less (MAX_WAIT).
 WATCH_POLL = 240.0
+# How often a component heard over HTTP announces itself again, unless its registrar says
+# (`refresh` in the answer); never more often than MIN_REFRESH.
+DEFAULT_REFRESH = 30.0
+MIN_REFRESH = 1.0
 HTTP_SLACK = 10.0  # beyond the wait: connecting, the registrar's answer, reading it
 
 
@@ -261,19 +265,33 @@ async def announce_over_http(
     record: Mapping[str, str],
     expect: tls.Expect,
     client: tls.ClientCert | None = None,
-) -> None:
+) -> float:
     """Send our TXT record to a registrar that cannot hear us (the design's fallback); with
-    `client`, our certificate proves who we are, and no mode any is needed."""
+    `client`, our certificate proves who we are, and no mode any is needed. Returns how soon
+    the registrar wants to hear from us again (its `refresh`, within sane bounds)."""
     fields = {"txt": dict(record)}
     status, data = await _signed_post(
         session, endpoint, "/v1/announce", identity.key, fields, expect, client
     )
     if status != 200:
         raise ProtocolError(_reason(status, data))
-    log.info(
-        "fallback announcement of %s to %s: %s (%s)",
+    waiting = f", waiting for {data['waiting_for']}" if data.get("waiting_for") else ""
+    log.log(
+        logging.DEBUG if client is not None else logging.INFO,
+        "fallback announcement of %s to %s: %s (%s%s)",
         identity.component_id,
         endpoint.address,
         data.get("status"),
         data.get("reason"),
+        waiting,
     )
+    return refresh_of(data)
+
+
+def refresh_of(data: Mapping[str, Any]) -> float:
+    """The registrar's `refresh`, kept within [MIN_REFRESH, WATCH_POLL]: a registrar cannot make
+    us spin, and an older one that does not say gets the default."""
+    value = data.get("refresh")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return DEFAULT_REFRESH
+    return float(min(WATCH_POLL, max(MIN_REFRESH, value)))

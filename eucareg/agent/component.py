@@ -210,7 +210,9 @@ class Component:
                 issuer=issuer,
             )
             if not endpoints:
-                await first_of(self._registrars.wait_changed(None), self.changed.wait())
+                # Woken by a registrar heard, our own change, or the fallback's time coming.
+                wait = self._registrars.wait_changed(self._registrars.fallback_in())
+                await first_of(wait, self.changed.wait())
                 continue
             started = loop.time()
             try:
@@ -308,17 +310,27 @@ class Component:
         """Announce over HTTP if need be, then one credential request; None when our own state
         changes meanwhile (the request is abandoned)."""
         session = self._session()
-        if have is None and not endpoint.component_id:
-            # No registrar heard on the LAN: announce over HTTP (the design's fallback).
+        watch = self._timing.watch_poll
+        if not endpoint.component_id:
+            # No registrar heard on the LAN: announce over HTTP (the design's fallback), and
+            # keep doing so once registered, or the registrar stops hearing us (what waits
+            # on us, our SC for one, would wait again).
+            client = self.client_cert if have is not None else None
             try:
-                await collect.announce_over_http(
-                    session, self.identity, endpoint, self.spec().txt, self.expect(endpoint)
+                refresh = await collect.announce_over_http(
+                    session,
+                    self.identity,
+                    endpoint,
+                    self.spec().txt,
+                    self.expect(endpoint),
+                    client,
                 )
             except collect.COLLECT_ERRORS as exc:
                 reason = str(exc) or type(exc).__name__
                 raise collect.ProtocolError(
                     f"fallback announcement failed: {reason}", getattr(exc, "retry_after", None)
                 ) from exc
+            watch = min(watch, refresh)
         request = asyncio.create_task(
             collect.collect_credentials(
                 session,
@@ -327,7 +339,7 @@ class Component:
                 endpoint,
                 self.cfg.key_dir,
                 # Watching, the request is held until revoked: a few minutes per request.
-                wait=self._timing.watch_poll if have is not None else self._timing.long_poll,
+                wait=watch if have is not None else self._timing.long_poll,
                 have=have,
                 expect=self.expect(endpoint),
                 named=self.named(),

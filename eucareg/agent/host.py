@@ -76,7 +76,9 @@ class Agent:
         self.backend: MdnsBackend = backend or ZeroconfBackend(ipv6=config.ipv6)
         self.timing = timing or AgentTiming()
         self.supervisor = Supervisor(restart)
-        self.registrars = Registrars(config.fallback_registrar, config.allowed_ranges)
+        self.registrars = Registrars(
+            config.fallback_registrar, config.allowed_ranges, fallback_after=config.fallback_after
+        )
         self.components: list[Component] = []
         self.service: RegistrarService | None = None
         self.session: aiohttp.ClientSession | None = None

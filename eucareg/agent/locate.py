@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from eucareg.core import txt
@@ -39,10 +41,18 @@ class Registrars:
     """The registrars heard so far, updated from sightings; wakes waiters when they change."""
 
     def __init__(
-        self, fallback: tuple[str, int] | None = None, allowed: tuple[IPNetwork, ...] = ()
+        self,
+        fallback: tuple[str, int] | None = None,
+        allowed: tuple[IPNetwork, ...] = (),
+        *,
+        fallback_after: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._allowed = allowed
         self._fallback = Endpoint(*fallback, component_id="") if fallback else None
+        # mDNS gets the first word: the fallback is offered only this long after we started.
+        self._clock = clock
+        self._fallback_at = clock() + fallback_after
         self._clc: dict[str, Endpoint] = {}  # instance -> CLC endpoint
         self._clusters: dict[str, tuple[str, Endpoint]] = {}  # instance -> (cluster, endpoint)
         self._changed = asyncio.Event()
@@ -87,7 +97,8 @@ class Registrars:
         pin: str | None,
         issuer: str | None,
     ) -> list[Endpoint]:
-        """The registrars `role` may ask, the likeliest first; the fallback when none is heard.
+        """The registrars `role` may ask, the likeliest first; the fallback when none is heard
+        (once `fallback_after` has passed since we started).
 
         Every one of them must still prove itself in the TLS handshake (pki/tls.py): what is
         announced over mDNS is only a hint. `pin` (the CA key a token or the configuration
@@ -115,7 +126,13 @@ class Registrars:
         found.sort(key=lambda ep: (ep.fingerprint != issuer, *_numeric(ep.address), ep.port))
         if found:
             return found
-        return [self._fallback] if self._fallback else []
+        return [self._fallback] if self._fallback and self.fallback_in() == 0 else []
+
+    def fallback_in(self) -> float | None:
+        """Seconds until the fallback may be used (0: now; None: there is none)."""
+        if self._fallback is None:
+            return None
+        return max(0.0, self._fallback_at - self._clock())
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:

@@ -6,6 +6,7 @@ HTTP when mDNS cannot reach its registrar (POST /v1/announce, `fallback_registra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Coroutine
@@ -18,11 +19,11 @@ from eucareg.api.context import REGISTRAR
 from eucareg.api.schemas import read_signed_body
 from eucareg.api.validate import ApiError, bad, error
 from eucareg.core.grammar import peer_address, shown
-from eucareg.core.model import Announcement, DecisionKind, Status
+from eucareg.core.model import Announcement, DecisionKind, Record, Status
 from eucareg.core.txt import Rejected, decode
 from eucareg.pki import credentials as cred
 from eucareg.pki import names, tls
-from eucareg.registrar.engine import CredentialRefused
+from eucareg.registrar.engine import CredentialRefused, Registrar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,7 +114,9 @@ def _certified(request: web.Request, ann: Announcement) -> bool:
 
 
 async def announce(request: web.Request) -> web.Response:
-    """POST /v1/announce: a TXT record sent over HTTP, decided like an mDNS announcement."""
+    """POST /v1/announce?wait=SECONDS: a TXT record sent over HTTP, decided like an mDNS
+    announcement; with `wait`, answered when the outcome is known (or the wait is over)."""
+    wait = min(_wait(request.query.get("wait", "0")), MAX_WAIT)
     payload, public_key = await read_signed_body(request)
     raw: dict[str, str] = payload["txt"]  # every value a string (schemas.TXT)
     registrar = request.app[REGISTRAR]
@@ -139,10 +142,44 @@ async def announce(request: web.Request) -> web.Response:
     except CredentialRefused as exc:
         return _refused(exc)
     if record is not None:
-        return web.json_response({"status": record.status.value, "reason": record.reason})
+        if wait > 0 and record.status in UNDECIDED:
+            record = await _unless_gone(request, _outcome(registrar, record, wait))
+        return web.json_response(_answer(record, registrar.timing.report_interval))
     if decision.kind is DecisionKind.IGNORE:
         return web.json_response({"status": "ignored", "reason": "not for this registrar"})
     # Refused outright, and nothing kept (docs/security.md, "The fallback in its place").
     return web.json_response(
         {"status": "refused", "code": decision.code, "reason": decision.reason}, status=403
     )
+
+
+# A caller waiting on /v1/announce is answered when its record changes, or after its wait.
+UNDECIDED = frozenset({Status.PENDING, Status.AWAITING_KEY, Status.REGISTERING, Status.FAILED})
+
+
+async def _outcome(registrar: Registrar, record: Record, wait: float) -> Record:
+    """The record once it changes, or as it is after `wait`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    current: Record | None = record
+    while current is not None and current.status in UNDECIDED and current == record:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(registrar.change_event(record.component_id).wait(), left)
+        current = registrar.record(record.component_id)
+    return current or record
+
+
+def _answer(record: Record, refresh: float) -> dict[str, Any]:
+    """What a component hears back: where it stands, why, what it waits on, and how often
+    to announce itself again to stay heard (docs/registration.md)."""
+    answer: dict[str, Any] = {
+        "status": record.status.value,
+        "reason": record.reason,
+        "refresh": refresh,
+    }
+    if record.waiting_for:
+        answer["waiting_for"] = record.waiting_for
+    return answer

@@ -78,8 +78,13 @@ class Config:
     log_level: str
     log_format: str
     components: tuple[ComponentConfig, ...] = field(default_factory=tuple)
-    # (host, port) of a registrar to use over HTTP when none is heard over mDNS.
+    # (host, port) of a registrar to use over HTTP when none is heard over mDNS ...
     fallback_registrar: tuple[str, int] | None = None
+    # ... for this long after the agent starts (docs/registration.md, "Past the LAN").
+    fallback_after: float = 10.0
+    # How often a component heard over HTTP must announce itself again (it stays heard for
+    # three of these); set on the registrar, which tells its callers.
+    report_interval: float = 30.0
     # Ranges the site admits besides the private ones and global unicast (e.g. 100.64.0.0/10).
     allowed_ranges: tuple[IPNetwork, ...] = ()
     # The cloud CA's key fingerprint components accept credentials from (a token's pin wins).
@@ -181,6 +186,7 @@ _TOP_KEYS = {
     "mdns",
     "components",
     "fallback_registrar",
+    "fallback_after",
     "ca_fingerprint",
     "allowed_ranges",
 }
@@ -228,6 +234,7 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             "rate_burst",
             "rate_sources",
             "max_in_flight",
+            "report_interval",
         },
         "registrar.",
     )
@@ -285,12 +292,28 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         log_format=log_format,
         components=components,
         fallback_registrar=fallback,
+        fallback_after=_fallback_after(raw.get("fallback_after", "10s")),
+        report_interval=_interval(reg.get("report_interval", "30s"), "registrar.report_interval"),
         ca_fingerprint=ca_fingerprint,
         allowed_ranges=allowed,
     )
 
 
 BATCHABLE = {role.hook_name: role for role in Role if role is not Role.CLC}
+
+
+def _fallback_after(value: Any) -> float:
+    if not isinstance(value, bool) and value in (0, "0", "0s"):
+        return 0.0  # no wait for mDNS at all: a site it never reaches
+    return parse_duration(value, "fallback_after", 3600.0)
+
+
+def _interval(value: Any, key: str) -> float:
+    seconds = parse_duration(value, key, 3600.0)
+    if seconds < 1.0:
+        # A component renews within this: below a second it would do little else.
+        raise ConfigError(f"{key}: at least 1s, got {_shown(value)}")
+    return seconds
 
 
 def _batch_hooks(value: Any) -> frozenset[Role]:

@@ -40,6 +40,13 @@ class Timing:
     hook_timeout: float = 60.0
     retry_base: float = 2.0
     retry_max: float = 300.0
+    # How often a component heard over HTTP announces itself again; it counts as heard for
+    # three of these (a report, like an mDNS record, has to be renewed to stay live).
+    report_interval: float = 30.0
+
+    @property
+    def lease(self) -> float:
+        return 3 * self.report_interval
 
     def backoff(self, attempts: int) -> float:
         return float(min(self.retry_max, self.retry_base * 2 ** max(0, attempts - 1)))
@@ -122,6 +129,7 @@ class EffectKind(StrEnum):
     CANCEL_TIMERS = "cancel-timers"
     RECONSIDER = "reconsider"  # a slot or a fact changed: decide the blocked ones again
     REDECIDE = "redecide"  # decide this component again, as freshly seen
+    LEASE_END = "lease-end"  # an HTTP announcement not renewed in time: no longer heard
 
 
 @dataclass(frozen=True)

@@ -279,20 +279,15 @@ class Registrar:
             # announcement (it would hide a live "registered as FOO", for instance).
             self.live[ann.component_id] = ann
         self.decide(ann, fresh=fresh)
-        if (
-            ann.role is Role.CC
-            and ann.state is AnnouncedState.REGISTERED
-            and (previous is None or previous.state is not AnnouncedState.REGISTERED)
-        ):
-            # A CC now says "registered as FOO": SCs of FOO may stop waiting.
-            self.reconsider()
+        self._moved(ann, previous)
 
     async def fallback(self, ann: Announcement) -> tuple[Decision, Record | None]:
         """A signed HTTP announcement (the design's registration-service fallback): the
         decision, and the record it left (None when nothing was stored).
 
-        The request was signed by the announced key, so possession is already proven. It is
-        not a live mDNS announcement: the component repeats it until it is registered.
+        The request was signed by the announced key, so possession is already proven. A
+        component we keep a record of is heard for the lease (three report intervals) like a
+        live mDNS announcement, so what waits on it (an SC on its CC) moves when it does.
         """
         if self.stopping:
             raise CredentialRefused(503, "the registrar is stopping; announce again shortly")
@@ -309,8 +304,28 @@ class Registrar:
             if record.status is Status.AWAITING_KEY:
                 self.key_proven(record)  # heard over mDNS first: the request proves the key
                 record = self.memory.records.get(ann.component_id)
+            self._lease(ann)
         await self.writer.flush()
         return decision, record
+
+    def _lease(self, ann: Announcement) -> None:
+        previous = self.presence.lease(ann)
+        self.timers.arm(ann.component_id, EffectKind.LEASE_END, self.clock() + self.timing.lease)
+        self._moved(ann, previous)
+
+    def _moved(self, ann: Announcement, previous: Announcement | None) -> None:
+        if (
+            ann.role is Role.CC
+            and ann.state is AnnouncedState.REGISTERED
+            and (previous is None or previous.state is not AnnouncedState.REGISTERED)
+        ):
+            # A CC now says "registered as FOO": SCs of FOO may stop waiting.
+            self.reconsider()
+
+    def _lease_ended(self, component_id: str) -> None:
+        if self.presence.end_lease(component_id):
+            log.info("component %s stopped announcing itself over HTTP", component_id)
+            self.maybe_silent(component_id)
 
     def seen(self, component_id: str) -> None:
         self.presence.seen(component_id)
@@ -573,6 +588,8 @@ class Registrar:
             self.redecide(component_id)
         elif kind is EffectKind.RECONSIDER:
             self.reconsider()
+        elif kind is EffectKind.LEASE_END:
+            self._lease_ended(component_id)
 
     # -- the operator and the components (see admin.py and desk.py) ---------------------------
 

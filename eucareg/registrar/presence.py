@@ -1,4 +1,5 @@
-"""Who the registrar hears now: live mDNS announcements by instance, open credential requests,
+"""Who the registrar hears now: live announcements by instance (mDNS, or HTTP under a lease),
+open credential requests,
 when each component was last heard, and which (id, key) pairs have proved possession. Plain
 bookkeeping with no decisions in it; the engine decides what a change means.
 """
@@ -32,10 +33,33 @@ class Presence:
         self.clock = clock
         self.live: dict[str, Announcement] = {}  # component id -> accepted live announcement
         self.instances: dict[str, str] = {}  # DNS-SD instance -> component id
+        # Components heard over HTTP (not by instance: a DNS-SD instance may be named anything).
+        self.leased: set[str] = set()
         self.last_seen: dict[str, float] = {}
         self.polling: dict[str, int] = {}  # component id -> open credential requests
         self.proven: set[tuple[str, str]] = set()  # (id, fingerprint) that signed a request
         self.online = Online(self.live, self.polling)
+
+    def lease(self, ann: Announcement) -> Announcement | None:
+        """Hear `ann` over HTTP, as if it were announced on mDNS, until end_lease (the engine
+        times it); the live announcement it replaces, if any."""
+        previous = self.live.get(ann.component_id)
+        self.leased.add(ann.component_id)
+        self.live[ann.component_id] = ann
+        self.seen(ann.component_id)
+        return previous
+
+    def end_lease(self, component_id: str) -> bool:
+        """The HTTP announcement was not renewed in time; True when nothing else announces
+        the component now (it is no longer live)."""
+        if component_id not in self.leased:
+            return False
+        self.leased.discard(component_id)
+        self.seen(component_id)
+        if component_id in self.instances.values():
+            return False
+        self.live.pop(component_id, None)
+        return True
 
     def seen(self, component_id: str) -> None:
         self.last_seen[component_id] = self.clock()
@@ -46,6 +70,8 @@ class Presence:
         component_id = self.instances.pop(instance, None)
         if component_id is None or component_id in self.instances.values():
             return None
+        if component_id in self.leased:
+            return None  # still heard over HTTP
         self.live.pop(component_id, None)
         return component_id
 

@@ -149,6 +149,8 @@ def make_config(tmp_path: Path, components: dict[str, dict[str, Any]], **top: An
         "components": {role: {"installed": True, **extra} for role, extra in components.items()},
         **top,
     }
+    if "fallback_registrar" in top:
+        raw.setdefault("fallback_after", 0)  # mDNS has nothing to say in these tests
     return from_mapping(raw)
 
 
@@ -170,6 +172,9 @@ class FakeRegistrar:
         self.default = default or self.hold
         self.requests: list[dict[str, Any]] = []
         self.announcements = 0
+        self.announced: list[dict[str, Any]] = []  # each /v1/announce body
+        self.refresh: Any = None  # the `refresh` its announce answers carry, if any
+        self.waits: list[str] = []  # the ?wait= of each credential request
         self.release = asyncio.Event()  # ends every held request (teardown)
         self.held = 0  # requests being held right now
         self.server: TestServer | None = None
@@ -198,11 +203,16 @@ class FakeRegistrar:
 
     async def _announce(self, request: web.Request) -> web.Response:
         self.announcements += 1
-        return web.json_response({"status": "pending", "reason": "fake registrar"})
+        self.announced.append(json.loads(await request.read()))
+        answer: dict[str, Any] = {"status": "pending", "reason": "fake registrar"}
+        if self.refresh is not None:
+            answer["refresh"] = self.refresh
+        return web.json_response(answer)
 
     async def _credentials(self, request: web.Request) -> web.StreamResponse:
         payload = json.loads(await request.read())
         self.requests.append(payload)
+        self.waits.append(request.query.get("wait", ""))
         reply = self.script.pop(0) if self.script else self.default
         return await reply(payload)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from aiohttp import web
 from eucareg.agent import collect as agent_collect
 from eucareg.agent.locate import Endpoint
 from eucareg.api import components
-from eucareg.core.model import Announcement, Role
+from eucareg.core.model import AnnouncedState, Announcement, Role
 from eucareg.pki import credentials as cred
 from eucareg.pki import tls
 from tests.factories import ann, sighting
@@ -157,8 +158,10 @@ async def test_malformed_credential_requests_are_400(
 # -- HTTP fallback announcements ---------------------------------------------------------------
 
 
-async def fallback(h: Harness, a: Announcement, key: cred.PrivateKey | None = None) -> Any:
-    return await h.signed("/v1/announce", key or key_of(a), {"txt": txt_of(a)})
+async def fallback(
+    h: Harness, a: Announcement, key: cred.PrivateKey | None = None, query: str = ""
+) -> Any:
+    return await h.signed("/v1/announce", key or key_of(a), {"txt": txt_of(a)}, query=query)
 
 
 @pytest.fixture
@@ -404,3 +407,38 @@ async def test_a_registered_components_watch_is_held_longer_than_any_other_long_
     # A revocation ends the watch at once, as ever.
     assert (await clc.post("/v1/deregister", {"component_id": walrus.component_id}))[0] == 200
     assert (await asyncio.wait_for(watch, 10))[0] == 410
+
+
+async def test_an_sc_over_http_hears_what_it_waits_on_and_may_wait_for_the_outcome(
+    lan_clc: tuple[Harness, dict[str, str]],
+) -> None:
+    """The design's alternative: an SC before its CC is stored as pending, told on what, and
+    may hold its request until that changes; the CC's report over HTTP is what changes it."""
+    clc, peer = lan_clc
+    assert (await clc.post("/v1/trust/mode", {"mode": "any"}))[0] == 200
+    assert (await clc.post("/v1/trust/install-window", {"open": True, "for": "10m"}))[0] == 200
+    sc = ann(Role.SC, "c1")
+    peer["remote"] = str(sc.address)
+    status, answer = await fallback(clc, sc)
+    assert status == 200, answer
+    assert answer["status"] == "pending"
+    assert answer["waiting_for"] == "cluster c1"
+    assert answer["refresh"] == clc.registrar.timing.report_interval
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    waiting = asyncio.ensure_future(fallback(clc, sc, query="?wait=20"))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # held: nothing it waits on has moved
+    cc = ann(Role.CC, "c1", api_port=8780)
+    peer["remote"] = str(cc.address)
+    assert (await fallback(clc, cc))[0] == 200
+    await clc.record_status(cc.component_id, "registered")
+    report = replace(cc, state=AnnouncedState.REGISTERED)
+    assert (await fallback(clc, report))[0] == 200
+    status, answer = await waiting
+    assert status == 200, answer
+    assert answer["status"] in ("registering", "registered"), answer
+    assert loop.time() - began < 15  # answered by the change, not by the end of its wait
+    # The wait has the grammar of the credential request's: plain digits, or 400.
+    status, answer = await fallback(clc, sc, query="?wait=1e9")
+    assert status == 400 and answer["code"] == "invalid-query", answer

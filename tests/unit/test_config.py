@@ -255,3 +255,30 @@ def test_bad_batch_settings_are_refused_by_name(tmp_path: Path, line: str, messa
     text = f'address = "10.1.2.3"\n[registrar]\n{line}\n[components.clc]\n'
     with pytest.raises(config.ConfigError, match=message):
         config.load(write(tmp_path, text))
+
+
+def test_fallback_timing_has_defaults_and_can_be_set(tmp_path: Path) -> None:
+    base = 'address = "10.1.2.3"\ncomponents.nc.cluster = "c1"\n'
+    cfg = config.load(write(tmp_path, base))
+    assert (cfg.fallback_after, cfg.report_interval) == (10.0, 30.0)
+    top = 'fallback_after = "0"\n'
+    cfg = config.load(write(tmp_path, top + base + '[registrar]\nreport_interval = "2m"\n'))
+    assert (cfg.fallback_after, cfg.report_interval) == (0.0, 120.0)
+    assert config.load(write(tmp_path, 'fallback_after = "45s"\n' + base)).fallback_after == 45
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("fallback_after = true", "fallback_after"),
+        ('fallback_after = "-1s"', "fallback_after"),
+        ('fallback_after = "2h"', "fallback_after"),
+        ('registrar.report_interval = "500ms"', "registrar.report_interval: at least 1s"),
+        ('registrar.report_interval = "0"', "registrar.report_interval"),
+        ('registrar.report_interval = "2h"', "registrar.report_interval"),
+    ],
+)
+def test_bad_fallback_timing_is_refused_by_name(tmp_path: Path, line: str, message: str) -> None:
+    text = f'address = "10.1.2.3"\n{line}\ncomponents.nc.cluster = "c1"\n'
+    with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")):
+        config.load(write(tmp_path, text))
