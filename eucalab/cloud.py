@@ -202,12 +202,15 @@ class LabCloud:
 
     # -- agents ---------------------------------------------------------------------------
 
-    def start(self, host: str, *, env: Mapping[str, str] | None = None) -> LabProcess:
+    def start(
+        self, host: str, *, env: Mapping[str, str] | None = None, prepare: bool = True
+    ) -> LabProcess:
         """Start (or restart) a host's agent; ``env`` is added to its environment (for
-        example ``EUCAREG_CRASH_AT``)."""
+        example ``EUCAREG_CRASH_AT``). With ``prepare=False`` the host's config is used as it
+        stands (a command such as `eucareg join` changed it)."""
         if host in self.agents and not self.agents[host].exited():
             raise LabError(f"agent on {host} is already running")
-        config = self.prepare(host)
+        config = self.prepare(host) if prepare else self.host_dir(host) / "eucareg.toml"
         # One log per start, so a restart keeps the previous run's log for diagnosis.
         self.starts[host] = self.starts.get(host, 0) + 1
         proc = self.lab.spawn(

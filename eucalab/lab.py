@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ __all__ = [
     "Topology",
     "cleanup_stale",
     "parse_topology",
-    "router_address",
 ]
 
 # Names end up inside namespace and interface names ("v-" + name must fit IFNAMSIZ-1 = 15),
@@ -90,6 +90,13 @@ class Host:
 class Router:
     name: str
     subnets: tuple[str, ...]
+    # Parallel to subnets: the n-th router on a subnet (file order) holds its .n address.
+    addresses: tuple[ipaddress.IPv4Address, ...]
+
+    def address_on(self, subnet: str) -> ipaddress.IPv4Address:
+        if subnet not in self.subnets:
+            raise LabError(f"router {self.name!r} is not on subnet {subnet!r}")
+        return self.addresses[self.subnets.index(subnet)]
 
 
 @dataclass(frozen=True)
@@ -98,16 +105,35 @@ class Topology:
     hosts: tuple[Host, ...]
     routers: tuple[Router, ...]
 
-    def router_for(self, subnet: str) -> Router | None:
+    def gateway(self, subnet: str) -> ipaddress.IPv4Address | None:
+        """Where hosts on ``subnet`` send everything off-subnet: its first router (.1)."""
         for r in self.routers:
             if subnet in r.subnets:
-                return r
+                return r.address_on(subnet)
         return None
 
+    def routes(self, router: Router) -> dict[str, ipaddress.IPv4Address]:
+        """Next hop from ``router`` to each subnet it is not on but can reach.
 
-def router_address(network: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
-    """The address a router takes on a subnet (always .1)."""
-    return network.network_address + 1
+        A breadth-first search over subnets joined by routers, so the next hop (a neighbour
+        router's address on a shared subnet) lies on a path through the fewest routers; ties
+        go to the router and subnet listed first. Unreachable subnets are left out.
+        """
+        hops: dict[str, ipaddress.IPv4Address | None] = dict.fromkeys(router.subnets)
+        queue = deque(router.subnets)
+        while queue:
+            subnet = queue.popleft()
+            for other in self.routers:
+                if other.name == router.name or subnet not in other.subnets:
+                    continue
+                hop = hops[subnet]
+                if hop is None:  # a subnet of ``router`` itself: the neighbour is the hop
+                    hop = other.address_on(subnet)
+                for far in other.subnets:
+                    if far not in hops:
+                        hops[far] = hop
+                        queue.append(far)
+        return {subnet: hop for subnet, hop in hops.items() if hop is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +153,24 @@ def _check_name(lineno: int, kind: str, name: str) -> None:
         )
 
 
+def _router_address(
+    lineno: int, name: str, subnet: str, network: ipaddress.IPv4Network, rank: int
+) -> ipaddress.IPv4Address:
+    """Address of the ``rank``-th router (from 1, file order) on a subnet: .1, .2, ..."""
+    address = network.network_address + rank
+    if address >= network.broadcast_address:
+        raise LabError(
+            f"line {lineno}: no address left in subnet {subnet!r} ({network}) for router {name!r}"
+        )
+    return address
+
+
 def parse_topology(text: str) -> Topology:
-    """Parse a lab description (``subnet``/``host``/``router`` lines, ``#`` comments)."""
+    """Parse a lab description (``subnet``/``host``/``router`` lines, ``#`` comments).
+
+    Routers on a subnet take .1, .2, ... in file order (the first one is its hosts' gateway);
+    hosts without an explicit address take .10, .11, ... skipping addresses already taken.
+    """
     lines: list[tuple[int, list[str]]] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         tokens = raw.split("#", 1)[0].split()
@@ -199,11 +241,11 @@ def parse_topology(text: str) -> Topology:
         if tokens[0] != "subnet":
             claim(lineno, tokens[0], tokens[1])
 
-    # Routers before hosts: a router's .1 must be reserved before explicit host addresses
-    # are checked against it, whatever the line order.
+    # Routers before hosts: router addresses must be reserved before explicit host addresses
+    # are checked against them, whatever the line order.
     routers: list[Router] = []
     used: dict[ipaddress.IPv4Address, str] = {}
-    router_of: dict[str, str] = {}
+    routers_on: dict[str, int] = {}  # subnet -> routers seen on it so far
     for lineno, tokens in lines:
         if tokens[0] != "router":
             continue
@@ -212,13 +254,13 @@ def parse_topology(text: str) -> Topology:
             known_subnet(lineno, "router", name, sn)
         if len(set(rsubnets)) != len(rsubnets):
             raise LabError(f"line {lineno}: router {name!r} lists a subnet twice")
+        addresses: list[ipaddress.IPv4Address] = []
         for sn in rsubnets:
-            if sn in router_of:
-                # Every router takes .1, so two routers on one subnet would clash.
-                raise LabError(f"line {lineno}: subnet {sn!r} already has router {router_of[sn]!r}")
-            router_of[sn] = name
-            used[router_address(subnets[sn][1])] = f"router {name!r} (line {lineno})"
-        routers.append(Router(name=name, subnets=tuple(rsubnets)))
+            routers_on[sn] = routers_on.get(sn, 0) + 1
+            own = _router_address(lineno, name, sn, subnets[sn][1], routers_on[sn])
+            used[own] = f"router {name!r} (line {lineno})"
+            addresses.append(own)
+        routers.append(Router(name=name, subnets=tuple(rsubnets), addresses=tuple(addresses)))
 
     host_lines: list[tuple[int, str, str, ipaddress.IPv4Address | None]] = []
     for lineno, tokens in lines:
@@ -637,9 +679,7 @@ class Lab:
                 if len(r.subnets) != 1:
                     raise LabError(f"router {host!r} has several addresses; pass subnet=")
                 subnet = r.subnets[0]
-            if subnet not in r.subnets:
-                raise LabError(f"router {host!r} is not on subnet {subnet!r}")
-            return router_address(self._subnets[subnet].network)
+            return r.address_on(subnet)
         raise LabError(f"unknown host or router {host!r}")
 
     def _attachments(self, node: str) -> list[str]:
@@ -709,11 +749,18 @@ class Lab:
                 _ip("-n", ns, "link", "set", dev, "up")
             # A fresh namespace has no multicast route; plain sockets would get ENETUNREACH.
             _ip("-n", ns, "route", "add", _MCAST_NET, "dev", "eth0")
-            if not is_router:
-                router = self.topology.router_for(self._hosts[node].subnet)
-                if router is not None:
-                    gateway = router_address(self._subnets[self._hosts[node].subnet].network)
-                    _ip("-n", ns, "route", "add", "default", "via", str(gateway))
+            self._add_routes(node, ns)
+
+    def _add_routes(self, node: str, ns: str) -> None:
+        """A host's default route via its subnet's first router; a router's static routes to
+        the subnets behind other routers. They live in the node's namespace and go with it."""
+        if node in self._hosts:
+            gateway = self.topology.gateway(self._hosts[node].subnet)
+            if gateway is not None:
+                _ip("-n", ns, "route", "add", "default", "via", str(gateway))
+            return
+        for subnet, hop in self.topology.routes(self._routers[node]).items():
+            _ip("-n", ns, "route", "add", str(self._subnets[subnet].network), "via", str(hop))
 
     # -- processes -------------------------------------------------------------------------------
 

@@ -269,10 +269,7 @@ async def announce_over_http(
     """Send our TXT record to a registrar that cannot hear us (the design's fallback); with
     `client`, our certificate proves who we are, and no mode any is needed. Returns how soon
     the registrar wants to hear from us again (its `refresh`, within sane bounds)."""
-    fields = {"txt": dict(record)}
-    status, data = await _signed_post(
-        session, endpoint, "/v1/announce", identity.key, fields, expect, client
-    )
+    status, data = await post_announcement(session, identity, endpoint, record, expect, client)
     if status != 200:
         raise ProtocolError(_reason(status, data))
     waiting = f", waiting for {data['waiting_for']}" if data.get("waiting_for") else ""
@@ -286,6 +283,21 @@ async def announce_over_http(
         waiting,
     )
     return refresh_of(data)
+
+
+async def post_announcement(
+    session: aiohttp.ClientSession,
+    identity: Identity,
+    endpoint: Endpoint,
+    record: Mapping[str, str],
+    expect: tls.Expect,
+    client: tls.ClientCert | None = None,
+    wait: float = 0.0,
+) -> tuple[int, dict[str, Any]]:
+    """POST /v1/announce[?wait=]: the HTTP status and the registrar's answer as it came."""
+    path = f"/v1/announce?wait={wait:.3f}" if wait > 0 else "/v1/announce"
+    fields = {"txt": dict(record)}
+    return await _signed_post(session, endpoint, path, identity.key, fields, expect, client, wait)
 
 
 def refresh_of(data: Mapping[str, Any]) -> float:

@@ -335,8 +335,11 @@ def _batch_hooks(value: Any) -> frozenset[Role]:
 
 
 def _fallback(value: Any) -> tuple[str, int] | None:
-    if value is None:
-        return None
+    return None if value is None else registrar_url(value, "fallback_registrar")
+
+
+def registrar_url(value: Any, key: str) -> tuple[str, int]:
+    """(host, port) of a registrar's 'https://HOST:PORT'; ConfigError naming `key`."""
     match = (
         re.fullmatch(r"https?://(?P<host>[^:/]{1,253}):(?P<port>[0-9]{1,5})/?", value, re.ASCII)
         if isinstance(value, str)
@@ -348,7 +351,7 @@ def _fallback(value: Any) -> tuple[str, int] | None:
         or not _is_host(match["host"], ipv6=False)
     ):
         raise ConfigError(
-            "fallback_registrar: expected 'https://HOST:PORT' of a registrar, got " + _shown(value)
+            f"{key}: expected 'https://HOST:PORT' of a registrar, got {_shown(value)}"
         )
     return match["host"], int(match["port"])
 

@@ -131,6 +131,38 @@ def test_parse_topology_auto_addresses_skip_explicit_ones() -> None:
     assert [str(h.address) for h in topo.hosts] == ["10.77.1.10", "10.77.1.11", "10.77.1.12"]
 
 
+def test_parse_topology_numbers_routers_on_a_subnet_in_file_order() -> None:
+    # s is listed first, so s takes .1 on lan (and is its hosts' gateway) and r takes .2.
+    topo = parse_topology(
+        "host h lan\nsubnet lan 10.77.1.0/24\nsubnet dmz 10.77.2.0/24\n"
+        "router s lan\nrouter r dmz lan\n"
+    )
+    s, r = topo.routers
+    assert [str(s.address_on("lan")), str(r.address_on("lan"))] == ["10.77.1.1", "10.77.1.2"]
+    assert str(r.address_on("dmz")) == "10.77.2.1"
+    assert topo.gateway("lan") == s.address_on("lan")
+    assert [str(h.address) for h in topo.hosts] == ["10.77.1.10"]
+    with pytest.raises(LabError, match="not on subnet 'dmz'"):
+        s.address_on("dmz")
+
+
+def test_topology_routes_take_the_fewest_routers() -> None:
+    # A ring a-b-c-d-a of four routers, an island e nothing reaches, and f without a router.
+    topo = parse_topology(
+        "subnet a 10.77.1.0/24\nsubnet b 10.77.2.0/24\nsubnet c 10.77.3.0/24\n"
+        "subnet d 10.77.4.0/24\nsubnet e 10.77.5.0/24\nsubnet f 10.77.6.0/24\n"
+        "router r1 a b\nrouter r2 b c\nrouter r3 c d\nrouter r4 a d\nrouter r5 e\n"
+    )
+    r1, r2, _, _, r5 = topo.routers
+    as_text = {name: str(hop) for name, hop in topo.routes(r1).items()}
+    assert as_text == {"c": "10.77.2.2", "d": "10.77.1.2"}
+    as_text = {name: str(hop) for name, hop in topo.routes(r2).items()}
+    assert as_text == {"a": "10.77.2.1", "d": "10.77.3.2"}
+    assert topo.routes(r5) == {}
+    assert str(topo.gateway("d")) == "10.77.4.1"
+    assert topo.gateway("f") is None
+
+
 @pytest.mark.parametrize(
     ("text", "line", "problem"),
     [
@@ -157,7 +189,12 @@ def test_parse_topology_auto_addresses_skip_explicit_ones() -> None:
         ("subnet lan 10.77.1.0/24\nrouter r\n", 2, "expected 'router NAME SUBNET"),
         ("subnet lan\n", 1, "expected 'subnet NAME CIDR'"),
         ("subnet lan 10.77.1.0/24\nrouter r lan lan\n", 2, "twice"),
-        ("subnet a 10.77.1.0/24\nrouter r a\nrouter s a\n", 3, "already has router 'r'"),
+        (
+            "subnet a 10.77.1.0/24\nhost h a 10.77.1.2\nrouter r a\nrouter s a\n",
+            2,
+            "address 10.77.1.2 is already used by router 's' (line 4)",
+        ),
+        ("subnet t 10.77.1.0/30\nrouter r t\nrouter s t\nrouter u t\n", 4, "no address left"),
         ("subnet tiny 10.77.1.0/29\nhost a tiny\n", 2, "no free address"),
     ],
 )
@@ -244,6 +281,43 @@ def test_router_forwards_unicast_but_not_multicast(lab_factory: LabFactory) -> N
     send(lab, "a", MDNS_GROUP, MDNS_PORT, "local-only")
     assert received(near).endswith("got local-only 10.77.1.10")
     assert received(far).endswith("timeout"), far.log_text()
+
+
+CHAIN = """
+subnet a 10.77.1.0/24
+subnet b 10.77.2.0/24
+subnet c 10.77.3.0/24
+host h1 a
+host h2 b
+host h3 c
+router r1 a b
+router r2 b c
+"""
+
+
+@pytest.mark.integration
+def test_chained_routers_forward_unicast_but_not_multicast(lab_factory: LabFactory) -> None:
+    lab = lab_factory(CHAIN)
+    assert lab.address("r2", subnet="b") == ipaddress.IPv4Address("10.77.2.2")
+    assert "10.77.3.0/24 via 10.77.2.2 dev eth1" in lab.run("r1", ["ip", "-4", "route"]).stdout
+    assert "10.77.1.0/24 via 10.77.2.1 dev eth0" in lab.run("r2", ["ip", "-4", "route"]).stdout
+    assert "default via 10.77.3.1 dev eth0" in lab.run("h3", ["ip", "-4", "route"]).stdout
+    for src, dst in (("h1", "h3"), ("h3", "h1")):
+        [far] = start_receivers(lab, [dst], "-", 9999, timeout=10)
+        send(lab, src, str(lab.address(dst)), 9999, f"from-{src}")
+        # Source address unchanged across both routers: they forward, they do not NAT.
+        assert received(far).endswith(f"got from-{src} {lab.address(src)}"), far.log_text()
+
+    # r1 hears h1's mDNS on a (so it was sent); neither router passes it on.
+    r1_on_a = str(lab.address("r1", subnet="a"))
+    argv = [sys.executable, "-c", RECEIVER, MDNS_GROUP, str(MDNS_PORT), r1_on_a, "2"]
+    near = lab.spawn("r1", "recv-mdns", argv)
+    near.wait_for_log("ready")
+    beyond = start_receivers(lab, ["h2", "h3"], MDNS_GROUP, MDNS_PORT, timeout=2)
+    send(lab, "h1", MDNS_GROUP, MDNS_PORT, "local-only")
+    assert received(near).endswith("got local-only 10.77.1.10"), near.log_text()
+    for proc in beyond:
+        assert received(proc).endswith("timeout"), proc.log_text()
 
 
 @pytest.mark.integration

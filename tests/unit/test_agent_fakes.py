@@ -185,6 +185,7 @@ class FakeRegistrar:
         app = web.Application()
         app.router.add_post("/v1/credentials", self._credentials)
         app.router.add_post("/v1/announce", self._announce)
+        app.router.add_get("/v1/health", self._health)
         self._dir = tempfile.TemporaryDirectory()
         where = Path(self._dir.name)
         tls.write_chain(where / "chain.pem", [self.cloud.cert])
@@ -200,6 +201,9 @@ class FakeRegistrar:
             await self.server.close()
         if self._dir is not None:
             self._dir.cleanup()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
 
     async def _announce(self, request: web.Request) -> web.Response:
         self.announcements += 1
