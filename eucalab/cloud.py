@@ -256,6 +256,13 @@ class LabCloud:
                 self.api(host, "/v1/trust")
                 return
             except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError):
+                proc = self.agents.get(host)
+                if proc is not None and proc.exited():
+                    # Say why at once, rather than after the whole timeout.
+                    raise LabError(
+                        f"the agent on {host} exited before its API answered:\n"
+                        + proc.log_text()[-3000:]
+                    ) from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)

@@ -103,8 +103,17 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/v1/announce",
         "signed",
-        "An announcement over HTTP (fallback_registrar), decided like an mDNS one; refused "
-        "outright (403 with status refused) it leaves nothing stored.",
+        "An announcement over HTTP (fallback_registrar), decided like an mDNS one and heard "
+        "for three report intervals (`refresh` in the answer says how often to send it "
+        "again); refused outright (403 with status refused) it leaves nothing stored.",
+        (
+            _query(
+                "wait",
+                {"type": "string", "pattern": schemas.full(WAIT)},
+                f"Seconds (at most {MAX_WAIT:g}) to hold the answer until the component's "
+                "record changes: a pending caller learns the outcome as soon as it is known.",
+            ),
+        ),
     ),
     Route("POST", "/v1/peer/registry", "signed", "This registrar's records, for the CLC."),
     Route("GET", "/v1/registry", "operator", "This registrar's own records, flat."),
@@ -148,6 +157,13 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/approve", "operator", "Approve a component."),
     Route("POST", "/v1/reject", "operator", "Reject a component until it is approved."),
     Route("POST", "/v1/deregister", "operator", "Remove a component and revoke its credentials."),
+    Route(
+        "POST",
+        "/v1/register",
+        "operator",
+        "Register a component by role and address before it is heard (manual registration); "
+        "409 with the check's code when the design's checks say no.",
+    ),
     Route("GET", "/v1/trust", "operator", "The trust settings."),
     Route("POST", "/v1/trust/mode", "operator", "Set the registration mode."),
     Route("POST", "/v1/trust/lock", "operator", "Lock or unlock registration tasks."),

@@ -14,9 +14,10 @@ from aiohttp import web
 
 from eucareg.api.context import REGISTRAR
 from eucareg.api.schemas import changed, read_body
-from eucareg.api.validate import MAX_SEQ, bad, query_int
+from eucareg.api.validate import MAX_SEQ, ApiError, bad, query_int
 from eucareg.api.views import record_json
-from eucareg.core.model import Record, Status
+from eucareg.core import grammar
+from eucareg.core.model import Record, Role, Status
 from eucareg.registrar.engine import Registrar
 
 MAX_EVENTS = 100_000
@@ -129,3 +130,43 @@ async def deregister(request: web.Request) -> web.Response:
                 {"spent_by": sorted(token.spent_by)},
             )
     return web.json_response({"deregistered": component_id, "changed": changes})
+
+
+async def register(request: web.Request) -> web.Response:
+    """POST /v1/register {"role", "address", "cluster"?, "fingerprint"?} -> {"component": ROW,
+    "changed": [..]}; 409 with the check's code when it cannot be registered now."""
+    registrar = request.app[REGISTRAR]
+    data = await read_body(request)
+    role = Role(data["role"])
+    try:
+        address = grammar.address(data["address"], "address", registrar.settings.allowed_ranges)
+    except grammar.Invalid as exc:
+        bad(str(exc), "invalid-field")
+    cluster = data.get("cluster")
+    if role.needs_cluster and not cluster:
+        bad(f"a {role.value} needs its cluster", "missing-field")
+    if not role.needs_cluster and cluster:
+        bad(f"a {role.value} has no cluster", "invalid-field")
+    if role not in registrar.settings.registers or (
+        role is Role.NC and cluster != registrar.settings.own_cluster
+    ):
+        mine = ", ".join(sorted(r.value for r in registrar.settings.registers))
+        own = registrar.settings.own_cluster
+        bad(
+            f"this registrar does not register {role.value}s"
+            + (f" of cluster {cluster}" if role is Role.NC else "")
+            + f" (it registers: {mine}"
+            + (f" of cluster {own})" if own else ")"),
+            "not-mine",
+        )
+    decision, record = await registrar.admin.register(
+        role, address, cluster, data.get("fingerprint")
+    )
+    if record is None:
+        raise ApiError(409, decision.reason, decision.code)
+    return web.json_response(
+        {
+            "component": record_json(record, False),
+            "changed": changed("component", record.component_id, None, stored(record)),
+        }
+    )

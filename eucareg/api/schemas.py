@@ -135,6 +135,20 @@ CREATE_TOKEN = _object(
     ("role",),
 )
 REVOKE_TOKEN = _object({"token_id": TOKEN_ID}, ("token_id",))
+REGISTER = _object(
+    {
+        "role": ROLE,
+        "address": {
+            "type": "string",
+            "minLength": 2,
+            "maxLength": 45,
+            "description": "The component's address (IPv4 or IPv6).",
+        },
+        "cluster": {**CLUSTER, "type": ["string", "null"]},
+        "fingerprint": {**FINGERPRINT, "type": ["string", "null"]},
+    },
+    ("role", "address"),
+)
 
 # What every signed request carries (docs/credentials.md, "Signed requests"); auth.py checks
 # it, cheapest first, before the route's own fields are looked at.
@@ -190,6 +204,7 @@ REQUEST_BODIES: Mapping[str, Schema] = {
     "/v1/trust/install-window": INSTALL_WINDOW,
     "/v1/tokens": CREATE_TOKEN,
     "/v1/tokens/revoke": REVOKE_TOKEN,
+    "/v1/register": REGISTER,
 }
 _VALIDATORS: dict[str, Validator] = {path: compile_schema(s) for path, s in REQUEST_BODIES.items()}
 
@@ -345,6 +360,19 @@ TOKEN_TEXT = {
 STATUS_REASON = _object(
     {"status": {"type": "string"}, "reason": {"type": "string"}}, ("status", "reason")
 )
+# What /v1/announce answers a component whose record it keeps.
+ANNOUNCED = _object(
+    {
+        "status": {"type": "string"},
+        "reason": {"type": "string"},
+        "waiting_for": {"type": "string", "description": "What a pending component waits on."},
+        "refresh": {
+            "type": "number",
+            "description": "Announce again within this many seconds to stay heard (for three).",
+        },
+    },
+    ("status", "reason"),
+)
 TRUST_CHANGED = {**TRUST, "properties": {**TRUST["properties"], "changed": CHANGES}}
 COMPONENT_CHANGED = _object({"component": ROW, "changed": CHANGES}, ("component", "changed"))
 
@@ -367,7 +395,7 @@ RESPONSES: Mapping[tuple[str, str], Mapping[int, Schema]] = {
         ),
         202: STATUS_REASON,
     },
-    ("POST", "/v1/announce"): {200: STATUS_REASON, 403: {"anyOf": [REFUSED, ERROR]}},
+    ("POST", "/v1/announce"): {200: ANNOUNCED, 403: {"anyOf": [REFUSED, ERROR]}},
     ("POST", "/v1/peer/registry"): {200: REGISTRY},
     ("GET", "/v1/registry"): {200: REGISTRY},
     ("GET", "/v1/status"): {200: STATUS},
@@ -376,6 +404,7 @@ RESPONSES: Mapping[tuple[str, str], Mapping[int, Schema]] = {
     ("GET", "/v1/pending"): {200: _seq("pending", ROW)},
     ("POST", "/v1/approve"): {200: COMPONENT_CHANGED},
     ("POST", "/v1/reject"): {200: COMPONENT_CHANGED},
+    ("POST", "/v1/register"): {200: COMPONENT_CHANGED, 409: ERROR},
     ("POST", "/v1/deregister"): {
         200: _object(
             {"deregistered": COMPONENT_ID, "changed": CHANGES}, ("deregistered", "changed")

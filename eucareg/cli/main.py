@@ -159,6 +159,7 @@ for command in (
     queries.status,
     queries.events,
     queries.pending,
+    trust.register,
     trust.approve,
     trust.reject,
     trust.deregister,

@@ -1,5 +1,5 @@
 """Operator commands that change what the registrar trusts: its mode, locks and install window,
-decisions about single components (approve, reject, deregister) and join tokens.
+decisions about single components (register, approve, reject, deregister) and join tokens.
 docs/security.md says what each one stops.
 """
 
@@ -113,6 +113,44 @@ def component_command(
     )(command)
     decorated = click.argument("component_id", required=False)(decorated)
     return click.command(name)(with_api_options(json_option(decorated)))
+
+
+@click.command()
+@with_api_options
+@json_option
+@click.argument("role", type=ROLES)
+@click.argument("address")
+@click.option("--cluster", help="The cluster of a CC, SC or NC.")
+@click.option(
+    "--fingerprint",
+    help="The component's key (sha256:…, `eucareg fingerprint` on its host): only the "
+    "component with this key may take the registration over.",
+)
+def register(
+    api: Api,
+    as_json: bool,
+    role: str,
+    address: str,
+    cluster: str | None,
+    fingerprint: str | None,
+) -> None:
+    """Register a component by hand, before it is heard: the design's manual registration,
+    for a component that no announcement of it can reach. The design's checks apply (one
+    Walrus, unique cluster names, one SC per cluster, ...), and its hook runs now. The
+    component collects its credentials once it announces itself at ADDRESS (over mDNS or
+    its fallback registrar), with the given key if --fingerprint was given. Without
+    --fingerprint, the first component to announce itself as ROLE at ADDRESS takes it."""
+    body = {"role": role, "address": address, "cluster": cluster, "fingerprint": fingerprint}
+    data = api.post("/v1/register", body)
+    if as_json:
+        print_json(data)
+        return
+    row = data["component"]
+    console.print(
+        f"registered {row['role']} at {row['address']} as {row['component_id']} "
+        f"({row['status']}): {row['reason']}",
+        highlight=False,
+    )
 
 
 approve = component_command(

@@ -90,7 +90,8 @@ class Announcement:
     token_stamp: int | None = None
     # "mdns" for announcements heard on the LAN, "fallback" for signed HTTP requests, and
     # "certified" for those whose TLS client certificate (issued by this cloud) names the
-    # announced component and key: authenticated, so mode any does not apply to them.
+    # announced component and key: authenticated, so mode any does not apply to them;
+    # "manual" for the operator's own registration (`eucareg register`).
     source: str = "mdns"
 
 
@@ -143,6 +144,10 @@ class Record:
     approved: bool = False  # the operator approved this id and key
     admitted_by: str = ""  # token:<id> | install-window | approval
     replaces: str | None = None  # the offline component whose address this one took over
+    # Registered by the operator (`eucareg register`) before its component was heard: the
+    # first component to announce itself at this role, address and cluster (and with this
+    # key, if one was given) takes the registration over, with no second hook.
+    claimable: bool = False
 
 
 class DecisionKind(StrEnum):
@@ -153,6 +158,7 @@ class DecisionKind(StrEnum):
     KEEP = "keep"  # nothing to change: already registered, in progress, or expired
     IGNORE = "ignore"  # not this registrar's business
     FORGET = "forget"  # drop an observation record that no longer applies
+    ADOPT = "adopt"  # take over an operator's registration made for this role and address
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,9 @@ def decide(
     return decision
 
 
+# How soon a component waiting for the operator's registration of its address looks again.
+CLAIM_RECHECK = 2.0
+
 _STORED_UNADMITTED = frozenset({DecisionKind.PENDING, DecisionKind.REFUSE, DecisionKind.UNMATCHED})
 
 
@@ -151,11 +154,17 @@ def _decide(
             )
         return Decision(DecisionKind.IGNORE, "not-mine", "not registered by this registrar")
 
+    if ann.source == "manual":
+        return _manual(view, ann, settings)
     existing = view.records.get(ann.component_id)
     if existing is not None:
         verdict = _against_existing(existing, ann, fresh, retry)
         if verdict is not None:
             return verdict
+    # (The operator's registration itself, decided again after a failed hook, claims nothing.)
+    claim = None if existing is not None and existing.claimable else _claim(view, ann)
+    if claim is not None:
+        return claim
 
     index = view.indexed()
     for other in view.matching(index.with_key(ann.fingerprint), ann.component_id):
@@ -180,6 +189,70 @@ def _decide(
     if verdict.kind is not DecisionKind.REGISTER:
         return _noting_replacement(verdict, replaced)
     return _noting_replacement(_admit(view, ann, existing), replaced)
+
+
+def _manual(view: View, ann: Announcement, settings: RegistrarSettings) -> Decision:
+    """The operator registers a component by role and address before it is heard (`eucareg
+    register`): the design's checks apply, trust does not (the operator is the trust), and
+    what cannot be registered now is an answer to the operator, never a record."""
+    index = view.indexed()
+    key = ann.fingerprint
+    holders = [
+        *(view.matching(index.with_key(key), ann.component_id) if key else []),
+        *view.matching(index.at(ann.role, str(ann.address)), ann.component_id),
+    ]
+    for other in holders:
+        if other.status in HOLDS_SLOT:
+            what = f"key {key[:19]}…" if other.fingerprint == key and key else str(ann.address)
+            return _not_now("in-use", f"{what} already belongs to {other.component_id}")
+    verdict = _check_role(view, ann, settings, frozenset())
+    if verdict.kind is not DecisionKind.REGISTER:
+        return _not_now(verdict.code, verdict.reason)
+    return Decision(
+        DecisionKind.REGISTER,
+        "registered-by-operator",
+        f"{ann.role.value} passes every check; registered by the operator, for the first "
+        f"component to announce itself at {ann.address}"
+        + (f" with key {key[:19]}…" if key else ""),
+        admitted_by="manual",
+    )
+
+
+def _not_now(code: str, reason: str) -> Decision:
+    return Decision(DecisionKind.REFUSE, code, reason, event_only=True)
+
+
+def _claim(view: View, ann: Announcement) -> Decision | None:
+    """An operator's registration made for this role and address (`eucareg register`): the
+    component it was made for takes it over (None: there is none)."""
+    index = view.indexed()
+    for other in view.matching(index.at(ann.role, str(ann.address)), ann.component_id):
+        if not other.claimable or other.status not in (*HOLDS_SLOT, Status.FAILED):
+            continue
+        if other.cluster != ann.cluster or other.fingerprint not in ("", ann.fingerprint):
+            named = f"cluster {other.cluster}" if other.cluster != ann.cluster else "another key"
+            return _refuse(
+                "address-in-use",
+                f"the operator registered {ann.role.value} {other.component_id} at "
+                f"{ann.address} for {named}",
+            )
+        if other.status is Status.REGISTERED:
+            return Decision(
+                DecisionKind.ADOPT,
+                "adopted",
+                f"takes over the registration the operator made for {ann.role.value} at "
+                f"{ann.address} ({other.component_id})",
+                replaces=other.component_id,
+                admitted_by="manual",
+            )
+        return Decision(
+            DecisionKind.PENDING,
+            "registration-running",
+            f"the operator's registration of {ann.address} ({other.component_id}) is not done",
+            waiting_for=f"{other.component_id} to be registered",
+            recheck_at=view.now + CLAIM_RECHECK,
+        )
+    return None
 
 
 def _address_taken(

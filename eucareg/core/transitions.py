@@ -243,6 +243,8 @@ def decided(
                 events=(event_for(existing, now, "matched", decision.code, decision.reason),),
             )
         )
+    if kind is DecisionKind.ADOPT:
+        return adopted(replaced, existing, ann, decision, now) if replaced else NOTHING
     status = {
         DecisionKind.REGISTER: Status.REGISTERING if proven else Status.AWAITING_KEY,
         DecisionKind.PENDING: Status.PENDING,
@@ -284,6 +286,7 @@ def decided(
         admitted_by=decision.admitted_by,
         replaces=decision.replaces,
         credentials_issued_at=existing.credentials_issued_at if existing else None,
+        claimable=ann.source == "manual" or (existing is not None and existing.claimable),
     )
     step = move(
         existing, record, now, (status.value, decision.code, reason), recheck_at=decision.recheck_at
@@ -294,6 +297,38 @@ def decided(
     if replaced is not None and status is Status.REGISTERING:
         step = _join(step, replace_old(replaced, record, now))
     return step
+
+
+def adopted(
+    manual: Record, existing: Record | None, ann: Announcement, decision: Decision, now: float
+) -> Transition:
+    """A component takes over the registration the operator made for it: registered at once
+    (its hook ran for the operator's record), and the operator's record is gone."""
+    record = Record(
+        component_id=ann.component_id,
+        role=ann.role,
+        cluster=ann.cluster,
+        address=str(ann.address),
+        fingerprint=ann.fingerprint,
+        status=Status.REGISTERED,
+        reason=decision.reason,
+        instance=ann.instance,
+        first_seen=existing.first_seen if existing else now,
+        updated_at=now,
+        registered_at=manual.registered_at or now,
+        approved=existing.approved if existing else False,
+        admitted_by=decision.admitted_by,
+    )
+    step = move(existing, record, now, ("adopted", decision.code, decision.reason))
+    reason = f"taken over by {ann.component_id} (key {ann.fingerprint[:19]}…)"
+    gone = Transition(
+        Write(
+            deleted=(manual.component_id,),
+            events=(event_for(manual, now, "adopted-by", decision.code, reason),),
+        ),
+        (Effect(EffectKind.CANCEL_TIMERS, manual.component_id),),
+    )
+    return _join(step, gone)
 
 
 def replace_old(old: Record, new: Record, now: float) -> Transition:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from eucareg.core.model import Record, Role
+from eucareg.core.model import AnnouncedState, Announcement, Decision, IPAddress, Record, Role
 from eucareg.core.transitions import (
     Transition,
     Write,
@@ -134,6 +135,35 @@ class TrustAdmin:
         current = self.find(record.component_id, None)
         self.engine.proven.discard((current.component_id, current.fingerprint))
         await self._apply(deregistered(current, self.engine.clock()))
+
+    async def register(
+        self, role: Role, address: IPAddress, cluster: str | None, fingerprint: str | None
+    ) -> tuple[Decision, Record | None]:
+        """The operator registers a component by role and address before it is heard (the
+        design's manual registration). Its hook runs now; the component that announces
+        itself there later (with `fingerprint`, if given) takes the registration over."""
+        engine = self.engine
+        component_id = f"{role.value}-{uuid.uuid4().hex[:12]}"
+        ann = Announcement(
+            role=role,
+            component_id=component_id,
+            cluster=cluster,
+            state=AnnouncedState.READY,
+            address=address,
+            fingerprint=fingerprint or "",
+            api_port=None,
+            eucavers="",
+            instance=f"manual:{address}",
+            source="manual",
+        )
+        # No key to prove: the operator vouches, so the hook runs at once.
+        engine.proven.add((component_id, ann.fingerprint))
+        decision = engine.decide(ann)
+        record = engine.memory.records.get(component_id)
+        if record is None:
+            engine.proven.discard((component_id, ann.fingerprint))
+        await engine.writer.flush()
+        return decision, record
 
     # -- join tokens -------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ components = sa.Table(
     sa.Column("approved", sa.Boolean, nullable=False, default=False),
     sa.Column("admitted_by", sa.String(64), nullable=False, default=""),
     sa.Column("replaces", sa.String(64)),
+    sa.Column("claimable", sa.Boolean, nullable=False, default=False, server_default="0"),
 )
 
 settings = sa.Table(

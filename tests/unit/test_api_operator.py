@@ -40,6 +40,7 @@ ROW_FIELDS = {
     "next_retry_at",
     "credentials_issued_at",
     "credentials_collected_at",
+    "claimable",
     "online",
 }
 
@@ -350,3 +351,54 @@ def test_a_record_row_is_the_record_with_its_enums_as_text() -> None:
     )
     expected = {**asdict(record), "role": "nc", "status": "registered", "online": True}
     assert record_json(record, True) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "message"),
+    [
+        ({"role": "cc", "address": "10.77.9.9"}, 400, "missing-field", "a cc needs its cluster"),
+        (
+            {"role": "walrus", "address": "10.77.9.9", "cluster": "c1"},
+            400,
+            "invalid-field",
+            "a walrus has no cluster",
+        ),
+        ({"role": "walrus", "address": "127.0.0.1"}, 400, "invalid-field", "address"),
+        ({"role": "walrus", "address": "10.77.9"}, 400, "invalid-field", "address"),
+        ({"role": "clc", "address": "10.77.9.9"}, 400, "invalid-field", "role"),
+        (
+            {"role": "nc", "address": "10.77.9.9", "cluster": "c1"},
+            400,
+            "not-mine",
+            "this registrar does not register ncs of cluster c1",
+        ),
+        (
+            {"role": "sc", "address": "10.77.9.9", "cluster": "c1"},
+            409,
+            "waiting-for-cluster",
+            "waiting for cluster c1's CC",
+        ),
+    ],
+)
+async def test_manual_registration_names_what_is_wrong_and_stores_nothing(
+    clc: Harness, body: dict[str, Any], status: int, code: str, message: str
+) -> None:
+    got, answer = await clc.post("/v1/register", body)
+    assert (got, answer.get("code")) == (status, code), answer
+    assert message in answer["error"], answer
+    assert clc.registrar.records() == {}
+
+
+async def test_manual_registration_answers_with_the_record_and_what_changed(
+    clc: Harness,
+) -> None:
+    body = {"role": "walrus", "address": "10.77.9.9", "fingerprint": "sha256:" + "a" * 64}
+    status, answer = await clc.post("/v1/register", body)
+    assert status == 200, answer
+    row = answer["component"]
+    assert set(row) >= ROW_FIELDS
+    assert (row["role"], row["address"], row["claimable"]) == ("walrus", "10.77.9.9", True)
+    assert row["status"] in ("registering", "registered") and row["admitted_by"] == "manual"
+    assert [c["id"] for c in answer["changed"]] == [row["component_id"]]
+    status, again = await clc.post("/v1/register", body)
+    assert (status, again["code"]) == (409, "in-use"), again
