@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -84,6 +84,9 @@ class Host:
     name: str
     subnet: str
     address: ipaddress.IPv4Address
+    # Further interfaces (`link` lines): (subnet, address). A host never forwards, and its
+    # default route goes via its first subnet's router only.
+    links: tuple[tuple[str, ipaddress.IPv4Address], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,9 @@ def parse_topology(text: str) -> Topology:
     subnets: dict[str, tuple[int, ipaddress.IPv4Network]] = {}
     for lineno, tokens in lines:
         kind = tokens[0]
-        if kind not in ("subnet", "host", "router"):
+        if kind not in ("subnet", "host", "router", "link"):
             raise LabError(
-                f"line {lineno}: unknown keyword {kind!r} (expected subnet, host or router)"
+                f"line {lineno}: unknown keyword {kind!r} (expected subnet, host, router or link)"
             )
         if kind != "subnet":
             continue
@@ -238,7 +241,9 @@ def parse_topology(text: str) -> Topology:
             raise LabError(f"line {lineno}: expected 'router NAME SUBNET [SUBNET...]'")
         if tokens[0] == "host" and len(tokens) not in (3, 4):
             raise LabError(f"line {lineno}: expected 'host NAME SUBNET [ADDRESS]'")
-        if tokens[0] != "subnet":
+        if tokens[0] == "link" and len(tokens) not in (3, 4):
+            raise LabError(f"line {lineno}: expected 'link HOST SUBNET [ADDRESS]'")
+        if tokens[0] not in ("subnet", "link"):
             claim(lineno, tokens[0], tokens[1])
 
     # Routers before hosts: router addresses must be reserved before explicit host addresses
@@ -262,12 +267,22 @@ def parse_topology(text: str) -> Topology:
             addresses.append(own)
         routers.append(Router(name=name, subnets=tuple(rsubnets), addresses=tuple(addresses)))
 
-    host_lines: list[tuple[int, str, str, ipaddress.IPv4Address | None]] = []
+    host_lines: list[tuple[int, str, str, str, ipaddress.IPv4Address | None]] = []
+    host_names = {t[1] for _, t in lines if t[0] == "host"}
+    linked: set[tuple[str, str]] = set()
     for lineno, tokens in lines:
-        if tokens[0] != "host":
+        if tokens[0] not in ("host", "link"):
             continue
-        name, sn = tokens[1], tokens[2]
-        known_subnet(lineno, "host", name, sn)
+        kind, name, sn = tokens[0], tokens[1], tokens[2]
+        known_subnet(lineno, kind, name, sn)
+        if kind == "link":
+            if name not in host_names:
+                raise LabError(f"line {lineno}: link names {name!r}, which is not a host")
+            if (name, sn) in linked or any(
+                t[0] == "host" and t[1] == name and t[2] == sn for _, t in lines
+            ):
+                raise LabError(f"line {lineno}: host {name!r} is on subnet {sn!r} already")
+            linked.add((name, sn))
         network = subnets[sn][1]
         explicit: ipaddress.IPv4Address | None = None
         if len(tokens) == 4:
@@ -289,11 +304,12 @@ def parse_topology(text: str) -> Topology:
                     f"line {lineno}: address {explicit} is already used by {used[explicit]}"
                 )
             used[explicit] = f"host {name!r} (line {lineno})"
-        host_lines.append((lineno, name, sn, explicit))
+        host_lines.append((lineno, kind, name, sn, explicit))
 
     hosts: list[Host] = []
+    links: dict[str, list[tuple[str, ipaddress.IPv4Address]]] = {}
     next_auto: dict[str, int] = {}
-    for lineno, name, sn, explicit in host_lines:
+    for lineno, kind, name, sn, explicit in host_lines:
         address = explicit
         if address is None:
             network = subnets[sn][1]
@@ -311,7 +327,11 @@ def parse_topology(text: str) -> Topology:
             next_auto[sn] = offset
             used[candidate] = f"host {name!r} (line {lineno})"
             address = candidate
-        hosts.append(Host(name=name, subnet=sn, address=address))
+        if kind == "link":
+            links.setdefault(name, []).append((sn, address))
+        else:
+            hosts.append(Host(name=name, subnet=sn, address=address))
+    hosts = [replace(h, links=tuple(links.get(h.name, ()))) for h in hosts]
 
     return Topology(
         subnets=tuple(Subnet(name=n, network=net) for n, (_, net) in subnets.items()),
@@ -670,9 +690,12 @@ class Lab:
         """Address of a host, or of a router on ``subnet`` (optional if it has only one)."""
         if host in self._hosts:
             h = self._hosts[host]
-            if subnet is not None and subnet != h.subnet:
-                raise LabError(f"host {host!r} is not on subnet {subnet!r}")
-            return h.address
+            if subnet is None or subnet == h.subnet:
+                return h.address
+            for linked, address in h.links:
+                if linked == subnet:
+                    return address
+            raise LabError(f"host {host!r} is not on subnet {subnet!r}")
         if host in self._routers:
             r = self._routers[host]
             if subnet is None:
@@ -684,7 +707,8 @@ class Lab:
 
     def _attachments(self, node: str) -> list[str]:
         if node in self._hosts:
-            return [self._hosts[node].subnet]
+            host = self._hosts[node]
+            return [host.subnet, *(sn for sn, _ in host.links)]
         return list(self._routers[node].subnets)
 
     # -- building --------------------------------------------------------------------------------

@@ -11,13 +11,15 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from eucareg.core import txt
 from eucareg.core.grammar import IPNetwork
 from eucareg.core.model import AnnouncedState, Announcement, Role
 from eucareg.mdns.types import Change, Sighting
+
+from .reach import local_networks, reachable
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,10 @@ class Registrars:
         *,
         fallback_after: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        networks: Callable[[], Sequence[IPNetwork]] = local_networks,
     ) -> None:
         self._allowed = allowed
+        self._networks = networks  # our links: which of a registrar's addresses to use
         self._fallback = Endpoint(*fallback, component_id="") if fallback else None
         # mDNS gets the first word: the fallback is offered only this long after we started.
         self._clock = clock
@@ -61,28 +65,43 @@ class Registrars:
     def on_sighting(self, sighting: Sighting) -> None:
         """mDNS browser callback: never blocks, never raises on what others announce."""
         if sighting.change is Change.REMOVED:
-            changed = bool(self._clc.pop(sighting.instance, None)) or bool(
-                self._clusters.pop(sighting.instance, None)
-            )
+            changed = self._forget(sighting.instance)
         else:
-            ann = txt.decode(sighting.instance, sighting.txt, sighting.addresses, self._allowed)
-            if not isinstance(ann, Announcement) or ann.api_port is None:
-                return
-            endpoint = Endpoint(str(ann.address), ann.api_port, ann.component_id, ann.fingerprint)
-            if ann.role is Role.CLC:
-                self._clc[sighting.instance] = endpoint
-                changed = True
-            elif ann.role is Role.CC and ann.state is AnnouncedState.REGISTERED and ann.cluster:
-                self._clusters[sighting.instance] = (ann.cluster, endpoint)
+            endpoint = self._endpoint(sighting)
+            if endpoint is None:
+                # Not (or no longer) a registrar: a CC whose credentials were revoked says so.
+                changed = self._forget(sighting.instance)
+            elif endpoint[0] is None:
+                self._clc[sighting.instance] = endpoint[1]
                 changed = True
             else:
-                changed = False
+                self._clusters[sighting.instance] = (endpoint[0], endpoint[1])
+                changed = True
         if changed:
             log.debug("registrars changed: %s %s", sighting.change.value, sighting.instance)
             # Wake everyone waiting now, and give later waiters a fresh event.
             self._changed.set()
             self._changed = asyncio.Event()
             self._warned.clear()
+
+    def _endpoint(self, sighting: Sighting) -> tuple[str | None, Endpoint] | None:
+        """(cluster, endpoint) of a registrar heard: a CLC (cluster None), or a CC that says
+        it is registered; None for anything else. A dual-homed registrar is reached at the
+        address it offers on one of our links (reach.py)."""
+        ann = txt.decode(sighting.instance, sighting.txt, sighting.addresses, self._allowed)
+        if not isinstance(ann, Announcement) or ann.api_port is None:
+            return None
+        registered_cc = ann.role is Role.CC and ann.state is AnnouncedState.REGISTERED
+        if ann.role is not Role.CLC and not (registered_cc and ann.cluster):
+            return None
+        address = reachable(ann.address, sighting.addresses, self._networks())
+        endpoint = Endpoint(str(address), ann.api_port, ann.component_id, ann.fingerprint)
+        return (None if ann.role is Role.CLC else ann.cluster, endpoint)
+
+    def _forget(self, instance: str) -> bool:
+        clc = self._clc.pop(instance, None)
+        cluster = self._clusters.pop(instance, None)
+        return clc is not None or cluster is not None
 
     async def wait_changed(self, timeout: float | None) -> None:
         """Return when the registrars heard change, or after `timeout` seconds (None: never)."""

@@ -163,6 +163,17 @@ def test_topology_routes_take_the_fewest_routers() -> None:
     assert topo.gateway("f") is None
 
 
+def test_parse_topology_gives_a_linked_host_an_address_on_each_subnet() -> None:
+    topo = parse_topology(
+        "subnet front 10.77.1.0/24\nsubnet nodes 10.77.5.0/24\n"
+        "host cc front\nlink cc nodes 10.77.5.7\nhost node1 nodes\nlink node1 front\n"
+    )
+    hosts = {h.name: h for h in topo.hosts}
+    assert hosts["cc"].links == (("nodes", ipaddress.IPv4Address("10.77.5.7")),)
+    assert hosts["node1"].links == (("front", ipaddress.IPv4Address("10.77.1.11")),)
+    assert hosts["node1"].address == ipaddress.IPv4Address("10.77.5.10")
+
+
 @pytest.mark.parametrize(
     ("text", "line", "problem"),
     [
@@ -196,6 +207,15 @@ def test_topology_routes_take_the_fewest_routers() -> None:
         ),
         ("subnet t 10.77.1.0/30\nrouter r t\nrouter s t\nrouter u t\n", 4, "no address left"),
         ("subnet tiny 10.77.1.0/29\nhost a tiny\n", 2, "no free address"),
+        ("subnet a 10.77.1.0/24\nlink x a\n", 2, "link names 'x', which is not a host"),
+        ("subnet a 10.77.1.0/24\nhost x a\nlink x a\n", 3, "is on subnet 'a' already"),
+        ("subnet a 10.77.1.0/24\nhost x a\nlink x\n", 3, "expected 'link HOST SUBNET"),
+        ("subnet a 10.77.1.0/24\nhost x a\nlink x b\n", 3, "unknown subnet 'b'"),
+        (
+            "subnet a 10.77.1.0/24\nsubnet b 10.77.2.0/24\nhost x a\nrouter r a b\nlink r b\n",
+            5,
+            "link names 'r', which is not a host",
+        ),
     ],
 )
 def test_parse_topology_rejects_bad_descriptions(text: str, line: int, problem: str) -> None:

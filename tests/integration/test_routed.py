@@ -60,7 +60,7 @@ def assert_one_cloud(cloud: LabCloud, timeout: float = 90) -> dict[str, Any]:
     assert_credentials_everywhere(cloud)
     for cluster in status["tree"]["clusters"]:
         assert len(cluster["cc"]) == 1 and len(cluster["sc"]) == 1, cluster
-        assert [nc["cluster"] for nc in cluster["nc"]] == [cluster["name"]], cluster
+        assert {nc["cluster"] for nc in cluster["nc"]} == {cluster["name"]}, cluster
     return status
 
 
@@ -175,3 +175,36 @@ def test_case_5_three_adjacent_networks_in_mode_any(
     for event in cloud.events("cloud", "&kind=registered"):
         assert event["role"] != "nc"  # the CLC registers no NC; each CC registers its own
     assert "10.77.3." not in cloud.logs("cc1")  # site1's CC heard nothing of site2
+
+
+DUAL_HOMED = (
+    "subnet front 10.77.1.0/24\nsubnet nodes 10.77.5.0/24\n"
+    "host cloud front\nhost cc front\nlink cc nodes\nhost node1 nodes\nhost node2 nodes\n"
+)
+PLAN_DUAL: dict[str, dict[str, str | None]] = {
+    "cloud": {"clc": None, "walrus": None},
+    "cc": {"cc": "cluster1", "sc": "cluster1"},
+    "node1": {"nc": "cluster1"},
+    "node2": {"nc": "cluster1"},
+}
+
+
+def test_a_dual_homed_cc_is_registered_at_its_front_address_and_serves_its_private_lan(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    """The common Eucalyptus layout: the CC on the front-end LAN with the CLC and on a private
+    node LAN that only it reaches (no router: the nodes cannot reach the front-end LAN)."""
+    lab = lab_factory(DUAL_HOMED)
+    cloud = LabCloud(lab, PLAN_DUAL, tmp_path / "cloud")
+    cloud.start_all(["cloud", "node1", "node2", "cc"])
+    status = assert_one_cloud(cloud)
+    front, private = lab.address("cc"), lab.address("cc", subnet="nodes")
+    [cluster] = status["tree"]["clusters"]
+    assert [cc["address"] for cc in cluster["cc"]] == [str(front)]  # where the CLC reaches it
+    for node in ("node1", "node2"):
+        log = cloud.logs(node)
+        assert f"https://{front}:" not in log, log[-2000:]  # never asked where it cannot go
+        assert "Network is unreachable" not in log
+    # Each NC was registered by the CC, which it reached at the node-LAN address.
+    assert all(nc["address"].startswith("10.77.5.") for nc in cluster["nc"])
+    assert str(private).startswith("10.77.5.")
