@@ -208,3 +208,47 @@ def test_a_dual_homed_cc_is_registered_at_its_front_address_and_serves_its_priva
     # Each NC was registered by the CC, which it reached at the node-LAN address.
     assert all(nc["address"].startswith("10.77.5.") for nc in cluster["nc"])
     assert str(private).startswith("10.77.5.")
+
+
+ORDERED = (
+    "subnet home 10.77.1.0/24\nsubnet remote 10.77.2.0/24\n"
+    "host cloud home\nhost sc2 remote\nhost cc2 remote\nhost node2 remote\n"
+    "router r1 home remote\n"
+)
+PLAN_ORDERED: dict[str, dict[str, str | None]] = {
+    "cloud": {"clc": None, "walrus": None},
+    "sc2": {"sc": "cluster2"},
+    "cc2": {"cc": "cluster2"},
+    "node2": {"nc": "cluster2"},
+}
+
+
+def test_over_http_the_sc_before_its_cc_the_nc_before_its_cc_and_a_registrar_restart(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    """The ordering cases over HTTP: the remote SC calls in first and waits, stored, on its
+    cluster; the NC comes before its CC and waits; the CLC restarts while the SC's request is
+    pending; then the CC. Nothing is lost and nothing is duplicated."""
+    lab = lab_factory(ORDERED)
+    url = registrar_url(lab)
+    remote = [f'fallback_registrar = "{url}"', 'fallback_after = "0"']
+    settings: dict[str, Any] = {"top_level": {"sc2": remote, "cc2": remote}}
+    cloud = LabCloud(lab, PLAN_ORDERED, tmp_path / "cloud", settings=settings)
+    cloud.start("cloud")
+    cloud.wait_for("cloud", lambda st: bool(st.get("tree")), timeout=60)
+    cloud.cli("cloud", "mode", "any")
+    cloud.start("sc2").wait_for_log("agent started", timeout=30)
+    sc = cloud.component_id("sc2", "sc")
+    pending = cloud.wait_for_event("cloud", sc, "pending", "waiting-for-cluster")
+    cloud.start("node2")
+    cloud.agents["node2"].wait_for_log("announcing nc", timeout=30)
+    # The CLC restarts while the SC waits (its long-poll and reports are cut off).
+    cloud.restart("cloud")
+    cloud.wait_for("cloud", lambda st: bool(st.get("tree")), timeout=60)
+    record = next(r for r in cloud.registry("cloud") if r["component_id"] == sc)
+    assert record["status"] == "pending" and record["waiting_for"] == "cluster cluster2"
+    cloud.start("cc2")
+    assert_one_cloud(cloud)
+    # The SC was decided once for good: one registered event, after the one pending wait.
+    registered = cloud.events("cloud", f"&component={sc}&kind=registered")
+    assert len(registered) == 1 and registered[0]["seq"] > pending["seq"]
