@@ -310,7 +310,7 @@ class Component:
         """Announce over HTTP if need be, then one credential request; None when our own state
         changes meanwhile (the request is abandoned)."""
         session = self._session()
-        watch = self._timing.watch_poll
+        watch, poll = self._timing.watch_poll, self._timing.long_poll
         if not endpoint.component_id:
             # No registrar heard on the LAN: announce over HTTP (the design's fallback), and
             # keep doing so once registered, or the registrar stops hearing us (what waits
@@ -327,10 +327,17 @@ class Component:
                 )
             except collect.COLLECT_ERRORS as exc:
                 reason = str(exc) or type(exc).__name__
-                raise collect.ProtocolError(
-                    f"fallback announcement failed: {reason}", getattr(exc, "retry_after", None)
-                ) from exc
-            watch = min(watch, refresh)
+                if have is None:
+                    raise collect.ProtocolError(
+                        f"fallback announcement failed: {reason}",
+                        getattr(exc, "retry_after", None),
+                    ) from exc
+                # Registered: the watch below must still go out, or a revocation is never
+                # heard; the report is tried again after the watch.
+                log.warning("report of %s to %s failed: %s", self.instance, endpoint.url, reason)
+                refresh = collect.DEFAULT_REFRESH
+            # Asked again within the registrar's refresh, so that its lease never lapses.
+            watch, poll = min(watch, refresh), min(poll, refresh)
         request = asyncio.create_task(
             collect.collect_credentials(
                 session,
@@ -339,7 +346,7 @@ class Component:
                 endpoint,
                 self.cfg.key_dir,
                 # Watching, the request is held until revoked: a few minutes per request.
-                wait=watch if have is not None else self._timing.long_poll,
+                wait=watch if have is not None else poll,
                 have=have,
                 expect=self.expect(endpoint),
                 named=self.named(),

@@ -120,12 +120,20 @@ async def announce(request: web.Request) -> web.Response:
     payload, public_key = await read_signed_body(request)
     raw: dict[str, str] = payload["txt"]  # every value a string (schemas.TXT)
     registrar = request.app[REGISTRAR]
+    refresh = registrar.timing.report_interval
     decoded = decode(f"fallback:{request.remote}", raw, (), registrar.settings.allowed_ranges)
     if isinstance(decoded, Rejected):
         bad(f"{decoded.code}: {decoded.reason}", decoded.code)
     if decoded.fingerprint != cred.fingerprint(public_key):
         raise ApiError(403, "the request is not signed by the announced key", "wrong-key")
-    if decoded.token_id is None and decoded.address != peer_address(request.remote):
+    # Proven by the certificate we issued it (its TLS client certificate names this very
+    # component and key): authenticated, so not bound to mode any (docs/security.md).
+    certified = _certified(request, decoded)
+    record = registrar.record(decoded.component_id)
+    # A registered component reporting its registered address needs no proof of it: its
+    # certificate is the proof, and behind NAT the request comes from another address.
+    known = certified and record is not None and record.address == str(decoded.address)
+    if decoded.token_id is None and not known and decoded.address != peer_address(request.remote):
         # Without a token (whose proof binds addr=), nothing vouches for an address the
         # request does not come from: it could name any machine on the LAN.
         raise ApiError(
@@ -134,9 +142,7 @@ async def announce(request: web.Request) -> web.Response:
             f"({request.remote}); announce your own address, or use a join token",
             "address-mismatch",
         )
-    # Proven by the certificate we issued it (its TLS client certificate names this very
-    # component and key): authenticated, so not bound to mode any (docs/security.md).
-    source = "certified" if _certified(request, decoded) else "fallback"
+    source = "certified" if certified else "fallback"
     try:
         decision, record = await registrar.fallback(replace(decoded, source=source))
     except CredentialRefused as exc:
@@ -144,9 +150,16 @@ async def announce(request: web.Request) -> web.Response:
     if record is not None:
         if wait > 0 and record.status in UNDECIDED:
             record = await _unless_gone(request, _outcome(registrar, record, wait))
-        return web.json_response(_answer(record, registrar.timing.report_interval))
+        return web.json_response(_answer(record, refresh))
     if decision.kind is DecisionKind.IGNORE:
         return web.json_response({"status": "ignored", "reason": "not for this registrar"})
+    if decision.kind is DecisionKind.PENDING:
+        # Not stored (an unauthenticated caller leaves nothing), but not refused either: it
+        # is told what it waits on, and asks again.
+        answer = {"status": "pending", "reason": decision.reason, "refresh": refresh}
+        if decision.waiting_for:
+            answer["waiting_for"] = decision.waiting_for
+        return web.json_response(answer)
     # Refused outright, and nothing kept (docs/security.md, "The fallback in its place").
     return web.json_response(
         {"status": "refused", "code": decision.code, "reason": decision.reason}, status=403
@@ -161,15 +174,18 @@ async def _outcome(registrar: Registrar, record: Record, wait: float) -> Record:
     """The record once it changes, or as it is after `wait`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    current: Record | None = record
-    while current is not None and current.status in UNDECIDED and current == record:
-        left = deadline - loop.time()
-        if left <= 0:
-            break
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(registrar.change_event(record.component_id).wait(), left)
-        current = registrar.record(record.component_id)
-    return current or record
+    with registrar.waiting_on(record.component_id):
+        while True:
+            # The event first, then the record: a change between the two cannot be missed.
+            event = registrar.change_event(record.component_id)
+            current = registrar.record(record.component_id)
+            left = deadline - loop.time()
+            if current is None or current.status not in UNDECIDED or current != record:
+                return current or record
+            if left <= 0:
+                return current
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), left)
 
 
 def _answer(record: Record, refresh: float) -> dict[str, Any]:

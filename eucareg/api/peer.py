@@ -48,6 +48,8 @@ def peer_ccs(registrar: Registrar) -> list[Announcement]:
         and ann.cluster != registrar.settings.own_cluster
         and (rec := registrar.record(ann.component_id)) is not None
         and rec.status is Status.REGISTERED
+        and rec.role is Role.CC
+        and rec.cluster == ann.cluster
         and rec.fingerprint == ann.fingerprint
         and rec.address == str(ann.address)
     ]

@@ -98,7 +98,8 @@ def join(url: str, tokens: tuple[str, ...], wait: str, config_path: Path, as_jso
 
     def commit() -> None:
         try:
-            edit.replace_file(config_path, text)
+            # The tokens are secrets: the file is no longer readable by group and others.
+            edit.replace_file(config_path, text, secret=True)
         except OSError as exc:
             fail(f"{config_path}: cannot write it: {exc.strerror}; nothing changed", 1)
 

@@ -45,17 +45,27 @@ def check(text: str) -> Config:
         raise ConfigError(f"not valid TOML: {exc}") from None
 
 
-def replace_file(path: Path, text: str) -> None:
+def replace_file(path: Path, text: str, *, secret: bool = False) -> Path:
     """Write `text` over `path` atomically (a crash leaves the old file or the new one), with
-    the old file's mode; the old content is kept beside it as PATH.bak."""
+    the old file's mode, less any access for group and others when `text` holds a `secret`;
+    the old content is kept beside it as PATH.bak. A symlinked `path` is written through to
+    the file it names (returned)."""
+    path = path.resolve()
     mode = path.stat().st_mode & 0o7777
-    backup = path.with_name(path.name + ".bak")
-    backup.write_bytes(path.read_bytes())
-    os.chmod(backup, mode)
+    if secret:
+        mode &= ~0o077  # (the old content may hold a token too: so does the copy)
+    _write_atomic(path.with_name(path.name + ".bak"), path.read_bytes(), mode)
+    _write_atomic(path, text.encode("utf-8"), mode)
+    return path
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """A new file in `path`'s directory, renamed over `path`: whatever `path` was (a planted
+    symlink too), it is replaced, never written through."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

@@ -36,7 +36,8 @@ class RecordIndex:
             _drop(self._by_address, (old.role, old.address), old.component_id)
             _drop(self._by_cluster, (old.role, old.cluster), old.component_id)
         if new is not None:
-            self._by_key.setdefault(new.fingerprint, set()).add(new.component_id)
+            if new.fingerprint:  # an operator's registration may name no key: none in use
+                self._by_key.setdefault(new.fingerprint, set()).add(new.component_id)
             self._by_address.setdefault((new.role, new.address), set()).add(new.component_id)
             self._by_cluster.setdefault((new.role, new.cluster), set()).add(new.component_id)
 

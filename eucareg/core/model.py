@@ -268,7 +268,7 @@ def announcement_of(record: Record, live: Announcement | None = None) -> Announc
         and live.fingerprint == record.fingerprint
         and str(live.address) == record.address
     )
-    if same and live is not None:
+    if same and live is not None and not record.claimable:
         return live
     return Announcement(
         role=record.role,
@@ -280,4 +280,6 @@ def announcement_of(record: Record, live: Announcement | None = None) -> Announc
         api_port=None,
         eucavers="",
         instance=record.instance,
+        # The operator's own registration is decided again as the operator's (policy._manual).
+        source="manual" if record.claimable else "mdns",
     )

@@ -161,18 +161,18 @@ def _decide(
         verdict = _against_existing(existing, ann, fresh, retry)
         if verdict is not None:
             return verdict
-    # (The operator's registration itself, decided again after a failed hook, claims nothing.)
-    claim = None if existing is not None and existing.claimable else _claim(view, ann)
-    if claim is not None:
-        return claim
-
     index = view.indexed()
     for other in view.matching(index.with_key(ann.fingerprint), ann.component_id):
-        if _is_claimed(other):
+        # (An operator's registration names the key it waits for: no use of it, for the
+        # component it waits for.)
+        if _is_claimed(other) and not _claims(ann, other):
             return _refuse(
                 "key-in-use",
                 f"key {ann.fingerprint[:19]}… already belongs to {other.component_id}",
             )
+    claim = _claim(view, ann)
+    if claim is not None:
+        return claim
     replaced: Record | None = None
     for other in view.matching(index.at(ann.role, str(ann.address)), ann.component_id):
         if other.status in HOLDS_SLOT:
@@ -220,6 +220,17 @@ def _manual(view: View, ann: Announcement, settings: RegistrarSettings) -> Decis
 
 def _not_now(code: str, reason: str) -> Decision:
     return Decision(DecisionKind.REFUSE, code, reason, event_only=True)
+
+
+def _claims(ann: Announcement, record: Record) -> bool:
+    """Whether `ann` is what the operator's registration `record` waits for."""
+    return (
+        record.claimable
+        and record.role is ann.role
+        and record.address == str(ann.address)
+        and record.cluster == ann.cluster
+        and record.fingerprint in ("", ann.fingerprint)
+    )
 
 
 def _claim(view: View, ann: Announcement) -> Decision | None:
@@ -303,15 +314,17 @@ def _trust_refusal(view: View, ann: Announcement, existing: Record | None) -> De
             "locked", f"the {task.value} registration task is locked; no new registrations"
         )
     token_ok = view.token is not None and view.token.ok
+    approved = existing is not None and (existing.approved or _retrying(existing))
+    if view.token is not None and not view.token.ok and not approved:
+        # Said first: "needs mode any" would send the operator to weaken the mode, when it
+        # is the token (revoked, used up, for another role) that is wrong.
+        return _refuse(view.token.code, view.token.reason)
     if ann.source == "fallback" and trust.mode is not Mode.ANY and not token_ok:
         return _refuse(
             "fallback-not-allowed",
             f"HTTP registration from {ann.address} without a join token needs mode any "
             f"(mode is {trust.mode.value})",
         )
-    approved = existing is not None and (existing.approved or _retrying(existing))
-    if view.token is not None and not view.token.ok and not approved:
-        return _refuse(view.token.code, view.token.reason)
     return None
 
 

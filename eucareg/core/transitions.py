@@ -243,10 +243,15 @@ def decided(
                 events=(event_for(existing, now, "matched", decision.code, decision.reason),),
             )
         )
-    if kind is DecisionKind.ADOPT:
-        return adopted(replaced, existing, ann, decision, now) if replaced else NOTHING
+    if kind is DecisionKind.ADOPT and replaced is not None and proven:
+        return adopted(replaced, existing, ann, decision.reason, now)
+    if kind is DecisionKind.ADOPT and replaced is None:
+        return NOTHING
+    # The operator's own registration needs no key proof; a component adopting one does.
+    proven = proven or ann.source == "manual"
     status = {
         DecisionKind.REGISTER: Status.REGISTERING if proven else Status.AWAITING_KEY,
+        DecisionKind.ADOPT: Status.AWAITING_KEY,
         DecisionKind.PENDING: Status.PENDING,
         DecisionKind.REFUSE: Status.REFUSED,
         DecisionKind.UNMATCHED: Status.UNMATCHED,
@@ -300,10 +305,10 @@ def decided(
 
 
 def adopted(
-    manual: Record, existing: Record | None, ann: Announcement, decision: Decision, now: float
+    manual: Record, existing: Record | None, ann: Announcement, reason: str, now: float
 ) -> Transition:
-    """A component takes over the registration the operator made for it: registered at once
-    (its hook ran for the operator's record), and the operator's record is gone."""
+    """A component that proved its key takes over the registration the operator made for it:
+    registered at once (its hook ran for the operator's record), and that record is gone."""
     record = Record(
         component_id=ann.component_id,
         role=ann.role,
@@ -311,20 +316,20 @@ def adopted(
         address=str(ann.address),
         fingerprint=ann.fingerprint,
         status=Status.REGISTERED,
-        reason=decision.reason,
+        reason=reason,
         instance=ann.instance,
         first_seen=existing.first_seen if existing else now,
         updated_at=now,
         registered_at=manual.registered_at or now,
         approved=existing.approved if existing else False,
-        admitted_by=decision.admitted_by,
+        admitted_by="manual",
     )
-    step = move(existing, record, now, ("adopted", decision.code, decision.reason))
-    reason = f"taken over by {ann.component_id} (key {ann.fingerprint[:19]}…)"
+    step = move(existing, record, now, ("adopted", "adopted", reason))
+    taken = f"taken over by {ann.component_id} (key {ann.fingerprint[:19]}…)"
     gone = Transition(
         Write(
             deleted=(manual.component_id,),
-            events=(event_for(manual, now, "adopted-by", decision.code, reason),),
+            events=(event_for(manual, now, "adopted-by", "adopted", taken),),
         ),
         (Effect(EffectKind.CANCEL_TIMERS, manual.component_id),),
     )
@@ -424,8 +429,9 @@ def hook_finished(
         )
         step = move(record, new, now, ("registered", run.outcome.value, reason))
         effects = step.effects
-        if record.role is Role.CC:
-            # The CLC's unmatched NCs may have a home now; SCs of this cluster may proceed.
+        if record.role is Role.CC or record.claimable:
+            # The CLC's unmatched NCs may have a home now; SCs of this cluster may proceed;
+            # the component the operator registered by hand may take its registration over.
             effects += (Effect(EffectKind.RECONSIDER),)
         return _join(journal, Transition(step.change, effects))
     delay = timing.backoff(attempts)

@@ -64,7 +64,6 @@ class CredentialDesk:
         self.engine = engine
         self._issuer_for = issuer_for
         self._issuing: dict[str, asyncio.Lock] = {}
-        self._waiting: dict[str, int] = {}  # open requests per id (their change events)
 
     async def credentials(
         self,
@@ -85,15 +84,10 @@ class CredentialDesk:
         counted = record is not None and record.fingerprint == cred.fingerprint(public_key)
         if counted:
             engine.presence.request_opened(component_id)
-        self._waiting[component_id] = self._waiting.get(component_id, 0) + 1
         try:
-            return await self._answer(component_id, public_key, wait, have)
+            with engine.waiting_on(component_id):
+                return await self._answer(component_id, public_key, wait, have)
         finally:
-            left = self._waiting.pop(component_id) - 1
-            if left:
-                self._waiting[component_id] = left
-            else:
-                engine.forget_change_event(component_id)  # nobody waits on it any more
             if counted and engine.presence.request_closed(component_id):
                 engine.maybe_silent(component_id)
 

@@ -10,10 +10,11 @@ write is durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from eucareg.core.model import (
     AnnouncedState,
     Announcement,
     Decision,
+    DecisionKind,
     Event,
     HookRun,
     Record,
@@ -127,6 +129,8 @@ class Registrar:
         self.batcher = Batcher(self.hooks, batching or Batching(), self.spawn, self._owed)
         self.registering = Registering(self)
         self._changed: dict[str, asyncio.Event] = {}  # woken when a record changes
+        self._waiters: dict[str, int] = {}  # requests waiting on each of those events
+        self._live_clusters: frozenset[str] | None = None  # while reconsider() runs
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.started_at = clock()
@@ -272,7 +276,17 @@ class Registrar:
         spoof = (
             previous is not None
             and record is not None
-            and previous.fingerprint == record.fingerprint != ann.fingerprint
+            and previous.fingerprint == record.fingerprint
+            and (
+                ann.fingerprint != record.fingerprint
+                # A copy of a registered component's announcement under another role or
+                # cluster would hide its live "registered as FOO" (and is refused anyway).
+                or (
+                    record.status in HOLDS_SLOT
+                    and (ann.role, ann.cluster) != (record.role, record.cluster)
+                    and (previous.role, previous.cluster) == (record.role, record.cluster)
+                )
+            )
         )
         if not spoof:
             # Someone else announcing a known id with another key must not displace the real
@@ -304,7 +318,8 @@ class Registrar:
             if record.status is Status.AWAITING_KEY:
                 self.key_proven(record)  # heard over mDNS first: the request proves the key
                 record = self.memory.records.get(ann.component_id)
-            self._lease(ann)
+            if not (decision.event_only and decision.kind is DecisionKind.REFUSE):
+                self._lease(ann)
         await self.writer.flush()
         return decision, record
 
@@ -314,12 +329,17 @@ class Registrar:
         self._moved(ann, previous)
 
     def _moved(self, ann: Announcement, previous: Announcement | None) -> None:
+        record = self.memory.records.get(ann.component_id)
         if (
             ann.role is Role.CC
             and ann.state is AnnouncedState.REGISTERED
             and (previous is None or previous.state is not AnnouncedState.REGISTERED)
+            and record is not None
+            and record.status is Status.REGISTERED
+            and record.fingerprint == ann.fingerprint
         ):
-            # A CC now says "registered as FOO": SCs of FOO may stop waiting.
+            # The registered CC now says "registered as FOO": SCs of FOO may stop waiting.
+            # (Anyone else saying so changes nothing, and costs no reconsider.)
             self.reconsider()
 
     def _lease_ended(self, component_id: str) -> None:
@@ -366,10 +386,16 @@ class Registrar:
 
     def reconsider(self) -> None:
         """Decide again for live announcements whose verdict may have changed."""
-        for ann in list(self.live.values()):
-            record = self.memory.records.get(ann.component_id)
-            if record is None or record.status in BLOCKED:
-                self.decide(ann)
+        # Which clusters are live cannot change while the blocked are decided (a CC becomes
+        # registered only when its hook ends): worked out once, not once per waiting SC.
+        self._live_clusters = self.live_registered_clusters()
+        try:
+            for ann in list(self.live.values()):
+                record = self.memory.records.get(ann.component_id)
+                if record is None or record.status in BLOCKED:
+                    self.decide(ann)
+        finally:
+            self._live_clusters = None
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -386,16 +412,8 @@ class Registrar:
             verdict = check_token(token, ann, self.master_key, now)
         live_clusters: frozenset[str] = frozenset()
         if ann is None or ann.role is Role.SC:
-            live_clusters = frozenset(
-                a.cluster
-                for a in self.live.values()
-                if a.role is Role.CC
-                and a.state is AnnouncedState.REGISTERED
-                and a.cluster is not None
-                and (rec := records.get(a.component_id)) is not None
-                and rec.status is Status.REGISTERED
-                and rec.fingerprint == a.fingerprint
-            )
+            cached = self._live_clusters
+            live_clusters = self.live_registered_clusters() if cached is None else cached
         return View(
             records=records,
             live_registered_clusters=live_clusters,
@@ -408,6 +426,23 @@ class Registrar:
             seen_floor=self.started_at,
             unadmitted=self.memory.unadmitted,
             index=self.memory.index,
+        )
+
+    def live_registered_clusters(self) -> frozenset[str]:
+        """Clusters whose CC is heard saying "registered as FOO" and is the CC registered here
+        as FOO: its record's role, cluster and key, not just what the announcement claims."""
+        records = self.memory.records
+        return frozenset(
+            a.cluster
+            for a in self.live.values()
+            if a.role is Role.CC
+            and a.state is AnnouncedState.REGISTERED
+            and a.cluster is not None
+            and (rec := records.get(a.component_id)) is not None
+            and rec.status is Status.REGISTERED
+            and rec.role is Role.CC
+            and rec.cluster == a.cluster
+            and rec.fingerprint == a.fingerprint
         )
 
     def decide(self, ann: Announcement, *, fresh: bool = False, retry: bool = False) -> Decision:
@@ -542,6 +577,11 @@ class Registrar:
             return
         self.proven.add((record.component_id, record.fingerprint))
         old = self.memory.records.get(record.replaces) if record.replaces else None
+        if record.replaces and (old is None or old.claimable):
+            # Taking over the operator's registration: decided again now that the key is
+            # proven (the registration may be gone, or still running its hook).
+            self.redecide(record.component_id, fresh=True)
+            return
         if old is not None and old.status in HOLDS_SLOT and record.status is Status.AWAITING_KEY:
             silent = self.view().silent_for(old.component_id)
             if silent is None or silent < self.settings.replace_after:
@@ -555,8 +595,20 @@ class Registrar:
     def change_event(self, component_id: str) -> asyncio.Event:
         return self._changed.setdefault(component_id, asyncio.Event())
 
-    def forget_change_event(self, component_id: str) -> None:
-        self._changed.pop(component_id, None)
+    @contextlib.contextmanager
+    def waiting_on(self, component_id: str) -> Iterator[None]:
+        """Count a request waiting on the component's change event (a credential request, an
+        announcement waiting for its outcome); the event is dropped when the last one ends,
+        not before (one caller's end must not leave another waiting on a forgotten event)."""
+        self._waiters[component_id] = self._waiters.get(component_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._waiters.pop(component_id) - 1
+            if left:
+                self._waiters[component_id] = left
+            else:
+                self._changed.pop(component_id, None)
 
     def notify(self, component_id: str) -> None:
         """Wake every request waiting on this component; later waiters get a fresh event."""

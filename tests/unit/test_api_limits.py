@@ -658,7 +658,7 @@ async def test_a_flood_of_unauthenticated_requests_leaves_bounded_state(
         assert len(registrar.memory.records) <= cap
         assert len(limiter) <= len(sources) and limiter.in_flight == 0
         assert len(nonces) <= 500
-        assert not registrar._changed and not registrar.desk._waiting
+        assert not registrar._changed and not registrar._waiters
         assert len(registrar.proven) <= cap and len(registrar.presence.polling) <= cap
         events = (await h.get("/v1/events", limit="100000"))[1]["events"]
         assert len(events) <= 200, len(events)

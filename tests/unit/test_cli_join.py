@@ -97,7 +97,7 @@ async def test_join_writes_the_config_and_announces_each_component(config: Path)
     assert "# the remote site's CC+SC (kept by join)" in text and "# our cluster" in text
     assert f'fallback_registrar = "{url}"' in text
     assert f'token = "{t_cc}"' in text and f'token = "{t_sc}"' in text
-    assert _mode(config) == 0o640
+    assert _mode(config) == 0o600  # 0640 before: the tokens are secrets
     backup = CONFIG.format(state=config.parent / "state").encode()
     assert _bytes(config.with_name("eucareg.toml.bak")) == backup
 
