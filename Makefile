@@ -1,25 +1,27 @@
 # eucareg: `make demo` runs the demo, `make test` runs the tests, `make test-slow` the long
-# crash and load scenarios (see README.md).
+# crash and load scenarios (see README.md). The demo needs the lab's Debian packages
+# (system-deps); the tests also need BIND 9 for the DNS-SD tests (test-deps), installed with
+# its service masked: the tests start named themselves.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow unit integration lint bench system-deps venv clean
+.PHONY: demo test test-slow unit integration lint bench system-deps test-deps venv clean
 
 demo: system-deps $(STAMP)
 	$(BIN)/eucalab demo
 
-test: system-deps $(STAMP)
+test: test-deps $(STAMP)
 	$(BIN)/pytest -m 'not slow'
 
-test-slow: system-deps $(STAMP)
+test-slow: test-deps $(STAMP)
 	$(BIN)/pytest -m slow
 
-unit: $(STAMP)
+unit: test-deps $(STAMP)
 	$(BIN)/pytest tests/unit tests/test_static.py
 
-integration: system-deps $(STAMP)
+integration: test-deps $(STAMP)
 	$(BIN)/pytest -m 'not slow' tests/integration
 
 lint: $(STAMP)
@@ -32,6 +34,9 @@ bench: system-deps $(STAMP)
 
 system-deps:
 	@bash scripts/system-deps.sh
+
+test-deps:
+	@bash scripts/system-deps.sh --test
 
 venv: $(STAMP)
 

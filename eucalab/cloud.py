@@ -159,6 +159,7 @@ class LabCloud:
             "[registrar]",
             *(f"{k} = {_toml_value(v)}" for k, v in registrar.items()),
         ]
+        lines += self._dnssd_lines(host)
         installed = self.setting("installed", host, {})
         addresses = self.setting("addresses", host, {})
         for role, cluster in self.plan[host].items():
@@ -172,6 +173,20 @@ class LabCloud:
                 lines.append(f"token = {_toml_value(token)}")
             lines.append(f"installed = {_toml_value(installed.get(role, True))}")
         return "\n".join(lines) + "\n"
+
+    def _dnssd_lines(self, host: str) -> list[str]:
+        """The `[dnssd]` table from ``settings["dnssd"]``, a mapping of its keys: a plain value
+        applies to every host, a dict is per host (a host it leaves out gets no such key);
+        an empty result leaves the table out."""
+        table = self.settings.get("dnssd") or {}
+        pairs = []
+        for key, value in table.items():
+            if isinstance(value, dict):
+                if host not in value:
+                    continue
+                value = value[host]
+            pairs.append(f"{key} = {_toml_value(value)}")
+        return ["", "[dnssd]", *pairs] if pairs else []
 
     def prepare(self, host: str) -> Path:
         """Write a host's config and hooks; returns the config path.

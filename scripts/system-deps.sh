@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
 # Install the Debian packages eucareg's lab, tests and demo need, when they are missing.
-# avahi-daemon must never start in the machine's own network namespace (it would announce on
-# the real interfaces), so service starts are blocked by policy-rc.d while installing.
+#   system-deps.sh          what the demo needs (make demo, make bench)
+#   system-deps.sh --test   that, and BIND 9 for the DNS-SD tests (make test, make test-slow)
+# No daemon may ever start in the machine's own network namespace: avahi-daemon would announce
+# on the real interfaces, and named would answer on them. Service starts are blocked by
+# policy-rc.d while installing, named's unit is masked (where systemd exists) before bind9 is
+# installed, and the tests start named themselves, on 127.0.0.1 or inside lab namespaces.
 set -euo pipefail
+
+tests=0
+case "${1:-}" in
+  --test) tests=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--test]" >&2; exit 2 ;;
+esac
 
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
@@ -11,6 +22,12 @@ command -v avahi-browse >/dev/null 2>&1 || need+=(avahi-utils)
 command -v dbus-daemon >/dev/null 2>&1 || need+=(dbus-daemon)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+if [ "$tests" = 1 ]; then
+  # named lives in /usr/sbin, which a non-login PATH may lack.
+  [ -x /usr/sbin/named ] || command -v named >/dev/null 2>&1 || need+=(bind9)
+  [ -x /usr/bin/tsig-keygen ] || command -v tsig-keygen >/dev/null 2>&1 || need+=(bind9-utils)
+  command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -31,7 +48,24 @@ fi
 cleanup() { if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
+case " ${need[*]} " in
+  *" bind9 "*)
+    # Masked before the package exists, so its postinst can neither enable nor start it
+    # (Debian enables named.service on install). `systemctl mask` only writes a symlink to
+    # /dev/null; it works whether or not systemd is running.
+    if command -v systemctl >/dev/null 2>&1; then
+      for unit in named.service bind9.service; do
+        systemctl mask "$unit" >/dev/null 2>&1 || true
+      done
+    fi
+    ;;
+esac
+
 echo "system-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+
+if [ "$tests" = 1 ] && [ -e /run/named/named.pid ]; then
+  echo "system-deps: warning: /run/named/named.pid exists; a named runs outside the lab" >&2
+fi

@@ -56,6 +56,21 @@ class MdnsBackend(Announcer, Watcher, Protocol):
     async def close(self) -> None: ...
 
 
+def choose_backend(config: Config) -> MdnsBackend:
+    """mDNS alone; or, with a `[dnssd]` table, DNS-SD through the site's DNS server as well
+    (or instead, with `dnssd.mdns = false`). dnspython is loaded only then."""
+    if config.dnssd is None:
+        return ZeroconfBackend(ipv6=config.ipv6)
+    from eucareg.dnssd.backend import DnssdBackend
+    from eucareg.dnssd.composite import CompositeBackend
+
+    # A host without a registrar looks only for registrars (CLCs and registered CCs).
+    dnssd = DnssdBackend(config.dnssd, registrars_only=not config.runs_registrar)
+    if not config.dnssd.mdns:
+        return dnssd
+    return CompositeBackend([ZeroconfBackend(ipv6=config.ipv6), dnssd])
+
+
 class Agent:
     """Everything one host runs, started and stopped as a unit.
 
@@ -73,7 +88,7 @@ class Agent:
         restart: RestartPolicy | None = None,
     ) -> None:
         self.config = config
-        self.backend: MdnsBackend = backend or ZeroconfBackend(ipv6=config.ipv6)
+        self.backend: MdnsBackend = backend or choose_backend(config)
         self.timing = timing or AgentTiming()
         self.supervisor = Supervisor(restart)
         self.registrars = Registrars(
