@@ -44,10 +44,12 @@ class Backoff:
     def next(self, at_least: float | None = None) -> float:
         """The delay to wait now; the bound of the one after it doubles. `at_least`: what the
         registrar asked for (Retry-After), which is honoured, and spread over up to half again
-        as much so that those it sent away together are not back together."""
+        as much so that those it sent away together are not back together; sent away again
+        and again, we still back off (a registrar that always says "1 s" would otherwise
+        gather everyone it turns away into the same second)."""
         bound, self.delay = self.delay, min(self._max, self.delay * 2)
         if at_least is not None and at_least > 0:
-            return self._rng(at_least, at_least * 1.5)
+            return self._rng(max(at_least, bound / 2), max(at_least * 1.5, bound))
         return self._rng(bound / 2, bound)
 
     async def sleep(self) -> None:

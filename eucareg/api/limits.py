@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -75,6 +76,10 @@ class RateLimits:
             raise ValueError(f"rate must be a positive number, got {self.rate!r}")
         if min(self.burst, self.sources, self.in_flight) < 1:
             raise ValueError("burst, sources and in_flight must be at least 1")
+
+
+# The longest Retry-After the in-flight cap asks for (docs/configuration.md, max_in_flight).
+IN_FLIGHT_RETRY_MAX = 3.0
 
 
 class RateLimited(ApiError):
@@ -236,7 +241,8 @@ def charge(request: web.Request) -> None:
         raise RateLimited(
             f"the registrar is answering {limiter.in_flight} unauthenticated requests already; "
             "ask again shortly",
-            1.0,
+            # 1, 2 or 3 s: one constant would bring everyone it sends away back together.
+            random.uniform(0.5, IN_FLIGHT_RETRY_MAX),
         )
     limiter.in_flight += 1
     state.counted = True

@@ -106,3 +106,20 @@ async def test_a_component_sent_away_waits_as_long_as_the_registrar_asked(
     assert TIMING.retry_max < 1.0
     assert time.monotonic() - sent_away >= 1.0
     assert len(fresh_requests(registrar)) == 2
+
+
+def test_sent_away_again_and_again_we_still_back_off() -> None:
+    """A registrar that always answers Retry-After: 1 must not gather everyone it turns away
+    into the same second: the ranges drawn from grow as the backoff doubles."""
+    ranges: list[tuple[float, float]] = []
+
+    def record(low: float, high: float) -> float:
+        ranges.append((low, high))
+        return low
+
+    backoff = Backoff(1.0, 30.0, rng=record)
+    for _ in range(6):
+        backoff.next(at_least=1.0)
+    assert ranges == [(1.0, 1.5), (1.0, 2.0), (2.0, 4.0), (4.0, 8.0), (8.0, 16.0), (15.0, 30.0)]
+    # A long Retry-After is still waited out in full, whatever the backoff's level.
+    assert backoff.next(at_least=50.0) == 50.0

@@ -493,7 +493,7 @@ async def test_unauthenticated_requests_at_once_are_capped_across_sources(
         await eventually(lambda: limiter.in_flight == 10, "10 long-polls held")
         answer = await collect(h, keys[1], "nc-zzzzzzzzzzff", source="10.66.3.1")
         assert_limited(answer)
-        assert answer[2]["Retry-After"] == "1"
+        assert answer[2]["Retry-After"] in ("1", "2", "3")  # spread: not all back at once
         assert "answering 10 unauthenticated requests" in answer[1]["error"]
         # The registered component, and the operator, still get through.
         assert (await collect(h, keys[0], nc.component_id, source="10.66.3.1"))[0] == 200
