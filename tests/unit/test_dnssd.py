@@ -46,9 +46,10 @@ from eucalab.named import (
 from eucareg.config.file import DnssdConfig
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Announcement, Role
-from eucareg.dnssd import backend as dnssd_backend
-from eucareg.dnssd.backend import BrowseFailed, DnssdBackend
+from eucareg.dnssd import browser as dnssd_browser
+from eucareg.dnssd.backend import DnssdBackend
 from eucareg.dnssd.keys import KeyProblem, read_secret
+from eucareg.dnssd.server import BrowseFailed
 from eucareg.mdns.types import Change, ServiceSpec, Sighting
 
 pytestmark = pytest.mark.skipif(
@@ -221,8 +222,8 @@ def crash(backend: DnssdBackend) -> None:
     backend._closed = True
     for task in backend._tasks.values():
         task.cancel()
-    backend._wanted.clear()
-    backend._gone.clear()
+    backend.publisher._wanted.clear()
+    backend.publisher._gone.clear()
 
 
 class Heard(list[Sighting]):
@@ -319,7 +320,7 @@ async def test_close_deletes_every_record_left(site: Site) -> None:
     await publisher.publish(spec(NC))
     await publisher.publish(spec(CC))
     await eventually(lambda: publisher.updates_sent >= 2, "both written")
-    await eventually(lambda: publisher._next_due() != 0.0, "both written")
+    await eventually(lambda: publisher.publisher._next_due() != 0.0, "both written")
     assert await site.instance_records(NC) != {}
     await publisher.close()
     assert await site.instance_records(NC) == {}
@@ -389,20 +390,20 @@ async def test_a_prune_loses_to_a_refresh_that_came_first(site: Site) -> None:
     site.backends.append(watcher)
     watcher.watch(lambda s: None)
     await publisher.publish(spec())
-    await eventually(lambda: publisher._sent.get(NC) is not None, "published")
+    await eventually(lambda: publisher.publisher._sent.get(NC) is not None, "published")
     await watcher.browse_once()
-    assert watcher._seen[NC].observed
-    publisher._sent.clear()  # refresh now: a new heartbeat
-    publisher._wake.set()
-    await eventually(lambda: publisher._sent.get(NC) is not None, "the refresh")
-    key = watcher._keys.prune_key()
+    assert watcher.browser._seen[NC].observed
+    publisher.publisher._sent.clear()  # refresh now: a new heartbeat
+    publisher.publisher._wake.set()
+    await eventually(lambda: publisher.publisher._sent.get(NC) is not None, "the refresh")
+    key = watcher.browser._keys.prune_key()
     assert key is not None
-    await watcher._prune_one(NC, key, asyncio.get_running_loop().time())
+    await watcher.browser._prune_one(NC, key, asyncio.get_running_loop().time())
     assert watcher.pruned == 0
     assert "SRV" in await site.instance_records(NC)
     # Seen as it is now, the same prune goes through.
     await watcher.browse_once()
-    await watcher._prune_one(NC, key, asyncio.get_running_loop().time())
+    await watcher.browser._prune_one(NC, key, asyncio.get_running_loop().time())
     assert watcher.pruned == 1 and await site.instance_records(NC) == {}
 
 
@@ -434,7 +435,7 @@ ATTACKS: dict[str, Callable[[dns.update.UpdateMessage], None]] = {
 async def test_a_component_key_cannot_change_another_instance(site: Site, attack: str) -> None:
     victim = await site.backend()
     await victim.publish(spec(NC))
-    await eventually(lambda: victim.updates_sent >= 1 and victim._next_due() != 0.0, "NC")
+    await eventually(lambda: victim.updates_sent >= 1 and victim.publisher._next_due() != 0.0, "NC")
     before = await site.instance_records(NC)
     assert await site.update(site.keys[OTHER], ATTACKS[attack]) == "REFUSED"
     assert await site.instance_records(NC) == before
@@ -445,7 +446,7 @@ async def test_what_a_component_key_may_do_to_the_shared_ptr(site: Site) -> None
     remove another's PTR (hiding it until its next refresh restores it). docs/dnssd.md."""
     victim = await site.backend(site.config(refresh=1.0))
     await victim.publish(spec(NC))
-    await eventually(lambda: victim.updates_sent >= 1 and victim._next_due() != 0.0, "NC")
+    await eventually(lambda: victim.updates_sent >= 1 and victim.publisher._next_due() != 0.0, "NC")
     assert (
         await site.update(site.keys[OTHER], lambda m: m.delete(SERVICE, "PTR", owner(NC).to_text()))
         == "NOERROR"
@@ -499,7 +500,9 @@ async def test_a_wrong_secret_is_refused_and_retried_without_crashing(
     assert await site.instance_records(NC) == {}
     # The operator fixes the file: the next retry uses the new secret, no restart.
     site.keys[NC].write_secret(site.keydir / "wrong" / f"{NC}.key")
-    await eventually(lambda: publisher._sent.get(NC) is not None, "published with the new secret")
+    await eventually(
+        lambda: publisher.publisher._sent.get(NC) is not None, "published with the new secret"
+    )
     assert "SRV" in await site.instance_records(NC)
 
 
@@ -665,7 +668,7 @@ async def test_withdraw_and_close_are_bounded_when_the_server_hangs(tmp_path: Pa
         began = loop.time()
         await backend.close()
         assert loop.time() - began < 0.7
-        assert NC in backend._gone  # left for the registrars' pruning
+        assert NC in backend.publisher._gone  # left for the registrars' pruning
     finally:
         await backend.close()
         for writer in held:
@@ -699,7 +702,7 @@ async def test_a_thousand_instances_are_browsed_in_bounded_batches(site: Site) -
         began = loop.time()
         await watcher.browse_once()
         took.append(loop.time() - began)
-        assert len(heard) <= len(took) * dnssd_backend.CHECKS_PER_BROWSE
+        assert len(heard) <= len(took) * dnssd_browser.CHECKS_PER_BROWSE
     assert len(heard) == 1000 and {s.change for s in heard} == {Change.ADDED}
     assert len({s.instance for s in heard}) == 1000
     assert max(took) < 10, took
