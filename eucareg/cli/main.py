@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from eucareg.cli import join, queries, trust
+from eucareg.cli import discover, join, queries, trust
 from eucareg.cli.common import config_option, console, fail, load_config, print_json
 from eucareg.cli.logs import setup_logging
 from eucareg.pki.credentials import CredentialError
@@ -170,6 +170,7 @@ for command in (
     trust.install_mode,
     trust.token,
     join.join,
+    discover.discover,
 ):
     main.add_command(command)
 
