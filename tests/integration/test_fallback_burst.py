@@ -183,6 +183,7 @@ def analyse(result: dict[str, Any], restarted: float, out: Path) -> None:
     said: dict[float, list[float]] = collections.defaultdict(list)
     asked_waits: dict[float, list[float]] = collections.defaultdict(list)  # Retry-After -> waits
     asked_said: dict[float, list[float]] = collections.defaultdict(list)
+    asked_steps: list[tuple[float, float, float]] = []  # (Retry-After, backoff step, stated)
     too_soon: list[str] = []
     unsaid: list[str] = []
     for cid, mine in by_node.items():
@@ -200,6 +201,7 @@ def analyse(result: dict[str, Any], restarted: float, out: Path) -> None:
                 asked_waits[attempt.retry_after].append(wait)
                 if attempt.logged_delay is not None:
                     asked_said[attempt.retry_after].append(attempt.logged_delay)
+                    asked_steps.append((attempt.retry_after, step, attempt.logged_delay))
                 if wait < attempt.retry_after - EPS:
                     too_soon.append(f"{cid} #{after.index}: {wait:.3f} s < Retry-After")
             else:
@@ -266,8 +268,14 @@ def analyse(result: dict[str, Any], restarted: float, out: Path) -> None:
         wrong = [v for v in values if not step / 2 - 0.05 <= v <= step + 0.05]
         if wrong:
             problems.append(f"step {step:g} s: stated delays {sorted(wrong)[:10]}")
-    for asked, values in sorted(asked_said.items()):
-        wrong = [v for v in values if not asked - 0.05 <= v <= asked * 1.5 + 0.05]
+    # After a Retry-After: at least that, spread over half again as much, or over the backoff
+    # step when that has grown larger (sent away again and again, an NC still backs off).
+    for asked in sorted(asked_said):
+        wrong = [
+            v
+            for a, step, v in asked_steps
+            if a == asked and not max(a, step / 2) - 0.05 <= v <= max(a * 1.5, step) + 0.05
+        ]
         if wrong:
             problems.append(f"Retry-After {asked:g} s: stated delays {sorted(wrong)[:10]}")
     # Jitter, on the wire: within a backoff step the NCs wait different times.
