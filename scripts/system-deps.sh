@@ -27,6 +27,8 @@ if [ "$tests" = 1 ]; then
   [ -x /usr/sbin/named ] || command -v named >/dev/null 2>&1 || need+=(bind9)
   [ -x /usr/bin/tsig-keygen ] || command -v tsig-keygen >/dev/null 2>&1 || need+=(bind9-utils)
   command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
+  # systemd-analyze verifies the agent's unit file (packaging/systemd, docs/systemd.md).
+  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 fi
 
 if [ ${#need[@]} -eq 0 ]; then
@@ -48,7 +50,21 @@ fi
 cleanup() { if [ "$made_policy" = 1 ]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
-case " ${need[*]} " in
+export DEBIAN_FRONTEND=noninteractive
+echo "system-deps: installing ${need[*]}"
+apt-get update -qq
+rest=()
+for pkg in "${need[@]}"; do
+  if [ "$pkg" = systemd ]; then
+    # Alone and first, so that systemctl exists below to mask named's unit before bind9 does.
+    # Nothing starts: systemd is not PID 1 here, and policy-rc.d refuses service starts.
+    apt-get install -y -qq --no-install-recommends systemd >/dev/null
+  else
+    rest+=("$pkg")
+  fi
+done
+
+case " ${rest[*]} " in
   *" bind9 "*)
     # Masked before the package exists, so its postinst can neither enable nor start it
     # (Debian enables named.service on install). `systemctl mask` only writes a symlink to
@@ -61,10 +77,9 @@ case " ${need[*]} " in
     ;;
 esac
 
-echo "system-deps: installing ${need[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+if [ ${#rest[@]} -gt 0 ]; then
+  apt-get install -y -qq --no-install-recommends "${rest[@]}" >/dev/null
+fi
 
 if [ "$tests" = 1 ] && [ -e /run/named/named.pid ]; then
   echo "system-deps: warning: /run/named/named.pid exists; a named runs outside the lab" >&2

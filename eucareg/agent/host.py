@@ -25,6 +25,7 @@ from .greet import Serving, greeting_for
 from .identity import Identity, ensure_cloud_ca, load_or_create_identity, read_or_create_secret
 from .locate import Endpoint, Registrars
 from .statedir import secure_state_dir
+from .systemd import Notifier, status_line
 from .tasks import AgentFailed, RestartPolicy, Supervisor
 from .timing import AgentTiming
 
@@ -86,6 +87,7 @@ class Agent:
         backend: MdnsBackend | None = None,
         timing: AgentTiming | None = None,
         restart: RestartPolicy | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.backend: MdnsBackend = backend or choose_backend(config)
@@ -100,6 +102,8 @@ class Agent:
         self._stopped = False
         self._tls_due = asyncio.Event()
         self._deadline = 0.0  # loop time by which stop() must be done
+        # Read (and unset) now, before any hook can be started: docs/systemd.md.
+        self.notifier = notifier if notifier is not None else Notifier.from_environment()
 
     @property
     def registrar(self) -> Registrar | None:
@@ -174,6 +178,8 @@ class Agent:
             "agent started: %s",
             ", ".join(f"{c.role.value}={c.identity.component_id}" for c in self.components),
         )
+        # The API listens and every component's loop runs: systemd may call us started.
+        self.notifier.started(self.supervisor, lambda: status_line(self.components, self.registrar))
 
     def _greet(self, sighting: Sighting) -> None:
         instance = greeting_for(sighting, self._serving())
@@ -233,6 +239,7 @@ class Agent:
         if self._stopped:
             return
         self._stopped = True
+        self.notifier.stopping()
         loop = asyncio.get_running_loop()
         began = loop.time()
         self._deadline = began + self.timing.stop_budget

@@ -235,7 +235,7 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     except Invalid as exc:
         raise ConfigError(str(exc)) from None
     log_level = _choice(raw.get("log_level", "info"), "log_level", ("debug", "info", "warning"))
-    log_format = _choice(raw.get("log_format", "text"), "log_format", ("text", "json"))
+    log_format = _choice(raw.get("log_format", "text"), "log_format", ("text", "json", "journal"))
 
     pre = _table(raw.get("preconditions", {}), "preconditions")
     _no_unknown(pre, {"sshd", "recheck_interval"}, "preconditions.")

@@ -85,6 +85,15 @@ def _die(exc: BaseException) -> None:
     os._exit(75)
 
 
+def _fields(ann: Announcement, decision: Decision) -> dict[str, str]:
+    """A decision's log fields (the journal keeps them as COMPONENT_ID, ROLE, DECISION_CODE)."""
+    return {
+        "component_id": ann.component_id,
+        "role": ann.role.value,
+        "decision_code": decision.code,
+    }
+
+
 class Registrar:
     """Holds the live announcements and drives each component through its registration."""
 
@@ -471,6 +480,7 @@ class Registrar:
                 ann.component_id,
                 ann.address,
                 new.reason,
+                extra=_fields(ann, decision),
             )
         self.step(step)
         return decision
@@ -480,7 +490,13 @@ class Registrar:
         if not self.notes.first(key, decision.code):
             return
         if self._admit_note(decision.code):
-            log.warning("refused %s %s: %s", ann.role.value, ann.component_id, decision.reason)
+            log.warning(
+                "refused %s %s: %s",
+                ann.role.value,
+                ann.component_id,
+                decision.reason,
+                extra=_fields(ann, decision),
+            )
             self.step(Transition(Write(events=(refused_event(ann, decision, self.clock()),))))
 
     def _admit_note(self, code: str) -> bool:

@@ -923,7 +923,8 @@ def config_ok(cfg: config.Config) -> None:
     ):
         assert math.isfinite(seconds) and 0 < seconds <= grammar.MAX_DURATION
     assert type(cfg.ipv6) is bool
-    assert cfg.log_level in ("debug", "info", "warning") and cfg.log_format in ("text", "json")
+    assert cfg.log_level in ("debug", "info", "warning")
+    assert cfg.log_format in ("text", "json", "journal")
     assert cfg.components and len({c.role for c in cfg.components}) == len(cfg.components)
     for comp in cfg.components:
         assert (comp.cluster is not None) == comp.role.needs_cluster
