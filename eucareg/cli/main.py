@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -106,6 +107,9 @@ def check_config(config_path: Path, as_json: bool) -> None:
             if cfg.fallback_registrar
             else None
         ),
+        "fallback_after": cfg.fallback_after,
+        "report_interval": cfg.report_interval,
+        "dnssd": _dnssd_summary(cfg),
         "ca_fingerprint": cfg.ca_fingerprint,
         "allowed_ranges": [str(net) for net in cfg.allowed_ranges],
         "runs_registrar": cfg.runs_registrar,
@@ -124,6 +128,23 @@ def check_config(config_path: Path, as_json: bool) -> None:
                 f"address={comp['address']}",
                 highlight=False,
             )
+
+
+def _dnssd_summary(cfg: Any) -> dict[str, Any] | None:
+    """The `[dnssd]` table as check-config shows it (secrets by file name only)."""
+    d = cfg.dnssd
+    if d is None:
+        return None
+    return {
+        "domain": d.domain,
+        "server": f"{d.server[0]}:{d.server[1]}",
+        "tsig_key_name": d.tsig_key_name,
+        "tsig_secret_file": d.tsig_secret_file,
+        "prune_key_name": d.prune_key_name,
+        "refresh": d.refresh,
+        "browse_interval": d.browse_interval,
+        "mdns": d.mdns,
+    }
 
 
 @main.command()

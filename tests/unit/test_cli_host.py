@@ -41,6 +41,7 @@ def test_check_config_text_and_json(tmp_path: Path) -> None:
     assert "  component          nc      cluster=cluster1 address=10.0.2.31\n" in result.stdout
     data = json.loads(run("check-config", "--config", str(path), "--json").stdout)
     assert data["address"] == "10.0.2.31" and data["runs_registrar"] is True
+    assert (data["fallback_after"], data["report_interval"], data["dnssd"]) == (10.0, 30.0, None)
     assert data["state_dir"] == str(tmp_path / "state")
     assert [(c["role"], c["cluster"], c["installed"]) for c in data["components"]] == [
         ("cc", "cluster1", None),
