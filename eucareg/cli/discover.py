@@ -226,7 +226,8 @@ def _listened(timeout: str, ipv6: bool) -> tuple[Survey, float]:
         fail(str(exc))
     try:
         sightings = asyncio.run(listen(seconds, ipv6=ipv6))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        # (python-zeroconf says "No interfaces to listen on" with a RuntimeError.)
         fail(f"cannot listen for mDNS announcements: {exc}", 1)
     return survey(sightings), seconds
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from eucareg.cli import discover, join, queries, trust
+from eucareg.cli import discover, join, queries, setup, trust
 from eucareg.cli.common import config_option, console, fail, load_config, print_json
 from eucareg.cli.logs import setup_logging
 from eucareg.pki.credentials import CredentialError
@@ -192,6 +192,7 @@ for command in (
     trust.token,
     join.join,
     discover.discover,
+    setup.setup,
 ):
     main.add_command(command)
 
