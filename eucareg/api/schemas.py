@@ -327,6 +327,17 @@ _LAG = _object(
     ("worst_ms", "last_ms", "since", "interval_ms"),
 )
 _ROWS = {"type": "array", "items": ANY_ROW}
+_LEGACY = _object(  # a pre-eucareg component heard now (eucareg/core/legacy.py)
+    {
+        "kind": {"type": "string", "enum": ["9.10", "10.04"]},
+        "role": {"type": "string"},
+        "cluster": {"type": ["string", "null"]},
+        "address": {"type": "string"},
+        "eucavers": {"type": ["string", "null"]},
+        "instance": {"type": "string"},
+    },
+    ("kind", "role", "cluster", "address", "eucavers", "instance"),
+)
 STATUS = {
     "type": "object",
     "properties": {
@@ -350,8 +361,9 @@ STATUS = {
         },
         "errors": {"type": "array", "items": {"type": "string"}},
         "warnings": {"type": "array", "items": {"type": "string"}},
+        "legacy": {"type": "array", "items": _LEGACY},
     },
-    "required": ["registrar", "local", "tree", "errors", "warnings"],
+    "required": ["registrar", "local", "tree", "errors", "warnings", "legacy"],
 }
 TOKEN_TEXT = {
     "type": "string",

@@ -93,6 +93,8 @@ async def status_tree(
         "errors": errors,
         # What breaks the design's "only one" rules: a second CLC, a cluster claimed twice.
         "warnings": registrar.warnings(),
+        # Pre-eucareg Eucalyptus components heard now: reported, never registered.
+        "legacy": registrar.legacy_components(),
     }
 
 

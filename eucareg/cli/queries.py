@@ -14,7 +14,8 @@ from eucareg.cli.common import console, err_console, json_option, print_json
 
 EVENT_KINDS = (
     "pending, awaiting-key, registering, registered, failed, refused, rejected, expired, "
-    "unmatched, matched, replaced, hook, approved, deregistered, credentials, trust, summary"
+    "unmatched, matched, replaced, hook, approved, deregistered, credentials, trust, summary, "
+    "adopted, adopted-by, legacy"
 )
 CSV_FIELDS = ["seq", "at", "kind", "code", "role", "cluster", "component_id", "address", "reason"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -77,6 +78,18 @@ def render_tree(data: dict[str, Any]) -> Tree:
         node = root.add("[bold magenta]unmatched[/]")
         for comp in unmatched:
             node.add(component_line(comp) + f" (cluster {comp.get('cluster')})")
+    legacy = data.get("legacy", [])
+    if legacy:
+        # Pre-eucareg components (docs/mdns.md, "Legacy announcements"); names are anyone's.
+        node = root.add("[bold yellow]legacy (not registered)[/]")
+        for comp in legacy:
+            cluster = f" cluster {comp['cluster']}" if comp.get("cluster") else ""
+            node.add(
+                escape(
+                    f"{comp['role']} {comp['instance']!r}{cluster} {comp['address'] or '?'} "
+                    f"Eucalyptus {comp['kind']}"
+                )
+            )
     return root
 
 

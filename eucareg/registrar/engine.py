@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+from eucareg.core import legacy
+from eucareg.core.legacy import LegacyComponent
 from eucareg.core.model import (
     HOLDS_SLOT,
     AnnouncedState,
@@ -26,6 +28,7 @@ from eucareg.core.model import (
     DecisionKind,
     Event,
     HookRun,
+    NewEvent,
     Record,
     Role,
     Status,
@@ -77,6 +80,7 @@ log = logging.getLogger(__name__)
 # Re-decided when something they wait on may have changed.
 BLOCKED = frozenset({Status.PENDING, Status.REFUSED, Status.UNMATCHED})
 PRUNE_EVERY = 600.0  # seconds between history prunes (also one at every start)
+MAX_LEGACY = 1000  # legacy components shown; a flood of names must not grow memory
 
 
 def _die(exc: BaseException) -> None:
@@ -92,6 +96,20 @@ def _fields(ann: Announcement, decision: Decision) -> dict[str, str]:
         "role": ann.role.value,
         "decision_code": decision.code,
     }
+
+
+def _legacy_event(heard: LegacyComponent, now: float) -> NewEvent:
+    """A `legacy` event: like a rejected one, keyed by the instance (there is no id)."""
+    return NewEvent(
+        at=now,
+        component_id=f"instance:{heard.instance}"[:64],
+        role=heard.role,
+        cluster=heard.cluster,
+        address=heard.address,
+        kind="legacy",
+        code=heard.code,
+        reason=legacy.reason(heard),
+    )
 
 
 class Registrar:
@@ -135,6 +153,8 @@ class Registrar:
         self.online_ids = self.presence.online
         self.timers = Timers(clock, self._fire)
         self.notes = Notes()
+        # Pre-eucareg components heard now, by instance name: shown, never registered.
+        self.legacy: dict[str, LegacyComponent] = {}
         self.batcher = Batcher(self.hooks, batching or Batching(), self.spawn, self._owed)
         self.registering = Registering(self)
         self._changed: dict[str, asyncio.Event] = {}  # woken when a record changes
@@ -263,11 +283,20 @@ class Registrar:
         if self.stopping:
             return  # the browser may outlive us by a moment; the store is closed
         if sighting.change is SightingChange.REMOVED:
+            self.legacy.pop(sighting.instance, None)
             self._forget_instance(sighting.instance)
             return
         result = decode(
             sighting.instance, sighting.txt, sighting.addresses, self.settings.allowed_ranges
         )
+        # Only what decode rejects may be legacy: an eucareg announcement is never misread.
+        heard = None
+        if isinstance(result, Rejected):
+            heard = legacy.classify(sighting.instance, sighting.txt, sighting.addresses)
+        if heard is not None:
+            self._note_legacy(heard)
+            return
+        self.legacy.pop(sighting.instance, None)  # the name now says something else
         if isinstance(result, Rejected):
             self._note_rejected(sighting, result)
             return
@@ -388,6 +417,35 @@ class Registrar:
             log.warning("rejected announcement %r: %s", sighting.instance, rejected.reason)
             event = rejected_event(sighting, rejected, self.clock())
             self.step(Transition(Write(events=(event,))))
+
+    def _note_legacy(self, heard: LegacyComponent) -> None:
+        """Show a pre-eucareg component in status, and say so once per instance: as
+        _note_rejected, the same instance saying the same again writes nothing."""
+        self.legacy.pop(heard.instance, None)
+        self.legacy[heard.instance] = heard  # the newest last: the oldest is dropped first
+        while len(self.legacy) > MAX_LEGACY:
+            del self.legacy[next(iter(self.legacy))]
+        what = f"{heard.code}|{heard.role}|{heard.cluster}|{heard.address}|{heard.eucavers}"
+        if not self.notes.first(f"legacy:{heard.instance}", what):
+            return
+        if self._admit_note(heard.code):
+            event = _legacy_event(heard, self.clock())
+            log.warning("legacy announcement: %s", event.reason)
+            self.step(Transition(Write(events=(event,))))
+
+    def legacy_components(self) -> list[dict[str, str | None]]:
+        """The legacy components heard now, for GET /v1/status, in a stable order."""
+        return [
+            {
+                "kind": c.kind,
+                "role": c.role,
+                "cluster": c.cluster,
+                "address": c.address,
+                "eucavers": c.eucavers,
+                "instance": c.instance,
+            }
+            for c in sorted(self.legacy.values(), key=lambda c: (c.role, c.instance))
+        ]
 
     def self_registration_changed(self) -> None:
         """The CC on this host got its credentials: NCs waiting on it may proceed."""
