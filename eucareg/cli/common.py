@@ -56,7 +56,10 @@ def config_option(help_text: str) -> Callable[[FC], FC]:
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print `error: message` on standard error and exit (docs/cli.md, EXIT STATUS)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape  # rich, only to print
+
+    # The message quotes what others typed or announced: text, never markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(code)
 
 

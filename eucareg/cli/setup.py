@@ -219,8 +219,8 @@ def _configured_cluster(path: Path, role: Role) -> str | None:
 
 
 def _needs_listening(plan: Plan) -> bool:
-    if plan.role is Role.NC:
-        return "cluster" not in plan.component or "fallback_registrar" not in plan.top
+    if plan.role.needs_cluster and "cluster" not in plan.component:
+        return True  # the clusters heard are offered (a CC is shown the names in use)
     return "fallback_registrar" not in plan.top
 
 
