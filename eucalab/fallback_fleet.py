@@ -53,6 +53,7 @@ import aiohttp
 
 from eucalab.fleet import fleet_addresses, fleet_identities, write_json_atomic
 from eucareg.agent.host import Agent
+from eucareg.agent.timing import AgentTiming
 from eucareg.config.file import Config, from_mapping
 from eucareg.core.model import Role
 from eucareg.mdns.types import ServiceSpec, SightingHandler
@@ -229,7 +230,13 @@ async def run(args: argparse.Namespace) -> int:
         print(f"fleet: the fallback moment passed {-wait:.1f} s ago; start the fleet sooner")
         return 2
     agents = [
-        FleetAgent(node_config(args, first + i, address, wait), node=node, backend=NoMdns())
+        FleetAgent(
+            node_config(args, first + i, address, wait),
+            node=node,
+            backend=NoMdns(),
+            # The worst case on purpose: every agent falls back at the very same moment.
+            timing=AgentTiming(fallback_spread=0.0),
+        )
         for i, (address, node) in enumerate(zip(addresses, nodes.values(), strict=True))
     ]
     started: list[FleetAgent] = []

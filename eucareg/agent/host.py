@@ -94,7 +94,10 @@ class Agent:
         self.timing = timing or AgentTiming()
         self.supervisor = Supervisor(restart)
         self.registrars = Registrars(
-            config.fallback_registrar, config.allowed_ranges, fallback_after=config.fallback_after
+            config.fallback_registrar,
+            config.allowed_ranges,
+            fallback_after=config.fallback_after,
+            fallback_spread=self.timing.fallback_spread,
         )
         self.components: list[Component] = []
         self.service: RegistrarService | None = None

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,15 +49,19 @@ class Registrars:
         allowed: tuple[IPNetwork, ...] = (),
         *,
         fallback_after: float = 0.0,
+        fallback_spread: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[float, float], float] = random.uniform,
         networks: Callable[[], Sequence[IPNetwork]] = local_networks,
     ) -> None:
         self._allowed = allowed
         self._networks = networks  # our links: which of a registrar's addresses to use
         self._fallback = Endpoint(*fallback, component_id="") if fallback else None
-        # mDNS gets the first word: the fallback is offered only this long after we started.
+        # mDNS gets the first word: the fallback is offered only this long after we started,
+        # stretched at random so that hosts started together do not all fall back together.
         self._clock = clock
-        self._fallback_at = clock() + fallback_after
+        self.fallback_after = fallback_after * rng(1.0, 1.0 + fallback_spread)
+        self._fallback_at = clock() + self.fallback_after
         self._clc: dict[str, Endpoint] = {}  # instance -> CLC endpoint
         self._clusters: dict[str, tuple[str, Endpoint]] = {}  # instance -> (cluster, endpoint)
         self._changed = asyncio.Event()

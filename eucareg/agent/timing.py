@@ -26,6 +26,9 @@ class AgentTiming:
     connect: float = 5.0  # TCP connect and TLS handshake: a decoy costs us this much at most
     stop_step: float = 1.0  # most any one shutdown step (goodbyes, API) may take
     stop_budget: float = 2.5  # most all shutdown steps together may take (SIGTERM: < 3 s)
+    # `fallback_after` is stretched by a random factor up to 1 + this: a rack booted together
+    # does not fall back to HTTP in one instant (the burst test sets 0, to show the worst case).
+    fallback_spread: float = 0.25
 
 
 class Backoff:

@@ -87,6 +87,49 @@ def test_fallback_in_counts_down_and_is_none_without_a_fallback() -> None:
     assert Registrars(None).fallback_in() is None
 
 
+def test_the_fallback_moment_is_stretched_at_random_within_the_spread() -> None:
+    """Hosts booted together do not fall back together: each waits fallback_after times a
+    random factor in [1, 1 + spread], never less than fallback_after."""
+    drawn: list[tuple[float, float]] = []
+
+    def rng(low: float, high: float) -> float:
+        drawn.append((low, high))
+        return high
+
+    now = [0.0]
+    registrars = Registrars(
+        ("10.0.2.1", 8780), fallback_after=10, fallback_spread=0.25, clock=lambda: now[0], rng=rng
+    )
+    assert drawn == [(1.0, 1.25)]
+    assert registrars.fallback_in() == 12.5
+    now[0] = 12.4
+    assert registrars.candidates(Role.WALRUS, None, pin=None, issuer=None) == []
+    now[0] = 12.5
+    assert registrars.fallback_in() == 0
+    # With the real random draw, 200 hosts spread over the whole window, none before it.
+    waits = [
+        Registrars(("10.0.2.1", 8780), fallback_after=10, fallback_spread=0.25).fallback_after
+        for _ in range(200)
+    ]
+    assert min(waits) >= 10 and max(waits) <= 12.5
+    assert max(waits) - min(waits) > 1.5  # uniform over 2.5 s: the spread is really used
+    # No fallback wait: still none, whatever the spread.
+    assert Registrars(("10.0.2.1", 8780), fallback_spread=0.25).fallback_in() == 0
+
+
+def test_the_agent_stretches_its_fallback_by_its_timing(tmp_path: Path) -> None:
+    url = "https://10.0.2.1:8780"
+    cfg = make_config(tmp_path, {"walrus": {}}, fallback_registrar=url, fallback_after="4s")
+    assert (
+        Agent(
+            cfg, backend=FakeMdns(), timing=AgentTiming(fallback_spread=0.0)
+        ).registrars.fallback_after
+        == 4
+    )
+    waits = {Agent(cfg, backend=FakeMdns()).registrars.fallback_after for _ in range(20)}
+    assert all(4 <= w <= 5 for w in waits) and len(waits) > 1
+
+
 @pytest.mark.parametrize(
     ("given", "used"),
     [
