@@ -3,6 +3,7 @@ and answers the operator's history queries (events, hook runs).
 
 SQLAlchemy Core over a SQLite file by default (any SQLAlchemy URL works). Its methods block:
 the registrar calls them from its writer thread or through `asyncio.to_thread`, never on the loop.
+Opening one brings its schema to this code's (store/upgrade.py) or refuses a newer one.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ from eucareg.store.schema import (
     components,
     events,
     hook_runs,
-    migrate,
     revocations,
     settings,
     token_uses,
     tokens,
 )
+from eucareg.store.upgrade import set_wal, upgrade
 
 
 @dataclass
@@ -67,9 +68,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets `eucareg status` read while the registrar writes; FULL sync makes a
     # committed registration survive power loss, which is what "never register twice" needs.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=5000")
+    set_wal(cursor)
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
 
 
@@ -83,7 +84,11 @@ class Store:
         self.engine: Engine = sa.create_engine(url)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        self.migrated = migrate(self.engine)
+        try:
+            self.migrated = upgrade(self.engine)  # what was done to the schema ([]: nothing)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._claim: int | None = None  # the lock file's descriptor while we own the store
 
     def claim(self, patience: float = CLAIM_PATIENCE) -> None:

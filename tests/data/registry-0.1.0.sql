@@ -1,0 +1,176 @@
+-- The registry of eucareg 0.1.0 (git 23314c7), made by scripts/make-previous-registry.py;
+-- load it with sqlite3.Connection.executescript. Do not edit by hand.
+BEGIN TRANSACTION;
+CREATE TABLE certificates (
+	component_id VARCHAR(64) NOT NULL, 
+	fingerprint VARCHAR(80) NOT NULL, 
+	serial VARCHAR(64) NOT NULL, 
+	cert_pem TEXT NOT NULL, 
+	issued_at FLOAT NOT NULL, 
+	PRIMARY KEY (component_id)
+);
+INSERT INTO "certificates" VALUES('walrus-0000000000a1','sha256:0000000000000000000000000000000000000000000000000000000000000001','1000','-----BEGIN CERTIFICATE-----
+MIIDsDCCApigAwIBAgIUFZEPBvz/w4v7qbffQJ4mAbIWjPAwDQYJKoZIhvcNAQEL
+BQAwQzEQMA4GA1UECgwHZXVjYXJlZzEOMAwGA1UECwwFY2xvdWQxHzAdBgNVBAMM
+FmNsb3VkIGNsYy0wMDAwMDAwMDAwYzEwHhcNMjYxMTMwMTIxNzUwWhcNMzExMTI5
+MTIyMjUwWjBIMRAwDgYDVQQKDAdldWNhcmVnMQ8wDQYDVQQLDAZ3YWxydXMxIzAh
+BgNVBAMMGndhbHJ1cyB3YWxydXMtMDAwMDAwMDAwMGExMIIBIjANBgkqhkiG9w0B
+AQEFAAOCAQ8AMIIBCgKCAQEAt6X1mNJvmydtvg15K04rZ+oTbyhboUo9KeIElD+y
+dAXx8d7pQrmQURFWDoHD54OJ7PPhMH7RH5fkCbrsK+WAE0dOoc0F0+P67HTuiFY9
+49SSlwot2wGj1QEOxEUKNKtwOYl+vs4IyEdNI47kt6pqhP1gJRCuj823yuHyn8vS
+iIfnVsKyqlnyYciiXTDtxVTB/Z5RvvIodzRom0iLcXaFaNy4HzKBN1fw1xD8BCLw
+6q62/J/afhACohWnUOjVOskOUSWHk3gZ3j46a3Bn6WXxhVfWWhYKDbHZiuUaNe50
+dSM1fJ+EdTKYa1sdBJbsVfuJzG5GewsKLNxAFRp1RAzqfwIDAQABo4GWMIGTMAwG
+A1UdEwEB/wQCMAAwDgYDVR0PAQH/BAQDAgWgMB0GA1UdDgQWBBSQSg0FhUum32RP
+xQKc7LW3ydkMNTAfBgNVHSMEGDAWgBQ0zaje3FmL1tjqh5CIq0dcu5ilgTAzBgNV
+HREELDAqhih1cm46ZXVjYXJlZzp3YWxydXM6LTp3YWxydXMtMDAwMDAwMDAwMGEx
+MA0GCSqGSIb3DQEBCwUAA4IBAQBU60lOUGrCkBFYYqBUZfdBqHsSJGHWp2gakFz6
+vFLipQ1T3l4/jbVlYR/xhv09nzFmQ26QBsxCzhHiQovVxWCtKYhFu3hLGbS+OjNU
+mTPt6gJLosQEhPj3zyavt50FsXkHvpofEi6l5oQuiVa+2sqUv/GRfGZEdnQiYOSR
+EJBr2oWQVv3z9NbO145AGFCWq/wRAyIfas5+MsXSVHTgPPkPw1vyCUfwLgRIY8qD
+XRylM+udM6Bx5DhHb3CPtmWVWfT09ZaCsYfhz/5i/BIVzTIj8eU+ovD6x1W8KOJk
+K/6X2ddD0YE+ba5ecmJPsRfWpLMIWtIKF34uVk6ZESVxbZO7
+-----END CERTIFICATE-----
+',1780000103.0);
+INSERT INTO "certificates" VALUES('cc-0000000000b1','sha256:0000000000000000000000000000000000000000000000000000000000000002','1001','-----BEGIN CERTIFICATE-----
+MIIDvjCCAqagAwIBAgIUJ227D1UiwDq0UCHPEhAhgYIC/ZwwDQYJKoZIhvcNAQEL
+BQAwQzEQMA4GA1UECgwHZXVjYXJlZzEOMAwGA1UECwwFY2xvdWQxHzAdBgNVBAMM
+FmNsb3VkIGNsYy0wMDAwMDAwMDAwYzEwHhcNMjYxMTMwMTIxNzUwWhcNMzExMTI5
+MTIyMjUwWjBQMRAwDgYDVQQKDAdldWNhcmVnMRAwDgYDVQQLDAdjbHVzdGVyMSow
+KAYDVQQDDCFjbHVzdGVyIGNsdXN0ZXIwMSBjYy0wMDAwMDAwMDAwYjEwggEiMA0G
+CSqGSIb3DQEBAQUAA4IBDwAwggEKAoIBAQC3QjHKQikFriWlKXTwYzCAIichhdJG
+US3h2h8bYNawBu6PkxsK9vYf9GLYt7D3eGt+JUrxLfFP3Drzpkg/J5EuUIhpUTuy
+/XjeDHmpA2vEsfJBEped5NvueYqoNdvIRqD8sgHUFFVLjIChvTJln3x1c2R0TbHQ
+iq7gGIwx+q1Yk0Bp4JJh3kzl/HqZscQF8s27/g9VPyBopRUkAYafB6ojSEnpsHXN
+b/CXkhFKqbGV+z6iYpo3hftVINwW47ENMZ73Z/Z5SYxy/Or+904irtBVwK8UBt+l
+pQw6Q+tV/D1jnCCkfItCDuz/9keIMaet55Kn6FCJ/yIMjdQNO+N6x1llAgMBAAGj
+gZwwgZkwEgYDVR0TAQH/BAgwBgEB/wIBADAOBgNVHQ8BAf8EBAMCAaYwHQYDVR0O
+BBYEFLlA1/5ngcmHxiefuG5kTgYkg6bWMB8GA1UdIwQYMBaAFDTNqN7cWYvW2OqH
+kIirR1y7mKWBMDMGA1UdEQQsMCqGKHVybjpldWNhcmVnOmNjOmNsdXN0ZXIwMTpj
+Yy0wMDAwMDAwMDAwYjEwDQYJKoZIhvcNAQELBQADggEBABCisHT+JbEsIdDJm51Q
+f2jP9XcaEbkjNVHlY9GnArKAIrg6y0FfaPrIshKTE2kQUC34J863/ELjj3M5OmW9
+LuJBgM2UryKEuIbJ1SAyeFE3G5hZb83KzOzQmh3pBJqDOB442qCxkl07vc6mTqy4
+9T5qXJORyz0469/k7FCyJb1lnmYUZtCgKRatgHbENViMPVMDxSX2Yh304WYRLwCJ
+5CBJvuxuIuomm5k6LOkUpQMNeIPfW9VDK6eQ3xgI4SZjYmDktboqDiMH/Cq6FZ7s
+h6fATrJWHlcQcRp1vgqUUyaezjLXVMnhz0G3Ur2Lfhjsh5c2zk6dUTIFTrUhBkfd
+Y3U=
+-----END CERTIFICATE-----
+',1780000104.0);
+CREATE TABLE components (
+	component_id VARCHAR(64) NOT NULL, 
+	role VARCHAR(16) NOT NULL, 
+	cluster VARCHAR(64), 
+	address VARCHAR(64) NOT NULL, 
+	fingerprint VARCHAR(80) NOT NULL, 
+	status VARCHAR(16) NOT NULL, 
+	reason TEXT NOT NULL, 
+	waiting_for VARCHAR(128), 
+	instance VARCHAR(255) NOT NULL, 
+	first_seen FLOAT NOT NULL, 
+	updated_at FLOAT NOT NULL, 
+	registered_at FLOAT, 
+	expires_at FLOAT, 
+	attempts INTEGER NOT NULL, 
+	next_retry_at FLOAT, 
+	credentials_issued_at FLOAT, 
+	credentials_collected_at FLOAT, 
+	approved BOOLEAN NOT NULL, 
+	admitted_by VARCHAR(64) NOT NULL, 
+	replaces VARCHAR(64), 
+	claimable BOOLEAN DEFAULT '0' NOT NULL, 
+	PRIMARY KEY (component_id)
+);
+INSERT INTO "components" VALUES('walrus-0000000000a1','walrus',NULL,'10.77.1.11','sha256:0000000000000000000000000000000000000000000000000000000000000001','registered','registered by the site hook',NULL,'host1-walrus-0000000000a1',1780000001.0,1780000101.0,1780000101.0,NULL,0,NULL,1780000102.0,1780000103.0,0,'install-window',NULL,0);
+INSERT INTO "components" VALUES('cc-0000000000b1','cc','cluster01','10.77.1.12','sha256:0000000000000000000000000000000000000000000000000000000000000002','registered','registered by the site hook',NULL,'host2-cc-0000000000b1',1780000002.0,1780000102.0,1780000102.0,NULL,0,NULL,1780000103.0,1780000104.0,1,'token:tok0000000000001',NULL,0);
+INSERT INTO "components" VALUES('sc-0000000000b2','sc','cluster01','10.77.1.13','sha256:0000000000000000000000000000000000000000000000000000000000000003','pending','waiting for the operator''s approval','approval','host3-sc-0000000000b2',1780000003.0,1780000103.0,NULL,NULL,2,1780000400.0,NULL,NULL,0,'',NULL,1);
+INSERT INTO "components" VALUES('cc-0000000000b0','cc','cluster02','10.77.1.14','sha256:0000000000000000000000000000000000000000000000000000000000000004','replaced','a reinstalled machine took its address',NULL,'host4-cc-0000000000b0',1780000004.0,1780000104.0,NULL,1780009000.0,0,NULL,NULL,NULL,0,'',NULL,0);
+INSERT INTO "components" VALUES('walrus-0000000000a2','walrus',NULL,'10.77.1.15','sha256:0000000000000000000000000000000000000000000000000000000000000005','failed','hook walrus exited 1',NULL,'host5-walrus-0000000000a2',1780000005.0,1780000105.0,NULL,NULL,3,1780000700.0,NULL,NULL,0,'token:tok0000000000001',NULL,0);
+CREATE TABLE events (
+	seq INTEGER NOT NULL, 
+	at FLOAT NOT NULL, 
+	component_id VARCHAR(64) NOT NULL, 
+	role VARCHAR(16) NOT NULL, 
+	cluster VARCHAR(64), 
+	address VARCHAR(64) NOT NULL, 
+	kind VARCHAR(32) NOT NULL, 
+	code VARCHAR(64) NOT NULL, 
+	reason TEXT NOT NULL, 
+	PRIMARY KEY (seq)
+);
+INSERT INTO "events" VALUES(1,1780000100.0,'walrus-0000000000a1','walrus',NULL,'10.77.1.11','decision','registered','registered by the site hook');
+INSERT INTO "events" VALUES(2,1780000101.0,'cc-0000000000b1','cc','cluster01','10.77.1.12','decision','registered','registered by the site hook');
+INSERT INTO "events" VALUES(3,1780000102.0,'sc-0000000000b2','sc','cluster01','10.77.1.13','decision','pending','waiting for the operator''s approval');
+INSERT INTO "events" VALUES(4,1780000103.0,'cc-0000000000b0','cc','cluster02','10.77.1.14','decision','replaced','a reinstalled machine took its address');
+INSERT INTO "events" VALUES(5,1780000104.0,'walrus-0000000000a2','walrus',NULL,'10.77.1.15','decision','failed','hook walrus exited 1');
+INSERT INTO "events" VALUES(6,1780000110.0,'cc-0000000000b1','cc','cluster01','10.77.1.12','token','token-used','admitted by token');
+INSERT INTO "events" VALUES(7,1780000120.0,'cc-0000000000b0','cc','cluster02','10.77.1.14','operator','deregistered','by the operator');
+CREATE TABLE hook_runs (
+	seq INTEGER NOT NULL, 
+	component_id VARCHAR(64) NOT NULL, 
+	hook VARCHAR(255) NOT NULL, 
+	started_at FLOAT NOT NULL, 
+	duration FLOAT NOT NULL, 
+	outcome VARCHAR(16) NOT NULL, 
+	exit_code INTEGER, 
+	stdout TEXT NOT NULL, 
+	stderr TEXT NOT NULL, 
+	run_id VARCHAR(40), 
+	attempt INTEGER DEFAULT '1' NOT NULL, 
+	rerun BOOLEAN DEFAULT '0' NOT NULL, 
+	pgid INTEGER, 
+	proc_start BIGINT, 
+	batch VARCHAR(40), 
+	PRIMARY KEY (seq)
+);
+INSERT INTO "hook_runs" VALUES(1,'walrus-0000000000a1','walrus',1780000100.0,1.25,'ok',0,'registered walrus at 10.77.1.11
+','','run-walrus-1',1,0,NULL,NULL,NULL);
+INSERT INTO "hook_runs" VALUES(2,'cc-0000000000b1','cluster',1780000101.0,0.5,'ok',0,'','','run-cc-1',1,0,NULL,NULL,'batch-0001');
+INSERT INTO "hook_runs" VALUES(3,'walrus-0000000000a2','walrus',1780000102.0,2.0,'failed',1,'','euca_conf: no such host
+','run-failed-1',3,0,NULL,NULL,NULL);
+INSERT INTO "hook_runs" VALUES(4,'walrus-0000000000a2','walrus',1780000099.0,0.0,'interrupted',NULL,'','','run-failed-0',1,0,4242,123456789,NULL);
+CREATE TABLE revocations (
+	serial VARCHAR(64) NOT NULL, 
+	component_id VARCHAR(64) NOT NULL, 
+	fingerprint VARCHAR(80) NOT NULL, 
+	at FLOAT NOT NULL, 
+	reason TEXT NOT NULL, 
+	PRIMARY KEY (serial)
+);
+INSERT INTO "revocations" VALUES('1002','cc-0000000000b0','sha256:0000000000000000000000000000000000000000000000000000000000000004',1780000120.0,'deregistered by the operator');
+CREATE TABLE settings (
+	"key" VARCHAR(64) NOT NULL, 
+	value TEXT NOT NULL, 
+	PRIMARY KEY ("key")
+);
+INSERT INTO "settings" VALUES('mode','"any"');
+INSERT INTO "settings" VALUES('locked','["cc"]');
+INSERT INTO "settings" VALUES('install_until','1780001800.0');
+CREATE TABLE token_uses (
+	token_id VARCHAR(16) NOT NULL, 
+	component_id VARCHAR(64) NOT NULL, 
+	at FLOAT NOT NULL, 
+	spent BOOLEAN NOT NULL, 
+	PRIMARY KEY (token_id, component_id)
+);
+INSERT INTO "token_uses" VALUES('tok0000000000001','cc-0000000000b1',1780000110.0,0);
+INSERT INTO "token_uses" VALUES('tok0000000000001','walrus-0000000000a2',1780000110.0,0);
+INSERT INTO "token_uses" VALUES('tok0000000000001','cc-0000000000b0',1780000120.0,1);
+CREATE TABLE tokens (
+	token_id VARCHAR(16) NOT NULL, 
+	role VARCHAR(16) NOT NULL, 
+	cluster VARCHAR(64), 
+	created_at FLOAT NOT NULL, 
+	expires_at FLOAT NOT NULL, 
+	uses INTEGER, 
+	revoked_at FLOAT, 
+	ca_fingerprint VARCHAR(80) NOT NULL, 
+	PRIMARY KEY (token_id)
+);
+INSERT INTO "tokens" VALUES('tok0000000000001','cc','cluster01',1780000000.0,1780086400.0,3,NULL,'sha256:d0f762a0c93f75c9534944921c2a7ed9a4f75422bd541bf6721c90d4596bc1c1');
+INSERT INTO "tokens" VALUES('tok0000000000002','walrus',NULL,1780000005.0,1780003600.0,NULL,1780000050.0,'sha256:d0f762a0c93f75c9534944921c2a7ed9a4f75422bd541bf6721c90d4596bc1c1');
+CREATE INDEX ix_events_component_id ON events (component_id);
+CREATE INDEX ix_events_kind ON events (kind);
+CREATE INDEX ix_events_at ON events (at);
+CREATE INDEX ix_hook_runs_component_id ON hook_runs (component_id);
+CREATE UNIQUE INDEX ix_hook_runs_run_id ON hook_runs (run_id);
+COMMIT;
