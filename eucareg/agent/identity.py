@@ -5,16 +5,20 @@ these through asyncio.to_thread; the CLI calls them directly.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from eucareg.config.file import Config
 from eucareg.core import grammar
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,28 @@ def ensure_cloud_ca(key_dir: Path, identity: Identity) -> x509.Certificate:
     cert_path = key_dir / cred.CLOUD_CERT
     if cert_path.exists():
         cert = cred.load_cert(cert_path)
-        if cred.cert_fingerprint(cert) == identity.fingerprint:
+        if cred.cert_fingerprint(cert) != identity.fingerprint:
+            raise cred.CredentialError(f"{cert_path} does not belong to this CLC's key")
+        if _self_signed(cert):
             return cert
-        raise cred.CredentialError(f"{cert_path} does not belong to this CLC's key")
+        # Anyone can certify our public key under our name with a key of their own: such a
+        # file is not our CA. Ours is made again (same key, so every pin still holds).
+        log.warning("%s certifies this CLC's key but is not signed by it; replacing it", cert_path)
+        cert = cred.create_cloud_ca(identity.key, identity.component_id)
+        cred.write_atomic(cert_path, cred.cert_pem(cert).encode())
+        return cert
     cert = cred.create_cloud_ca(identity.key, identity.component_id)
     cred.write_atomic(key_dir / cred.LAYOUTS[Role.CLC].key, cred.key_pem(identity.key))
     cred.write_atomic(cert_path, cred.cert_pem(cert).encode())
     return cert
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def read_or_create_secret(path: Path, fresh: bytes) -> bytes:

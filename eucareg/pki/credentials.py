@@ -21,13 +21,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from eucareg.core import renewal
 from eucareg.core.model import Role
 
 from .names import CertIdentity, cert_identity, identity_uri
 
 KEY_BITS = 2048  # what Eucalyptus's own tools generate and expect
-CA_LIFETIME = datetime.timedelta(days=20 * 365)
-CERT_LIFETIME = datetime.timedelta(days=5 * 365)
+CA_LIFETIME = datetime.timedelta(seconds=renewal.CA_LIFETIME)
+CERT_LIFETIME = datetime.timedelta(seconds=renewal.DEFAULT_LIFETIME)
+BACKDATE = datetime.timedelta(minutes=5)  # valid a little before it was made: clocks differ
 
 PrivateKey = rsa.RSAPrivateKey
 PublicKey = rsa.RSAPublicKey
@@ -158,18 +160,48 @@ def _name(common_name: str, unit: str) -> x509.Name:
     )
 
 
-def create_cloud_ca(key: PrivateKey, cloud_id: str) -> x509.Certificate:
+def _when(now: float | None) -> datetime.datetime:
+    if now is None:
+        return datetime.datetime.now(datetime.UTC)
+    return datetime.datetime.fromtimestamp(now, datetime.UTC)
+
+
+def create_cloud_ca(
+    key: PrivateKey,
+    cloud_id: str,
+    *,
+    now: float | None = None,
+    lifetime: datetime.timedelta = CA_LIFETIME,
+) -> x509.Certificate:
     """The self-signed cloud CA held by the CLC (cloud-cert.pem)."""
-    now = datetime.datetime.now(datetime.UTC)
-    name = _name(f"cloud {cloud_id}", "cloud")
+    return _cloud_ca(key, _name(f"cloud {cloud_id}", "cloud"), _when(now), lifetime)
+
+
+def renew_cloud_ca(
+    key: PrivateKey,
+    old: x509.Certificate,
+    *,
+    now: float | None = None,
+    lifetime: datetime.timedelta = CA_LIFETIME,
+) -> x509.Certificate:
+    """A new cloud-cert.pem for the same key and the same name: every certificate the old one
+    signed verifies under it, and every pin (a key fingerprint) still holds."""
+    if cert_fingerprint(old) != fingerprint(key.public_key()):
+        raise CredentialError("the cloud CA certificate does not certify this CLC's key")
+    return _cloud_ca(key, old.subject, _when(now), lifetime)
+
+
+def _cloud_ca(
+    key: PrivateKey, name: x509.Name, now: datetime.datetime, lifetime: datetime.timedelta
+) -> x509.Certificate:
     return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + CA_LIFETIME)
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -198,9 +230,12 @@ def issue_certificate(
     role: Role,
     component_id: str,
     cluster: str | None,
+    now: float | None = None,
+    lifetime: datetime.timedelta = CERT_LIFETIME,
 ) -> x509.Certificate:
-    """Certify a component's own public key for its role; a CC's certificate may sign NCs."""
-    now = datetime.datetime.now(datetime.UTC)
+    """Certify a component's own public key for its role; a CC's certificate may sign NCs.
+    `now` (Unix seconds, default the clock) and `lifetime` set its validity."""
+    when = _when(now)
     label = f"{role.txt_type} {cluster}" if cluster else role.txt_type
     is_ca = role is Role.CC
     return (
@@ -209,8 +244,8 @@ def issue_certificate(
         .issuer_name(issuer_cert.subject)
         .public_key(subject_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + CERT_LIFETIME)
+        .not_valid_before(when - BACKDATE)
+        .not_valid_after(when + lifetime)
         .add_extension(
             x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), critical=True
         )
@@ -288,6 +323,13 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
     return fingerprint(public)
 
 
+def validity(cert: x509.Certificate) -> renewal.Validity:
+    """A certificate's validity in Unix seconds (what core/renewal.py decides on)."""
+    return renewal.Validity(
+        cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+    )
+
+
 def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
     try:
         cert.verify_directly_issued_by(issuer)
@@ -355,6 +397,48 @@ def write_credentials(key_dir: Path, role: Role, files: Mapping[str, bytes]) -> 
         if name != own_cert:
             write_atomic(key_dir / name, files[name])
     write_atomic(key_dir / own_cert, files[own_cert])
+
+
+def check_current(files: Mapping[str, bytes], now: float) -> None:
+    """CredentialError unless every certificate among `files` is valid at `now` (give or take
+    BACKDATE for clocks that differ)."""
+    skew = BACKDATE.total_seconds()
+    for name, data in sorted(files.items()):
+        if not name.endswith("-cert.pem"):
+            continue
+        v = validity(load_cert_pem(data))
+        if not v.not_before - skew <= now < v.not_after:
+            raise CredentialError(
+                f"{name} in the bundle is not valid now (valid {_iso(v.not_before)} to "
+                f"{_iso(v.not_after)}): keeping the credentials we hold"
+            )
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def update_credentials(key_dir: Path, role: Role, files: Mapping[str, bytes]) -> list[str]:
+    """Write only the files of a verified bundle that differ from those held (a renewal, a
+    renewed chain), the role's own certificate last; the names written. Every file stays in
+    place throughout, so the component never looks unregistered (key presence)."""
+    changed = differing(key_dir, files)
+    own_cert = LAYOUTS[role].cert
+    for name in sorted(changed, key=lambda n: n == own_cert):
+        write_atomic(key_dir / name, files[name])
+    return sorted(changed)
+
+
+def differing(key_dir: Path, files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The files of `files` whose content `key_dir` does not hold (missing or other)."""
+    return {name: data for name, data in files.items() if _held_bytes(key_dir / name) != data}
+
+
+def _held_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def credentials_present(key_dir: Path, role: Role, own_key: PrivateKey) -> bool:

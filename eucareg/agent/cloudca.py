@@ -1,0 +1,145 @@
+"""The CLC's cloud CA certificate while the agent runs: renewed for the same key when a third of
+its life is left (at start, then on time), and taken up at once when the operator renews it
+(`eucareg ca renew` writes cloud-cert.pem; an inotify watch tells us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from cryptography import x509
+
+from eucareg.core import renewal
+from eucareg.pki import credentials as cred
+
+from .timing import wait_event
+from .watch import FileWatch
+
+log = logging.getLogger(__name__)
+
+RECHECK = 86400.0  # with nothing due sooner, look again daily (the clock may have jumped)
+RETRY = 300.0  # after a failed renewal (a full disk, say): not in a loop
+
+
+def renew_held(
+    key_dir: Path, key: cred.PrivateKey, now: float, old: x509.Certificate | None = None
+) -> x509.Certificate:
+    """Renew cloud-cert.pem for `key` (blocking): a new certificate under the name of `old`
+    (by default, the file as it is, if it is this CLC's), written atomically."""
+    old = old if old is not None else read_held(key_dir, key)
+    new = cred.renew_cloud_ca(key, old, now=now)
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(new).encode())
+    return new
+
+
+def check_genuine(cert: x509.Certificate, key: cred.PrivateKey) -> None:
+    """CredentialError unless `cert` certifies `key` and `key` signed it. The first alone is
+    not enough: anyone can certify the CLC's public key under its name with another key."""
+    if cred.cert_fingerprint(cert) != cred.fingerprint(key.public_key()):
+        raise cred.CredentialError(f"{cred.CLOUD_CERT} does not certify this CLC's key")
+    try:
+        cert.verify_directly_issued_by(cert)
+    except Exception as exc:  # InvalidSignature, ValueError, TypeError
+        raise cred.CredentialError(f"{cred.CLOUD_CERT} is not self-signed: {exc}") from exc
+
+
+def read_held(key_dir: Path, key: cred.PrivateKey) -> x509.Certificate:
+    """cloud-cert.pem as it is on disk, if it is a self-signed CA certificate of `key`."""
+    cert = cred.load_cert(key_dir / cred.CLOUD_CERT)
+    check_genuine(cert, key)
+    return cert
+
+
+def settle_held(
+    key_dir: Path, key: cred.PrivateKey, current: x509.Certificate, now: float
+) -> tuple[x509.Certificate, str]:
+    """The certificate to serve now (blocking), and what was done to get it ("" if nothing):
+    the file on disk if it is this CLC's, else `current` written back over it (a foreign or
+    damaged file must never be what this host, or Eucalyptus here, takes as the cloud CA);
+    either one renewed if due, or if it is not signed by the CLC's key (found so at start)."""
+    path = key_dir / cred.CLOUD_CERT
+    note = ""
+    try:
+        held = read_held(key_dir, key)
+    except cred.CredentialError as exc:
+        held, note = current, f"{path} is not this CLC's ({exc}): written back"
+    if cred.validity(held).not_before < cred.validity(current).not_before:
+        # Ours, but older than the one served: a copy put back (or a bundle written late by
+        # a CC on this host) must not undo a renewal.
+        held, note = current, f"{path} held an older certificate than the one served: written back"
+    try:
+        check_genuine(held, key)
+        due = renewal.phase(cred.validity(held), renewal.ca_margin(), now)
+        if due is not renewal.Phase.CURRENT:
+            note = f"{note}; " if note else ""
+            held, note = renew_held(key_dir, key, now, held), f"{note}renewed ({due.value})"
+        elif note:
+            cred.write_atomic(path, cred.cert_pem(held).encode())
+    except cred.CredentialError as exc:
+        if cred.cert_fingerprint(held) != cred.fingerprint(key.public_key()):
+            raise
+        # Certifies our key under our name, signed by someone else: replaced by ours at once.
+        held = renew_held(key_dir, key, now, held)
+        note = f"{path}: the certificate held was not signed by this CLC's key ({exc}): replaced"
+    return held, note
+
+
+class CloudCA:
+    """The cloud CA certificate the CLC hands out and serves; `on_change` runs (on the loop)
+    whenever it is replaced by another one for the same key."""
+
+    def __init__(
+        self,
+        key_dir: Path,
+        key: cred.PrivateKey,
+        cert: x509.Certificate,
+        on_change: Callable[[], Awaitable[None]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.key_dir, self.key, self.cert = key_dir, key, cert
+        self._on_change = on_change
+        self._clock = clock
+        self._wake = asyncio.Event()
+
+    @property
+    def due_at(self) -> float:
+        return renewal.due_at(cred.validity(self.cert), renewal.ca_margin())
+
+    async def check(self) -> bool:
+        """Take up a changed cloud-cert.pem (or put ours back over a foreign one), renew it
+        if due; True if the certificate served changed."""
+        held, note = await asyncio.to_thread(
+            settle_held, self.key_dir, self.key, self.cert, self._clock()
+        )
+        if note:
+            log.warning("cloud CA certificate: %s", note)
+        if held == self.cert:
+            return False
+        log.info("cloud CA certificate is now serial %x (%s)", held.serial_number, _shown(held))
+        self.cert = held
+        await self._on_change()
+        return True
+
+    async def run(self) -> None:
+        """Follow cloud-cert.pem and the CA's renewal date until cancelled."""
+        with FileWatch([self.key_dir / cred.CLOUD_CERT], self._wake.set) as files:
+            while True:
+                self._wake.clear()
+                try:
+                    await self.check()
+                    wait = min(RECHECK, max(1.0, self.due_at - self._clock()))
+                except (OSError, cred.CredentialError) as exc:
+                    log.warning("cannot renew the cloud CA certificate: %s", exc)
+                    wait = RETRY
+                if files.polling:
+                    wait = min(wait, 60.0)
+                await wait_event(self._wake, wait)
+
+
+def _shown(cert: x509.Certificate) -> str:
+    return cert.not_valid_after_utc.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")

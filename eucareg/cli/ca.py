@@ -1,0 +1,104 @@
+"""`eucareg ca show` and `eucareg ca renew`, on the CLC: the cloud CA certificate (cloud-cert.pem)
+as it stands, and renewing it for the same key, which a running agent takes up at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+
+from eucareg.cli.common import config_option, fail, load_config, print_json
+from eucareg.config.file import Config
+from eucareg.core import renewal
+from eucareg.core.model import Role
+from eucareg.pki import credentials as cred
+
+
+@click.group()
+def ca() -> None:
+    """The cloud CA certificate on the CLC (docs/credentials.md, "Renewing the cloud CA")."""
+
+
+@ca.command()
+@config_option("The CLC's TOML configuration.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(config_path: Path, as_json: bool) -> None:
+    """Print the cloud CA certificate's key fingerprint (what components pin), serial,
+    validity and when it is renewed."""
+    key_dir, key = _clc(load_config(config_path))
+    cert = _held(key_dir, key)
+    _print(describe(cert, time.time()), as_json)
+
+
+@ca.command()
+@config_option("The CLC's TOML configuration.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def renew(config_path: Path, as_json: bool) -> None:
+    """Renew the cloud CA certificate now, for the same key and name: 20 years from now.
+    Nothing any component holds stops working, no pin changes (pins are key fingerprints);
+    the running agent serves the new certificate at once and hands it to every component
+    with its next bundle. Run it as root on the CLC."""
+    from eucareg.agent.cloudca import renew_held
+
+    key_dir, key = _clc(load_config(config_path))
+    old = _held(key_dir, key)
+    try:
+        new = renew_held(key_dir, key, time.time(), old)
+    except (OSError, cred.CredentialError) as exc:
+        fail(f"cannot renew {key_dir / cred.CLOUD_CERT}: {exc}", 1)
+    info = describe(new, time.time())
+    info["previous_serial"] = format(old.serial_number, "x")
+    _print(info, as_json)
+
+
+def describe(cert: x509.Certificate, now: float) -> dict[str, Any]:
+    validity = cred.validity(cert)
+    margin = renewal.ca_margin()
+    return {
+        "fingerprint": cred.cert_fingerprint(cert),
+        "serial": format(cert.serial_number, "x"),
+        "subject": cert.subject.rfc4514_string(),
+        "not_before": _iso(validity.not_before),
+        "not_after": _iso(validity.not_after),
+        "renew_at": _iso(renewal.due_at(validity, margin)),
+        "state": renewal.phase(validity, margin, now).value,
+    }
+
+
+def _print(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(info)
+        return
+    width = max(len(k) for k in info)
+    for name, value in info.items():
+        click.echo(f"{name.replace('_', ' '):{width}}  {value}")
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _clc(cfg: Config) -> tuple[Path, cred.PrivateKey]:
+    from eucareg.agent.identity import identity_key
+
+    if cfg.component(Role.CLC) is None:
+        fail("this host runs no CLC: the cloud CA lives on the CLC (components = [clc ...])")
+    path = identity_key(cfg, Role.CLC)
+    try:
+        return cfg.key_dir, cred.load_key(path)
+    except cred.CredentialError as exc:
+        fail(f"cannot read the CLC's key (run this as root on the CLC): {exc}", 1)
+
+
+def _held(key_dir: Path, key: cred.PrivateKey) -> x509.Certificate:
+    from eucareg.agent.cloudca import read_held
+
+    try:
+        return read_held(key_dir, key)
+    except cred.CredentialError as exc:
+        fail(f"{key_dir / cred.CLOUD_CERT}: {exc}", 1)

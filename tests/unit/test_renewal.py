@@ -1,0 +1,557 @@
+"""Certificate renewal for the same key: the pure decision, the registrar's desk (a real SQLite
+file, an injected clock), concurrent and restarted renewals, watches that answer when a
+certificate falls due or its chain is renewed, and the agent's in-place update of its files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from eucareg.agent import collect
+from eucareg.agent.expiry import expiry_note, held_note
+from eucareg.agent.identity import Identity
+from eucareg.agent.locate import Endpoint
+from eucareg.config.file import ConfigError, from_mapping
+from eucareg.core import renewal
+from eucareg.core.model import Role, Status
+from eucareg.core.policy import RegistrarSettings
+from eucareg.pki import credentials as cred
+from eucareg.pki import names
+from eucareg.registrar.engine import Issuer, Registrar, Timing
+from eucareg.store.registry import Store, sqlite_url
+from tests.factories import KEYS, ann, fresh_key, sighting
+
+CLC = RegistrarSettings(
+    registers=frozenset({Role.WALRUS, Role.CC, Role.SC}), observes_unmatched_nodes=True
+)
+HOUR = 3600.0
+SHORT = renewal.RenewalPolicy(lifetime=HOUR)  # due with 20 minutes left
+
+
+class Clock:
+    """Wall time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return datetime.datetime.now(datetime.UTC).timestamp() + self.offset
+
+
+@pytest.fixture(scope="module")
+def cloud() -> tuple[cred.PrivateKey, Issuer]:
+    key = cred.generate_key()
+    ca = cred.create_cloud_ca(key, "renewal")
+    return key, Issuer(key=key, cert=ca, cloud_cert=ca, policy=SHORT)
+
+
+async def make(tmp_path: Path, issuer: Issuer, clock: Clock) -> Registrar:
+    reg = Registrar(
+        Store(sqlite_url(tmp_path / "registry.db")),
+        CLC,
+        hook_dir=tmp_path / "hooks",
+        timing=Timing(retry_base=0.05, retry_max=0.2, hook_timeout=5),
+        issuer_for=lambda _role: issuer,
+        clock=clock,
+        master_key=b"test-master-key",
+    )
+    await reg.start()
+    await reg.open_install_window(3600)
+    return reg
+
+
+async def registered_cc(reg: Registrar) -> tuple[str, cred.PrivateKey]:
+    """A CC registered and holding its first certificate; its id and key."""
+    cc = ann(Role.CC, "c1")
+    key = KEYS[cc.fingerprint]
+    reg.on_sighting(sighting(cc))
+    for _ in range(50):
+        await reg.idle()
+        record = reg.memory.records.get(cc.component_id)
+        if record is not None and record.status is Status.AWAITING_KEY:
+            await reg.credentials(cc.component_id, key.public_key(), wait=0)
+        if record is not None and record.status is Status.REGISTERED:
+            break
+        await asyncio.sleep(0.02)
+    first = await reg.credentials(cc.component_id, key.public_key(), wait=0)
+    assert first.files is not None
+    return cc.component_id, key
+
+
+def serial_of(files: dict[str, str] | None, role: Role = Role.CC) -> str:
+    assert files is not None
+    return format(cred.load_cert_pem(files[cred.LAYOUTS[role].cert]).serial_number, "x")
+
+
+# -- the pure decision -------------------------------------------------------------------------
+
+
+def test_phase_follows_the_margin_and_the_end() -> None:
+    v = renewal.Validity(1000.0, 1000.0 + 3 * HOUR)
+    margin = SHORT.margin  # 20 minutes
+    assert renewal.due_at(v, margin) == v.not_after - 1200
+    assert renewal.phase(v, margin, v.not_after - 1201) is renewal.Phase.CURRENT
+    assert renewal.phase(v, margin, v.not_after - 1200) is renewal.Phase.DUE
+    assert renewal.phase(v, margin, v.not_after) is renewal.Phase.EXPIRED
+
+
+def test_default_policy_is_five_years_renewed_with_a_third_left() -> None:
+    policy = renewal.DEFAULT_POLICY
+    assert policy.lifetime == 5 * 365 * 86400
+    assert policy.margin == policy.lifetime / 3
+    assert policy.problem() is None
+
+
+@pytest.mark.parametrize(
+    ("registrar", "message"),
+    [
+        ({"certificate_lifetime": "59m"}, "certificate_lifetime: must be at least 1h"),
+        ({"certificate_lifetime": "11000d"}, "certificate_lifetime: must be at most"),
+        (
+            {"certificate_lifetime": "1h", "certificate_renew_before": "3541s"},
+            "must be at least 60 s shorter",
+        ),
+        ({"certificate_renew_before": "0"}, "certificate_renew_before: must be longer than zero"),
+        ({"certificate_renew_before": "soon"}, "certificate_renew_before: expected a duration"),
+        ({"certificate_lifetime": True}, "certificate_lifetime: expected a duration"),
+    ],
+)
+def test_bad_renewal_settings_are_refused_by_name(
+    registrar: dict[str, object], message: str
+) -> None:
+    raw = {"address": "10.0.0.1", "components": {"clc": {}}, "registrar": registrar}
+    with pytest.raises(ConfigError, match=message):
+        from_mapping(raw)
+
+
+def test_renewal_settings_are_read() -> None:
+    raw = {
+        "address": "10.0.0.1",
+        "components": {"clc": {}},
+        "registrar": {"certificate_lifetime": "90d", "certificate_renew_before": "30d"},
+    }
+    policy = from_mapping(raw).certificates
+    assert (policy.lifetime, policy.margin) == (90 * 86400, 30 * 86400)
+    assert from_mapping({**raw, "registrar": {}}).certificates == renewal.DEFAULT_POLICY
+
+
+def test_the_agent_notes_its_expiry_only_within_the_margin() -> None:
+    v = renewal.Validity(0.0, 3 * HOUR)
+    assert expiry_note(v, HOUR) == ""
+    assert "due for renewal and expires at 1970-01-01 03:00:00Z" in expiry_note(v, 2.5 * HOUR)
+    assert "EXPIRED at 1970-01-01 03:00:00Z" in expiry_note(v, 3 * HOUR)
+
+
+# -- the registrar -----------------------------------------------------------------------------
+
+
+async def test_a_due_certificate_is_renewed_for_the_same_key_and_the_old_stays_valid(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    _, issuer = cloud
+    clock = Clock()
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        cid, key = await registered_cc(reg)
+        first = await reg.credentials(cid, key.public_key(), wait=0)
+        old = serial_of(first.files)
+        # Not due yet: asked again, the same certificate.
+        clock.offset = HOUR - 1300
+        assert serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files) == old
+        clock.offset = HOUR - 1100  # within the 20 minutes
+        renewed = await reg.credentials(cid, key.public_key(), wait=0)
+        new = serial_of(renewed.files)
+        assert new != old
+        assert renewed.files is not None
+        verified = cred.verify_bundle(renewed.files, Role.CC, key)  # same key, same chain
+        cert = cred.load_cert_pem(verified[cred.LAYOUTS[Role.CC].cert])
+        assert cert.not_valid_after_utc.timestamp() == pytest.approx(clock() + HOUR, abs=5)
+        # Not revoked: a component still presenting it until it collects the new one works.
+        assert old not in reg.memory.revoked
+        events = [e for e in reg.store.events(component_id=cid) if e.kind == "credentials"]
+        assert [e.code for e in events] == ["issued", "renewed"]
+        assert old in events[-1].reason and new in events[-1].reason
+        record = reg.memory.records[cid]
+        assert record.status is Status.REGISTERED
+    finally:
+        await reg.close()
+
+
+async def test_many_concurrent_requests_for_a_due_certificate_get_one_new_serial(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    _, issuer = cloud
+    clock = Clock()
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        cid, key = await registered_cc(reg)
+        old = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
+        clock.offset = HOUR - 600
+        answers = await asyncio.gather(
+            *(reg.credentials(cid, key.public_key(), wait=0) for _ in range(9))
+        )
+        serials = {serial_of(a.files) for a in answers}
+        assert len(serials) == 1 and old not in serials
+        codes = [e.code for e in reg.store.events(component_id=cid, kind="credentials")]
+        assert codes.count("renewed") == 1
+    finally:
+        await reg.close()
+
+
+async def test_a_restarted_registrar_neither_loses_nor_repeats_a_renewal(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    _, issuer = cloud
+    clock = Clock()
+    reg = await make(tmp_path, issuer, clock)
+    cid, key = await registered_cc(reg)
+    clock.offset = HOUR - 600
+    renewed = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
+    await reg.close()
+    again = await make(tmp_path, issuer, clock)
+    try:
+        assert serial_of((await again.credentials(cid, key.public_key(), wait=0)).files) == renewed
+        codes = [e.code for e in again.store.events(component_id=cid, kind="credentials")]
+        assert codes == ["issued", "renewed"]
+    finally:
+        await again.close()
+
+
+async def test_a_watch_answers_when_its_certificate_falls_due(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    _, issuer = cloud
+    # Due 2 s after it is issued (the certificate starts 5 minutes back: clocks differ).
+    quick = replace(issuer, policy=renewal.RenewalPolicy(HOUR, HOUR - 2))
+    reg = await make(tmp_path, quick, Clock())
+    try:
+        cid, key = await registered_cc(reg)
+        have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answer = await asyncio.wait_for(reg.credentials(cid, key.public_key(), 30, have), 20)
+        took = loop.time() - started
+        assert serial_of(answer.files) != have
+        assert took < 10, f"the watch answered after {took:.1f} s, not when due"
+    finally:
+        await reg.close()
+
+
+async def test_a_watch_answers_when_the_chain_above_it_is_renewed(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    """A CC's (or the CA's) certificate renewed for the same key: the watching components get
+    the new chain, and their own certificates verify under it unchanged."""
+    key_ca, issuer = cloud
+    holder = [issuer]
+    reg = Registrar(
+        Store(sqlite_url(tmp_path / "registry.db")),
+        CLC,
+        hook_dir=tmp_path / "hooks",
+        timing=Timing(retry_base=0.05, retry_max=0.2, hook_timeout=5),
+        issuer_for=lambda _role: holder[0],
+        master_key=b"test-master-key",
+    )
+    await reg.start()
+    await reg.open_install_window(3600)
+    try:
+        cid, key = await registered_cc(reg)
+        first = await reg.credentials(cid, key.public_key(), wait=0)
+        have = serial_of(first.files)
+        watch = asyncio.create_task(reg.credentials(cid, key.public_key(), 60, have))
+        await asyncio.sleep(0.2)
+        assert not watch.done()
+        new_ca = cred.renew_cloud_ca(key_ca, issuer.cloud_cert)
+        holder[0] = replace(issuer, cert=new_ca, cloud_cert=new_ca)
+        reg.desk.chain_changed()
+        answer = await asyncio.wait_for(watch, 5)
+        assert serial_of(answer.files) == have  # the same certificate ...
+        assert answer.files is not None and first.files is not None
+        assert answer.files[cred.CLOUD_CERT] == cred.cert_pem(new_ca)  # ... under the new CA
+        cred.verify_bundle(answer.files, Role.CC, key)
+    finally:
+        await reg.close()
+
+
+async def test_deregistering_after_a_renewal_revokes_the_current_certificate(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    _, issuer = cloud
+    clock = Clock()
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        cid, key = await registered_cc(reg)
+        clock.offset = HOUR - 600
+        new = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
+        await reg.deregister(reg.memory.records[cid])
+        assert new in reg.memory.revoked
+    finally:
+        await reg.close()
+
+
+# -- certificates and chains -------------------------------------------------------------------
+
+
+def test_a_node_certificate_verifies_under_its_cc_s_renewed_certificate() -> None:
+    ca_key, cc_key, nc_key = cred.generate_key(), fresh_key(), fresh_key()
+    ca = cred.create_cloud_ca(ca_key, "chain")
+    cc_args = {
+        "issuer_key": ca_key,
+        "issuer_cert": ca,
+        "subject_key": cc_key.public_key(),
+        "role": Role.CC,
+        "component_id": "cc-000000000001",
+        "cluster": "c1",
+    }
+    cc_old = cred.issue_certificate(**cc_args)  # type: ignore[arg-type]
+    node = cred.issue_certificate(
+        issuer_key=cc_key,
+        issuer_cert=cc_old,
+        subject_key=nc_key.public_key(),
+        role=Role.NC,
+        component_id="nc-000000000001",
+        cluster="c1",
+    )
+    cc_new = cred.issue_certificate(**cc_args)  # type: ignore[arg-type]
+    assert cc_new.serial_number != cc_old.serial_number
+    files = {
+        cred.CLOUD_CERT: cred.cert_pem(ca),
+        "cluster-cert.pem": cred.cert_pem(cc_new),
+        "node-cert.pem": cred.cert_pem(node),
+    }
+    expect = names.CertIdentity(Role.NC, "c1", "nc-000000000001")
+    cred.verify_bundle(files, Role.NC, nc_key, expect=expect)
+
+
+def test_a_renewed_cloud_ca_keeps_key_name_and_every_certificate_it_signed() -> None:
+    key = cred.generate_key()
+    old = cred.create_cloud_ca(key, "renew", now=1_700_000_000.0)
+    new = cred.renew_cloud_ca(key, old)
+    assert new.serial_number != old.serial_number
+    assert cred.cert_fingerprint(new) == cred.cert_fingerprint(old)  # pins hold
+    assert new.subject == old.subject
+    assert new.not_valid_after_utc > old.not_valid_after_utc
+    leaf_key = fresh_key()
+    leaf = cred.issue_certificate(
+        issuer_key=key,
+        issuer_cert=old,
+        subject_key=leaf_key.public_key(),
+        role=Role.WALRUS,
+        component_id="walrus-000000000001",
+        cluster=None,
+    )
+    leaf.verify_directly_issued_by(new)
+    with pytest.raises(cred.CredentialError, match="does not certify this CLC's key"):
+        cred.renew_cloud_ca(cred.generate_key(), old)
+
+
+# -- the agent's side --------------------------------------------------------------------------
+
+
+def _bundle(issuer: Issuer, key: cred.PrivateKey, cid: str) -> dict[str, str]:
+    cert = cred.issue_certificate(
+        issuer_key=issuer.key,
+        issuer_cert=issuer.cert,
+        subject_key=key.public_key(),
+        role=Role.WALRUS,
+        component_id=cid,
+        cluster=None,
+    )
+    return {
+        cred.CLOUD_CERT: cred.cert_pem(issuer.cloud_cert),
+        "walrus-cert.pem": cred.cert_pem(cert),
+    }
+
+
+def test_the_agent_replaces_renewed_files_in_place_and_only_those(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    ca_key, issuer = cloud
+    key = fresh_key()
+    ident = Identity("walrus-00000000000a", key, cred.fingerprint(key.public_key()))
+    endpoint = Endpoint("10.0.0.1", 8780, "clc-000000000001")
+    key_dir = tmp_path / "keys"
+    first = _bundle(issuer, key, ident.component_id)
+    assert collect._accept(first, Role.WALRUS, ident, endpoint, key_dir, None, None, None) is (
+        collect.Outcome.WRITTEN
+    )
+    have = serial_of(first, Role.WALRUS)
+    same = collect._accept(first, Role.WALRUS, ident, endpoint, key_dir, have, None, None)
+    assert same is collect.Outcome.UNCHANGED
+    inodes = {p.name: p.stat().st_ino for p in key_dir.iterdir()}
+    # A renewal: the certificate only (the CA and the key copy stay the very same files).
+    renewed = _bundle(issuer, key, ident.component_id)
+    outcome = collect._accept(renewed, Role.WALRUS, ident, endpoint, key_dir, have, None, None)
+    assert outcome is collect.Outcome.RENEWED
+    after = {p.name: p.stat().st_ino for p in key_dir.iterdir()}
+    assert after["walrus-cert.pem"] != inodes["walrus-cert.pem"]
+    assert after[cred.CLOUD_CERT] == inodes[cred.CLOUD_CERT]
+    assert after["walrus-pk.pem"] == inodes["walrus-pk.pem"]
+    assert cred.credentials_present(key_dir, Role.WALRUS, key)
+    # The CA renewed, our certificate not: the chain alone is replaced.
+    new_ca = cred.renew_cloud_ca(ca_key, issuer.cloud_cert)
+    chain_only = {**renewed, cred.CLOUD_CERT: cred.cert_pem(new_ca)}
+    have = serial_of(renewed, Role.WALRUS)
+    outcome = collect._accept(chain_only, Role.WALRUS, ident, endpoint, key_dir, have, None, None)
+    assert outcome is collect.Outcome.RENEWED
+    assert (key_dir / cred.CLOUD_CERT).read_text() == cred.cert_pem(new_ca)
+    assert cred.credentials_present(key_dir, Role.WALRUS, key)
+    assert not [p for p in key_dir.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_the_agent_refuses_a_renewal_for_another_key_and_keeps_what_it_holds(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    _, issuer = cloud
+    key = fresh_key()
+    ident = Identity("walrus-00000000000b", key, cred.fingerprint(key.public_key()))
+    endpoint = Endpoint("10.0.0.1", 8780, "clc-000000000001")
+    key_dir = tmp_path / "keys"
+    first = _bundle(issuer, key, ident.component_id)
+    collect._accept(first, Role.WALRUS, ident, endpoint, key_dir, None, None, None)
+    held = (key_dir / "walrus-cert.pem").read_bytes()
+    other = _bundle(issuer, fresh_key(), ident.component_id)
+    with pytest.raises(cred.CredentialError, match="does not certify this component's key"):
+        collect._accept(
+            other, Role.WALRUS, ident, endpoint, key_dir, serial_of(first, Role.WALRUS), None, None
+        )
+    assert (key_dir / "walrus-cert.pem").read_bytes() == held
+
+
+@pytest.mark.parametrize("shift", [-2 * HOUR, +2 * HOUR], ids=["expired", "future"])
+def test_the_agent_never_replaces_working_credentials_by_ones_not_valid_now(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer], shift: float
+) -> None:
+    """A registrar of our own CA (misconfigured, or its clock wrong) sends a 'renewal' that
+    has ended or not begun: refused, and what we hold stays."""
+    _, issuer = cloud
+    key = fresh_key()
+    ident = Identity("walrus-00000000000c", key, cred.fingerprint(key.public_key()))
+    endpoint = Endpoint("10.0.0.1", 8780, "clc-000000000001")
+    key_dir = tmp_path / "keys"
+    first = _bundle(issuer, key, ident.component_id)
+    collect._accept(first, Role.WALRUS, ident, endpoint, key_dir, None, None, None)
+    held = (key_dir / "walrus-cert.pem").read_bytes()
+    bad = cred.issue_certificate(
+        issuer_key=issuer.key,
+        issuer_cert=issuer.cert,
+        subject_key=key.public_key(),
+        role=Role.WALRUS,
+        component_id=ident.component_id,
+        cluster=None,
+        now=Clock()() + shift,
+        lifetime=datetime.timedelta(hours=1),
+    )
+    files = {**first, "walrus-cert.pem": cred.cert_pem(bad)}
+    have = serial_of(first, Role.WALRUS)
+    with pytest.raises(cred.CredentialError, match="is not valid now"):
+        collect._accept(files, Role.WALRUS, ident, endpoint, key_dir, have, None, None)
+    assert (key_dir / "walrus-cert.pem").read_bytes() == held
+
+
+async def test_the_agent_warns_with_the_date_of_the_certificate_it_holds(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    _, issuer = cloud
+    key = fresh_key()
+    key_dir = tmp_path / "keys"
+    assert await held_note(key_dir, Role.WALRUS) == ""  # nothing held: nothing to say
+    cert = cred.issue_certificate(
+        issuer_key=issuer.key,
+        issuer_cert=issuer.cert,
+        subject_key=key.public_key(),
+        role=Role.WALRUS,
+        component_id="walrus-00000000000d",
+        cluster=None,
+        now=Clock()() - 50 * 60,  # 10 minutes (and the 5 backdated ones) of its hour left
+        lifetime=datetime.timedelta(hours=1),
+    )
+    cred.write_atomic(key_dir / "walrus-cert.pem", cred.cert_pem(cert).encode())
+    end = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")
+    assert await held_note(key_dir, Role.WALRUS) == (
+        f"; our certificate is due for renewal and expires at {end}"
+    )
+
+
+def test_a_certificate_not_valid_yet_is_due_at_once() -> None:
+    now = 1_000_000.0
+    ahead = renewal.Validity(now + 2 * 86400, now + 2 * 86400 + HOUR)  # made by a fast clock
+    assert renewal.phase(ahead, SHORT.margin, now) is renewal.Phase.DUE
+    backdated = renewal.Validity(now - 300, now + HOUR)  # as every certificate starts
+    assert renewal.phase(backdated, SHORT.margin, now) is renewal.Phase.CURRENT
+
+
+async def test_a_certificate_made_while_the_clock_ran_ahead_is_replaced_when_it_is_right(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    """An NTP step forward, a certificate issued then, the clock set right: the component
+    (which refuses a certificate not valid yet) gets one valid now at its next request,
+    instead of one that becomes due in years."""
+    _, issuer = cloud
+    clock = Clock()
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        clock.offset = 2 * 86400
+        await reg.open_install_window(3600)  # the one opened "two days ago" has closed
+        cid, key = await registered_cc(reg)
+        ahead = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
+        clock.offset = 0
+        answer = await reg.credentials(cid, key.public_key(), wait=0)
+        assert serial_of(answer.files) != ahead
+        assert answer.files is not None
+        own = cred.load_cert_pem(answer.files["cluster-cert.pem"])
+        assert own.not_valid_before_utc.timestamp() <= clock()
+    finally:
+        await reg.close()
+
+
+async def test_an_unreadable_stored_certificate_is_replaced_not_served(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    _, issuer = cloud
+    reg = await make(tmp_path, issuer, Clock())
+    try:
+        cid, key = await registered_cc(reg)
+        stored = reg.memory.certificates[cid]
+        reg.memory.certificates[cid] = replace(stored, cert_pem="-----BEGIN CERTIFICATE-----\nx")
+        answer = await reg.credentials(cid, key.public_key(), wait=0)
+        assert answer.files is not None
+        cred.verify_bundle(answer.files, Role.CC, key)
+        assert serial_of(answer.files) != stored.serial
+    finally:
+        await reg.close()
+
+
+def test_an_unchanged_bundle_is_not_checked_against_the_agent_s_clock(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    """What we hold already is not refused again (a wrong clock on our side must not turn an
+    idle watch into a retry loop); only what would replace it must be valid now."""
+    _, issuer = cloud
+    key = fresh_key()
+    ident = Identity("walrus-00000000000e", key, cred.fingerprint(key.public_key()))
+    endpoint = Endpoint("10.0.0.1", 8780, "clc-000000000001")
+    old = cred.issue_certificate(
+        issuer_key=issuer.key,
+        issuer_cert=issuer.cert,
+        subject_key=key.public_key(),
+        role=Role.WALRUS,
+        component_id=ident.component_id,
+        cluster=None,
+        now=Clock()() - 3 * HOUR,
+        lifetime=datetime.timedelta(hours=1),
+    )
+    files = {
+        cred.CLOUD_CERT: cred.cert_pem(issuer.cloud_cert),
+        "walrus-cert.pem": cred.cert_pem(old),
+    }
+    key_dir = tmp_path / "keys"
+    collect._accept(files, Role.WALRUS, ident, endpoint, key_dir, None, None, None)
+    have = serial_of(files, Role.WALRUS)
+    outcome = collect._accept(files, Role.WALRUS, ident, endpoint, key_dir, have, None, None)
+    assert outcome is collect.Outcome.UNCHANGED

@@ -1,0 +1,195 @@
+"""The CLC renewing its cloud CA certificate (same key: pins hold), `eucareg ca`, and the
+registrar reporting certificates that were not renewed in time (`expiring`, `expired`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from eucareg.agent.cloudca import CloudCA, read_held
+from eucareg.cli.main import main
+from eucareg.core import renewal
+from eucareg.core.model import Role
+from eucareg.pki import credentials as cred
+from eucareg.registrar.engine import Issuer
+from tests.unit.test_renewal import HOUR, SHORT, Clock, make, registered_cc
+
+YEAR = 365 * 86400.0
+
+
+def clc_dir(tmp_path: Path, *, issued_at: float | None = None) -> tuple[Path, cred.PrivateKey]:
+    """A CLC's key_dir with cloud-cert.pem (issued at `issued_at`), and its key."""
+    key = cred.generate_key()
+    key_dir = tmp_path / "keys"
+    ca = cred.create_cloud_ca(key, "ca-test", now=issued_at)
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(ca).encode())
+    return key_dir, key
+
+
+async def test_a_cloud_ca_with_a_third_of_its_life_left_is_renewed_for_the_same_key(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    key_dir, key = clc_dir(tmp_path, issued_at=clock() - 14 * YEAR)  # 6 of 20 years left
+    old = read_held(key_dir, key)
+    changes: list[int] = []
+
+    async def changed() -> None:
+        changes.append(1)
+
+    ca = CloudCA(key_dir, key, old, changed, clock=clock)
+    assert await ca.check() is True
+    assert changes == [1]
+    new = read_held(key_dir, key)
+    assert new == ca.cert and new.serial_number != old.serial_number
+    assert cred.cert_fingerprint(new) == cred.cert_fingerprint(old)
+    assert renewal.phase(cred.validity(new), renewal.ca_margin(), clock()) is (
+        renewal.Phase.CURRENT
+    )
+    assert await ca.check() is False  # renewed once, not again
+
+
+async def test_a_current_cloud_ca_is_kept_and_a_foreign_one_is_not_taken_up(
+    tmp_path: Path,
+) -> None:
+    key_dir, key = clc_dir(tmp_path)
+    held = read_held(key_dir, key)
+    changes: list[int] = []
+
+    async def changed() -> None:
+        changes.append(1)
+
+    ca = CloudCA(key_dir, key, held, changed)
+    assert await ca.check() is False
+    # Someone puts another CA's certificate there: refused, the CLC keeps serving its own.
+    other = cred.create_cloud_ca(cred.generate_key(), "rogue")
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(other).encode())
+    assert await ca.check() is False
+    assert ca.cert == held and changes == []
+
+
+async def test_the_running_clc_takes_up_an_operator_renewal_at_once(tmp_path: Path) -> None:
+    key_dir, key = clc_dir(tmp_path)
+    held = read_held(key_dir, key)
+    seen = asyncio.Event()
+
+    async def changed() -> None:
+        seen.set()
+
+    ca = CloudCA(key_dir, key, held, changed)
+    task = asyncio.create_task(ca.run())
+    try:
+        await asyncio.sleep(0.2)  # the watch is armed
+        renewed = cred.renew_cloud_ca(key, held)
+        cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(renewed).encode())
+        await asyncio.wait_for(seen.wait(), 10)
+        assert ca.cert == renewed
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _config(tmp_path: Path, key: cred.PrivateKey, roles: str = "clc = {}") -> Path:
+    state = tmp_path / "state"
+    cred.write_atomic(state / "identity" / "clc.key.pem", cred.key_pem(key))
+    path = tmp_path / "eucareg.toml"
+    path.write_text(
+        f'address = "10.0.0.1"\nstate_dir = "{state}"\nkey_dir = "{tmp_path / "keys"}"\n'
+        f"[components]\n{roles}\n"
+    )
+    return path
+
+
+def test_ca_renew_and_show_on_the_clc(tmp_path: Path) -> None:
+    key_dir, key = clc_dir(tmp_path)
+    before = read_held(key_dir, key)
+    config = _config(tmp_path, key)
+    runner = CliRunner()
+    shown = runner.invoke(main, ["ca", "show", "--config", str(config), "--json"])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.output)
+    assert info["fingerprint"] == cred.fingerprint(key.public_key())
+    assert info["serial"] == format(before.serial_number, "x") and info["state"] == "current"
+    done = runner.invoke(main, ["ca", "renew", "--config", str(config), "--json"])
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.output)
+    after = read_held(key_dir, key)
+    assert result["previous_serial"] == format(before.serial_number, "x")
+    assert result["serial"] == format(after.serial_number, "x") != result["previous_serial"]
+    assert result["fingerprint"] == info["fingerprint"]  # the pin holds
+
+
+def test_ca_renew_refuses_where_there_is_no_clc_or_a_foreign_certificate(tmp_path: Path) -> None:
+    key_dir, key = clc_dir(tmp_path)
+    runner = CliRunner()
+    no_clc = runner.invoke(
+        main, ["ca", "renew", "--config", str(_config(tmp_path, key, 'nc = { cluster = "c1" }'))]
+    )
+    assert no_clc.exit_code != 0 and "this host runs no CLC" in no_clc.output
+    other = cred.create_cloud_ca(cred.generate_key(), "rogue")
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(other).encode())
+    held = (key_dir / cred.CLOUD_CERT).read_bytes()
+    refused = runner.invoke(main, ["ca", "renew", "--config", str(_config(tmp_path, key))])
+    assert refused.exit_code == 1 and "does not certify this CLC's key" in refused.output
+    assert (key_dir / cred.CLOUD_CERT).read_bytes() == held  # nothing replaced
+
+
+# -- certificates not renewed in time --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Issuer:
+    key = cred.generate_key()
+    ca = cred.create_cloud_ca(key, "expiry")
+    return Issuer(key=key, cert=ca, cloud_cert=ca, policy=SHORT)
+
+
+async def test_a_certificate_not_renewed_is_reported_expiring_then_expired_once_each(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    clock = Clock()
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        cid, _ = await registered_cc(reg)
+        assert reg.expiry.scan() == []
+        clock.offset = HOUR - 1100  # due (20 minutes left), but within the grace
+        assert reg.expiry.scan() == []
+        clock.offset = HOUR - 300  # due for 15 minutes: its agent is not coming
+        [expiring] = reg.expiry.scan()
+        assert (expiring.component_id, expiring.code) == (cid, "expiring")
+        assert "has not collected the new one" in expiring.reason
+        assert reg.expiry.scan() == []  # once
+        # ... and `eucareg status` shows it among the warnings for as long as it lasts.
+        assert reg.warnings() == [f"cc {cid}: {expiring.reason}"]
+        clock.offset = HOUR + 10
+        [expired] = reg.expiry.scan()
+        assert expired.code == "expired" and "expired at" in expired.reason
+        assert reg.expiry.scan() == []
+        assert reg.memory.records[cid].role is Role.CC
+    finally:
+        await reg.close()
+
+
+async def test_the_scan_writes_its_events_and_a_renewal_ends_the_reports(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    clock = Clock()
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        cid, key = await registered_cc(reg)
+        clock.offset = HOUR - 300
+        reg.expiry._tick()
+        await reg.idle()
+        codes = [e.code for e in reg.store.events(component_id=cid, kind="credentials")]
+        assert codes == ["issued", "expiring"]
+        await reg.credentials(cid, key.public_key(), wait=0)  # the agent comes back: renewed
+        assert reg.expiry.scan() == []
+        assert reg.warnings() == []
+        assert 30 <= reg.expiry.interval() <= 3600
+    finally:
+        await reg.close()
