@@ -87,8 +87,8 @@ def reason(component: LegacyComponent) -> str:
     return (
         f"announcement {component.instance!r}: a Eucalyptus {component.kind} "
         f"{component.role}{where}{at}{version} announces itself the old way; it is not "
-        "registered by eucareg: upgrade it (install eucareg there), or register it by hand "
-        "(eucareg register)"
+        "registered by eucareg: import what the old front end registered (eucareg import, "
+        "docs/upgrade.md), then install eucareg there: it takes its registration over"
     )
 
 

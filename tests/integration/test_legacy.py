@@ -66,8 +66,8 @@ def test_old_eucalyptus_announcements_are_reported_and_not_registered(
     )
     assert storage["address"] == old
     assert "Eucalyptus 10.04 sc of cluster cluster1" in storage["reason"]
-    assert "upgrade it (install eucareg there)" in storage["reason"]
-    assert "eucareg register" in storage["reason"]
+    assert "install eucareg there" in storage["reason"]
+    assert "eucareg import" in storage["reason"]
     assert (controller["component_id"], controller["role"], controller["cluster"]) == (
         f"instance:{CC_910}",
         "cc",

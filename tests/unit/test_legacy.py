@@ -148,8 +148,8 @@ def test_the_reason_says_what_was_heard_and_what_to_do() -> None:
     assert legacy.reason(heard) == (
         "announcement 'cluster1 storage': a Eucalyptus 10.04 sc of cluster cluster1 at "
         "10.77.1.20 (eucavers 1.6.2) announces itself the old way; it is not registered by "
-        "eucareg: upgrade it (install eucareg there), or register it by hand "
-        "(eucareg register)"
+        "eucareg: import what the old front end registered (eucareg import, docs/upgrade.md), "
+        "then install eucareg there: it takes its registration over"
     )
 
 
@@ -181,8 +181,8 @@ async def test_a_legacy_sighting_is_one_event_no_record_and_shown_until_goodbye(
         ("legacy", "legacy-10.04", "instance:cluster1 storage", "sc", "cluster1", "10.77.1.20"),
         ("legacy", "legacy-9.10", "instance:Eucalyptus cluster controller", "cc", None, HOST[0]),
     ]
-    assert "upgrade it (install eucareg there)" in events[0].reason
-    assert "eucareg register" in events[1].reason
+    assert "install eucareg there" in events[0].reason
+    assert "eucareg import" in events[1].reason
     assert reg.legacy_components() == [
         {
             "kind": "9.10",
