@@ -1,5 +1,6 @@
-"""Registration hooks: the per-type scripts (walrus, cluster, storage, node) a registrar runs,
-journaled so that a crash can neither lose nor silently repeat one.
+"""Registration hooks: the per-type scripts (walrus, cluster, storage, node, and their
+deregister-* counterparts) a registrar runs, journaled so that a crash can neither lose nor
+silently repeat one.
 
 Each script runs in a session of its own behind a tiny gate: the process exists (so its process
 group is known) but execs the script only after that group id is durable in the journal. A gate
@@ -58,12 +59,20 @@ class Ended:
     broke: str | None = None
 
 
+REGISTER, DEREGISTER = "register", "deregister"
+
+
 def hook_environment(
-    record: Record, eucavers: str = "", *, rerun: bool = False, attempt: int = 1
+    record: Record,
+    eucavers: str = "",
+    *,
+    rerun: bool = False,
+    attempt: int = 1,
+    event: str = REGISTER,
 ) -> dict[str, str]:
     """The documented environment of a hook (see docs/hooks.md)."""
     return {
-        "EUCAREG_EVENT": "register",
+        "EUCAREG_EVENT": event,
         "EUCAREG_ROLE": record.role.value,
         "EUCAREG_TYPE": record.role.txt_type,
         "EUCAREG_CLUSTER": record.cluster or "",
@@ -81,7 +90,10 @@ def hook_arguments(record: Record) -> list[str]:
     return [record.address, record.cluster or "-", record.component_id, record.fingerprint]
 
 
-def script_for(hook_dir: Path, role: Role) -> Path:
+def script_for(hook_dir: Path, role: Role, event: str = REGISTER) -> Path:
+    """`node` registers a node; `deregister-node` undoes that (docs/hooks.md)."""
+    if event == DEREGISTER:
+        return hook_dir / f"deregister-{role.hook_name}"
     return hook_dir / role.hook_name
 
 
@@ -95,6 +107,12 @@ def base_environment() -> dict[str, str]:
 def unrunnable(script: Path) -> tuple[HookOutcome, str] | None:
     """Why `script` is not run at all: missing (nothing to do), or not executable."""
     if not script.exists():
+        if script.is_symlink():
+            # A link whose script is gone (a package removed it) is a hook the site meant to
+            # run: a failure the operator hears of, not "nothing to run".
+            return HookOutcome.FAILED, (
+                f"{script} is a symbolic link to {os.readlink(script)}, which does not exist"
+            )
         return HookOutcome.SKIPPED, f"no script {script}; nothing to run"
     if not os.access(script, os.X_OK):
         return HookOutcome.FAILED, f"{script} is not executable"
@@ -126,10 +144,17 @@ class HookRunner:
         self._spawner = ThreadPoolExecutor(SPAWN_AT_ONCE, thread_name_prefix="eucareg-spawn")
 
     async def run(
-        self, record: Record, *, eucavers: str = "", rerun: bool = False, attempt: int = 1
+        self,
+        record: Record,
+        *,
+        eucavers: str = "",
+        rerun: bool = False,
+        attempt: int = 1,
+        event: str = REGISTER,
     ) -> HookRun:
-        """Run the hook for `record`; script faults become outcomes, never exceptions."""
-        script = script_for(self.hook_dir, record.role)
+        """Run the hook for `record` (its registration, or with `event` DEREGISTER its
+        deregistration); script faults become outcomes, never exceptions."""
+        script = script_for(self.hook_dir, record.role, event)
         run = HookRun(
             run_id=uuid.uuid4().hex,
             component_id=record.component_id,
@@ -142,7 +167,9 @@ class HookRunner:
         refused = unrunnable(script)
         if refused is not None:
             return _finish(run, refused[0], None, err=refused[1])
-        env = base_environment() | hook_environment(record, eucavers, rerun=rerun, attempt=attempt)
+        env = base_environment() | hook_environment(
+            record, eucavers, rerun=rerun, attempt=attempt, event=event
+        )
         async with self.slots:
             (started,), ended = await self.execute(script, hook_arguments(record), env, (run,))
         return outcome_of(started, ended, self.timeout)

@@ -6,8 +6,10 @@ runs a dead registrar left behind killed and owed again as marked re-runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from eucareg.core.model import HookOutcome, HookRun, Status
@@ -58,11 +60,19 @@ class Registering:
                 engine.spawn(self.run(record.component_id, rerun=owed))
 
     async def run(self, component_id: str, *, rerun: bool) -> None:
+        async with self.held(component_id):
+            await self._run(component_id, rerun=rerun)
+
+    @contextlib.asynccontextmanager
+    async def held(self, component_id: str) -> AsyncIterator[None]:
+        """The component's hook lock: one hook of it at a time, registration or deregister
+        hook (a deregister hook neither overtakes a registration still running nor runs
+        beside the hook of the component registered again at once)."""
         lock = self._locks.setdefault(component_id, asyncio.Lock())
         self._users[component_id] = self._users.get(component_id, 0) + 1
         try:
             async with lock:
-                await self._run(component_id, rerun=rerun)
+                yield
         finally:
             left = self._users[component_id] - 1
             if left:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from eucareg.core.model import HookOutcome, HookRun, Record, Role, Status
-from eucareg.registrar.hooks import HookRunner
+from eucareg.registrar.hooks import DEREGISTER, REGISTER, HookRunner
 from tests.factories import ann, record_from
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "hooks"
@@ -52,6 +52,21 @@ if args[0] in LIST:
     for kind, partition, name, host in rows:
         if kind == LIST[args[0]]:
             print(f"{{kind}}\\t{{partition}}\\t{{name}}\\t{{host}}\\tENABLED\\t{{{{}}}}")
+    sys.exit(0)
+DEREGISTER = {{"--deregister-cluster": "CLUSTER", "--deregister-sc": "STORAGE",
+              "--deregister-walrus": "WALRUS", "--deregister-nodes": "NODE"}}
+if args[0] in DEREGISTER:
+    kind = DEREGISTER[args[0]]
+    if kind == "NODE":
+        gone = args[1].split()
+    else:
+        gone = [dict(zip(args[1::2], args[2::2]))["--component"]]
+    keep = [r for r in rows if not (r[0] == kind and r[2] in gone)]
+    if len(keep) == len(rows):
+        print(f"ERROR: {{gone[0]}} is not registered.", file=sys.stderr)
+        sys.exit(1)
+    db.write_text("".join(" ".join(r) + "\\n" for r in keep))
+    print(f"SERVICE\\t{{kind}}\\t{{gone[0]}}\\tderegistered")
     sys.exit(0)
 kind = REGISTER[args[0]]
 if kind == "NODE" and " " in args[1]:
@@ -94,6 +109,15 @@ class Example:
     @property
     def hook(self) -> str:
         return self.role.hook_name
+
+    @property
+    def deregister_hook(self) -> str:
+        return f"deregister-{self.role.hook_name}"
+
+    @property
+    def deregister(self) -> str:
+        """The euca_conf option that deregisters."""
+        return self.register.replace("--register-", "--deregister-")
 
 
 EXAMPLE_HOOKS = [
@@ -149,8 +173,9 @@ def hook_dir(tmp_path: Path) -> Path:
     target = tmp_path / "hooks"
     target.mkdir()
     for example in EXAMPLE_HOOKS:
-        shutil.copy2(EXAMPLES / example.hook, target / example.hook)
-        (target / example.hook).chmod(0o755)
+        for name in (example.hook, example.deregister_hook):
+            shutil.copy2(EXAMPLES / name, target / name)
+            (target / name).chmod(0o755)
     return target
 
 
@@ -174,12 +199,13 @@ def partition_of(example: Example, record: Record) -> str:
 
 
 async def run_hook(
-    hook_dir: Path, record: Record, *, rerun: bool = False, attempt: int = 1
+    hook_dir: Path, record: Record, *, rerun: bool = False, attempt: int = 1, event: str = REGISTER
 ) -> HookRun:
-    async def journal(_run: HookRun) -> None:
+    async def journal(*_runs: HookRun) -> None:
         return None
 
-    return await HookRunner(hook_dir, 20, journal).run(record, rerun=rerun, attempt=attempt)
+    runner = HookRunner(hook_dir, 20, journal)
+    return await runner.run(record, rerun=rerun, attempt=attempt, event=event)
 
 
 def last_line(text: str) -> str:
@@ -271,3 +297,63 @@ async def test_already_registered_but_not_listed_here_is_a_failure(
     assert run.exit_code == 1
     assert "already registered" in last_line(run.stderr)
     assert record.address in last_line(run.stderr)
+
+
+# -- the deregister examples (docs/hooks.md, "Deregistering") --------------------------------
+
+
+def test_the_deregister_example_is_a_posix_sh_script(example: Example) -> None:
+    path = EXAMPLES / example.deregister_hook
+    assert path.read_text().startswith("#!/bin/sh\n")
+    assert os.access(path, os.X_OK)
+
+
+async def test_deregistering_undoes_the_registration(
+    example: Example, euca_conf: FakeEucaConf, hook_dir: Path
+) -> None:
+    record = record_for(example)
+    assert (await run_hook(hook_dir, record)).outcome is HookOutcome.OK
+    assert len(euca_conf.registered()) == 1
+    run = await run_hook(hook_dir, record, event=DEREGISTER)
+    assert run.outcome is HookOutcome.OK, run
+    assert run.hook.endswith(f"/{example.deregister_hook}")
+    assert euca_conf.registered() == []
+    [call] = [c for c in euca_conf.calls() if c[0] == example.deregister]
+    assert name_of(example, record) in " ".join(call)
+    if example.role is not Role.NC:
+        assert call[call.index("--host") + 1] == record.address
+
+
+async def test_deregistering_what_is_not_registered_is_success_without_a_call(
+    example: Example, euca_conf: FakeEucaConf, hook_dir: Path
+) -> None:
+    """A retried run, or a component Eucalyptus never had: nothing to undo."""
+    run = await run_hook(hook_dir, record_for(example), event=DEREGISTER, attempt=2)
+    assert run.outcome is HookOutcome.OK, run
+    assert "is not registered (any more)" in run.stdout
+    assert not [c for c in euca_conf.calls() if c[0] == example.deregister]
+
+
+async def test_deregistering_without_a_list_trusts_the_not_registered_answer(
+    example: Example, euca_conf: FakeEucaConf, hook_dir: Path
+) -> None:
+    euca_conf.fault("no-list")
+    run = await run_hook(hook_dir, record_for(example), event=DEREGISTER)
+    assert run.outcome is HookOutcome.OK, run
+    assert "was not registered" in run.stdout
+    assert len([c for c in euca_conf.calls() if c[0] == example.deregister]) == 1
+
+
+async def test_a_deregister_failure_exits_non_zero_with_the_reason_last(
+    example: Example, euca_conf: FakeEucaConf, hook_dir: Path
+) -> None:
+    record = record_for(example)
+    assert (await run_hook(hook_dir, record)).outcome is HookOutcome.OK
+    euca_conf.fault("down")
+    run = await run_hook(hook_dir, record, event=DEREGISTER)
+    assert run.outcome is HookOutcome.FAILED
+    assert run.exit_code == 3
+    assert last_line(run.stderr) == (
+        f"euca_conf {example.deregister} failed (exit 3): euca_conf: cannot reach CLC web service"
+    )
+    assert len(euca_conf.registered()) == 1  # still registered: nothing claimed otherwise
