@@ -159,6 +159,7 @@ class LabCloud:
             "[registrar]",
             *(f"{k} = {_toml_value(v)}" for k, v in registrar.items()),
         ]
+        lines += ["", "[mdns]", f"backend = {_toml_value(self.backend(host))}"]
         lines += self._dnssd_lines(host)
         installed = self.setting("installed", host, {})
         addresses = self.setting("addresses", host, {})
@@ -173,6 +174,25 @@ class LabCloud:
                 lines.append(f"token = {_toml_value(token)}")
             lines.append(f"installed = {_toml_value(installed.get(role, True))}")
         return "\n".join(lines) + "\n"
+
+    def backend(self, host: str) -> str:
+        """A host's `[mdns] backend`: ``settings["mdns_backend"]`` ("zeroconf" or "avahi",
+        for all hosts, or a dict per host), "zeroconf" by default. Never "auto": a lab agent
+        must not find the machine's own avahi-daemon (`ip netns exec` leaves the machine's
+        system bus reachable) and announce on the real LAN."""
+        backend = str(self.setting("mdns_backend", host, "zeroconf"))
+        if backend not in ("zeroconf", "avahi"):
+            raise LabError(f"mdns_backend for {host!r}: 'zeroconf' or 'avahi', not {backend!r}")
+        return backend
+
+    def agent_env(self, host: str) -> dict[str, str]:
+        """The environment a host's agent needs besides the lab's: for an Avahi host, the
+        private system bus of the avahi-daemon in its namespace (started on first use)."""
+        if self.backend(host) != "avahi":
+            return {}
+        if not self.lab.has_avahi(host):
+            self.lab.start_avahi(host, server_options=self.setting("avahi_options", host, {}))
+        return self.lab.avahi_env(host)
 
     def _dnssd_lines(self, host: str) -> list[str]:
         """The `[dnssd]` table from ``settings["dnssd"]``, a mapping of its keys: a plain value
@@ -232,7 +252,7 @@ class LabCloud:
             host,
             f"agent{self.starts[host]}",
             [sys.executable, "-m", "eucareg", "agent", "--config", str(config)],
-            env=env,
+            env={**self.agent_env(host), **(env or {})},
         )
         self.agents[host] = proc
         # An operator installing a cloud opens an install window on each registrar; tests of
@@ -262,7 +282,7 @@ class LabCloud:
         argv = [sys.executable, "-m", "eucareg", *args]
         if args and args[0] not in ("fingerprint", "check-config", "agent"):
             argv += ["--config", config]
-        return self.lab.run(host, argv, timeout=30, check=check)
+        return self.lab.run(host, argv, timeout=30, check=check, env=self.agent_env(host) or None)
 
     def wait_for_api(self, host: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -193,6 +193,8 @@ def node_config(args: argparse.Namespace, index: int, address: str, wait: float)
             # No sshd to probe. The credential files are polled this often where inotify runs
             # out (128 instances per user by default: one per agent).
             "preconditions": {"sshd": False, "recheck_interval": "5s"},
+            # HTTP only (NoMdns), but said explicitly: a lab agent never chooses "auto".
+            "mdns": {"backend": "zeroconf"},
             "components": {"nc": {"cluster": args.cluster, "installed": True}},
         }
     )

@@ -410,6 +410,10 @@ class AvahiDaemon:
     daemon: LabProcess
     bus_address: str
     config: Path
+    argv: tuple[str, ...] = ()  # how the daemon was started (restart_avahi starts it again)
+    dbus_argv: tuple[str, ...] = ()  # and its bus
+    dbus_send: str = "dbus-send"
+    restarts: int = 0
 
     def env(self) -> dict[str, str]:
         return {"DBUS_SYSTEM_BUS_ADDRESS": self.bus_address}
@@ -586,11 +590,17 @@ def _dbus_config(socket_path: Path) -> str:
     return text
 
 
-def _avahi_config(host: str, interfaces: Sequence[str], reflector: bool) -> str:
+def _avahi_config(
+    host: str,
+    interfaces: Sequence[str],
+    reflector: bool,
+    server_options: Mapping[str, str | int] | None = None,
+) -> str:
     # host-name must differ per namespace: they all share the machine's hostname.
     return "\n".join(
         [
             "[server]",
+            *(f"{key}={value}" for key, value in (server_options or {}).items()),
             f"host-name={host}",
             "domain-name=local",
             "use-ipv4=yes",
@@ -921,11 +931,18 @@ class Lab:
     # -- avahi -----------------------------------------------------------------------------------
 
     def start_avahi(
-        self, host: str, *, reflector: bool = False, timeout: float = 15
+        self,
+        host: str,
+        *,
+        reflector: bool = False,
+        timeout: float = 15,
+        server_options: Mapping[str, str | int] | None = None,
     ) -> AvahiDaemon:
         """Start avahi-daemon with a private system bus in a host's namespace; wait until running.
 
-        ``reflector=True`` (useful on routers) relays mDNS between the host's interfaces.
+        ``reflector=True`` (useful on routers) relays mDNS between the host's interfaces;
+        ``server_options`` adds keys to its config's [server] section (e.g. the limits of
+        packaging/avahi/eucareg-limits.conf, or a small objects-per-client-max).
         """
         self._require_running()
         ns = self.netns(host)
@@ -953,25 +970,15 @@ class Lab:
         dbus_conf.write_text(_dbus_config(socket_path))
         avahi_conf = confdir / "avahi-daemon.conf"
         interfaces = [f"eth{i}" for i in range(len(self._attachments(host)))]
-        avahi_conf.write_text(_avahi_config(host, interfaces, reflector))
+        avahi_conf.write_text(_avahi_config(host, interfaces, reflector, server_options))
         bus_address = f"unix:path={socket_path}"
         bus_env = {"DBUS_SYSTEM_BUS_ADDRESS": bus_address}
 
         # The bus runs inside the namespace too (it does not need to), so that a crashed test
         # run leaves it where `ip netns pids` and cleanup_stale() will find it.
-        dbus = self.spawn(
-            host,
-            "dbus",
-            [tools["dbus-daemon"], "--nofork", "--nopidfile", f"--config-file={dbus_conf}"],
-        )
+        dbus_argv = [tools["dbus-daemon"], "--nofork", "--nopidfile", f"--config-file={dbus_conf}"]
         deadline = time.monotonic() + timeout
-        while not socket_path.exists():
-            if _exited(dbus.popen) or time.monotonic() >= deadline:
-                self.stop(dbus)
-                raise LabError(
-                    f"private dbus-daemon for {host!r} did not start:\n{_tail(dbus.log_text())}"
-                )
-            time.sleep(_POLL)
+        dbus = self._start_bus(host, "dbus", dbus_argv, socket_path, deadline)
 
         # --no-drop-root: the 'avahi' user could not reach a bus socket inside a root-only
         # workdir such as pytest's tmp_path (/tmp/pytest-of-root is mode 0700).
@@ -981,7 +988,14 @@ class Lab:
             host, "avahi", ["sh", "-c", _AVAHI_SHELL, "lab-avahi", *avahi_argv], env=bus_env
         )
         avahi = AvahiDaemon(
-            host=host, dbus=dbus, daemon=daemon, bus_address=bus_address, config=avahi_conf
+            host=host,
+            dbus=dbus,
+            daemon=daemon,
+            bus_address=bus_address,
+            config=avahi_conf,
+            argv=tuple(avahi_argv),
+            dbus_send=tools["dbus-send"],
+            dbus_argv=tuple(dbus_argv),
         )
         try:
             self._wait_avahi_running(avahi, tools["dbus-send"], deadline)
@@ -1019,6 +1033,66 @@ class Lab:
                     f"{_tail(avahi.daemon.log_text())}"
                 )
             time.sleep(0.05)
+
+    def _start_bus(
+        self, host: str, name: str, argv: Sequence[str], socket_path: Path, deadline: float
+    ) -> LabProcess:
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        dbus = self.spawn(host, name, argv)
+        while not socket_path.exists():
+            if _exited(dbus.popen) or time.monotonic() >= deadline:
+                self.stop(dbus)
+                raise LabError(
+                    f"private dbus-daemon for {host!r} did not start:\n{_tail(dbus.log_text())}"
+                )
+            time.sleep(_POLL)
+        return dbus
+
+    def restart_avahi_bus(self, host: str, *, timeout: float = 15) -> AvahiDaemon:
+        """Stop a host's avahi-daemon and its private system bus, then start both again at
+        the same bus address: what a restart of the machine's dbus does to its clients."""
+        avahi = self.avahi(host)
+        self._stop_many([avahi.daemon, avahi.dbus], 5)
+        socket_path = Path(avahi.bus_address.removeprefix("unix:path="))
+        avahi.restarts += 1
+        avahi.dbus = self._start_bus(
+            host,
+            f"dbus{avahi.restarts + 1}",
+            avahi.dbus_argv,
+            socket_path,
+            time.monotonic() + timeout,
+        )
+        return self.restart_avahi(host, timeout=timeout)
+
+    def stop_avahi(self, host: str) -> None:
+        """Stop a host's avahi-daemon (SIGTERM, as systemd would), leaving its bus running."""
+        self.stop(self.avahi(host).daemon)
+
+    def restart_avahi(self, host: str, *, timeout: float = 15) -> AvahiDaemon:
+        """Start a host's avahi-daemon again on the same private bus (stopping it first if it
+        still runs), and wait until it runs: what an operator's `systemctl restart` does."""
+        avahi = self.avahi(host)
+        if not _exited(avahi.daemon.popen):
+            self.stop(avahi.daemon)
+        avahi.restarts += 1
+        avahi.daemon = self.spawn(
+            host,
+            f"avahi{avahi.restarts + 1}",
+            ["sh", "-c", _AVAHI_SHELL, "lab-avahi", *avahi.argv],
+            env=avahi.env(),
+        )
+        self._wait_avahi_running(avahi, avahi.dbus_send, time.monotonic() + timeout)
+        return avahi
+
+    def has_avahi(self, host: str) -> bool:
+        """Whether start_avahi() started an avahi-daemon on ``host`` (it may have exited since)."""
+        return host in self._avahi
+
+    def avahi(self, host: str) -> AvahiDaemon:
+        if host not in self._avahi:
+            raise LabError(f"avahi is not running on {host!r}; call start_avahi first")
+        return self._avahi[host]
 
     def avahi_env(self, host: str) -> dict[str, str]:
         """Environment for avahi-browse/avahi-publish run via run()/spawn() on ``host``."""

@@ -95,7 +95,13 @@ def converge(cloud: LabCloud, timeout: float = 60) -> dict[str, Any]:
 def test_design_topology_registers_everything_exactly_once(
     cloud_factory: CloudFactory, plan: dict[str, dict[str, str | None]], seed: int
 ) -> None:
-    cloud = cloud_factory(plan)
+    check_design_topology(cloud_factory(plan), seed)
+
+
+def check_design_topology(cloud: LabCloud, seed: int) -> dict[str, Any]:
+    """Start a cloud's agents in a shuffled order; everything registers exactly once, with
+    credentials. Also run with the Avahi backend (tests/integration/test_avahi_backend.py)."""
+    plan = {host: dict(roles) for host, roles in cloud.plan.items()}
     order = list(plan)
     random.Random(seed).shuffle(order)
     cloud.start_all(order, gap=random.Random(seed).choice([0.0, 0.4]))
@@ -113,6 +119,9 @@ def test_design_topology_registers_everything_exactly_once(
     for cluster in status["tree"]["clusters"]:
         assert len(cluster["cc"]) == 1 and len(cluster["sc"]) == 1
         assert all(nc["cluster"] == cluster["name"] for nc in cluster["nc"])
+    # Each agent used the backend its config forces (the lab never says "auto").
+    assert status["mdns"]["backend"] == cloud.backend(clc_host(plan))
+    return status
 
 
 def test_second_walrus_and_duplicate_cluster_name_are_refused_visibly(
