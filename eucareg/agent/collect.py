@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from enum import StrEnum
@@ -25,6 +26,7 @@ from eucareg.pki import credentials as cred
 from eucareg.pki import names, tls
 from eucareg.pki.signing import signed_body, socket_audience
 
+from .euca_keys import EucaKeys
 from .identity import Identity
 from .locate import Endpoint
 
@@ -45,6 +47,7 @@ class Outcome(StrEnum):
     WRITTEN = "written"  # a new bundle was verified and written
     PENDING = "pending"  # not registered (yet); the registrar said why
     UNCHANGED = "unchanged"  # watching: the credentials we hold are still current
+    RENEWED = "renewed"  # watching: a new certificate for our key (or its chain) was written
     REVOKED = "revoked"  # watching: the registrar revoked the credentials we hold
 
 
@@ -168,6 +171,7 @@ async def collect_credentials(
     expect: tls.Expect | None = None,
     named: names.CertIdentity | None = None,
     client: tls.ClientCert | None = None,
+    euca: EucaKeys | None = None,
 ) -> Outcome:
     """One signed, long-polling credential request: WRITTEN or PENDING, or, when watching
     credentials we hold (`have`: our certificate's serial), UNCHANGED or REVOKED.
@@ -184,6 +188,10 @@ async def collect_credentials(
     fields: dict[str, Any] = {"component_id": identity.component_id}
     if have is not None:
         fields["have"] = have
+    if euca is not None:
+        # Asking for Eucalyptus's own key files too (docs/credentials.md): the digest of the
+        # set we were last given, so that a watch ends when the registrar's set changes.
+        fields["euca"] = euca.digest
     path = f"/v1/credentials?wait={wait:g}"
     log.debug("requesting credentials for %s from %s%s", identity.component_id, endpoint.url, path)
     status, data = await _signed_post(
@@ -210,9 +218,13 @@ async def collect_credentials(
     ):
         raise ProtocolError(f"HTTP 200 without a credential bundle: {str(data)[:200]}")
     # Verifying signatures and fsyncing files block: do both in a thread.
-    return await asyncio.to_thread(
+    outcome = await asyncio.to_thread(
         _accept, files, role, identity, endpoint, key_dir, have, _pin_of(expect), named
     )
+    if euca is not None:
+        # Only from a registrar whose bundle we just accepted, and after our own files.
+        await asyncio.to_thread(euca.receive, data.get("eucalyptus"))
+    return outcome
 
 
 def _pin_of(expect: tls.Expect) -> str | None:
@@ -243,8 +255,24 @@ def _accept(
                 "refusing a rogue registrar"
             )
     own = cred.load_cert_pem(verified[cred.LAYOUTS[role].cert])
-    if have is not None and format(own.serial_number, "x") == have.lower():
-        return Outcome.UNCHANGED
+    if have is not None:
+        # Watching: a renewal (a new serial), or the same certificate under a renewed chain
+        # (the CA's, or our CC's, certificate). Only what differs is replaced, each file
+        # atomically and our certificate last: we never pass through "unregistered". What
+        # replaces working credentials must work now: never an expired or future one.
+        changed = cred.differing(key_dir, verified)
+        if not changed:
+            return Outcome.UNCHANGED
+        cred.check_current(changed, time.time())
+        cred.update_credentials(key_dir, role, changed)
+        log.info(
+            "credentials of %s %s renewed (%s), valid until %s",
+            role.value,
+            identity.component_id,
+            ", ".join(changed),
+            own.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ"),
+        )
+        return Outcome.RENEWED
     cred.write_credentials(key_dir, role, verified)
     log.info("credentials for %s %s written to %s", role.value, identity.component_id, key_dir)
     return Outcome.WRITTEN

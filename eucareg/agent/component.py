@@ -19,8 +19,9 @@ from eucareg.mdns.types import Announcer, ServiceSpec
 from eucareg.pki import credentials as cred
 from eucareg.pki import names, tls
 
-from . import collect
+from . import collect, expiry
 from .announce import TokenProver, instance_name, preconditions, service_spec
+from .euca_keys import EucaKeys
 from .identity import Identity, identity_key
 from .locate import Endpoint, Registrars
 from .presence import CredentialPresence, HeldRoot
@@ -50,6 +51,12 @@ class Component:
         self.prover = TokenProver(parse_token(conf.token)) if conf.token else None
         self.presence = CredentialPresence(cfg.key_dir, conf.role, identity.key)
         self.root = HeldRoot(cfg.key_dir / cred.CLOUD_CERT)
+        # Eucalyptus's own key files, asked for with our credentials when configured.
+        self.euca = (
+            EucaKeys(cfg.eucalyptus, conf.role, conf.cluster, cfg.key_dir)
+            if cfg.eucalyptus.deliver and conf.role is not Role.CLC
+            else None
+        )
         self._proven: Endpoint | None = None  # the registrar that last proved itself
         self.client_cert: tls.ClientCert | None = None  # presented once we are registered
         self.registered = False
@@ -103,10 +110,17 @@ class Component:
 
     async def refresh(self) -> None:
         """Re-check key presence (cheap unless the files changed) and act on a change."""
-        await self.root.check()
+        root, now_root = self.root.cert, await self.root.check()
+        renewed_root = root is not None and now_root is not None and now_root != root
+        before = self.presence.held
         held = await self.presence.check()
         if held.present != self.registered:
             self.set_registered(held.present)
+        elif held.present and before.present and (held != before or renewed_root):
+            # Renewed in place (another serial, or another chain above it): still registered,
+            # no hook; the host serves its new certificate and hands on the new chain.
+            log.info("%s %s holds renewed credentials", self.role.value, self.instance)
+            self._on_registered(self)
         await self._refresh_client_cert()
 
     async def _refresh_client_cert(self) -> None:
@@ -223,10 +237,11 @@ class Component:
                 asked = getattr(exc, "retry_after", None)
                 delay = backoff.next(at_least=asked)
                 log.warning(
-                    "collecting credentials of %s failed: %s; retrying in %.1f s",
+                    "collecting credentials of %s failed: %s; retrying in %.1f s%s",
                     self.identity.component_id,
                     str(exc) or type(exc).__name__,
                     delay,
+                    await expiry.held_note(self.cfg.key_dir, self.role) if self.registered else "",
                 )
                 # A registrar heard meanwhile cuts the wait short: after a decoy, the genuine
                 # registrar is asked as soon as it announces itself. Not sooner than a second,
@@ -238,7 +253,11 @@ class Component:
                 continue
             backoff.reset()
             # None: our own state moved (a credential file vanished, say), so we ask afresh.
-            if outcome in (collect.Outcome.PENDING, collect.Outcome.UNCHANGED):
+            if outcome in (
+                collect.Outcome.PENDING,
+                collect.Outcome.UNCHANGED,
+                collect.Outcome.RENEWED,
+            ):
                 # A registrar answering at once (woken, or not holding requests) is not asked
                 # again straight away, or we would spin on it.
                 pause = self._timing.min_request_interval - (loop.time() - started)
@@ -351,6 +370,7 @@ class Component:
                 expect=self.expect(endpoint),
                 named=self.named(),
                 client=self.client_cert if have is not None else None,
+                euca=self.euca,
             )
         )
         change = asyncio.create_task(self.changed.wait())
@@ -369,7 +389,7 @@ class Component:
         return request.result()
 
     async def _settle(self, outcome: collect.Outcome) -> None:
-        if outcome is collect.Outcome.WRITTEN:
+        if outcome in (collect.Outcome.WRITTEN, collect.Outcome.RENEWED):
             # Verify what was written, through the same cache the re-checks use.
             await self.refresh()
             if not self.registered:

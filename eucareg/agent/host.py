@@ -15,8 +15,8 @@ import aiohttp
 
 from eucareg.config.file import Config
 from eucareg.core.model import Role
+from eucareg.mdns.choice import ChosenBackend
 from eucareg.mdns.types import Announcer, Sighting, Watcher
-from eucareg.mdns.zeroconf_backend import ZeroconfBackend
 from eucareg.pki import tls
 
 from .collect import collect_credentials
@@ -51,17 +51,20 @@ log = logging.getLogger(__name__)
 
 
 class MdnsBackend(Announcer, Watcher, Protocol):
-    """What the agent needs of mDNS: ZeroconfBackend, or a fake in the tests."""
+    """What the agent needs of mDNS: a ChosenBackend (python-zeroconf or Avahi), or a fake."""
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
 
 
 def choose_backend(config: Config) -> MdnsBackend:
-    """mDNS alone; or, with a `[dnssd]` table, DNS-SD through the site's DNS server as well
-    (or instead, with `dnssd.mdns = false`). dnspython is loaded only then."""
+    """mDNS through the backend `[mdns] backend` names (`auto`: Avahi when it runs in this
+    network namespace, python-zeroconf otherwise; chosen at start); or, with a `[dnssd]` table,
+    DNS-SD through the site's DNS server as well (or instead, with `dnssd.mdns = false`).
+    dnspython is loaded only then."""
+    mdns = ChosenBackend(config.mdns_backend, ipv6=config.ipv6)
     if config.dnssd is None:
-        return ZeroconfBackend(ipv6=config.ipv6)
+        return mdns
     from eucareg.dnssd.backend import DnssdBackend
     from eucareg.dnssd.composite import CompositeBackend
 
@@ -69,7 +72,15 @@ def choose_backend(config: Config) -> MdnsBackend:
     dnssd = DnssdBackend(config.dnssd, registrars_only=not config.runs_registrar)
     if not config.dnssd.mdns:
         return dnssd
-    return CompositeBackend([ZeroconfBackend(ipv6=config.ipv6), dnssd])
+    return CompositeBackend([mdns, dnssd])
+
+
+def mdns_in_use(backend: object) -> dict[str, Any]:
+    """What `eucareg status` shows under "mdns": the backend in use, the setting, and why."""
+    for part in [backend, *getattr(backend, "backends", ())]:
+        if isinstance(part, ChosenBackend):
+            return part.describe()
+    return {"backend": "none", "setting": None, "reason": "no mDNS (dnssd.mdns = false)"}
 
 
 class Agent:
@@ -164,6 +175,7 @@ class Agent:
                 cloud_cert=cloud_cert,
                 local_components=self.local_components,
                 shutdown_timeout=self.timing.stop_step / 2,
+                mdns=lambda: mdns_in_use(self.backend),
             )
             await self.service.start()
         await self.backend.start()

@@ -28,9 +28,11 @@ from eucareg.pki import credentials as cred
 from eucareg.pki import tls
 from eucareg.registrar.batch import Batching
 from eucareg.registrar.engine import Issuer, Registrar, Retention, Timing
+from eucareg.registrar.euca_keys import EucaKeySource
 from eucareg.registrar.quietgc import QuietCollector
 from eucareg.store.registry import Store, sqlite_url
 
+from .cloudca import CloudCA
 from .component import Component
 from .identity import identity_key, read_or_create_secret
 
@@ -53,8 +55,10 @@ class RegistrarService:
         cloud_cert: x509.Certificate | None,
         local_components: Callable[[], list[dict[str, Any]]],
         shutdown_timeout: float,
+        mdns: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.cfg = cfg
+        self._mdns = mdns
         self._clc, self._cc, self._cloud_cert = clc, cc, cloud_cert
         self._local_components = local_components
         self._shutdown_timeout = shutdown_timeout
@@ -66,6 +70,8 @@ class RegistrarService:
         self._contexts: dict[Role, ssl.SSLContext] = {}
         self._pacer: Pacer | None = None
         self._tls_lock = asyncio.Lock()
+        self._ca: CloudCA | None = None  # the CLC's: renewed when due (agent/cloudca.py)
+        self._ca_task: asyncio.Task[None] | None = None
         self.port = cfg.api_port  # the bound port once started (differs only for port 0)
 
     async def start(self) -> None:
@@ -85,6 +91,11 @@ class RegistrarService:
             own_clc=self._clc.identity.component_id if self._clc else None,
         )
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        if self._clc is not None and self._cloud_cert is not None:
+            self._ca = CloudCA(
+                cfg.key_dir, self._clc.identity.key, self._cloud_cert, self._ca_changed
+            )
+            await self._ca.check()  # renewed now if it is due
         master_key = await asyncio.to_thread(
             read_or_create_secret, cfg.state_dir / MASTER_KEY_FILE, new_master_key().hex().encode()
         )
@@ -93,7 +104,8 @@ class RegistrarService:
             cfg.state_dir / ADMIN_TOKEN_FILE,
             secrets.token_urlsafe(32).encode(),
         )
-        self.store = Store(sqlite_url(cfg.database))
+        # Opening may migrate the schema and copy the database first: not on the event loop.
+        self.store = await asyncio.to_thread(Store, sqlite_url(cfg.database))
         self.registrar = Registrar(
             self.store,
             settings,
@@ -111,6 +123,8 @@ class RegistrarService:
             retention=Retention(cfg.keep_history, cfg.max_events, cfg.max_hook_runs),
             hooks_at_once=cfg.max_hooks_running,
             batching=Batching(cfg.batch_hooks, cfg.batch_max, cfg.batch_wait),
+            # Eucalyptus's own key files, served with credentials only when configured.
+            euca_keys=(EucaKeySource(cfg.eucalyptus.keys_dir) if cfg.eucalyptus.deliver else None),
         )
         await self.registrar.start()
         context = ApiContext(
@@ -120,6 +134,7 @@ class RegistrarService:
             peer_key=self._clc.identity.key if self._clc else None,
             cloud_cert=self._cloud_cert,
             limits=RateLimits(cfg.rate_limit, cfg.rate_burst, cfg.rate_sources, cfg.max_in_flight),
+            **({"mdns": self._mdns} if self._mdns is not None else {}),
         )
         # A small shutdown_timeout: held long-polls are woken by registrar.close(), and what
         # still runs after that is cut rather than waited for (SIGTERM must stop us quickly).
@@ -135,6 +150,17 @@ class RegistrarService:
         await self.refresh_tls()
         self._collector = QuietCollector(lambda: self.registrar.busy_at if self.registrar else 0.0)
         self._collector.start()
+        if self._ca is not None:
+            self._ca_task = asyncio.get_running_loop().create_task(self._ca.run())
+
+    async def _ca_changed(self) -> None:
+        """The cloud CA certificate was renewed (same key): serve it, and hand it on."""
+        assert self._ca is not None
+        self._cloud_cert = self._ca.cert
+        if self._site is not None:
+            await self.refresh_tls()
+        if self.registrar is not None:
+            self.registrar.desk.chain_changed()
 
     async def _serve_operator(self) -> None:
         """The operator's socket: every route, for root on this host (docs/cli.md)."""
@@ -228,6 +254,9 @@ class RegistrarService:
     async def close(self) -> None:
         """Wake held long-polls and kill running hooks, then stop the API, then the store."""
         try:
+            if self._ca_task is not None:
+                self._ca_task.cancel()
+                await asyncio.gather(self._ca_task, return_exceptions=True)
             if self._collector is not None:
                 await self._collector.stop()
             if self.registrar is not None:
@@ -261,9 +290,13 @@ class RegistrarService:
                 key=cc.identity.key,
                 cert=cred.load_cert_cached(key_dir / cred.LAYOUTS[Role.CC].cert),
                 cloud_cert=cred.load_cert_cached(key_dir / cred.CLOUD_CERT),
+                policy=self.cfg.certificates,
             )
         if self._clc is None or self._cloud_cert is None:
             return None
         return Issuer(
-            key=self._clc.identity.key, cert=self._cloud_cert, cloud_cert=self._cloud_cert
+            key=self._clc.identity.key,
+            cert=self._cloud_cert,
+            cloud_cert=self._cloud_cert,
+            policy=self.cfg.certificates,
         )

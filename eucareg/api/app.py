@@ -39,6 +39,7 @@ OPERATOR_ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/v1/reject", operator.reject),
     ("POST", "/v1/deregister", operator.deregister),
     ("POST", "/v1/register", operator.register),
+    ("POST", "/v1/import", operator.import_components),
     ("GET", "/v1/trust", trust.show),
     ("POST", "/v1/trust/mode", trust.set_mode),
     ("POST", "/v1/trust/lock", trust.set_lock),

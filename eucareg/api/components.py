@@ -50,6 +50,8 @@ async def collect(request: web.Request) -> web.Response:
     payload, public_key = await read_signed_body(request)
     component_id: str = payload["component_id"]
     have: str | None = payload.get("have")
+    # The digest of the Eucalyptus key set it holds ("" for none): it asks for those files.
+    euca: str | None = payload.get("euca")
     registrar = request.app[REGISTRAR]
     record = registrar.record(component_id)
     watching = (
@@ -61,7 +63,7 @@ async def collect(request: web.Request) -> web.Response:
     wait = min(asked, MAX_WATCH if watching else MAX_WAIT)
     try:
         answer = await _unless_gone(
-            request, registrar.credentials(component_id, public_key, wait, have)
+            request, registrar.credentials(component_id, public_key, wait, have, euca)
         )
     except CredentialRefused as exc:
         if exc.status != 410:
@@ -71,7 +73,10 @@ async def collect(request: web.Request) -> web.Response:
         status = answer.status.value if answer.status else "unknown"
         return web.json_response({"status": status, "reason": answer.reason}, status=202)
     await registrar.mark_collected(component_id)
-    return web.json_response({"status": "registered", "files": answer.files})
+    body: dict[str, Any] = {"status": "registered", "files": answer.files}
+    if answer.eucalyptus is not None:
+        body["eucalyptus"] = answer.eucalyptus.answer()
+    return web.json_response(body)
 
 
 def _wait(raw: str) -> float:

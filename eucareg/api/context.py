@@ -31,6 +31,12 @@ class ApiContext:
     cloud_cert: x509.Certificate | None = None
     # Limits on unauthenticated requests (the [registrar] rate_* keys; api/limits.py).
     limits: RateLimits = field(default_factory=RateLimits)
+    # The mDNS backend in use, and why (eucareg/agent/host.py mdns_in_use), for status.
+    mdns: Callable[[], dict[str, Any]] = lambda: {
+        "backend": "none",
+        "setting": None,
+        "reason": "not told",
+    }
 
 
 REGISTRAR = web.AppKey("registrar", Registrar)

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from eucareg.api import schemas
 from eucareg.api.components import MAX_WAIT, MAX_WATCH, WAIT
-from eucareg.api.operator import MAX_EVENTS
+from eucareg.api.operator import MAX_DEREGISTER_WAIT, MAX_EVENTS
 from eucareg.api.validate import MAX_BODY, MAX_DEPTH, MAX_SEQ
 from eucareg.pki.signing import SIGNATURE_HEADER
 
@@ -54,6 +54,8 @@ ERROR_CODES: Mapping[str, str] = {
     "not-found": "404: no such endpoint",
     "method-not-allowed": "405: the endpoint does not take this method (see Allow)",
     "conflict": "409: the record changed while credentials were issued; ask again",
+    "import-conflict": "409: POST /v1/import: a component conflicts or is refused; nothing "
+    "was imported",
     "revoked": "410: these credentials were revoked, or the component is not registered here",
     "body-too-large": f"413: the body is over {MAX_BODY} bytes",
     "rate-limited": "429: too many requests from this source or of unregistered keys; "
@@ -156,13 +158,33 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/pending", "operator", "Components waiting for a decision, oldest first."),
     Route("POST", "/v1/approve", "operator", "Approve a component."),
     Route("POST", "/v1/reject", "operator", "Reject a component until it is approved."),
-    Route("POST", "/v1/deregister", "operator", "Remove a component and revoke its credentials."),
+    Route(
+        "POST",
+        "/v1/deregister",
+        "operator",
+        "Remove a component and revoke its credentials; its deregister hook runs (docs/hooks.md).",
+        (
+            _query(
+                "wait",
+                {"type": "string", "pattern": schemas.full(WAIT)},
+                f"Seconds (at most {MAX_DEREGISTER_WAIT:g}) to wait for the deregister hook's "
+                "outcome; without, the answer says it is running.",
+            ),
+        ),
+    ),
     Route(
         "POST",
         "/v1/register",
         "operator",
         "Register a component by role and address before it is heard (manual registration); "
         "409 with the check's code when the design's checks say no.",
+    ),
+    Route(
+        "POST",
+        "/v1/import",
+        "operator",
+        "Import what a Eucalyptus 1.6.2 front end registered (`eucareg import`): recorded as "
+        "registered and claimable, no hook; all or nothing (409 import-conflict).",
     ),
     Route("GET", "/v1/trust", "operator", "The trust settings."),
     Route("POST", "/v1/trust/mode", "operator", "Set the registration mode."),

@@ -6,21 +6,27 @@ its schema, eucareg/api/schemas.py) and calls the registrar facade.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
 
+from eucareg.api.components import WAIT
 from eucareg.api.context import REGISTRAR
 from eucareg.api.schemas import changed, read_body
 from eucareg.api.validate import MAX_SEQ, ApiError, bad, query_int
 from eucareg.api.views import record_json
 from eucareg.core import grammar
-from eucareg.core.model import Record, Role, Status
+from eucareg.core.model import HookRun, Record, Role, Status
 from eucareg.registrar.engine import Registrar
+from eucareg.upgrade import plan
 
 MAX_EVENTS = 100_000
+# The longest an operator's `deregister` may wait for the deregister hook (its retries too).
+MAX_DEREGISTER_WAIT = 600.0
 # What `eucareg pending` lists: not registered, and not kept out for good.
 WAITING = frozenset({Status.PENDING, Status.AWAITING_KEY, Status.EXPIRED, Status.REFUSED})
 
@@ -113,7 +119,8 @@ async def deregister(request: web.Request) -> web.Response:
     component_id = record.component_id
     certificate = registrar.memory.certificates.get(component_id)
     spent_before = {t.token_id: t.spent_by for t in registrar.tokens()}
-    await registrar.deregister(record)
+    wait = _deregister_wait(request.query.get("wait", "0"))
+    outcome = await registrar.deregister(record)
     changes = changed("component", component_id, stored(record), None)
     if certificate is not None:
         revoked = certificate.serial in registrar.memory.revoked
@@ -129,7 +136,38 @@ async def deregister(request: web.Request) -> web.Response:
                 {"spent_by": sorted(before)},
                 {"spent_by": sorted(token.spent_by)},
             )
-    return web.json_response({"deregistered": component_id, "changed": changes})
+    hook = await _hook_outcome(outcome, component_id, wait)
+    return web.json_response({"deregistered": component_id, "changed": changes, "hook": hook})
+
+
+def _deregister_wait(raw: str) -> float:
+    if not WAIT.fullmatch(raw):
+        bad(f"wait must be a number of seconds, got {grammar.shown(raw)}", "invalid-query")
+    return min(MAX_DEREGISTER_WAIT, float(raw))
+
+
+async def _hook_outcome(
+    outcome: asyncio.Future[HookRun] | None, component_id: str, wait: float
+) -> dict[str, Any]:
+    """What became of the deregister hook: none owed, its last run, or still running (the
+    operator follows it with `eucareg hooks`)."""
+    if outcome is None:
+        reason = "no deregister hook: its registration hook never ran"
+        return {"state": "none", "reason": reason, "run": None}
+    if not outcome.done() and wait > 0:
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            # Shielded: the operator's giving up must not cancel the hook.
+            await asyncio.wait_for(asyncio.shield(outcome), wait)
+    if outcome.cancelled():
+        reason = "the registrar stopped while the deregister hook ran (GET /v1/hooks shows it)"
+        return {"state": "stopped", "reason": reason, "run": None}
+    if not outcome.done():
+        follow = f"eucareg events --component {component_id} --kind hook"
+        reason = f"the deregister hook is still running; follow it with `{follow}`"
+        return {"state": "running", "reason": reason, "run": None}
+    run = outcome.result()
+    reason = f"deregister hook {run.outcome.value} (attempt {run.attempt})"
+    return {"state": "done", "reason": reason, "run": asdict(run)}
 
 
 async def register(request: web.Request) -> web.Response:
@@ -168,5 +206,47 @@ async def register(request: web.Request) -> web.Response:
         {
             "component": record_json(record, False),
             "changed": changed("component", record.component_id, None, stored(record)),
+        }
+    )
+
+
+async def import_components(request: web.Request) -> web.Response:
+    """POST /v1/import {"components": [{"role", "address", "cluster"?, "fingerprint"?}], "dry_run"?,
+    "source"?} -> {"plan": [PLAN ROW], "imported": N, "dry_run", "changed": [..]}; 409
+    `import-conflict` (nothing stored) when a row conflicts or is refused (`eucareg import`)."""
+    registrar = request.app[REGISTRAR]
+    data = await read_body(request)
+    candidates = [
+        plan.Candidate(
+            Role(c["role"]), c.get("cluster"), c["address"], fingerprint=c.get("fingerprint") or ""
+        )
+        for c in data["components"]
+    ]
+    dry_run = bool(data.get("dry_run", False))
+    source = data.get("source") or "an euca_conf listing"
+    rows = await registrar.admin.import_components(candidates, dry_run=dry_run, source=source)
+    blocked = [r for r in rows if r.action in plan.BLOCKING]
+    if blocked and not dry_run:
+        shown = "; ".join(
+            f"{plan.what(r.role, r.cluster, r.address)}: {r.reason}" for r in blocked[:5]
+        )
+        more = f" (and {len(blocked) - 5} more)" if len(blocked) > 5 else ""
+        raise ApiError(
+            409,
+            f"nothing imported: {len(blocked)} of {len(rows)} cannot be imported: {shown}{more}",
+            "import-conflict",
+        )
+    changes: list[dict[str, Any]] = []
+    done = [r for r in rows if r.action is plan.Action.IMPORT and not dry_run]
+    for row in done:
+        record = registrar.record(row.component_id or "")
+        if record is not None:
+            changes += changed("component", record.component_id, None, stored(record))
+    return web.json_response(
+        {
+            "plan": [r.json() for r in rows],
+            "imported": len(done),
+            "dry_run": dry_run,
+            "changed": changes,
         }
     )

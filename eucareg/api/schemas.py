@@ -34,6 +34,7 @@ from eucareg.core.trust import Mode, Task, Token
 from eucareg.core.txt import MAX_TXT_VALUE
 from eucareg.pki import credentials as cred
 from eucareg.pki import signing
+from eucareg.upgrade.plan import MAX_IMPORT, Action
 
 Schema = dict[str, Any]
 
@@ -135,6 +136,27 @@ CREATE_TOKEN = _object(
     ("role",),
 )
 REVOKE_TOKEN = _object({"token_id": TOKEN_ID}, ("token_id",))
+IMPORT = _object(
+    {
+        "components": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_IMPORT,
+            "items": _object(
+                {
+                    "role": ROLE,
+                    "address": {"type": "string", "minLength": 2, "maxLength": 45},
+                    "cluster": {**CLUSTER, "type": ["string", "null"]},
+                    "fingerprint": {**FINGERPRINT, "type": ["string", "null"]},
+                },
+                ("role", "address"),
+            ),
+        },
+        "dry_run": {"type": "boolean", "default": False},
+        "source": {"type": "string", "maxLength": 200},
+    },
+    ("components",),
+)
 REGISTER = _object(
     {
         "role": ROLE,
@@ -187,7 +209,16 @@ TXT: Schema = {
     "additionalProperties": {"type": "string", "maxLength": MAX_TXT_VALUE},
     "maxProperties": 32,
 }
-CREDENTIALS = _signed({"component_id": COMPONENT_ID, "have": SERIAL}, ("component_id",))
+# `euca`: the digest of the Eucalyptus key set the component was last given ("" for none);
+# sent only by a component that asks for Eucalyptus's own key files (docs/credentials.md).
+EUCA_DIGEST = {
+    "type": "string",
+    "pattern": "^(?:[a-z0-9]{1,16}:[0-9a-f]{1,64})?$",
+    "description": "The digest of the Eucalyptus key set held, or empty.",
+}
+CREDENTIALS = _signed(
+    {"component_id": COMPONENT_ID, "have": SERIAL, "euca": EUCA_DIGEST}, ("component_id",)
+)
 ANNOUNCE = _signed({"txt": TXT}, ("txt",))
 PEER = _signed({})
 
@@ -205,6 +236,7 @@ REQUEST_BODIES: Mapping[str, Schema] = {
     "/v1/tokens": CREATE_TOKEN,
     "/v1/tokens/revoke": REVOKE_TOKEN,
     "/v1/register": REGISTER,
+    "/v1/import": IMPORT,
 }
 _VALIDATORS: dict[str, Validator] = {path: compile_schema(s) for path, s in REQUEST_BODIES.items()}
 
@@ -362,8 +394,17 @@ STATUS = {
         "errors": {"type": "array", "items": {"type": "string"}},
         "warnings": {"type": "array", "items": {"type": "string"}},
         "legacy": {"type": "array", "items": _LEGACY},
+        # The mDNS backend in use on this host ([mdns] backend, docs/mdns.md).
+        "mdns": _object(
+            {
+                "backend": {"type": "string"},
+                "setting": {"type": ["string", "null"]},
+                "reason": {"type": "string"},
+            },
+            ("backend", "setting", "reason"),
+        ),
     },
-    "required": ["registrar", "local", "tree", "errors", "warnings", "legacy"],
+    "required": ["registrar", "local", "tree", "errors", "warnings", "legacy", "mdns"],
 }
 TOKEN_TEXT = {
     "type": "string",
@@ -386,6 +427,30 @@ ANNOUNCED = _object(
     ("status", "reason"),
 )
 TRUST_CHANGED = {**TRUST, "properties": {**TRUST["properties"], "changed": CHANGES}}
+# What became of a deregistered component's deregister hook (docs/hooks.md, "Deregistering").
+DEREGISTER_HOOK = _object(
+    {
+        "state": {"enum": ["none", "running", "done", "stopped"]},
+        "reason": {"type": "string"},
+        "run": {"anyOf": [HOOK_RUN, {"type": "null"}]},
+    },
+    ("state", "reason", "run"),
+    {"description": "The deregister hook: none owed, still running (see `eucareg hooks`), done."},
+)
+# One component of an import plan (eucareg/upgrade/plan.py, PlanRow).
+PLAN_ROW = _object(
+    {
+        "role": ROLE,
+        "cluster": {"type": ["string", "null"]},
+        "address": {"type": "string"},
+        "action": {"enum": [a.value for a in Action]},
+        "reason": {"type": "string"},
+        "component_id": {"type": ["string", "null"]},
+        "where": {"type": "string"},
+        "fingerprint": {"type": ["string", "null"]},
+    },
+    ("role", "cluster", "address", "action", "reason", "component_id", "where", "fingerprint"),
+)
 COMPONENT_CHANGED = _object({"component": ROW, "changed": CHANGES}, ("component", "changed"))
 
 
@@ -402,6 +467,19 @@ RESPONSES: Mapping[tuple[str, str], Mapping[int, Schema]] = {
             {
                 "status": {"const": "registered"},
                 "files": {"type": "object", "additionalProperties": {"type": "string"}},
+                "eucalyptus": _object(
+                    {
+                        "state": {"enum": ["ready", "missing", "invalid", "off"]},
+                        "reason": {"type": "string"},
+                        "digest": {"type": "string"},
+                        "files": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string", "contentEncoding": "base64"},
+                        },
+                    },
+                    ("state", "reason", "digest", "files"),
+                    {"description": "Eucalyptus's own key files, for a component that asked."},
+                ),
             },
             ("status", "files"),
         ),
@@ -417,9 +495,22 @@ RESPONSES: Mapping[tuple[str, str], Mapping[int, Schema]] = {
     ("POST", "/v1/approve"): {200: COMPONENT_CHANGED},
     ("POST", "/v1/reject"): {200: COMPONENT_CHANGED},
     ("POST", "/v1/register"): {200: COMPONENT_CHANGED, 409: ERROR},
+    ("POST", "/v1/import"): {
+        200: _object(
+            {
+                "plan": {"type": "array", "items": PLAN_ROW},
+                "imported": {"type": "integer", "minimum": 0},
+                "dry_run": {"type": "boolean"},
+                "changed": CHANGES,
+            },
+            ("plan", "imported", "dry_run", "changed"),
+        ),
+        409: ERROR,
+    },
     ("POST", "/v1/deregister"): {
         200: _object(
-            {"deregistered": COMPONENT_ID, "changed": CHANGES}, ("deregistered", "changed")
+            {"deregistered": COMPONENT_ID, "changed": CHANGES, "hook": DEREGISTER_HOOK},
+            ("deregistered", "changed"),
         )
     },
     ("GET", "/v1/trust"): {200: TRUST},

@@ -95,6 +95,7 @@ async def status_tree(
         "warnings": registrar.warnings(),
         # Pre-eucareg Eucalyptus components heard now: reported, never registered.
         "legacy": registrar.legacy_components(),
+        "mdns": ctx.mdns(),
     }
 
 

@@ -36,6 +36,7 @@ class Api:
         path: str,
         params: dict[str, str] | None = None,
         body: dict[str, Any] | None = None,
+        timeout_s: float = REQUEST_TIMEOUT,
     ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
@@ -45,7 +46,7 @@ class Api:
         url = "http://localhost" + path  # the host part means nothing on a Unix socket
 
         async def fetch() -> tuple[int, Any]:
-            timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
             connector = aiohttp.UnixConnector(path=socket)
             async with (
                 aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
@@ -71,8 +72,14 @@ class Api:
     def get(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
         return self.call("GET", path, params=params)
 
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.call("POST", path, body=body)
+    def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        params: dict[str, str] | None = None,
+        timeout_s: float = REQUEST_TIMEOUT,
+    ) -> dict[str, Any]:
+        return self.call("POST", path, params=params, body=body, timeout_s=timeout_s)
 
     def field(self, data: dict[str, Any], key: str, kind: type[T]) -> T:
         """`data[key]`, which an eucareg registrar always sends with this type."""

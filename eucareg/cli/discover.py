@@ -203,13 +203,16 @@ def clusters_outcome(heard: Survey, seconds: float) -> Outcome:
 # -- listening -----------------------------------------------------------------------------------
 
 
-async def listen(seconds: float, *, ipv6: bool = False) -> list[Sighting]:
+async def listen(
+    seconds: float, *, ipv6: bool = False, backend_name: str = "auto"
+) -> list[Sighting]:
     """Browse `_eucalyptus._tcp` for `seconds`; the services still announced at the end."""
-    # python-zeroconf, only for this command: other commands need no mDNS at all.
-    from eucareg.mdns.zeroconf_backend import ZeroconfBackend
+    # The agent's choice of backend ([mdns] backend), loaded only for this command: other
+    # commands need no mDNS at all.
+    from eucareg.mdns.choice import ChosenBackend
 
     heard = Heard()
-    backend = ZeroconfBackend(ipv6=ipv6)
+    backend = ChosenBackend(backend_name, ipv6=ipv6)
     try:
         await backend.start()
         backend.watch(heard.on_sighting)
@@ -219,13 +222,13 @@ async def listen(seconds: float, *, ipv6: bool = False) -> list[Sighting]:
     return heard.sightings()
 
 
-def _listened(timeout: str, ipv6: bool) -> tuple[Survey, float]:
+def _listened(timeout: str, ipv6: bool, backend: str) -> tuple[Survey, float]:
     try:
         seconds = parse_duration(timeout, "--timeout", MAX_TIMEOUT)
     except ConfigError as exc:
         fail(str(exc))
     try:
-        sightings = asyncio.run(listen(seconds, ipv6=ipv6))
+        sightings = asyncio.run(listen(seconds, ipv6=ipv6, backend_name=backend))
     except (OSError, RuntimeError) as exc:
         # (python-zeroconf says "No interfaces to listen on" with a RuntimeError.)
         fail(f"cannot listen for mDNS announcements: {exc}", 1)
@@ -272,6 +275,14 @@ def _listen_options(func: FC) -> FC:
         ),
         click.option("--ipv6", is_flag=True, help="Listen over IPv6 too (IPv4 only by default)."),
         click.option(
+            "--backend",
+            type=click.Choice(["auto", "avahi", "zeroconf"]),
+            default="auto",
+            show_default=True,
+            help="Listen through python-zeroconf, the host's avahi-daemon, or (auto) Avahi when "
+            "it runs in this network namespace, as the agent's [mdns] backend.",
+        ),
+        click.option(
             "--verbose", "-v", is_flag=True, help="Also name each announcement ignored, and why."
         ),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
@@ -289,25 +300,25 @@ def discover() -> None:
 
 @discover.command("clc")
 @_listen_options
-def discover_clc(timeout: str, ipv6: bool, verbose: bool, as_json: bool) -> None:
+def discover_clc(timeout: str, ipv6: bool, backend: str, verbose: bool, as_json: bool) -> None:
     """Print the CLC's address (its announced addr=), API port, id and key fingerprint.
 
     Exit status: 0 when one CLC was heard, 1 when none was, 3 when several were (all printed).
     """
-    heard, seconds = _listened(timeout, ipv6)
+    heard, seconds = _listened(timeout, ipv6, backend)
     outcome = clc_outcome(heard, seconds)
     _finish(outcome, as_json, verbose, lambda: clc_table(outcome.data["clcs"]))
 
 
 @discover.command("clusters")
 @_listen_options
-def discover_clusters(timeout: str, ipv6: bool, verbose: bool, as_json: bool) -> None:
+def discover_clusters(timeout: str, ipv6: bool, backend: str, verbose: bool, as_json: bool) -> None:
     """List the clusters heard: each one's CCs (registered or ready, as they announce it), its
     SCs and how many NCs announce it.
 
     Exit status: 0 when a cluster was heard, 1 when none was.
     """
-    heard, seconds = _listened(timeout, ipv6)
+    heard, seconds = _listened(timeout, ipv6, backend)
     outcome = clusters_outcome(heard, seconds)
     _finish(outcome, as_json, verbose, lambda: clusters_table(outcome.data["clusters"]))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from eucareg.cli import discover, join, queries, setup, trust
+from eucareg.cli import backup, ca, discover, importing, join, queries, setup, trust
 from eucareg.cli.common import config_option, console, fail, load_config, print_json
 from eucareg.cli.logs import setup_logging
 from eucareg.pki.credentials import CredentialError
@@ -43,7 +43,7 @@ def agent(config_path: Path) -> None:
     its announcements."""
     from eucareg.agent.host import Agent
     from eucareg.agent.statedir import AGENT_UMASK, StateDirError
-    from eucareg.store.errors import StoreBusy
+    from eucareg.store.errors import SchemaTooNew, StoreBusy
 
     cfg = load_config(config_path)
     setup_logging(cfg.log_level, cfg.log_format)
@@ -52,9 +52,16 @@ def agent(config_path: Path) -> None:
     os.umask(AGENT_UMASK)
     try:
         asyncio.run(Agent(cfg).run_forever())
-    except (OSError, CredentialError, StoreBusy, StateDirError) as exc:
+    except (OSError, CredentialError, StoreBusy, SchemaTooNew, StateDirError) as exc:
         logging.getLogger("eucareg").error("agent cannot run: %s", exc)
         sys.exit(1)
+
+
+def _mdns_summary(setting: str) -> dict[str, str]:
+    """The mDNS backend the agent would use now; `auto` asks the system bus, read-only."""
+    from eucareg.mdns.choice import preview
+
+    return asyncio.run(preview(setting))
 
 
 @main.command("check-config")
@@ -99,6 +106,7 @@ def check_config(config_path: Path, as_json: bool) -> None:
         "rate_sources": cfg.rate_sources,
         "max_in_flight": cfg.max_in_flight,
         "ipv6": cfg.ipv6,
+        "mdns_backend": _mdns_summary(cfg.mdns_backend),
         "log_level": cfg.log_level,
         "log_format": cfg.log_format,
         "eucalyptus_version": cfg.eucavers,
@@ -110,6 +118,11 @@ def check_config(config_path: Path, as_json: bool) -> None:
         "fallback_after": cfg.fallback_after,
         "report_interval": cfg.report_interval,
         "dnssd": _dnssd_summary(cfg),
+        "eucalyptus": {
+            "deliver_keys": cfg.eucalyptus.deliver,
+            "keys_dir": str(cfg.eucalyptus.keys_dir),
+            "user": cfg.eucalyptus.user,
+        },
         "ca_fingerprint": cfg.ca_fingerprint,
         "allowed_ranges": [str(net) for net in cfg.allowed_ranges],
         "runs_registrar": cfg.runs_registrar,
@@ -181,6 +194,7 @@ for command in (
     queries.events,
     queries.pending,
     trust.register,
+    importing.import_command,
     trust.approve,
     trust.reject,
     trust.deregister,
@@ -193,6 +207,10 @@ for command in (
     join.join,
     discover.discover,
     setup.setup,
+    ca.ca,
+    backup.backup,
+    backup.restore,
+    backup.db,
 ):
     main.add_command(command)
 

@@ -15,7 +15,7 @@ from eucareg.cli.common import console, err_console, json_option, print_json
 EVENT_KINDS = (
     "pending, awaiting-key, registering, registered, failed, refused, rejected, expired, "
     "unmatched, matched, replaced, hook, approved, deregistered, credentials, trust, summary, "
-    "adopted, adopted-by, legacy"
+    "adopted, adopted-by, legacy, imported"
 )
 CSV_FIELDS = ["seq", "at", "kind", "code", "role", "cluster", "component_id", "address", "reason"]
 

@@ -78,6 +78,9 @@ def render_tree(data: dict[str, Any]) -> Tree:
         node = root.add("[bold magenta]unmatched[/]")
         for comp in unmatched:
             node.add(component_line(comp) + f" (cluster {comp.get('cluster')})")
+    mdns = data.get("mdns")
+    if mdns:
+        root.add(escape(f"mDNS: {mdns['backend']} ({mdns['reason']})"))
     legacy = data.get("legacy", [])
     if legacy:
         # Pre-eucareg components (docs/mdns.md, "Legacy announcements"); names are anyone's.

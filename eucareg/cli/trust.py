@@ -10,8 +10,9 @@ from typing import Any
 
 import click
 
-from eucareg.cli.client import Api, with_api_options
+from eucareg.cli.client import REQUEST_TIMEOUT, Api, with_api_options
 from eucareg.cli.common import console, fail, json_option, print_json
+from eucareg.core import grammar
 
 ROLES = click.Choice(["walrus", "cc", "sc", "nc"])
 
@@ -169,13 +170,78 @@ reject = component_command(
     lambda d: f"rejected {d['component']['role']} {d['component']['component_id']}",
     """Reject a pending component: it stays out, whatever it announces, until approved.""",
 )
-deregister = component_command(
-    "deregister",
-    "/v1/deregister",
-    lambda d: f"deregistered {d['deregistered']}; its credentials are revoked",
-    """Remove a component and revoke its credentials. The component notices, deletes them,
-    and is then treated like a newcomer under the current trust settings.""",
+# The longest the registrar waits for a deregister hook (api/operator.py MAX_DEREGISTER_WAIT;
+# not imported: the CLI does not load the server).
+MAX_DEREGISTER_WAIT = 600.0
+
+
+@click.command()
+@with_api_options
+@json_option
+@click.argument("component_id", required=False)
+@click.option(
+    "--fingerprint", help="Name the component by key fingerprint (sha256:…) instead of id."
 )
+@click.option(
+    "--wait",
+    "wait",
+    default="90s",
+    show_default=True,
+    help="How long to wait for the deregister hook's outcome (its retries included); 0: "
+    "do not wait.",
+)
+def deregister(
+    api: Api, as_json: bool, component_id: str | None, fingerprint: str | None, wait: str
+) -> None:
+    """Remove a component and revoke its credentials, and run its deregister hook (e.g.
+    `euca_conf --deregister-nodes`, docs/hooks.md), waiting for its outcome. The component
+    notices, deletes its credentials, and is then treated like a newcomer under the current
+    trust settings. Exit status 1 when the hook failed (the component is deregistered from
+    eucareg all the same: undo its Eucalyptus registration by hand)."""
+    seconds = _wait_seconds(wait)
+    data = api.post(
+        "/v1/deregister",
+        _target(component_id, fingerprint),
+        params={"wait": f"{seconds:g}"},
+        timeout_s=seconds + REQUEST_TIMEOUT,
+    )
+    hook = data.get("hook") or {"state": "none", "reason": "", "run": None}
+    if as_json:
+        print_json(data)
+    else:
+        console.print(
+            f"deregistered {data['deregistered']}; its credentials are revoked", highlight=False
+        )
+        if hook.get("state") != "none":  # no hook owed: nothing more to say
+            console.print(f"deregister hook: {_hook_line(hook)}", highlight=False)
+    run = hook.get("run") or {}
+    if hook.get("state") == "done" and run.get("outcome") not in ("ok", "skipped"):
+        raise SystemExit(1)
+
+
+def _wait_seconds(value: str) -> float:
+    if value.strip() in ("0", "0s"):
+        return 0.0
+    try:
+        seconds = grammar.duration(value, "--wait", high=MAX_DEREGISTER_WAIT)
+    except grammar.Invalid as exc:
+        raise click.BadParameter(str(exc), param_hint="--wait") from None
+    return seconds
+
+
+def _hook_line(hook: dict[str, Any]) -> str:
+    """The hook's outcome in one line, with the tail of what a failed script said."""
+    run = hook.get("run")
+    if hook.get("state") != "done" or not isinstance(run, dict):
+        return str(hook.get("reason", ""))
+    line = f"{run.get('hook')}: {run.get('outcome')}"
+    if run.get("exit_code") is not None:
+        line += f" (exit {run['exit_code']})"
+    line += f", attempt {run.get('attempt')}"
+    tail = (str(run.get("stderr") or "").strip().splitlines() or [""])[-1]
+    if tail and run.get("outcome") not in ("ok", "skipped"):
+        line += f": {tail[:200]}"
+    return line
 
 
 # -- join tokens -------------------------------------------------------------------------------

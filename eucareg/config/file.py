@@ -20,12 +20,17 @@ import ifaddr
 from eucareg.core import grammar
 from eucareg.core.grammar import Invalid, IPNetwork
 from eucareg.core.model import IPAddress, Role
+from eucareg.core.renewal import DEFAULT_POLICY, RenewalPolicy
 from eucareg.core.trust import TokenError, parse_token
+
+from .eucalyptus import EucalyptusConfigError, EucalyptusKeys
+from .eucalyptus import parse as parse_eucalyptus
 
 DEFAULT_STATE_DIR = Path("/var/lib/eucareg")
 SOCKET_FILE = "api.sock"  # the operator API socket, in state_dir (docs/cli.md)
 DEFAULT_HOOK_DIR = Path("/etc/eucareg/hooks")
 DEFAULT_API_PORT = 8780
+MDNS_BACKENDS = ("auto", "avahi", "zeroconf")  # [mdns] backend (docs/mdns.md)
 DEFAULT_SSHD = "127.0.0.1:22"
 DEFAULT_EUCAVERS = "3.4"
 
@@ -134,6 +139,14 @@ class Config:
     max_in_flight: int = 1000
     # Wide-area DNS-SD through the site's DNS server, besides (or instead of) mDNS.
     dnssd: DnssdConfig | None = None
+    # mDNS through "zeroconf" (python-zeroconf), "avahi" (the host's avahi-daemon over D-Bus),
+    # or "auto": Avahi when it runs in this network namespace (docs/mdns.md).
+    mdns_backend: str = "auto"
+    # How long the certificates this registrar issues last, and how long before their end
+    # they are renewed (docs/credentials.md, "Renewal").
+    certificates: RenewalPolicy = DEFAULT_POLICY
+    # Delivering Eucalyptus's own key files (the `[eucalyptus]` table; off by default).
+    eucalyptus: EucalyptusKeys = field(default_factory=EucalyptusKeys)
 
     def component(self, role: Role) -> ComponentConfig | None:
         return next((c for c in self.components if c.role is role), None)
@@ -218,6 +231,7 @@ _TOP_KEYS = {
     "ca_fingerprint",
     "allowed_ranges",
     "dnssd",
+    "eucalyptus",
 }
 
 
@@ -264,14 +278,22 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             "rate_sources",
             "max_in_flight",
             "report_interval",
+            "certificate_lifetime",
+            "certificate_renew_before",
         },
         "registrar.",
     )
     mdns = _table(raw.get("mdns", {}), "mdns")
-    _no_unknown(mdns, {"ipv6"}, "mdns.")
+    _no_unknown(mdns, {"ipv6", "backend"}, "mdns.")
     ipv6 = mdns.get("ipv6", False)
     if not isinstance(ipv6, bool):
         raise ConfigError(f"mdns.ipv6: expected true or false, got {_shown(ipv6)}")
+    mdns_backend = mdns.get("backend", "auto")
+    if mdns_backend not in MDNS_BACKENDS:
+        raise ConfigError(
+            f"mdns.backend: expected one of {', '.join(map(repr, MDNS_BACKENDS))}, "
+            f"got {_shown(mdns_backend)}"
+        )
 
     components = _components(raw.get("components"), address, allowed)
     fallback = _fallback(raw.get("fallback_registrar"))
@@ -317,6 +339,7 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             reg.get("max_in_flight", 1000), "registrar.max_in_flight", 10, MAX_RATE
         ),
         ipv6=ipv6,
+        mdns_backend=mdns_backend,
         log_level=log_level,
         log_format=log_format,
         components=components,
@@ -326,7 +349,31 @@ def from_mapping(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         ca_fingerprint=ca_fingerprint,
         allowed_ranges=allowed,
         dnssd=_dnssd(raw.get("dnssd"), len(components)),
+        certificates=_certificates(reg),
+        eucalyptus=_eucalyptus(raw.get("eucalyptus"), key_dir),
     )
+
+
+def _eucalyptus(value: Any, key_dir: Path) -> EucalyptusKeys:
+    try:
+        return parse_eucalyptus(value, key_dir)
+    except EucalyptusConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _certificates(reg: Mapping[str, Any]) -> RenewalPolicy:
+    lifetime = parse_duration(
+        reg.get("certificate_lifetime", "1825d"), "registrar.certificate_lifetime"
+    )
+    before = reg.get("certificate_renew_before")
+    policy = RenewalPolicy(
+        lifetime,
+        None if before is None else parse_duration(before, "registrar.certificate_renew_before"),
+    )
+    problem = policy.problem()
+    if problem is not None:
+        raise ConfigError(f"registrar.{problem}")
+    return policy
 
 
 BATCHABLE = {role.hook_name: role for role in Role if role is not Role.CLC}

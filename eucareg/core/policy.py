@@ -242,19 +242,26 @@ def _claim(view: View, ann: Announcement) -> Decision | None:
             continue
         if other.cluster != ann.cluster or other.fingerprint not in ("", ann.fingerprint):
             named = f"cluster {other.cluster}" if other.cluster != ann.cluster else "another key"
+            who = "eucareg import" if other.admitted_by == "imported" else "the operator"
             return _refuse(
                 "address-in-use",
-                f"the operator registered {ann.role.value} {other.component_id} at "
+                f"{who} registered {ann.role.value} {other.component_id} at "
                 f"{ann.address} for {named}",
             )
         if other.status is Status.REGISTERED:
+            # An imported registration (`eucareg import`) is taken over like a manual one.
+            made = (
+                "imported from Eucalyptus"
+                if other.admitted_by == "imported"
+                else "the operator made"
+            )
             return Decision(
                 DecisionKind.ADOPT,
                 "adopted",
-                f"takes over the registration the operator made for {ann.role.value} at "
+                f"takes over the registration {made} for {ann.role.value} at "
                 f"{ann.address} ({other.component_id})",
                 replaces=other.component_id,
-                admitted_by="manual",
+                admitted_by=other.admitted_by or "manual",
             )
         return Decision(
             DecisionKind.PENDING,

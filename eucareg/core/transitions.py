@@ -130,6 +130,7 @@ class EffectKind(StrEnum):
     RECONSIDER = "reconsider"  # a slot or a fact changed: decide the blocked ones again
     REDECIDE = "redecide"  # decide this component again, as freshly seen
     LEASE_END = "lease-end"  # an HTTP announcement not renewed in time: no longer heard
+    RUN_DEREGISTER_HOOK = "run-deregister-hook"  # the deregister script for `record`
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,8 @@ class Effect:
     component_id: str = ""
     at: float = 0.0
     rerun: bool = False
+    # The record as it was, for an effect that outlives it (its deregister hook).
+    record: Record | None = None
 
 
 @dataclass(frozen=True)
@@ -322,7 +325,7 @@ def adopted(
         updated_at=now,
         registered_at=manual.registered_at or now,
         approved=existing.approved if existing else False,
-        admitted_by="manual",
+        admitted_by=manual.admitted_by or "manual",  # "manual", or "imported" (eucareg import)
     )
     step = move(existing, record, now, ("adopted", "adopted", reason))
     taken = f"taken over by {ann.component_id} (key {ann.fingerprint[:19]}…)"
@@ -459,6 +462,17 @@ def hook_interrupted(record: Record | None, run: HookRun, now: float) -> Transit
     done = replace(run, outcome=HookOutcome.INTERRUPTED, duration=max(0.0, now - run.started_at))
     events: tuple[NewEvent, ...] = ()
     effects: tuple[Effect, ...] = ()
+    script = run.hook.rsplit("/", 1)[-1]
+    if script.startswith("deregister-"):
+        # Its record is gone (deregistered): nothing to run it for again; the operator is told.
+        role = next((r.value for r in Role if f"deregister-{r.hook_name}" == script), "")
+        reason = (
+            f"deregister hook {run.hook} (run {run.run_id[:8]}) was interrupted by a restart "
+            "and is not run again: undo the Eucalyptus registration by hand"
+        )
+        code = "deregister-hook-interrupted"
+        event = NewEvent(now, run.component_id, role, None, "", "hook", code, reason)
+        return Transition(Write(hook_runs=(done,), events=(event,)))
     if record is not None:
         again = record.status is Status.REGISTERING
         reason = f"hook {run.hook} (run {run.run_id[:8]}) was interrupted by a restart" + (
@@ -528,12 +542,20 @@ def deregistered(record: Record, now: float) -> Transition:
         revoke=(record.component_id,),
         revoke_reason="deregistered by the operator",
     )
-    effects = (
+    effects: tuple[Effect, ...] = (
         Effect(EffectKind.CANCEL_TIMERS, record.component_id),
         Effect(EffectKind.WAKE, record.component_id),
         Effect(EffectKind.RECONSIDER),
     )
+    if record.status in HOOK_RAN:
+        # Its registration hook ran (or may have): undo it (docs/hooks.md, "Deregistering").
+        hook = Effect(EffectKind.RUN_DEREGISTER_HOOK, record.component_id, record=record)
+        effects = (*effects, hook)
     return Transition(change, effects)
+
+
+# Statuses in which a component's registration hook ran, or may have run in part.
+HOOK_RAN = frozenset({Status.REGISTERED, Status.REGISTERING, Status.FAILED})
 
 
 def collected(record: Record, now: float) -> Transition:

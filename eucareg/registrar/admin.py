@@ -9,11 +9,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from eucareg.core.model import AnnouncedState, Announcement, Decision, IPAddress, Record, Role
+from eucareg.core.model import (
+    AnnouncedState,
+    Announcement,
+    Decision,
+    HookRun,
+    IPAddress,
+    Record,
+    Role,
+)
 from eucareg.core.transitions import (
+    EffectKind,
     Transition,
     Write,
     approved,
@@ -31,6 +41,8 @@ from eucareg.core.trust import (
     new_token_id,
     token_secret,
 )
+from eucareg.upgrade import plan
+from eucareg.upgrade.plan import Candidate, PlanRow
 
 if TYPE_CHECKING:
     from eucareg.registrar.engine import Registrar
@@ -129,12 +141,17 @@ class TrustAdmin:
         await self._apply(step)
         return step.change.records[0]
 
-    async def deregister(self, record: Record) -> None:
+    async def deregister(self, record: Record) -> asyncio.Future[HookRun] | None:
         """Remove a component and revoke its credentials; it then meets the current trust
-        settings again like any newcomer (lesson L9)."""
+        settings again like any newcomer (lesson L9). Returns the outcome of its deregister
+        hook to come, when its registration hook ran (docs/hooks.md)."""
         current = self.find(record.component_id, None)
         self.engine.proven.discard((current.component_id, current.fingerprint))
-        await self._apply(deregistered(current, self.engine.clock()))
+        step = deregistered(current, self.engine.clock())
+        await self._apply(step)
+        if not any(e.kind is EffectKind.RUN_DEREGISTER_HOOK for e in step.effects):
+            return None
+        return self.engine.deregistering.outcome(current.component_id)
 
     async def register(
         self, role: Role, address: IPAddress, cluster: str | None, fingerprint: str | None
@@ -164,6 +181,32 @@ class TrustAdmin:
             engine.proven.discard((component_id, ann.fingerprint))
         await engine.writer.flush()
         return decision, record
+
+    async def import_components(
+        self, candidates: Sequence[Candidate], *, dry_run: bool, source: str
+    ) -> list[PlanRow]:
+        """Record what a Eucalyptus 1.6.2 front end registered (`eucareg import`): all of
+        it, or (when a row conflicts or is refused, or in a dry run) nothing. Planned and
+        applied with no await in between, so concurrent imports see each other's records.
+        No hook runs: Eucalyptus registered these components already."""
+        engine = self.engine
+        settings = engine.settings
+        rows = plan.classify(
+            candidates,
+            engine.memory.records,
+            registers=settings.registers,
+            own_cluster=settings.own_cluster,
+            allowed=settings.allowed_ranges,
+            index=engine.memory.index,
+        )
+        todo = [r for r in rows if r.action is plan.Action.IMPORT]
+        if dry_run or not todo or any(r.action in plan.BLOCKING for r in rows):
+            return rows
+        ids = [f"{r.role.value}-{uuid.uuid4().hex[:12]}" for r in todo]
+        log.info("import: %d components from %s", len(todo), source)
+        await engine.step(plan.imported(todo, ids, engine.clock(), source))
+        await engine.writer.flush()
+        return plan.with_ids(rows, ids)
 
     # -- join tokens -------------------------------------------------------------------------
 

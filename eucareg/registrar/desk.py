@@ -1,27 +1,32 @@
 """The credential desk: answers components' signed credential requests (long polls).
 
 A signed request is the component's proof that it holds the announced key; an accepted component
-waits for it before its hook runs. A certificate is issued once per key, committed with its event
-before it is handed out, and signing runs off the event loop.
+waits for it before its hook runs. A certificate is issued once per key, renewed for the same key
+once it is due (core/renewal.py), committed with its event before it is handed out, and signing
+runs off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from eucareg.core.model import IssuedCertificate, Record, Status
-from eucareg.core.transitions import certificate_issued, collected
+from eucareg.core import renewal
+from eucareg.core.model import IssuedCertificate, Record, Role, Status, event_for
+from eucareg.core.transitions import Transition, Write, certificate_issued, collected
 from eucareg.pki import credentials as cred
+from eucareg.registrar.euca_keys import INVALID, OFF_SET, READY, EucaKeySource, EucaSet
 from eucareg.registrar.faults import crash_point
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from eucareg.core.model import Role
     from eucareg.registrar.engine import Registrar
 
 # A component whose registration is under way: a woken request keeps waiting for the outcome.
@@ -35,6 +40,8 @@ class Issuer:
     key: cred.PrivateKey
     cert: x509.Certificate
     cloud_cert: x509.Certificate
+    # How long certificates last and when they are renewed ([registrar] certificate_*).
+    policy: renewal.RenewalPolicy = renewal.DEFAULT_POLICY
 
     def bundle(self, record: Record, cert_pem: str) -> dict[str, str]:
         layout = cred.LAYOUTS[record.role]
@@ -57,13 +64,34 @@ class CredentialAnswer:
     status: Status | None
     reason: str
     files: dict[str, str] | None
+    # Eucalyptus's own key files, for a component that asked for them (docs/credentials.md).
+    eucalyptus: EucaSet | None = None
 
 
 class CredentialDesk:
-    def __init__(self, engine: Registrar, issuer_for: Callable[[Role], Issuer | None]) -> None:
+    def __init__(
+        self,
+        engine: Registrar,
+        issuer_for: Callable[[Role], Issuer | None],
+        euca_keys: EucaKeySource | None = None,
+    ) -> None:
         self.engine = engine
         self._issuer_for = issuer_for
-        self._issuing: dict[str, asyncio.Lock] = {}
+        # Per component: the lock that serialises issuing, and how many requests hold or wait
+        # for it (dropped only when none does: a waiter must not find a fresh lock taken).
+        self._issuing: dict[str, tuple[asyncio.Lock, int]] = {}
+        # This host's Eucalyptus key files, when its configuration delivers them.
+        self.euca_keys = euca_keys
+        # The Eucalyptus key set each component was last told of (an event each change, not
+        # each request: a component sending any digest it likes must not flood the events).
+        self._told: dict[str, str] = {}
+        self._watching: dict[str, int] = {}  # component id -> its requests watching (`have`)
+
+    def chain_changed(self) -> None:
+        """The certificates above the components' own changed (this CC's certificate or the
+        cloud CA renewed): every watch answers with the new bundle now."""
+        for component_id in list(self._watching):
+            self.engine.notify(component_id)
 
     async def credentials(
         self,
@@ -71,11 +99,14 @@ class CredentialDesk:
         public_key: cred.PublicKey,
         wait: float,
         have: str | None = None,
+        euca: str | None = None,
     ) -> CredentialAnswer:
         """Answer a component's (already signature-checked) request for its credentials.
 
         With `have` (the serial of the certificate it holds), the request watches for
-        revocation instead. A component with a request open counts as online.
+        revocation instead. With `euca` (the digest of the Eucalyptus key set it was last
+        given, "" for none), it asks for Eucalyptus's own key files too, and a watch also
+        ends when they change. A component with a request open counts as online.
         """
         engine = self.engine
         record = engine.memory.records.get(component_id)
@@ -84,22 +115,37 @@ class CredentialDesk:
         counted = record is not None and record.fingerprint == cred.fingerprint(public_key)
         if counted:
             engine.presence.request_opened(component_id)
+        if have is not None:
+            self._watching[component_id] = self._watching.get(component_id, 0) + 1
         try:
-            with engine.waiting_on(component_id):
-                return await self._answer(component_id, public_key, wait, have)
+            with engine.waiting_on(component_id), contextlib.ExitStack() as watches:
+                return await self._answer(component_id, public_key, wait, have, euca, watches)
         finally:
+            if have is not None:
+                left = self._watching.pop(component_id) - 1
+                if left:
+                    self._watching[component_id] = left
             if counted and engine.presence.request_closed(component_id):
                 engine.maybe_silent(component_id)
 
     async def _answer(
-        self, component_id: str, public_key: cred.PublicKey, wait: float, have: str | None
+        self,
+        component_id: str,
+        public_key: cred.PublicKey,
+        wait: float,
+        have: str | None,
+        euca: str | None,
+        watches: contextlib.ExitStack,
     ) -> CredentialAnswer:
         engine = self.engine
         fingerprint = cred.fingerprint(public_key)
         deadline = engine.clock() + max(0.0, wait)
         status: Status | None
         woken = False
+        first_chain: dict[str, str] | None = None  # what a watch found first above its cert
+        keys_changed: asyncio.Event | None = None  # the Eucalyptus key files it waits on
         while True:
+            wake_at = deadline
             if engine.stopping:
                 raise CredentialRefused(503, "the registrar is stopping; ask again shortly")
             event = engine.change_event(component_id)
@@ -113,10 +159,22 @@ class CredentialDesk:
             elif record.fingerprint != fingerprint:
                 raise CredentialRefused(403, f"{component_id} is registered with another key")
             elif record.status is Status.REGISTERED:
-                files, serial = await self._bundle(record, public_key)
-                if have != serial or engine.clock() >= deadline:
-                    return CredentialAnswer(Status.REGISTERED, record.reason, files)
+                files, serial, due = await self._bundle(record, public_key)
+                chain = {k: v for k, v in files.items() if k != cred.LAYOUTS[record.role].cert}
+                first_chain = chain if first_chain is None else first_chain
+                keys = await self._euca_set(record) if euca is not None else None
+                moved = keys is not None and keys.digest != euca
+                if have != serial or engine.clock() >= deadline or chain != first_chain or moved:
+                    if moved and keys is not None:
+                        await self._note_keys(record, keys)
+                    return CredentialAnswer(Status.REGISTERED, record.reason, files, keys)
+                if keys is not None and keys_changed is None and self.euca_keys is not None:
+                    keys_changed = watches.enter_context(
+                        self.euca_keys.watching(record.role, record.cluster)
+                    )
                 status, reason = record.status, record.reason
+                # Watching: look again when the certificate falls due, and renew it then.
+                wake_at = min(deadline, max(due, engine.clock() + 1.0))
             else:
                 if record.status is Status.AWAITING_KEY:
                     engine.key_proven(record)
@@ -126,34 +184,46 @@ class CredentialDesk:
                 # Woken while not progressing by itself (refused, pending, ...): answer now,
                 # so a component announcing over HTTP re-announces under the new settings.
                 return CredentialAnswer(status, reason, None)
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-                woken = True
-            except TimeoutError:
-                woken = False
+            woken = await _either(event, keys_changed, wake_at - engine.clock())
+            if keys_changed is not None and keys_changed.is_set():
+                keys_changed = None  # watched afresh on the next round
 
     async def _bundle(
         self, record: Record, public_key: cred.PublicKey
-    ) -> tuple[dict[str, str], str]:
+    ) -> tuple[dict[str, str], str, float]:
+        """The component's bundle, its certificate's serial, and when that falls due."""
         issuer = self._issuer_for(record.role)
         if issuer is None:
             raise CredentialRefused(503, f"no issuer for {record.role.value} credentials here")
-        lock = self._issuing.setdefault(record.component_id, asyncio.Lock())
-        async with lock:
-            issued = await self._issued(record, public_key, issuer)
-        if not lock.locked():
-            self._issuing.pop(record.component_id, None)
+        cid = record.component_id
+        lock, users = self._issuing.get(cid, (asyncio.Lock(), 0))
+        self._issuing[cid] = (lock, users + 1)
+        try:
+            async with lock:
+                issued = await self._issued(record, public_key, issuer)
+        finally:
+            lock, users = self._issuing[cid]
+            if users <= 1:
+                del self._issuing[cid]
+            else:
+                self._issuing[cid] = (lock, users - 1)
         # Nothing is handed out before everything it depends on is durable.
         await self.engine.writer.flush()
-        return issuer.bundle(record, issued.cert_pem), issued.serial
+        due = renewal.due_at(validity_of(issued.cert_pem), issuer.policy.margin)
+        return issuer.bundle(record, issued.cert_pem), issued.serial, due
 
     async def _issued(
         self, record: Record, public_key: cred.PublicKey, issuer: Issuer
     ) -> IssuedCertificate:
         engine = self.engine
         issued = engine.memory.certificates.get(record.component_id)
+        renewing: IssuedCertificate | None = None
         if issued is not None and issued.fingerprint == record.fingerprint:
-            return issued
+            margin = issuer.policy.margin
+            now = engine.clock()
+            if renewal.phase(validity_of(issued.cert_pem), margin, now) is renewal.Phase.CURRENT:
+                return issued
+            renewing = issued  # the same key, due: a new certificate, the old one kept valid
         cert = await asyncio.to_thread(
             cred.issue_certificate,
             issuer_key=issuer.key,
@@ -162,6 +232,8 @@ class CredentialDesk:
             role=record.role,
             component_id=record.component_id,
             cluster=record.cluster,
+            now=engine.clock(),
+            lifetime=datetime.timedelta(seconds=issuer.policy.lifetime),
         )
         # Signing ran off the loop: the component may have been deregistered and registered
         # again, with another key, meanwhile. Only the registration we signed for is served.
@@ -181,11 +253,69 @@ class CredentialDesk:
             issued_at=engine.clock(),
         )
         previous = engine.memory.certificates.get(record.component_id)
-        await engine.step(certificate_issued(current, issued, previous))
+        if renewing is not None and previous == renewing:
+            until = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")
+            await engine.step(renewal.certificate_renewed(current, issued, renewing, until))
+        else:
+            await engine.step(certificate_issued(current, issued, previous))
         crash_point("after-certificate")
         return issued
+
+    async def _euca_set(self, record: Record) -> EucaSet:
+        """The Eucalyptus key files this registrar has for `record`: only for its own cluster
+        (an NC's CC) or the cluster it was registered in (a CC), never named by the request."""
+        if self.euca_keys is None:
+            return OFF_SET
+        own = self.engine.settings.own_cluster
+        if record.role is Role.NC and record.cluster != own:
+            return EucaSet(INVALID, f"{record.component_id} is not of this CC's cluster {own}")
+        return await self.euca_keys.current(record.role, record.cluster)
+
+    async def _note_keys(self, record: Record, keys: EucaSet) -> None:
+        """An event each time a component is given another Eucalyptus key set (or told why
+        not): once per change, not once per watch."""
+        told = f"{record.fingerprint} {keys.digest}"
+        if self._told.get(record.component_id) == told:
+            return
+        self._told[record.component_id] = told
+        if keys.state == READY:
+            code, reason = "euca-keys-sent", f"Eucalyptus key files sent: {keys.reason}"
+        else:
+            code = f"euca-keys-{keys.state}"
+            reason = f"Eucalyptus key files not sent: {keys.reason}"
+        event = event_for(record, self.engine.clock(), "credentials", code, reason)
+        await self.engine.step(Transition(Write(events=(event,))))
 
     async def mark_collected(self, component_id: str) -> None:
         record = self.engine.memory.records.get(component_id)
         if record is not None:
             await self.engine.step(collected(record, self.engine.clock()))
+
+
+@functools.lru_cache(maxsize=8192)
+def validity_of(cert_pem: str) -> renewal.Validity:
+    """The validity of a stored certificate (parsed once: every bundle handed out asks); one
+    that cannot be read counts as expired, and is replaced at the next request."""
+    try:
+        return cred.validity(cred.load_cert_pem(cert_pem))
+    except (cred.CredentialError, ValueError):
+        return renewal.UNREADABLE
+
+
+async def _either(event: asyncio.Event, other: asyncio.Event | None, timeout: float) -> bool:
+    """Wait until `event` or `other` is set, at most `timeout` seconds; whether one was."""
+    if other is None:
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+    waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(other.wait())]
+    try:
+        done, _ = await asyncio.wait(
+            waits, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for task in waits:
+            task.cancel()
+    return bool(done)

@@ -54,13 +54,16 @@ from eucareg.mdns.types import Change as SightingChange
 from eucareg.mdns.types import Sighting
 from eucareg.registrar.admin import TrustAdmin
 from eucareg.registrar.batch import Batcher, Batching
+from eucareg.registrar.deregistering import Deregistering
 from eucareg.registrar.desk import CredentialAnswer, CredentialDesk, CredentialRefused, Issuer
+from eucareg.registrar.euca_keys import EucaKeySource
 from eucareg.registrar.hooks import RUNNING_AT_ONCE, HookRunner
 from eucareg.registrar.lag import LagMonitor
 from eucareg.registrar.memory import Memory
 from eucareg.registrar.notes import Notes, refused_event, rejected_event
 from eucareg.registrar.presence import Presence
 from eucareg.registrar.registering import Registering
+from eucareg.registrar.renewal import ExpiryReport
 from eucareg.registrar.timers import Timers
 from eucareg.store.registry import Store
 from eucareg.store.writer import Writer
@@ -130,6 +133,7 @@ class Registrar:
         retention: Retention | None = None,
         hooks_at_once: int = RUNNING_AT_ONCE,
         batching: Batching | None = None,
+        euca_keys: EucaKeySource | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -166,7 +170,9 @@ class Registrar:
         self.busy_at = time.monotonic()
         self.lag = LagMonitor()
         self.admin = TrustAdmin(self)
-        self.desk = CredentialDesk(self, issuer_for)
+        self.desk = CredentialDesk(self, issuer_for, euca_keys)
+        self.expiry = ExpiryReport(self, issuer_for)  # certificates not renewed in time
+        self.deregistering = Deregistering(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -188,6 +194,7 @@ class Registrar:
                 retry_at = record.next_retry_at or now
                 self.timers.arm(record.component_id, EffectKind.RETRY_AT, retry_at)
         self._prune()
+        self.expiry.start()
         await self.writer.flush()
 
     def _prune(self) -> None:
@@ -208,6 +215,7 @@ class Registrar:
             if handle is not None:
                 handle.cancel()
         self.timers.close()
+        self.expiry.close()
         self.admin.close()
         self.batcher.close()
         tasks = list(self._tasks)
@@ -219,6 +227,8 @@ class Registrar:
         await self.hooks.close()
         for component_id in list(self._changed):
             self.notify(component_id)
+        if self.desk.euca_keys is not None:
+            await self.desk.euca_keys.close()
         await self.lag.close()
         await self.writer.close()
         self.store.release()
@@ -448,8 +458,10 @@ class Registrar:
         ]
 
     def self_registration_changed(self) -> None:
-        """The CC on this host got its credentials: NCs waiting on it may proceed."""
+        """The CC on this host got its credentials: NCs waiting on it may proceed; or renewed
+        them: NCs watching theirs get the new chain."""
         self.reconsider()
+        self.desk.chain_changed()
 
     def reconsider(self) -> None:
         """Decide again for live announcements whose verdict may have changed."""
@@ -467,8 +479,9 @@ class Registrar:
     # -- decisions ---------------------------------------------------------------------------
 
     def warnings(self) -> list[str]:
-        """What contradicts the design's "only one" rules among the components heard now."""
-        return rival_warnings(self.live.values(), self.settings.own_clc)
+        """What contradicts the design's "only one" rules among the components heard now, and
+        the certificates of registered components that were not renewed in time."""
+        return rival_warnings(self.live.values(), self.settings.own_clc) + self.expiry.warnings()
 
     def view(self, ann: Announcement | None = None) -> View:
         records = self.memory.records
@@ -624,6 +637,8 @@ class Registrar:
                 self.reconsider()
             elif effect.kind is EffectKind.REDECIDE:
                 self.redecide(cid, fresh=True)
+            elif effect.kind is EffectKind.RUN_DEREGISTER_HOOK and effect.record is not None:
+                self.deregistering.start(effect.record)
 
     def _owed(self, ran_for: Record) -> bool:
         """Whether the hook started for `ran_for` is still owed: the component's record is
@@ -740,8 +755,9 @@ class Registrar:
     async def reject(self, record: Record) -> Record:
         return await self.admin.reject(record)
 
-    async def deregister(self, record: Record) -> None:
-        await self.admin.deregister(record)
+    async def deregister(self, record: Record) -> asyncio.Future[HookRun] | None:
+        """Deregister; the outcome of its deregister hook to come, if one is owed."""
+        return await self.admin.deregister(record)
 
     async def create_token(
         self, role: Role, cluster: str | None, ttl: float, uses: int | None, ca_fingerprint: str
@@ -752,9 +768,14 @@ class Registrar:
         await self.admin.revoke_token(token_id)
 
     async def credentials(
-        self, component_id: str, public_key: Any, wait: float, have: str | None = None
+        self,
+        component_id: str,
+        public_key: Any,
+        wait: float,
+        have: str | None = None,
+        euca: str | None = None,
     ) -> CredentialAnswer:
-        return await self.desk.credentials(component_id, public_key, wait, have)
+        return await self.desk.credentials(component_id, public_key, wait, have, euca)
 
     async def mark_collected(self, component_id: str) -> None:
         await self.desk.mark_collected(component_id)

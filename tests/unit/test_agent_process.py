@@ -48,6 +48,9 @@ api_port = 8780
 log_format = "json"
 log_level = "debug"
 
+[mdns]
+backend = "zeroconf"  # as the lab does: never the host's own avahi-daemon
+
 [preconditions]
 sshd = false
 recheck_interval = "1s"

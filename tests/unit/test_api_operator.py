@@ -276,7 +276,7 @@ async def test_registry_and_status_on_a_cc(tmp_path: Path) -> None:
         assert [c["component_id"] for c in registry["components"]] == [nc.component_id]
         status, answer = await cc.get("/v1/status")
         assert status == 200
-        assert set(answer) == {"registrar", "local", "tree", "errors", "warnings", "legacy"}
+        assert set(answer) == {"registrar", "local", "tree", "errors", "warnings", "legacy", "mdns"}
         assert answer["errors"] == []
         assert answer["tree"]["clc"] is None
         [cluster] = answer["tree"]["clusters"]

@@ -87,7 +87,9 @@ async def test_a_legacy_copy_of_a_live_instance_does_not_hide_it_and_goodbye_cle
 
 
 def discover_run(monkeypatch: pytest.MonkeyPatch, heard: list[Sighting], *args: str) -> Result:
-    async def listen(seconds: float, *, ipv6: bool = False) -> list[Sighting]:
+    async def listen(
+        seconds: float, *, ipv6: bool = False, backend_name: str = "auto"
+    ) -> list[Sighting]:
         return list(heard)
 
     monkeypatch.setattr(discover, "listen", listen)

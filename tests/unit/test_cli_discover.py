@@ -238,9 +238,13 @@ def canned(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Sighting]]:
     to listen are appended to LISTENED."""
     heard: list[Sighting] = []
     LISTENED.clear()
+    BACKENDS.clear()
 
-    async def listen(seconds: float, *, ipv6: bool = False) -> list[Sighting]:
+    async def listen(
+        seconds: float, *, ipv6: bool = False, backend_name: str = "auto"
+    ) -> list[Sighting]:
         LISTENED.append((seconds, ipv6))
+        BACKENDS.append(backend_name)
         return list(heard)
 
     monkeypatch.setattr(discover, "listen", listen)
@@ -248,6 +252,7 @@ def canned(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Sighting]]:
 
 
 LISTENED: list[tuple[float, bool]] = []
+BACKENDS: list[str] = []
 
 
 def run(*args: str) -> Result:
@@ -353,7 +358,9 @@ def test_a_bad_timeout_is_a_usage_error(given: str) -> None:
 
 
 def test_a_listener_that_cannot_start_is_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken(seconds: float, *, ipv6: bool = False) -> list[Sighting]:
+    async def broken(
+        seconds: float, *, ipv6: bool = False, backend_name: str = "auto"
+    ) -> list[Sighting]:
         raise OSError(19, "No such device")
 
     monkeypatch.setattr(discover, "listen", broken)
@@ -362,3 +369,11 @@ def test_a_listener_that_cannot_start_is_exit_1(monkeypatch: pytest.MonkeyPatch)
     assert result.stderr == (
         "error: cannot listen for mDNS announcements: [Errno 19] No such device\n"
     )
+
+
+def test_discover_listens_through_the_backend_asked_for() -> None:
+    run("clusters", "--timeout", "1s")
+    run("clc", "--timeout", "1s", "--backend", "avahi")
+    assert BACKENDS == ["auto", "avahi"]
+    result = CliRunner().invoke(main, ["discover", "clc", "--backend", "bonjour"])
+    assert result.exit_code == 2 and "bonjour" in result.output

@@ -99,7 +99,7 @@ async def test_pending_approve_and_status(clc: Harness, token_file: Path) -> Non
     assert result.exit_code == 0
     assert result.stdout == (f"approved walrus {walrus.component_id} ({walrus.fingerprint})\n")
     status = parsed(await op(clc, token_file, "status", "--json"))
-    keys = ["errors", "legacy", "local", "registrar", "tree", "warnings"]
+    keys = ["errors", "legacy", "local", "mdns", "registrar", "tree", "warnings"]
     assert list(status) == keys  # sorted
     [row] = status["tree"]["walrus"]
     assert row["component_id"] == walrus.component_id and row["approved"] is True

@@ -12,8 +12,8 @@ from eucareg.agent.host import Agent, choose_backend
 from eucareg.config.file import from_mapping
 from eucareg.dnssd.backend import DnssdBackend
 from eucareg.dnssd.composite import CompositeBackend
+from eucareg.mdns.choice import ChosenBackend
 from eucareg.mdns.types import Change, ServiceSpec, Sighting
-from eucareg.mdns.zeroconf_backend import ZeroconfBackend
 from tests.unit.test_agent_fakes import FakeMdns
 
 TXT = {"txtvers": "1", "type": "node", "addr": "10.0.0.5"}
@@ -128,12 +128,13 @@ DNSSD = {"domain": "site.example", "server": "10.1.2.53", "tsig_secret_file": "/
 
 
 def test_the_agent_chooses_its_backends_from_the_configuration() -> None:
-    assert isinstance(choose_backend(config(None)), ZeroconfBackend)
-    assert isinstance(choose_backend(config({**DNSSD, "enabled": False})), ZeroconfBackend)
+    # The mDNS backend itself ([mdns] backend) is made at start: tests/unit/test_avahi_choice.py
+    assert isinstance(choose_backend(config(None)), ChosenBackend)
+    assert isinstance(choose_backend(config({**DNSSD, "enabled": False})), ChosenBackend)
     both = choose_backend(config(DNSSD))
     assert isinstance(both, CompositeBackend)
     mdns, dnssd = both.backends
-    assert isinstance(mdns, ZeroconfBackend) and isinstance(dnssd, DnssdBackend)
+    assert isinstance(mdns, ChosenBackend) and isinstance(dnssd, DnssdBackend)
     assert dnssd._registrars_only  # a node looks for registrars only
     alone = choose_backend(config({**DNSSD, "mdns": False}))
     assert isinstance(alone, DnssdBackend)

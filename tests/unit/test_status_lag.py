@@ -59,7 +59,7 @@ async def test_a_blocked_loop_shows_as_the_worst_lag_until_reset(cc: Harness) ->
     assert fresh["worst_ms"] < BLOCK * 900
     assert before_reset <= fresh["since"] <= time.time()
     # The status tree itself is unchanged by the reset.
-    assert set(answer) == {"registrar", "local", "tree", "errors", "warnings", "legacy"}
+    assert set(answer) == {"registrar", "local", "tree", "errors", "warnings", "legacy", "mdns"}
 
 
 async def test_head_does_not_reset_and_a_bad_value_is_refused(cc: Harness) -> None:
