@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from eucareg.api import limits
 from eucareg.api.context import REGISTRAR
 from eucareg.api.schemas import read_signed_body
 from eucareg.api.validate import ApiError, bad, error
@@ -60,7 +61,7 @@ async def collect(request: web.Request) -> web.Response:
         and record.status is Status.REGISTERED
         and record.fingerprint == cred.fingerprint(public_key)
     )
-    wait = min(asked, MAX_WATCH if watching else MAX_WAIT)
+    wait = limits.hold_for(request, min(asked, MAX_WATCH if watching else MAX_WAIT))
     try:
         answer = await _unless_gone(
             request, registrar.credentials(component_id, public_key, wait, have, euca)
@@ -121,8 +122,9 @@ def _certified(request: web.Request, ann: Announcement) -> bool:
 async def announce(request: web.Request) -> web.Response:
     """POST /v1/announce?wait=SECONDS: a TXT record sent over HTTP, decided like an mDNS
     announcement; with `wait`, answered when the outcome is known (or the wait is over)."""
-    wait = min(_wait(request.query.get("wait", "0")), MAX_WAIT)
+    asked = min(_wait(request.query.get("wait", "0")), MAX_WAIT)
     payload, public_key = await read_signed_body(request)
+    wait = limits.hold_for(request, asked)  # charged (or found authenticated) by now
     raw: dict[str, str] = payload["txt"]  # every value a string (schemas.TXT)
     registrar = request.app[REGISTRAR]
     refresh = registrar.timing.report_interval

@@ -10,9 +10,11 @@ Every other request is charged to its source: one token bucket per address (an I
 its /64, which one host can fill at will; an IPv4-mapped IPv6 address as the IPv4 address it
 is). Past the bucket it is answered 429 with Retry-After and {"error", "code": "rate-limited"}.
 Unauthenticated requests being answered at once (held long-polls included) are capped too, so
-that many sources together cannot hold more than that. Loopback (127.0.0.0/8, ::1) and the
-operator's Unix socket are this host: they have no bucket (a local user has cheaper ways to
-load the machine, and local probes and tools must not see 429), but count toward that cap.
+that many sources together cannot hold more than that; and past half the cap, an
+unauthenticated long-poll is answered at once instead of held (`hold_for`). Loopback
+(127.0.0.0/8, ::1) and the operator's Unix socket are this host: they have no bucket (a local
+user has cheaper ways to load the machine, and local probes and tools must not see 429), but
+count toward that cap.
 The table of buckets is bounded in size (the least recently used source is forgotten first)
 and in time (a bucket that has filled up again is forgotten: it would say the same as none).
 
@@ -246,6 +248,19 @@ def charge(request: web.Request) -> None:
         )
     limiter.in_flight += 1
     state.counted = True
+
+
+def hold_for(request: web.Request, wait: float) -> float:
+    """How long this request may be held (a long-poll): as asked, unless it is unauthenticated
+    and half the in-flight places are taken already. Components waiting for approval hold
+    such long-polls for hours; past half the cap they are answered at once with their status
+    (and ask again after their own interval), so they can never fill the cap against
+    everyone else's short requests."""
+    state = request.get(CHARGE)
+    limiter = request.app.get(LIMITER)
+    if state is None or limiter is None or not state.counted:
+        return wait
+    return 0.0 if limiter.in_flight > limiter.limits.in_flight // 2 else wait
 
 
 def debit(request: web.Request) -> None:

@@ -486,11 +486,8 @@ async def test_unauthenticated_requests_at_once_are_capped_across_sources(
     async with served(tmp_path, RateLimits(rate=100, burst=100, in_flight=10)) as h:
         nc = await registered_nc(h, keys[0], "10.66.1.1")
         limiter = limiter_of(h)
-        held = [
-            asyncio.create_task(collect(h, keys[1], f"nc-z{n:011d}", source=f"10.66.2.{n}", wait=3))
-            for n in range(10)
-        ]
-        await eventually(lambda: limiter.in_flight == 10, "10 long-polls held")
+        # The cap itself: requests being answered fill it (here, as if by slow senders).
+        limiter.in_flight = 10
         answer = await collect(h, keys[1], "nc-zzzzzzzzzzff", source="10.66.3.1")
         assert_limited(answer)
         assert answer[2]["Retry-After"] in ("1", "2", "3")  # spread: not all back at once
@@ -498,9 +495,38 @@ async def test_unauthenticated_requests_at_once_are_capped_across_sources(
         # The registered component, and the operator, still get through.
         assert (await collect(h, keys[0], nc.component_id, source="10.66.3.1"))[0] == 200
         assert (await h.get("/v1/status"))[0] == 200
-        assert [a[0] for a in await asyncio.gather(*held)] == [202] * 10
-        assert limiter.in_flight == 0
+        limiter.in_flight = 0
         assert (await collect(h, keys[1], "nc-zzzzzzzzzzff", source="10.66.3.1"))[0] == 202
+
+
+async def test_held_unauthenticated_long_polls_take_at_most_half_the_cap(
+    tmp_path: Path, keys: list[cred.PrivateKey]
+) -> None:
+    """Components waiting for approval long-poll for hours: past half the in-flight cap their
+    long-polls are answered at once (202, their status), so they never fill the cap and
+    everyone else's unauthenticated requests still get through."""
+    async with served(tmp_path, RateLimits(rate=100, burst=100, in_flight=10)) as h:
+        limiter = limiter_of(h)
+        held = [
+            asyncio.create_task(
+                collect(h, keys[1], f"nc-z{n:011d}", source=f"10.66.2.{n}", wait=20)
+            )
+            for n in range(5)
+        ]
+        await eventually(lambda: limiter.in_flight == 5, "5 long-polls held: half the cap")
+        assert not any(task.done() for task in held)  # held until their wait runs out
+        began = time.monotonic()
+        more = [
+            await collect(h, keys[1], f"nc-y{n:011d}", source=f"10.66.4.{n}", wait=20)
+            for n in range(8)
+        ]
+        assert [a[0] for a in more] == [202] * 8  # none turned away, none held
+        assert time.monotonic() - began < 10  # answered at once, not after their 20 s
+        assert limiter.in_flight == 5 and not any(task.done() for task in held)
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        await eventually(lambda: limiter.in_flight == 0, "the held ones released")
 
 
 # -- the nonce cache under a flood of validly signed requests ---------------------------------
