@@ -17,7 +17,19 @@ EVENT_KINDS = (
     "unmatched, matched, replaced, hook, approved, deregistered, credentials, trust, summary, "
     "adopted, adopted-by, legacy, imported"
 )
-CSV_FIELDS = ["seq", "at", "kind", "code", "role", "cluster", "component_id", "address", "reason"]
+# `via` last: it came later (registry revision 0003), and scripts may read columns by position.
+CSV_FIELDS = [
+    "seq",
+    "at",
+    "kind",
+    "code",
+    "role",
+    "cluster",
+    "component_id",
+    "address",
+    "reason",
+    "via",
+]
 
 
 @click.command()

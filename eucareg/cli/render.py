@@ -109,7 +109,9 @@ def _table(*columns: str) -> Table:
 
 
 def events_table(rows: list[dict[str, Any]]) -> Table:
-    table = _table("seq", "time", "kind", "role", "cluster", "component", "address", "reason")
+    table = _table(
+        "seq", "time", "kind", "role", "cluster", "component", "address", "via", "reason"
+    )
     for row in rows:
         stamp = datetime.datetime.fromtimestamp(row["at"]).strftime("%H:%M:%S.%f")[:-3]
         table.add_row(
@@ -120,6 +122,7 @@ def events_table(rows: list[dict[str, Any]]) -> Table:
             row["cluster"] or "-",
             row["component_id"],
             row["address"],
+            row.get("via") or "-",
             row["reason"],
         )
     return table

@@ -193,6 +193,7 @@ class Event:
     kind: str
     code: str
     reason: str
+    via: str = ""  # how the announcement behind it was heard (HEARD_VIA); "" if none was
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,13 @@ class NewEvent:
     kind: str
     code: str
     reason: str
+    via: str = ""
+
+
+# How an announcement reached the registrar, as events record it: multicast DNS, wide-area
+# DNS-SD, an HTTP report (signed; "certified" when by a registered component's certificate),
+# or the operator's own registration.
+HEARD_VIA = ("mdns", "dnssd", "fallback", "certified", "manual")
 
 
 def event_for(record: Record, at: float, kind: str, code: str, reason: str) -> NewEvent:

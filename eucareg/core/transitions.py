@@ -233,7 +233,35 @@ def decided(
     proven: bool,
     replaced: Record | None = None,
 ) -> Transition:
-    """Record the policy's decision on an announcement."""
+    """Record the policy's decision on an announcement; its events say how it was heard."""
+    return heard_via(
+        _decided(existing, ann, decision, now=now, timing=timing, proven=proven, replaced=replaced),
+        ann,
+    )
+
+
+def heard_via(step: Transition, ann: Announcement) -> Transition:
+    """The events of `step` about the announcing component, stamped with how it was heard."""
+    events = step.change.events
+    if not any(e.component_id == ann.component_id and not e.via for e in events):
+        return step
+    stamped = tuple(
+        replace(e, via=ann.source) if e.component_id == ann.component_id and not e.via else e
+        for e in events
+    )
+    return replace(step, change=replace(step.change, events=stamped))
+
+
+def _decided(
+    existing: Record | None,
+    ann: Announcement,
+    decision: Decision,
+    *,
+    now: float,
+    timing: Timing,
+    proven: bool,
+    replaced: Record | None = None,
+) -> Transition:
     kind = decision.kind
     if kind in (DecisionKind.IGNORE, DecisionKind.KEEP) or decision.event_only:
         return NOTHING

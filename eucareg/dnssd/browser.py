@@ -264,7 +264,7 @@ def _sighting(label: str, before: View | None, after: View | None) -> Sighting |
     if after is None:
         return Sighting(label, Change.REMOVED)
     change = Change.ADDED if before is None else Change.UPDATED
-    return Sighting(label, change, txt=after[0], addresses=after[1])
+    return Sighting(label, change, txt=after[0], addresses=after[1], via="dnssd")
 
 
 def _stale(seen: Mapping[str, _Seen], now: float, config: DnssdConfig) -> list[str]:

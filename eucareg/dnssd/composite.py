@@ -17,7 +17,7 @@ from eucareg.mdns.types import Announcer, Change, ServiceSpec, Sighting, Sightin
 
 log = logging.getLogger(__name__)
 
-View = tuple[Mapping[str, str], tuple[str, ...]]
+View = tuple[Mapping[str, str], tuple[str, ...], str]  # TXT, addresses, how heard
 
 
 class Backend(Announcer, Watcher, Protocol):
@@ -76,7 +76,8 @@ class CompositeBackend:
         views = self._views.setdefault(instance, {})
         views.pop(source, None)
         if sighting.change is not Change.REMOVED:
-            views[source] = (dict(sighting.txt), tuple(sighting.addresses))  # now the latest
+            # now the latest
+            views[source] = (dict(sighting.txt), tuple(sighting.addresses), sighting.via)
         if not views:
             del self._views[instance]
             if self._emitted.pop(instance, None) is not None:
@@ -88,7 +89,7 @@ class CompositeBackend:
             return
         self._emitted[instance] = view
         change = Change.ADDED if last is None else Change.UPDATED
-        self._emit(Sighting(instance, change, txt=view[0], addresses=view[1]))
+        self._emit(Sighting(instance, change, txt=view[0], addresses=view[1], via=view[2]))
 
     def _emit(self, sighting: Sighting) -> None:
         for handler in list(self._handlers):

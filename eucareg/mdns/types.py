@@ -34,6 +34,7 @@ class Sighting:
     change: Change
     txt: Mapping[str, str] = field(default_factory=dict)
     addresses: tuple[str, ...] = ()
+    via: str = "mdns"  # "dnssd": browsed in the site's DNS (eucareg/dnssd), not multicast
 
 
 SightingHandler = Callable[[Sighting], None]

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +311,8 @@ class Registrar:
         if isinstance(result, Rejected):
             self._note_rejected(sighting, result)
             return
+        if sighting.via != result.source:
+            result = replace(result, source=sighting.via)  # browsed in DNS, not multicast
         self.submit(result)
 
     def submit(self, ann: Announcement) -> None:

@@ -84,6 +84,7 @@ def rejected_event(sighting: Sighting, rejected: Rejected, now: float) -> NewEve
         kind="rejected",
         code=rejected.code,
         reason=f"announcement {sighting.instance!r}: {rejected.reason}",
+        via=sighting.via,
     )
 
 
@@ -97,6 +98,7 @@ def refused_event(ann: Announcement, decision: Decision, now: float) -> NewEvent
         kind="refused",
         code=decision.code,
         reason=decision.reason,
+        via=ann.source,
     )
 
 

@@ -98,6 +98,8 @@ events = sa.Table(
     sa.Column("kind", sa.String(32), nullable=False, index=True),
     sa.Column("code", sa.String(64), nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
+    # How the announcement behind it was heard (core.model.HEARD_VIA); "" when none was.
+    sa.Column("via", sa.String(16), nullable=False, server_default=""),
 )
 
 hook_runs = sa.Table(

@@ -240,6 +240,7 @@ def test_over_http_the_sc_before_its_cc_the_nc_before_its_cc_and_a_registrar_res
     cloud.start("sc2").wait_for_log("agent started", timeout=30)
     sc = cloud.component_id("sc2", "sc")
     pending = cloud.wait_for_event("cloud", sc, "pending", "waiting-for-cluster")
+    assert pending["via"] == "fallback"  # heard over HTTP, and the event says so
     cloud.start("node2")
     cloud.agents["node2"].wait_for_log("announcing nc", timeout=30)
     # The CLC restarts while the SC waits (its long-poll and reports are cut off).

@@ -207,7 +207,10 @@ async def test_event_filters_combine(clc: Harness) -> None:
         "kind",
         "code",
         "reason",
+        "via",
     }
+    # How each was heard: the pending ones by their (multicast) announcement, trust by nobody.
+    assert {(e["kind"], e["via"]) for e in every} == {("pending", "mdns"), ("trust", "")}
     assert [e["seq"] for e in every] == sorted(e["seq"] for e in every)
     assert [e["component_id"] for e in await events_of(clc, role="cc")] == [
         cc1.component_id,

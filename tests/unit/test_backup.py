@@ -23,7 +23,7 @@ from eucareg.config.file import load
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 from eucareg.store.registry import Store, sqlite_url
-from tests.unit.test_migrations import TABLES, counts, load_fixture, revision
+from tests.unit.test_migrations import HEAD, TABLES, counts, load_fixture, revision
 
 PASSPHRASE = "correct horse battery staple"
 
@@ -126,7 +126,7 @@ def test_round_trip_without_a_passphrase_warns_and_restores_every_file(tmp_path:
     assert restored.exit_code == 0, restored.output
     assert "create" in restored.stdout
     assert ca_fingerprint(state) == fp
-    assert counts(state / "registry.db") == rows and revision(state / "registry.db") == "0002"
+    assert counts(state / "registry.db") == rows and revision(state / "registry.db") == HEAD
     after = tree(state)
     for name, (mode, digest) in before.items():
         if name.startswith("registry.db"):
@@ -301,7 +301,7 @@ def test_a_backup_whose_registry_is_newer_than_this_code_is_refused(tmp_path: Pa
     result = run("restore", str(out), "--config", str(cfg))
     assert result.exit_code == 1
     assert (
-        "schema revision 0099, which this eucareg does not know (it knows up to 0002)"
+        f"schema revision 0099, which this eucareg does not know (it knows up to {HEAD})"
         in result.stderr
     )
     assert tree(state) == before
@@ -313,15 +313,15 @@ def test_an_older_registry_is_migrated_on_restore_and_a_second_restore_is_a_no_o
     cfg = make_host(tmp_path)
     state = tmp_path / "state"
     (state / "registry.db").unlink()
-    (state / "registry.db.pre-0002").unlink()  # make_host's own upgrade of the fixture
+    (state / f"registry.db.pre-{HEAD}").unlink()  # make_host's own upgrade of the fixture
     load_fixture(state / "registry.db")  # the 0.1.0 registry, never opened by this code
     out = tmp_path / "b"
     assert run("backup", str(out), "--config", str(cfg)).exit_code == 0
     (state / "registry.db").unlink()
     first = run("restore", str(out), "--config", str(cfg))
     assert first.exit_code == 0, first.output
-    assert "registry: applied revision 0002" in first.stdout
-    assert revision(state / "registry.db") == "0002"
+    assert f"registry: applied revision {HEAD}" in first.stdout
+    assert revision(state / "registry.db") == HEAD
     assert not list(state.glob("*.pre-*")) and not list(state.glob(".registry*"))
     second = run("restore", str(out), "--config", str(cfg))
     assert second.exit_code == 0 and "nothing to do" in second.stdout
@@ -353,21 +353,21 @@ def test_backup_never_overwrites_and_db_commands_show_and_upgrade(tmp_path: Path
     assert result.exit_code == 2 and "already exists" in result.stderr
     assert out.read_text() == "something else\n"
     (state / "registry.db").unlink()
-    (state / "registry.db.pre-0002").unlink()  # make_host's own upgrade of the fixture
+    (state / f"registry.db.pre-{HEAD}").unlink()  # make_host's own upgrade of the fixture
     load_fixture(state / "registry.db")
     status = json.loads(run("db", "status", "--config", str(cfg), "--json").stdout)
     assert (status["state"], status["revision"], status["pending"]) == (
         "unversioned",
         None,
-        ["0002"],
+        [f"{n:04d}" for n in range(2, int(HEAD) + 1)],  # every revision after the baseline
     )
     text = run("db", "status", "--config", str(cfg)).stdout
-    assert "state     unversioned" in text and "head      0002" in text
+    assert "state     unversioned" in text and f"head      {HEAD}" in text
     upgraded = run("db", "upgrade", "--config", str(cfg))
-    assert upgraded.exit_code == 0 and "applied revision 0002" in upgraded.stdout
-    assert (state / "registry.db.pre-0002").exists()
+    assert upgraded.exit_code == 0 and f"applied revision {HEAD}" in upgraded.stdout
+    assert (state / f"registry.db.pre-{HEAD}").exists()
     status = json.loads(run("db", "status", "--config", str(cfg), "--json").stdout)
-    assert (status["state"], status["revision"], status["pending"]) == ("current", "0002", [])
+    assert (status["state"], status["revision"], status["pending"]) == ("current", HEAD, [])
     assert "nothing to do" in run("db", "upgrade", "--config", str(cfg)).stdout
     assert set(counts(state / "registry.db")) == set(TABLES)
 

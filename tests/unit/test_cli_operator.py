@@ -165,7 +165,7 @@ async def test_events_as_table_json_and_csv(clc: Harness, token_file: Path) -> N
     assert only == [rows[1]]  # --json wins over --csv
     result = await op(clc, token_file, "events", "--csv", "--kind", "refused")
     # RFC 4180 line ends (Result.stdout would turn them into \n).
-    header = b"seq,at,kind,code,role,cluster,component_id,address,reason\r\n"
+    header = b"seq,at,kind,code,role,cluster,component_id,address,reason,via\r\n"
     assert result.stdout_bytes.startswith(header)
     [line] = list(csv.DictReader(io.StringIO(result.stdout)))
     assert (line["component_id"], line["cluster"], line["code"]) == (

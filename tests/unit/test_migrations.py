@@ -22,9 +22,10 @@ from alembic.migration import MigrationContext
 from eucareg.core.model import HookOutcome, Role, Status
 from eucareg.core.trust import Mode, Task
 from eucareg.store.errors import SchemaTooNew
+from eucareg.store.migrations import v010
 from eucareg.store.registry import Store, sqlite_url
 from eucareg.store.schema import metadata
-from eucareg.store.upgrade import schema_state, upgrade
+from eucareg.store.upgrade import schema_state, scripts, upgrade
 
 FIXTURE = Path(__file__).parent.parent / "data" / "registry-0.1.0.sql"
 TABLES = (
@@ -38,6 +39,9 @@ TABLES = (
     "hook_runs",
 )
 ROOT = Path(__file__).parent.parent.parent
+# This code's newest revision, and the one after it (the tests' own failing revision).
+HEAD = str(scripts().get_current_head())
+NEXT = f"{int(HEAD) + 1:04d}"
 
 
 def load_fixture(path: Path) -> Path:
@@ -56,9 +60,11 @@ def counts(path: Path) -> dict[str, int]:
 
 
 def dump(path: Path, table: str) -> list[tuple[object, ...]]:
+    """Every row, in the columns 0.1.0 had (later revisions only add columns)."""
+    columns = ", ".join(f'"{c.name}"' for c in v010.metadata.tables[table].columns)
     conn = sqlite3.connect(path)
     try:
-        return conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+        return conn.execute(f"SELECT {columns} FROM {table} ORDER BY 1, 2").fetchall()
     finally:
         conn.close()
 
@@ -76,12 +82,12 @@ def test_a_new_database_is_created_at_head_with_exactly_the_tables_the_code_uses
 ) -> None:
     db = tmp_path / "registry.db"
     store = Store(sqlite_url(db))
-    assert store.migrated == ["created the registry at revision 0002"]
+    assert store.migrated == [f"created the registry at revision {HEAD}"]
     with store.engine.connect() as conn:
         # What the migrations made is what schema.py declares: no difference at all.
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     store.close()
-    assert revision(db) == "0002"
+    assert revision(db) == HEAD
     assert not list(tmp_path.glob("registry.db.pre-*"))  # nothing to copy when new
     assert Store(sqlite_url(db)).migrated == []
 
@@ -93,9 +99,9 @@ def test_the_previous_release_registry_opens_with_every_row(tmp_path: Path) -> N
     rows_before = {t: dump(db, t) for t in TABLES}
 
     store = Store(sqlite_url(db))
-    assert store.migrated[-2:] == [
+    assert store.migrated[-int(HEAD) :] == [
         "stamped 0001 (the schema of eucareg 0.1.0)",
-        "applied revision 0002",
+        *(f"applied revision {n:04d}" for n in range(2, int(HEAD) + 1)),
     ]
     snap = store.load()
     history = store.events()
@@ -104,7 +110,7 @@ def test_the_previous_release_registry_opens_with_every_row(tmp_path: Path) -> N
 
     assert counts(db) == before
     assert {t: dump(db, t) for t in TABLES} == rows_before  # every value, unchanged
-    assert revision(db) == "0002"
+    assert revision(db) == HEAD
     cc = snap.records["cc-0000000000b1"]
     assert (cc.role, cc.cluster, cc.status) == (Role.CC, "cluster01", Status.REGISTERED)
     assert cc.approved and cc.admitted_by == "token:tok0000000000001"
@@ -125,7 +131,7 @@ def test_the_previous_release_registry_opens_with_every_row(tmp_path: Path) -> N
     assert {r.run_id: r.batch for r in runs}["run-cc-1"] == "batch-0001"
 
     # The copy taken before the upgrade is the 0.1.0 database, private, and opens as one.
-    copy = tmp_path / "registry.db.pre-0002"
+    copy = tmp_path / f"registry.db.pre-{HEAD}"  # named after the revision it upgrades to
     assert stat.S_IMODE(copy.stat().st_mode) == 0o600
     assert counts(copy) == before
     assert revision(copy) is None  # as 0.1.0 left it: no alembic_version
@@ -170,7 +176,7 @@ def test_a_database_from_before_0_1_0_gets_its_missing_columns_then_the_revision
     assert (record.status, record.claimable) == (Status.REGISTERED, False)
     assert (run.run_id, run.attempt, run.rerun, run.stdout) == ("seq-1", 1, False, "done")
     assert snap.trust.mode is Mode.OFF
-    assert revision(db) == "0002"
+    assert revision(db) == HEAD
 
 
 def _file_state(directory: Path) -> dict[str, bytes]:
@@ -188,7 +194,7 @@ def test_a_database_newer_than_this_code_is_refused_and_left_as_it_was(tmp_path:
     with pytest.raises(SchemaTooNew) as raised:
         Store(sqlite_url(db))
     message = str(raised.value)
-    assert "0099" in message and "0002" in message and str(db) in message
+    assert "0099" in message and HEAD in message and str(db) in message
     assert _file_state(tmp_path) == before  # not a byte changed, no copy taken
 
 
@@ -226,10 +232,10 @@ def test_two_upgraders_at_once_leave_one_upgraded_database(tmp_path: Path) -> No
     results = [json.loads(out) for out, _ in outputs]
     # One did the work, the other found it done (under the lock) and did nothing.
     assert sorted(len(r) for r in results)[0] == 0, results
-    assert "applied revision 0002" in [step for r in results for step in r]
+    assert f"applied revision {HEAD}" in [step for r in results for step in r]
     assert len(list(tmp_path.glob("registry.db.pre-*"))) == 1
     assert counts(db) == before
-    assert revision(db) == "0002"
+    assert revision(db) == HEAD
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     conn.close()
@@ -240,8 +246,8 @@ FAILING = '''
 import os
 import sqlalchemy as sa
 from alembic import op
-revision = "0003"
-down_revision = "0002"
+revision = "{next}"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 def upgrade() -> None:
@@ -257,7 +263,8 @@ def downgrade() -> None:
 def _failing(tmp_path: Path, how: str) -> Path:
     versions = tmp_path / "versions"
     versions.mkdir()
-    (versions / "0003_fails.py").write_text(FAILING.replace("{how}", how))
+    script = FAILING.replace("{how}", how).replace("{next}", NEXT).replace("{head}", HEAD)
+    (versions / f"{NEXT}_fails.py").write_text(script)
     return versions
 
 
@@ -275,9 +282,9 @@ def test_a_migration_that_fails_changes_nothing(tmp_path: Path) -> None:
         c["name"] for c in sa.inspect(sa.create_engine(sqlite_url(db))).get_columns("components")
     }
     assert {t: dump(db, t) for t in TABLES} == rows
-    assert counts(tmp_path / "registry.db.pre-0003") == counts(db)
+    assert counts(tmp_path / f"registry.db.pre-{NEXT}") == counts(db)
     # And it opens with this code's revisions as if nothing had happened.
-    assert Store(sqlite_url(db)).migrated[-1] == "applied revision 0002"
+    assert Store(sqlite_url(db)).migrated[-1] == f"applied revision {HEAD}"
 
 
 def test_a_process_killed_mid_migration_leaves_a_usable_database(tmp_path: Path) -> None:
@@ -295,10 +302,10 @@ def test_a_process_killed_mid_migration_leaves_a_usable_database(tmp_path: Path)
     assert revision(db) is None
     assert {t: dump(db, t) for t in TABLES} == rows
     store = Store(sqlite_url(db))
-    assert store.migrated[-1] == "applied revision 0002"
+    assert store.migrated[-1] == f"applied revision {HEAD}"
     assert len(store.load().records) == len(rows["components"])
     store.close()
-    assert os.path.exists(tmp_path / "registry.db.pre-0003")
+    assert os.path.exists(tmp_path / f"registry.db.pre-{NEXT}")
 
 
 def test_a_registry_owned_by_a_running_registrar_is_not_upgraded_under_it(tmp_path: Path) -> None:
@@ -313,7 +320,7 @@ def test_a_registry_owned_by_a_running_registrar_is_not_upgraded_under_it(tmp_pa
             Store(sqlite_url(db))
     assert revision(db) is None and {t: dump(db, t) for t in TABLES} == rows
     assert not list(tmp_path.glob("registry.db.pre-*"))
-    assert Store(sqlite_url(db)).migrated[-1] == "applied revision 0002"  # once it stopped
+    assert Store(sqlite_url(db)).migrated[-1] == f"applied revision {HEAD}"  # once it stopped
 
 
 def test_the_migrations_are_plain_sql_for_postgresql_too() -> None:
@@ -328,7 +335,7 @@ def test_the_migrations_are_plain_sql_for_postgresql_too() -> None:
     assert "CREATE UNIQUE INDEX ix_hook_runs_run_id ON hook_runs (run_id);" in script
     assert "CREATE INDEX ix_hook_runs_outcome ON hook_runs (outcome);" in script
     assert script.rstrip().endswith("COMMIT;")  # one transaction, DDL included
-    assert "UPDATE alembic_version SET version_num='0002'" in script
+    assert f"UPDATE alembic_version SET version_num='{HEAD}'" in script
 
 
 def test_opening_a_rollback_journal_database_while_another_writes_waits_for_it(
@@ -359,7 +366,7 @@ def test_opening_a_rollback_journal_database_while_another_writes_waits_for_it(
     other.close()
     thread.join(timeout=60)
     assert len(opened) == 1 and isinstance(opened[0], list), opened
-    assert "applied revision 0002" in opened[0]
+    assert f"applied revision {HEAD}" in opened[0]
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
