@@ -146,10 +146,17 @@ def _decrypt(path: Path, enc: dict[str, Any], passphrase: bytes, line: bytes, bo
 def read_passphrase(path: Path) -> bytes:
     """A passphrase file's first line (without its newline), at least MIN_PASSPHRASE bytes."""
     try:
-        raw = path.read_bytes()[:4096]
+        # Only the first line, at most 4 KiB: a pipe (`<(pass show …)`, a FIFO) whose writer
+        # stays open, or /dev/zero, must not hang or fill memory.
+        with open(path, "rb") as handle:
+            raw = handle.readline(4096)
     except OSError as exc:
         raise BackupError(f"--passphrase-file {path}: cannot read: {exc.strerror}") from None
     passphrase = raw.split(b"\n", 1)[0].rstrip(b"\r")
+    if b"\0" in passphrase:
+        raise BackupError(
+            f"--passphrase-file {path}: its first line holds NUL bytes; is it a passphrase file?"
+        )
     if len(passphrase) < MIN_PASSPHRASE:
         raise BackupError(
             f"--passphrase-file {path}: the passphrase is {len(passphrase)} bytes; "

@@ -254,10 +254,11 @@ def _create(path: Path) -> int:
 
 
 def _refuse_links(cfg: Config, path: Path) -> None:
-    """Refuse to write `path` through a directory that is a symbolic link below state_dir (or
-    below key_dir, when it is elsewhere): one planted there would send the files, as root,
-    wherever it points."""
-    base = cfg.state_dir if path.is_relative_to(cfg.state_dir) else cfg.key_dir
+    """Refuse to write `path` through a directory that is a symbolic link below key_dir or
+    state_dir (such as state_dir/identity): one planted there would send the files, as root,
+    wherever it points. key_dir and state_dir themselves are the configuration's: the agent
+    follows a key_dir that is a link, and so does restore."""
+    base = cfg.key_dir if path.is_relative_to(cfg.key_dir) else cfg.state_dir
     if not path.is_relative_to(base):
         return  # a [dnssd] key file: its directories are the site's own
     directory = base

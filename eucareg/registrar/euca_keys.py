@@ -84,8 +84,13 @@ def _read(path: Path) -> bytes:
     """A regular file's bytes (not through a symbolic link), at most MAX_FILE + 1 of them."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise ef.EucaFilesError(f"{path} is not a regular file")
+        if st.st_nlink != 1:
+            # A second name of another file: whoever can write the (eucalyptus-owned) key
+            # directory could have linked /etc/shadow as vtunpass, which no check parses.
+            raise ef.EucaFilesError(f"{path} has {st.st_nlink} names (a hard link); not served")
         with os.fdopen(fd, "rb", closefd=False) as handle:
             return handle.read(ef.MAX_FILE + 1)
     finally:

@@ -30,7 +30,7 @@ def hold(database: Path) -> Iterator[str | None]:
     if not path.parent.is_dir():
         yield None  # no state directory yet: no agent can own it
         return
-    fd = _open_lock(path)
+    fd = open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,7 +44,7 @@ def hold(database: Path) -> Iterator[str | None]:
         os.close(fd)  # drops the flock if we took it
 
 
-def _open_lock(path: Path) -> int:
+def open_lock(path: Path) -> int:
     """The lock file, never through a symbolic link nor as a second name of another file:
     holding it truncates it (run as root, that would empty whatever a planted link names)."""
     try:

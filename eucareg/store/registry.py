@@ -33,6 +33,7 @@ from eucareg.core.model import (
 from eucareg.core.transitions import Prune, TokenChange, Write
 from eucareg.core.trust import Mode, Task, Token, TrustSettings
 from eucareg.store.errors import StoreBusy
+from eucareg.store.owner import open_lock
 from eucareg.store.schema import (
     certificates,
     components,
@@ -107,7 +108,8 @@ class Store:
         if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
             return
         path = Path(database).with_name(Path(database).name + ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a planted link: holding it truncates it, and the agent runs as root.
+        fd = open_lock(path)
         deadline = time.monotonic() + patience
         while True:
             try:
