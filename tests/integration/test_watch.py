@@ -23,6 +23,9 @@ def test_an_nc_whose_key_directory_is_removed_collects_its_credentials_again(
     cloud = cloud_factory(plan, recheck_interval="1h")
     cloud.start_all()
     converge(cloud)
+    # The files are there; wait until the agent itself has taken them as its registration, or
+    # the removal below could land between its write and its own check (CI saw that once).
+    cloud.agents["node1"].wait_for_log("is registered", timeout=30)
     keys = cloud.key_dir("node1")
     cert = keys / "node-cert.pem"
     original = cert.read_bytes()
