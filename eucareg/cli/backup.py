@@ -122,7 +122,10 @@ def restore(
         rst.check_fits(archive, cfg)
         running = rst.agent_running(cfg)
         if running is not None:
-            fail(f"{running}: stop the agent before restoring (systemctl stop eucareg-agent)", RUNNING)
+            fail(
+                f"{running}: stop the agent before restoring (systemctl stop eucareg-agent)",
+                RUNNING,
+            )
         if dry_run:
             _show(archive, rst.plan(archive, cfg), None, as_json, dry_run=True)
             return
