@@ -16,6 +16,7 @@ from cryptography import x509
 
 from eucareg.core import renewal
 from eucareg.pki import credentials as cred
+from eucareg.pki import handover
 
 from .timing import wait_event
 from .watch import FileWatch
@@ -105,19 +106,38 @@ class CloudCA:
         self._on_change = on_change
         self._clock = clock
         self._wake = asyncio.Event()
+        # When the handover from the previous CA key ends (`eucareg ca rotate`), if one runs:
+        # then the old CA is served and trusted no more.
+        self.handover_ends: float | None = None
 
     @property
     def due_at(self) -> float:
-        return renewal.due_at(cred.validity(self.cert), renewal.ca_margin())
+        due = renewal.due_at(cred.validity(self.cert), renewal.ca_margin())
+        return min(due, self.handover_ends) if self.handover_ends is not None else due
 
     async def check(self) -> bool:
         """Take up a changed cloud-cert.pem (or put ours back over a foreign one), renew it
-        if due; True if the certificate served changed."""
+        if due; True if the certificate served (or the handover served with it) changed."""
         held, note = await asyncio.to_thread(
             settle_held, self.key_dir, self.key, self.cert, self._clock()
         )
         if note:
             log.warning("cloud CA certificate: %s", note)
+        passed = await asyncio.to_thread(
+            handover.load_held, self.key_dir / handover.HANDOVER, held, self._clock()
+        )
+        ends = passed.ends if passed is not None else None
+        if ends != self.handover_ends:
+            if passed is None:
+                log.info("the handover from the previous cloud CA key has ended")
+            else:
+                log.info(
+                    "handing over from CA %s until %s", passed.old_fingerprint, _at(passed.ends)
+                )
+            self.handover_ends = ends
+            if held == self.cert:
+                await self._on_change()
+                return True
         if held == self.cert:
             return False
         log.info("cloud CA certificate is now serial %x (%s)", held.serial_number, _shown(held))
@@ -143,3 +163,7 @@ class CloudCA:
 
 def _shown(cert: x509.Certificate) -> str:
     return cert.not_valid_after_utc.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _at(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")

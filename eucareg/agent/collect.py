@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from yarl import URL
 
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
-from eucareg.pki import names, tls
+from eucareg.pki import handover, names, tls
 from eucareg.pki.signing import signed_body, socket_audience
 
 from .euca_keys import EucaKeys
@@ -247,13 +248,21 @@ def _accept(
     except (ValueError, UnsupportedAlgorithm) as exc:
         # Certificates that parse but hold what cryptography cannot use (say, a curve).
         raise ProtocolError(f"unusable credential bundle: {exc}") from exc
+    cloud = cred.load_cert_pem(verified[cred.CLOUD_CERT])
+    passed = _handover_of(files, cloud, time.time())
+    if passed is not None:
+        verified[handover.HANDOVER] = passed.pem().encode()  # kept, and a CC hands it on
     if pin is not None:
-        ca = cred.cert_fingerprint(cred.load_cert_pem(verified[cred.CLOUD_CERT]))
-        if ca != pin:
+        ca = cred.cert_fingerprint(cloud)
+        if ca != pin and (passed is None or passed.old_fingerprint != pin):
             raise cred.CredentialError(
-                f"registrar at {endpoint.address} belongs to CA {ca}, but we pin {pin}: "
-                "refusing a rogue registrar"
+                f"registrar at {endpoint.address} belongs to CA {ca}, but we pin {pin}"
+                + (f" (its handover is from {passed.old_fingerprint})" if passed else "")
+                + ": refusing a rogue registrar"
             )
+        if ca != pin:
+            # Moving our pin: the old key we pin signed the handover to this one.
+            log.warning("cloud CA key handed over from %s to %s: moving our pin", pin, ca)
     own = cred.load_cert_pem(verified[cred.LAYOUTS[role].cert])
     if have is not None:
         # Watching: a renewal (a new serial), or the same certificate under a renewed chain
@@ -276,6 +285,23 @@ def _accept(
     cred.write_credentials(key_dir, role, verified)
     log.info("credentials for %s %s written to %s", role.value, identity.component_id, key_dir)
     return Outcome.WRITTEN
+
+
+def _handover_of(
+    files: Mapping[str, str], cloud: x509.Certificate, now: float
+) -> handover.Handover | None:
+    """The bundle's cloud-handover.pem, if it leads to its cloud CA now (else None: ignored;
+    only a pin it moves depends on it, and then the pin check refuses the bundle)."""
+    data = files.get(handover.HANDOVER)
+    if data is None:
+        return None
+    try:
+        passed = handover.parse(data)
+        handover.verify(passed, passed.old_fingerprint, cloud, now)
+    except (cred.CredentialError, ValueError, UnsupportedAlgorithm) as exc:
+        log.warning("ignoring the handover in a credential bundle: %s", exc)
+        return None
+    return passed
 
 
 def remove_credentials(key_dir: Path, role: Role) -> None:

@@ -34,6 +34,10 @@ def load_or_create_identity(state_dir: Path, role: Role) -> Identity:
     """The id and key of this host's `role` component, made once and kept (docs/credentials.md)."""
     directory = state_dir / "identity"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if role is Role.CLC:
+        from .rotation import finish_pending
+
+        finish_pending(state_dir)  # a CA key rotation cut short: finished before the key loads
     id_file = directory / f"{role.value}.id"
     if id_file.exists():
         component_id = id_file.read_text().strip()

@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from eucareg.core.model import Role
 from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import new_master_key
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
+from eucareg.pki import handover, tls
 from eucareg.registrar.batch import Batching
 from eucareg.registrar.engine import Issuer, Registrar, Retention, Timing
 from eucareg.registrar.euca_keys import EucaKeySource
@@ -226,22 +227,36 @@ class RegistrarService:
         tls_dir = cfg.state_dir / "tls"
         tls_dir.mkdir(mode=0o700, exist_ok=True)
         if self._clc is not None and self._cloud_cert is not None:
-            tls.write_chain(tls_dir / "clc.pem", [self._cloud_cert])
+            # While the CA key hands over: the cross-certificate and the old CA after ours,
+            # and the old CA's certificates still accepted from components not moved yet.
+            passed = self._handover(self._cloud_cert)
+            tls.write_chain(tls_dir / "clc.pem", [self._cloud_cert, *_certs(passed)])
             out[Role.CLC] = tls.server_context(
-                tls_dir / "clc.pem", identity_key(cfg, Role.CLC), client_ca=self._cloud_cert
+                tls_dir / "clc.pem",
+                identity_key(cfg, Role.CLC),
+                client_ca=self._cloud_cert,
+                also_trusted=passed.old if passed else None,
             )
         cc = self._cc
         if cc is not None and cc.registered:
             try:
                 own = cred.load_cert(cfg.key_dir / cred.LAYOUTS[Role.CC].cert)
                 root = cred.load_cert(cfg.key_dir / cred.CLOUD_CERT)
-                tls.write_chain(tls_dir / "cc.pem", [own, root])
+                passed = self._handover(root)
+                tls.write_chain(tls_dir / "cc.pem", [own, root, *_certs(passed)])
                 out[Role.CC] = tls.server_context(
-                    tls_dir / "cc.pem", identity_key(cfg, Role.CC), client_ca=root
+                    tls_dir / "cc.pem",
+                    identity_key(cfg, Role.CC),
+                    client_ca=root,
+                    also_trusted=passed.old if passed else None,
                 )
             except (cred.CredentialError, ssl.SSLError, OSError) as exc:
                 log.warning("cannot serve as the CC yet: %s", exc)
         return out
+
+    def _handover(self, root: x509.Certificate) -> handover.Handover | None:
+        """The handover to `root` held in key_dir, while it runs (blocking: the file)."""
+        return handover.load_held_cached(self.cfg.key_dir / handover.HANDOVER, root, time.time())
 
     def _bound_port(self) -> int:
         """The IPv4 port (with port 0, the IPv4 and IPv6 sockets get different ones)."""
@@ -286,17 +301,26 @@ class RegistrarService:
             if cc is None or not cc.registered:
                 return None
             key_dir = self.cfg.key_dir
+            root = cred.load_cert_cached(key_dir / cred.CLOUD_CERT)
+            passed = self._handover(root)  # our CC's, handed on to its nodes
             return Issuer(
                 key=cc.identity.key,
                 cert=cred.load_cert_cached(key_dir / cred.LAYOUTS[Role.CC].cert),
-                cloud_cert=cred.load_cert_cached(key_dir / cred.CLOUD_CERT),
+                cloud_cert=root,
                 policy=self.cfg.certificates,
+                handover=passed.pem() if passed else None,
             )
         if self._clc is None or self._cloud_cert is None:
             return None
+        passed = self._handover(self._cloud_cert)
         return Issuer(
             key=self._clc.identity.key,
             cert=self._cloud_cert,
             cloud_cert=self._cloud_cert,
             policy=self.cfg.certificates,
+            handover=passed.pem() if passed else None,
         )
+
+
+def _certs(passed: handover.Handover | None) -> list[x509.Certificate]:
+    return passed.certs() if passed is not None else []

@@ -191,6 +191,13 @@ def renew_cloud_ca(
     return _cloud_ca(key, old.subject, _when(now), lifetime)
 
 
+def create_cloud_ca_named(
+    key: PrivateKey, name: x509.Name, *, now: float | None = None
+) -> x509.Certificate:
+    """A cloud CA for a new key under an existing CA's name (pki/handover.py: rotation)."""
+    return _cloud_ca(key, name, _when(now), CA_LIFETIME)
+
+
 def _cloud_ca(
     key: PrivateKey, name: x509.Name, now: datetime.datetime, lifetime: datetime.timedelta
 ) -> x509.Certificate:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from eucareg.core.model import Role
 
 from . import credentials as cred
-from . import names
+from . import handover, names
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,11 @@ def check_registrar(chain: list[x509.Certificate], expect: Expect, now: datetime
     """Raise UntrustedRegistrar unless `chain` (as the peer sent it, its own certificate first)
     is a registrar `expect` accepts.
 
-    Its certificate must be signed directly by the pinned cloud CA: a chain through a CC's
-    cluster certificate (itself a CA) is never accepted, so no registered CC can vouch for
-    another registrar. It must name the expected role, cluster and id, and be valid now."""
+    Its certificate must be signed directly by the pinned cloud CA, or, after `eucareg ca
+    rotate`, directly by the new CA key a cross-certificate signed by the pinned key certifies
+    (pki/handover.py): a chain through a CC's cluster certificate (itself a CA) is never
+    accepted, so no registered CC can vouch for another registrar. It must name the expected
+    role, cluster and id, and be valid now."""
     if not chain:
         raise UntrustedRegistrar("the registrar presented no certificate")
     leaf = chain[0]
@@ -90,15 +92,37 @@ def check_registrar(chain: list[x509.Certificate], expect: Expect, now: datetime
         raise UntrustedRegistrar(
             f"the registrar does not show the cloud CA we pin ({expect.pin}): a rogue registrar?"
         )
-    try:
-        leaf.verify_directly_issued_by(root)
-    except Exception as exc:  # InvalidSignature, ValueError, TypeError: all mean "not by root"
+    # After `eucareg ca rotate`, the CA key we pin may have handed over to a new one: then the
+    # registrar's certificate is signed by the new key, which a cross-certificate in the chain,
+    # signed by our key, certifies (one step only, never through a CC's certificate).
+    if not _signed_by(leaf, root) and not _signed_by_handover(leaf, chain[1:], root, now):
         raise UntrustedRegistrar(
             f"the registrar's certificate ({named}) is not signed by our cloud CA "
             f"{cred.cert_fingerprint(root)}: a rogue registrar?"
-        ) from exc
+        )
     if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
         raise UntrustedRegistrar(f"the registrar's certificate ({named}) is not valid now")
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # InvalidSignature, ValueError, TypeError: all mean "not by issuer"
+        return False
+    return True
+
+
+def _signed_by_handover(
+    leaf: x509.Certificate,
+    certs: list[x509.Certificate],
+    root: x509.Certificate,
+    now: datetime.datetime,
+) -> bool:
+    """Whether `leaf` is signed by a key that a cross-certificate among `certs`, signed by
+    `root`'s key and valid now, hands the cloud CA over to."""
+    return any(
+        handover.vouches(cert, root, now.timestamp()) and _signed_by(leaf, cert) for cert in certs
+    )
 
 
 def _pinned_in(certs: list[x509.Certificate], pin: str | None) -> x509.Certificate | None:
@@ -181,18 +205,24 @@ def client_context(expect: Expect, client: ClientCert | None = None) -> ssl.SSLC
 
 
 def server_context(
-    chain_file: Path, key_file: Path, client_ca: x509.Certificate | None = None
+    chain_file: Path,
+    key_file: Path,
+    client_ca: x509.Certificate | None = None,
+    also_trusted: x509.Certificate | None = None,
 ) -> ssl.SSLContext:
-    """A registrar's context: its certificate, then the cloud CA, so that a component pinning
-    only the CA key finds the CA certificate in the chain. With `client_ca`, a client may
-    present a certificate (registered components do), which must chain to that CA; what it
-    names is read with peer_identity."""
+    """A registrar's context: its certificate, then the cloud CA (and, while a CA key hands
+    over, the cross-certificate and the old CA), so that a component pinning only the CA key
+    finds the CA certificate in the chain. With `client_ca`, a client may present a
+    certificate (registered components do), which must chain to that CA, or during a
+    handover to `also_trusted` (the old CA); what it names is read with peer_identity."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(chain_file, key_file)
     if client_ca is not None:
         ctx.verify_mode = ssl.CERT_OPTIONAL
         ctx.load_verify_locations(cadata=cred.cert_pem(client_ca))
+        if also_trusted is not None:
+            ctx.load_verify_locations(cadata=cred.cert_pem(also_trusted))
     return ctx
 
 

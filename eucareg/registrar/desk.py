@@ -21,6 +21,7 @@ from eucareg.core import renewal
 from eucareg.core.model import IssuedCertificate, Record, Role, Status, event_for
 from eucareg.core.transitions import Transition, Write, certificate_issued, collected
 from eucareg.pki import credentials as cred
+from eucareg.pki.handover import HANDOVER
 from eucareg.registrar.euca_keys import INVALID, OFF_SET, READY, EucaKeySource, EucaSet
 from eucareg.registrar.faults import crash_point
 
@@ -42,13 +43,23 @@ class Issuer:
     cloud_cert: x509.Certificate
     # How long certificates last and when they are renewed ([registrar] certificate_*).
     policy: renewal.RenewalPolicy = renewal.DEFAULT_POLICY
+    # While the cloud CA key hands over (`eucareg ca rotate`): cloud-handover.pem, which lets
+    # a component that pins the old key move to the new one.
+    handover: str | None = None
 
     def bundle(self, record: Record, cert_pem: str) -> dict[str, str]:
         layout = cred.LAYOUTS[record.role]
         files = {cred.CLOUD_CERT: cred.cert_pem(self.cloud_cert), layout.cert: cert_pem}
         if layout.issuer:
             files[layout.issuer] = cred.cert_pem(self.cert)
+        if self.handover is not None:
+            files[HANDOVER] = self.handover
         return files
+
+    @functools.cached_property
+    def key_id(self) -> bytes:
+        """The key identifier certificates signed by this issuer carry (AuthorityKeyIdentifier)."""
+        return x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()).digest
 
 
 class CredentialRefused(Exception):
@@ -86,6 +97,10 @@ class CredentialDesk:
         # each request: a component sending any digest it likes must not flood the events).
         self._told: dict[str, str] = {}
         self._watching: dict[str, int] = {}  # component id -> its requests watching (`have`)
+        # The CA handover each component was last answered with by this process: a watch that
+        # began after its chain changed (this registrar restarted meanwhile) would not see it
+        # change, so the first one during a handover is answered at once (once per process).
+        self._handed: dict[str, str] = {}
 
     def chain_changed(self) -> None:
         """The certificates above the components' own changed (this CC's certificate or the
@@ -164,9 +179,19 @@ class CredentialDesk:
                 first_chain = chain if first_chain is None else first_chain
                 keys = await self._euca_set(record) if euca is not None else None
                 moved = keys is not None and keys.digest != euca
-                if have != serial or engine.clock() >= deadline or chain != first_chain or moved:
+                passed = files.get(HANDOVER)
+                unseen = passed is not None and self._handed.get(component_id) != passed
+                if (
+                    have != serial
+                    or engine.clock() >= deadline
+                    or chain != first_chain
+                    or moved
+                    or unseen
+                ):
                     if moved and keys is not None:
                         await self._note_keys(record, keys)
+                    if passed is not None:
+                        self._handed[component_id] = passed
                     return CredentialAnswer(Status.REGISTERED, record.reason, files, keys)
                 if keys is not None and keys_changed is None and self.euca_keys is not None:
                     keys_changed = watches.enter_context(
@@ -221,7 +246,10 @@ class CredentialDesk:
         if issued is not None and issued.fingerprint == record.fingerprint:
             margin = issuer.policy.margin
             now = engine.clock()
-            if renewal.phase(validity_of(issued.cert_pem), margin, now) is renewal.Phase.CURRENT:
+            stage = renewal.phase(validity_of(issued.cert_pem), margin, now)
+            # One signed by another key (the cloud CA before `eucareg ca rotate`) is renewed
+            # at once, under ours: the same key, no hook, nothing revoked.
+            if stage is renewal.Phase.CURRENT and signer_of(issued.cert_pem) == issuer.key_id:
                 return issued
             renewing = issued  # the same key, due: a new certificate, the old one kept valid
         cert = await asyncio.to_thread(
@@ -300,6 +328,18 @@ def validity_of(cert_pem: str) -> renewal.Validity:
         return cred.validity(cred.load_cert_pem(cert_pem))
     except (cred.CredentialError, ValueError):
         return renewal.UNREADABLE
+
+
+@functools.lru_cache(maxsize=8192)
+def signer_of(cert_pem: str) -> bytes | None:
+    """The key identifier of the key that signed a stored certificate (its AKI), None when it
+    cannot be read (then it is re-issued, as one that cannot be read is renewed)."""
+    try:
+        cert = cred.load_cert_pem(cert_pem)
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except (cred.CredentialError, ValueError, x509.ExtensionNotFound):
+        return None
+    return aki.key_identifier
 
 
 async def _either(event: asyncio.Event, other: asyncio.Event | None, timeout: float) -> bool:

@@ -1,0 +1,169 @@
+"""Replacing the cloud CA key (`eucareg ca rotate`, with the CLC's agent stopped): a new key and
+CA certificate and a handover signed by the old key, staged in full and committed by one rename,
+then applied in idempotent steps, so a crash at any point is finished by the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from eucareg.config.file import SOCKET_FILE
+from eucareg.core.model import Role
+from eucareg.pki import credentials as cred
+from eucareg.pki import handover
+
+DAY = 86400.0
+DEFAULT_OVERLAP = 30 * DAY
+MIN_OVERLAP = 600.0  # components must have a chance to move (their watch is 4 minutes)
+MAX_OVERLAP = 366 * DAY
+STAGE = "rotation"  # under state_dir/identity: the staged rotation, present until applied
+RETIRED = "retired"  # under state_dir/identity: old CA keys, kept for the record
+NEW_KEY, MANIFEST = "new.key.pem", "rotation.json"
+
+
+class RotationError(cred.CredentialError):
+    """The rotation cannot be done, or a staged one cannot be finished."""
+
+
+@dataclass(frozen=True)
+class Rotated:
+    old_fingerprint: str
+    new_fingerprint: str
+    overlap_ends: float
+    retired_key: Path
+
+
+def identity_dir(state_dir: Path) -> Path:
+    return state_dir / "identity"
+
+
+def agent_running(state_dir: Path) -> bool:
+    """Whether an agent answers on this host's operator socket."""
+    path = state_dir / SOCKET_FILE
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def rotate(state_dir: Path, key_dir: Path, overlap: float, now: float) -> Rotated:
+    """Replace the CLC's key (the cloud CA key) by a new one (blocking). The agent must be
+    stopped: its key is in every registrar structure it runs."""
+    if not MIN_OVERLAP <= overlap <= MAX_OVERLAP:
+        raise RotationError(
+            f"--overlap must be between {MIN_OVERLAP:g} s and {MAX_OVERLAP / DAY:g} days, "
+            f"got {overlap:g} s"
+        )
+    finish_pending(state_dir)  # an interrupted rotation first: this one starts from its end
+    from .cloudca import read_held  # (cloudca imports the agent's watch machinery)
+
+    key_path = identity_dir(state_dir) / f"{Role.CLC.value}.key.pem"
+    old_key = cred.load_key(key_path)
+    old = read_held(key_dir, old_key)
+    held = handover.load_held(key_dir / handover.HANDOVER, old, now)
+    if held is not None:
+        raise RotationError(
+            f"the previous rotation's overlap lasts until {_iso(held.ends)} (from CA "
+            f"{held.old_fingerprint}): rotating again now would strand every component that "
+            "has not moved yet; rotate again after it ends"
+        )
+    new_key = cred.generate_key()
+    new = handover.successor(new_key, old, now)
+    cross = handover.make_cross(old_key, old, new, now, overlap)
+    passed = handover.Handover(cross=cross, old=old)
+    _stage(state_dir, key_dir, new_key, new, passed)
+    retired = apply_pending(state_dir)
+    assert retired is not None
+    return Rotated(
+        cred.fingerprint(old_key.public_key()), cred.cert_fingerprint(new), passed.ends, retired
+    )
+
+
+def _stage(
+    state_dir: Path,
+    key_dir: Path,
+    new_key: cred.PrivateKey,
+    new: x509.Certificate,
+    passed: handover.Handover,
+) -> None:
+    """Write everything the rotation needs into a fresh directory, then rename it into place:
+    the commit point (before it, nothing changed; after it, the rotation gets finished)."""
+    ident = identity_dir(state_dir)
+    tmp = ident / f"{STAGE}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    cred.write_atomic(tmp / NEW_KEY, cred.key_pem(new_key))
+    cred.write_atomic(tmp / cred.CLOUD_CERT, cred.cert_pem(new).encode())
+    cred.write_atomic(tmp / handover.HANDOVER, passed.pem().encode())
+    manifest = {"key_dir": str(key_dir.resolve()), "old": passed.old_fingerprint}
+    cred.write_atomic(tmp / MANIFEST, json.dumps(manifest).encode())
+    os.rename(tmp, ident / STAGE)
+    _fsync_dir(ident)
+
+
+def finish_pending(state_dir: Path) -> Path | None:
+    """Finish a rotation interrupted after its commit, and drop one interrupted before it;
+    the retired key's path if one was finished (blocking; the agent calls it at start)."""
+    ident = identity_dir(state_dir)
+    shutil.rmtree(ident / f"{STAGE}.tmp", ignore_errors=True)
+    if not (ident / STAGE).is_dir():
+        return None
+    return apply_pending(state_dir)
+
+
+def apply_pending(state_dir: Path) -> Path | None:
+    """Apply the staged rotation; each step is safe to repeat. The old key is retired first
+    and the new certificate written last: between, the agent would not start (its key and
+    cloud-cert.pem disagree), and the next start finishes the rotation from the stage."""
+    ident = identity_dir(state_dir)
+    stage = ident / STAGE
+    try:
+        manifest = json.loads((stage / MANIFEST).read_text())
+        key_dir = Path(manifest["key_dir"])
+        old_fp = str(manifest["old"])
+        new_key = cred.load_key(stage / NEW_KEY)
+        new_pem = (stage / cred.CLOUD_CERT).read_bytes()
+        passed = (stage / handover.HANDOVER).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError, cred.CredentialError) as exc:
+        raise RotationError(
+            f"{stage} holds an unusable staged rotation ({exc}): move it aside and check "
+            "that state_dir/identity/clc.key.pem and key_dir/cloud-cert.pem belong together"
+        ) from exc
+    key_path = ident / f"{Role.CLC.value}.key.pem"
+    retired = ident / RETIRED / f"clc-{old_fp.removeprefix('sha256:')[:16]}.key.pem"
+    current = cred.load_key(key_path)
+    if cred.fingerprint(current.public_key()) == old_fp:
+        retired.parent.mkdir(mode=0o700, exist_ok=True)
+        cred.write_atomic(retired, cred.key_pem(current))
+    cred.write_atomic(key_dir / handover.HANDOVER, passed)
+    cred.write_atomic(key_path, cred.key_pem(new_key))
+    cred.write_atomic(key_dir / cred.LAYOUTS[Role.CLC].key, cred.key_pem(new_key))
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, new_pem)
+    shutil.rmtree(stage)
+    _fsync_dir(ident)
+    return retired
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seconds))
