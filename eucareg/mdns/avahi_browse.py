@@ -204,8 +204,11 @@ class AvahiBrowser:
                     if not ad.too_many_objects(exc):
                         log.warning("avahi: cannot resolve %s: %s", name, exc)
                         return
-                    # One-shot resolutions need objects too, if only for a moment.
-                    await self.make_room()
+                    if not self._one_shot:
+                        # One-shot resolutions need objects too, if only for a moment. Only
+                        # the first refusal makes room: the others in flight with it (up to
+                        # RESOLVING_AT_ONCE) would free every kept resolver.
+                        await self.make_room()
         if path is None:
             await self._resolve_once(item, args)
             return
@@ -248,19 +251,31 @@ class AvahiBrowser:
         """Free up to `count` kept resolvers (their services stay heard, without updates),
         so that publishing can have the objects; whether any was freed."""
         self._go_one_shot()
-        kept = [item for item in self.items.values() if item.resolver is not None][:count]
+        # Resolvers that have answered go first: their services stay heard. One that has not
+        # answered yet (our own services are heard, and so resolved, first) is resolved once
+        # instead, or its service would never be heard at all.
+        kept = sorted(
+            (item for item in self.items.values() if item.resolver is not None),
+            key=lambda item: item.view is None,
+        )[:count]
+        # Claimed before the first await, so that calls at the same time free different ones.
+        paths = []
         for item in kept:
             assert item.resolver is not None
+            paths.append(item.resolver)
             self.by_resolver.pop(item.resolver, None)
-            await self._free(item.resolver)
             item.resolver = None
-        if kept:
+            if item.view is None:
+                self._spawn(self._resolve(item))
+        for path in paths:
+            await self._free(path)
+        if paths:
             log.warning(
                 "avahi: freed %d resolvers for room (their services stay heard, without TXT "
                 "updates)",
-                len(kept),
+                len(paths),
             )
-        return bool(kept)
+        return bool(paths)
 
     async def _resolve_once(self, item: _Item, args: list[Any]) -> None:
         for attempt in range(RESOLVE_ATTEMPTS):
