@@ -78,10 +78,17 @@ class AvahiBackend:
         bus.add_message_handler(self._on_message)
         # Avahi addresses its signals to us; these rules also let the bus tell us when the
         # daemon comes and goes, and when its server state changes.
-        await ad.add_match(
-            bus, f"type='signal',sender='{ad.BUS}',member='NameOwnerChanged',arg0='{ad.AVAHI}'"
-        )
-        await ad.add_match(bus, f"type='signal',sender='{ad.AVAHI}'")
+        try:
+            await ad.add_match(
+                bus,
+                f"type='signal',sender='{ad.BUS}',member='NameOwnerChanged',arg0='{ad.AVAHI}'",
+            )
+            await ad.add_match(bus, f"type='signal',sender='{ad.AVAHI}'")
+        except BaseException:
+            # Not half-connected: the caller's retry opens a new connection, not a second one.
+            bus.remove_message_handler(self._on_message)
+            bus.disconnect()
+            raise
         try:
             (owner,) = await ad.call(
                 bus, ad.BUS_PATH, ad.BUS, "GetNameOwner", "s", [ad.AVAHI], destination=ad.BUS
