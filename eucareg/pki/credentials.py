@@ -166,6 +166,22 @@ def _when(now: float | None) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(now, datetime.UTC)
 
 
+def key_usage(*, encipher: bool, sign_certs: bool) -> x509.KeyUsage:
+    """What a certificate's key may do: always sign; a component's key also key exchange
+    (TLS with RSA), a CA's (the cloud's, a CC's) also certify others and sign their CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=encipher,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=sign_certs,
+        crl_sign=sign_certs,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def create_cloud_ca(
     key: PrivateKey,
     cloud_id: str,
@@ -211,17 +227,7 @@ def _cloud_ca(
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(encipher=False, sign_certs=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -257,17 +263,7 @@ def issue_certificate(
             x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), critical=True
         )
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=is_ca,
-                crl_sign=is_ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(encipher=True, sign_certs=is_ca),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
