@@ -123,6 +123,14 @@ def _option(value: str, parse: Callable[[str], str], option: str) -> str:
     show_default=True,
     help="How long to listen for announcements (at most 300s).",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "avahi", "zeroconf"]),
+    default="auto",
+    show_default=True,
+    help="Listen through python-zeroconf, the host's avahi-daemon, or (auto) Avahi when it runs "
+    "in this network namespace, as the agent's [mdns] backend.",
+)
 @click.option("--yes", "-y", is_flag=True, help="Ask nothing; what is missing is an error.")
 @click.option(
     "--config",
@@ -140,6 +148,7 @@ def setup(
     token_text: str | None,
     address_text: str | None,
     timeout: str,
+    backend: str,
     yes: bool,
     config_path: Path,
 ) -> None:
@@ -183,7 +192,7 @@ def setup(
     if host is not None:
         plan.top["fallback_registrar"] = _option(host, registrar, "--cc" if cc_host else "--clc")
 
-    heard = _listen(seconds) if _needs_listening(plan) else discover.Survey(())
+    heard = _listen(seconds, backend) if _needs_listening(plan) else discover.Survey(())
     if the_role.needs_cluster and "cluster" not in plan.component:
         plan.component["cluster"] = _choose_cluster(the_role, heard, ask)
     if the_role is Role.CC and _cc_heard(heard, plan):
@@ -224,10 +233,10 @@ def _needs_listening(plan: Plan) -> bool:
     return "fallback_registrar" not in plan.top
 
 
-def _listen(seconds: float) -> discover.Survey:
+def _listen(seconds: float, backend: str) -> discover.Survey:
     click.echo(f"Listening for announcements for {seconds:g}s…")
     try:
-        sightings = asyncio.run(discover.listen(seconds))
+        sightings = asyncio.run(discover.listen(seconds, backend_name=backend))
     except (OSError, RuntimeError) as exc:
         # zeroconf raises RuntimeError on a host with no interface to listen on: then nothing
         # can be heard, and setup asks instead.

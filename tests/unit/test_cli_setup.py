@@ -43,9 +43,13 @@ def canned(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Sighting]]:
     """What `listen` hears (it never opens a socket); the host has one usable address."""
     heard: list[Sighting] = []
     LISTENED.clear()
+    BACKENDS.clear()
 
-    async def listen(seconds: float, *, ipv6: bool = False) -> list[Sighting]:
+    async def listen(
+        seconds: float, *, ipv6: bool = False, backend_name: str = "auto"
+    ) -> list[Sighting]:
         LISTENED.append(seconds)
+        BACKENDS.append(backend_name)
         return list(heard)
 
     monkeypatch.setattr(discover, "listen", listen)
@@ -54,6 +58,7 @@ def canned(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Sighting]]:
 
 
 LISTENED: list[float] = []
+BACKENDS: list[str] = []  # the --backend each listen was asked to use
 
 
 @pytest.fixture
@@ -166,6 +171,15 @@ def test_yes_with_everything_asks_nothing_and_does_not_listen(path: Path) -> Non
     }
     assert token not in result.output  # a secret: shown as set
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_it_listens_through_the_backend_asked_for(canned: list[Sighting], path: Path) -> None:
+    canned += [clc()]
+    assert run(path, "walrus", "--yes").exit_code == 0
+    assert run(path, "walrus", "--yes", "--backend", "avahi").exit_code == 0
+    assert BACKENDS == ["auto", "avahi"]
+    result = run(path, "walrus", "--yes", "--backend", "bonjour")
+    assert result.exit_code == 2 and "bonjour" in result.output
 
 
 def test_yes_pins_the_one_clc_heard(canned: list[Sighting], path: Path) -> None:
