@@ -17,6 +17,7 @@ from cryptography import x509
 from eucareg.core import renewal
 from eucareg.pki import credentials as cred
 from eucareg.pki import handover
+from eucareg.pki.cloud import check_genuine, read_held
 
 from .timing import wait_event
 from .watch import FileWatch
@@ -38,24 +39,6 @@ def renew_held(
     return new
 
 
-def check_genuine(cert: x509.Certificate, key: cred.PrivateKey) -> None:
-    """CredentialError unless `cert` certifies `key` and `key` signed it. The first alone is
-    not enough: anyone can certify the CLC's public key under its name with another key."""
-    if cred.cert_fingerprint(cert) != cred.fingerprint(key.public_key()):
-        raise cred.CredentialError(f"{cred.CLOUD_CERT} does not certify this CLC's key")
-    try:
-        cert.verify_directly_issued_by(cert)
-    except Exception as exc:  # InvalidSignature, ValueError, TypeError
-        raise cred.CredentialError(f"{cred.CLOUD_CERT} is not self-signed: {exc}") from exc
-
-
-def read_held(key_dir: Path, key: cred.PrivateKey) -> x509.Certificate:
-    """cloud-cert.pem as it is on disk, if it is a self-signed CA certificate of `key`."""
-    cert = cred.load_cert(key_dir / cred.CLOUD_CERT)
-    check_genuine(cert, key)
-    return cert
-
-
 def settle_held(
     key_dir: Path, key: cred.PrivateKey, current: x509.Certificate, now: float
 ) -> tuple[x509.Certificate, str]:
@@ -68,6 +51,7 @@ def settle_held(
     try:
         held = read_held(key_dir, key)
     except cred.CredentialError as exc:
+        _check_not_rotated(key_dir, key)
         held, note = current, f"{path} is not this CLC's ({exc}): written back"
     if cred.validity(held).not_before < cred.validity(current).not_before:
         # Ours, but older than the one served: a copy put back (or a bundle written late by
@@ -88,6 +72,22 @@ def settle_held(
         held = renew_held(key_dir, key, now, held)
         note = f"{path}: the certificate held was not signed by this CLC's key ({exc}): replaced"
     return held, note
+
+
+def _check_not_rotated(key_dir: Path, key: cred.PrivateKey) -> None:
+    """CredentialError if cloud-cert.pem is the CA our key handed over to (`ca rotate` ran
+    beside this agent): writing ours back over it would leave a key, stored by the rotation,
+    that no cloud-cert.pem certifies, and the next start would fail; a restart takes it up."""
+    try:
+        new = cred.load_cert(key_dir / cred.CLOUD_CERT)
+        passed = handover.parse((key_dir / handover.HANDOVER).read_bytes())
+        handover.check_signed(passed, cred.fingerprint(key.public_key()), new)
+    except (OSError, ValueError, cred.CredentialError):
+        return  # not a handover from our key: a foreign or damaged file, written back
+    raise cred.CredentialError(
+        f"the cloud CA key was replaced (eucareg ca rotate) while this agent ran: "
+        f"{cred.CLOUD_CERT} now certifies {cred.cert_fingerprint(new)}; restart the agent"
+    )
 
 
 class CloudCA:

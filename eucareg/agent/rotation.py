@@ -19,11 +19,12 @@ from eucareg.config.file import SOCKET_FILE
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 from eucareg.pki import handover
+from eucareg.pki.cloud import read_held
 
 DAY = 86400.0
 DEFAULT_OVERLAP = 30 * DAY
 MIN_OVERLAP = 600.0  # components must have a chance to move (their watch is 4 minutes)
-MAX_OVERLAP = 366 * DAY
+MAX_OVERLAP = handover.MAX_OVERLAP  # a longer cross-certificate is refused by components
 STAGE = "rotation"  # under state_dir/identity: the staged rotation, present until applied
 RETIRED = "retired"  # under state_dir/identity: old CA keys, kept for the record
 NEW_KEY, MANIFEST = "new.key.pem", "rotation.json"
@@ -68,7 +69,6 @@ def rotate(state_dir: Path, key_dir: Path, overlap: float, now: float) -> Rotate
             f"got {overlap:g} s"
         )
     finish_pending(state_dir)  # an interrupted rotation first: this one starts from its end
-    from .cloudca import read_held  # (cloudca imports the agent's watch machinery)
 
     key_path = identity_dir(state_dir) / f"{Role.CLC.value}.key.pem"
     old_key = cred.load_key(key_path)
@@ -145,7 +145,15 @@ def apply_pending(state_dir: Path) -> Path | None:
     key_path = ident / f"{Role.CLC.value}.key.pem"
     retired = ident / RETIRED / f"clc-{old_fp.removeprefix('sha256:')[:16]}.key.pem"
     current = cred.load_key(key_path)
-    if cred.fingerprint(current.public_key()) == old_fp:
+    held_fp = cred.fingerprint(current.public_key())
+    if held_fp not in (old_fp, cred.fingerprint(new_key.public_key())):
+        # Neither the key this stage retires nor the one it brings (a backup restored over a
+        # rotation cut short, say): overwriting it would lose a key nothing has retired.
+        raise RotationError(
+            f"{stage} rotates from CA {old_fp}, but {key_path} holds {held_fp}: move the "
+            "stage aside and check that the key and key_dir/cloud-cert.pem belong together"
+        )
+    if held_fp == old_fp:
         retired.parent.mkdir(mode=0o700, exist_ok=True)
         cred.write_atomic(retired, cred.key_pem(current))
     cred.write_atomic(key_dir / handover.HANDOVER, passed)

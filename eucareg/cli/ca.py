@@ -105,8 +105,15 @@ def rotate(config_path: Path, overlap: str, yes: bool, as_json: bool) -> None:
         err=True,
     ):
         fail("not rotated", 1)
+    from eucareg.store.owner import hold
+
     try:
-        done = rotation.rotate(cfg.state_dir, key_dir, seconds, time.time())
+        # The registrar's lock, held throughout: an agent started during the prompt or the
+        # rotation (its registrar claims this lock) would serve the old key over the new one.
+        with hold(cfg.database) as pid:
+            if pid is not None or rotation.agent_running(cfg.state_dir):
+                fail(f"an agent (pid {pid or 'unknown'}) started meanwhile: stop it first", 1)
+            done = rotation.rotate(cfg.state_dir, key_dir, seconds, time.time())
     except (OSError, cred.CredentialError) as exc:
         fail(f"cannot rotate the cloud CA key: {exc}", 1)
     info: dict[str, Any] = {
@@ -160,7 +167,7 @@ def _clc(cfg: Config) -> tuple[Path, cred.PrivateKey]:
 
 
 def _held(key_dir: Path, key: cred.PrivateKey) -> x509.Certificate:
-    from eucareg.agent.cloudca import read_held
+    from eucareg.pki.cloud import read_held
 
     try:
         return read_held(key_dir, key)

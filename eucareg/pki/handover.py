@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 HANDOVER = "cloud-handover.pem"  # in key_dir and in bundles: the cross-certificate, then the old CA
 MAX_HANDOVER_BYTES = 16384  # two certificates; anything longer is not ours
+MAX_OVERLAP = 366 * 86400.0  # `ca rotate --overlap` at most: no cross-certificate lasts longer
 
 
 @dataclass(frozen=True)
@@ -121,18 +122,30 @@ def is_cross(cert: x509.Certificate) -> bool:
 
 
 def vouches(cross: x509.Certificate, root: x509.Certificate, now: float) -> bool:
-    """Whether `cross` is a current cross-certificate signed by the key of `root`."""
-    return _signed_cross(cross, root) and Handover(cross, root).current(now)
+    """Whether `cross` is a current cross-certificate signed by the key of `root`, under
+    `root`'s name (a handover never makes the CLC another one)."""
+    return (
+        cross.subject == root.subject
+        and _signed_cross(cross, root)
+        and Handover(cross, root).current(now)
+    )
 
 
 def _signed_cross(cross: x509.Certificate, root: x509.Certificate) -> bool:
     if not is_cross(cross):
         return False
+    if _too_long(cross):
+        return False  # longer than any `ca rotate` makes: not a handover we honour
     try:
         cross.verify_directly_issued_by(root)
     except Exception:  # InvalidSignature, ValueError, TypeError: all mean "not by root"
         return False
     return True
+
+
+def _too_long(cross: x509.Certificate) -> bool:
+    v = cred.validity(cross)
+    return v.not_after - v.not_before > MAX_OVERLAP + 2 * cred.BACKDATE.total_seconds()
 
 
 def verify(h: Handover, trusted: str, new: x509.Certificate, now: float) -> None:
@@ -155,6 +168,10 @@ def check_signed(h: Handover, trusted: str, new: x509.Certificate) -> None:
         h.old.verify_directly_issued_by(h.old)
     except Exception as exc:
         raise cred.CredentialError(f"the old CA in {HANDOVER} is not self-signed") from exc
+    if _too_long(h.cross):
+        raise cred.CredentialError(
+            f"{HANDOVER}: the cross-certificate is valid longer than {MAX_OVERLAP / 86400:g} days"
+        )
     if not _signed_cross(h.cross, h.old):
         raise cred.CredentialError(
             f"{HANDOVER}: the cross-certificate is not a CLC CA certificate signed by {trusted}"
@@ -164,7 +181,7 @@ def check_signed(h: Handover, trusted: str, new: x509.Certificate) -> None:
             f"{HANDOVER} certifies CA {cred.cert_fingerprint(h.cross)}, not the one offered "
             f"({cred.cert_fingerprint(new)})"
         )
-    if h.cross.subject != new.subject:
+    if not h.cross.subject == new.subject == h.old.subject:
         raise cred.CredentialError(f"{HANDOVER} names another CLC than the new cloud CA")
 
 

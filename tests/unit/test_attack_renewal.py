@@ -25,13 +25,14 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from eucareg.agent.cloudca import CloudCA, read_held, renew_held
+from eucareg.agent.cloudca import CloudCA, renew_held
 from eucareg.cli.main import main
 from eucareg.config.file import ConfigError, from_mapping
 from eucareg.core import grammar, renewal
 from eucareg.core.model import Role
 from eucareg.core.policy import RegistrarSettings
 from eucareg.pki import credentials as cred
+from eucareg.pki.cloud import read_held
 from eucareg.registrar.desk import CredentialRefused
 from eucareg.registrar.engine import Issuer, Registrar, Timing
 from eucareg.store.registry import Store, sqlite_url

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from eucareg.agent.cloudca import CloudCA, read_held
+from eucareg.agent.cloudca import CloudCA
 from eucareg.cli.main import main
 from eucareg.core import renewal
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
+from eucareg.pki.cloud import read_held
 from eucareg.registrar.engine import Issuer
 from tests.unit.test_renewal import HOUR, SHORT, Clock, make, registered_cc
 

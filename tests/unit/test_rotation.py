@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from eucareg.agent import collect, rotation
-from eucareg.agent.cloudca import CloudCA, read_held
+from eucareg.agent.cloudca import CloudCA
 from eucareg.agent.identity import (
     Identity,
     ensure_cloud_ca,
@@ -29,6 +29,7 @@ from eucareg.core.model import Role, Status
 from eucareg.core.policy import RegistrarSettings
 from eucareg.pki import credentials as cred
 from eucareg.pki import handover
+from eucareg.pki.cloud import read_held
 from eucareg.registrar.engine import Issuer, Registrar, Timing
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, ann, fresh_key, sighting
