@@ -289,7 +289,11 @@ def test_the_handover_size_limit_at_n_and_n_plus_one() -> None:
 
 # -- the TLS chain (tls.check_registrar) -------------------------------------------------------
 
-NOW = datetime.datetime.now(datetime.UTC)
+
+def now() -> datetime.datetime:
+    """The time of the check: now, not when the module was imported (the certificates are
+    made during the test, and in a full run the import was many minutes earlier)."""
+    return datetime.datetime.now(datetime.UTC)
 
 
 def cc_expect(**kw: object) -> tls.Expect:
@@ -317,11 +321,11 @@ def test_a_rogue_adding_its_own_cross_certificate_to_its_chain_is_refused() -> N
     for name, chain in chains.items():
         for expect in (cc_expect(root=r.old), cc_expect(pin=cred.cert_fingerprint(r.old))):
             with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
-                tls.check_registrar(chain, expect, NOW)
+                tls.check_registrar(chain, expect, now())
             assert name  # (which chain failed shows in the traceback's locals)
     # The same chain with a leaf the new key really signed is accepted: the check is real.
     _, good = issue(r.new_key, r.new, Role.CC, "cc-00000000000a", "c1")
-    tls.check_registrar([good, r.new, r.cross, r.old], cc_expect(root=r.old), NOW)
+    tls.check_registrar([good, r.new, r.cross, r.old], cc_expect(root=r.old), now())
 
 
 def test_a_chain_of_two_handovers_is_one_step_too_many() -> None:
@@ -331,10 +335,10 @@ def test_a_chain_of_two_handovers_is_one_step_too_many() -> None:
     x23 = handover.make_cross(r.new_key, r.new, c3, time.time(), DAY)
     chain = [c3, x23, r.new, r.cross, r.old]
     with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
-        tls.check_registrar(chain, clc_expect(root=r.old), NOW)
+        tls.check_registrar(chain, clc_expect(root=r.old), now())
     with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
-        tls.check_registrar(chain, clc_expect(pin=cred.cert_fingerprint(r.old)), NOW)
-    tls.check_registrar(chain, clc_expect(root=r.new), NOW)  # one step from K2: fine
+        tls.check_registrar(chain, clc_expect(pin=cred.cert_fingerprint(r.old)), now())
+    tls.check_registrar(chain, clc_expect(root=r.new), now())  # one step from K2: fine
 
 
 def test_a_stretched_cross_certificate_does_not_vouch_in_tls() -> None:
@@ -343,7 +347,7 @@ def test_a_stretched_cross_certificate_does_not_vouch_in_tls() -> None:
     assert isinstance(pub, cred.PublicKey)
     long_x = cross_like(r.old_key, r.old, r.new.subject, pub, length=20 * 365 * DAY)
     with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
-        tls.check_registrar([r.new, long_x, r.old], clc_expect(root=r.old), NOW)
+        tls.check_registrar([r.new, long_x, r.old], clc_expect(root=r.old), now())
 
 
 def test_a_cc_that_has_not_moved_is_refused_by_a_node_that_has() -> None:
@@ -352,8 +356,8 @@ def test_a_cc_that_has_not_moved_is_refused_by_a_node_that_has() -> None:
     r = rotated()
     _, old_cc = issue(r.old_key, r.old, Role.CC, "cc-00000000000a", "c1")
     with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
-        tls.check_registrar([old_cc, r.old], cc_expect(root=r.new), NOW)
-    tls.check_registrar([old_cc, r.old], cc_expect(root=r.old), NOW)
+        tls.check_registrar([old_cc, r.old], cc_expect(root=r.new), now())
+    tls.check_registrar([old_cc, r.old], cc_expect(root=r.old), now())
 
 
 # -- the operator ------------------------------------------------------------------------------
