@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import functools
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,17 @@ class Issuer:
         return x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()).digest
 
 
+def chain_digest(files: dict[str, str], role: Role) -> str:
+    """A digest of a bundle's files other than the component's own certificate: what a watch
+    compares to tell a renewed CA or CC certificate (or a handover) from the chain it gave."""
+    own = cred.LAYOUTS[role].cert
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        if name != own:
+            digest.update(f"{len(name)}:{name}{len(files[name])}:{files[name]}".encode())
+    return digest.hexdigest()
+
+
 class CredentialRefused(Exception):
     """A credential request that must be answered with an error (status, message)."""
 
@@ -97,10 +109,12 @@ class CredentialDesk:
         # each request: a component sending any digest it likes must not flood the events).
         self._told: dict[str, str] = {}
         self._watching: dict[str, int] = {}  # component id -> its requests watching (`have`)
-        # The CA handover each component was last answered with by this process: a watch that
-        # began after its chain changed (this registrar restarted meanwhile) would not see it
-        # change, so the first one during a handover is answered at once (once per process).
-        self._handed: dict[str, str] = {}
+        # The chain above its certificate (CA, CC, handover) each component was last answered
+        # with, as a digest. A chain that changes while the component is between two requests
+        # wakes no watch; its next watch must not adopt the new chain as "what it holds" and
+        # sit out its whole wait (CI saw NCs miss their CC's renewal so, minute after minute).
+        # Unknown (this registrar restarted meanwhile): the first watch is answered at once.
+        self._told_chain: dict[str, str] = {}
 
     def chain_changed(self) -> None:
         """The certificates above the components' own changed (this CC's certificate or the
@@ -157,7 +171,6 @@ class CredentialDesk:
         deadline = engine.clock() + max(0.0, wait)
         status: Status | None
         woken = False
-        first_chain: dict[str, str] | None = None  # what a watch found first above its cert
         keys_changed: asyncio.Event | None = None  # the Eucalyptus key files it waits on
         while True:
             wake_at = deadline
@@ -168,6 +181,7 @@ class CredentialDesk:
             if have is not None and have in engine.memory.revoked:
                 raise CredentialRefused(410, "these credentials were revoked (deregistered)")
             if record is None:
+                self._told_chain.pop(component_id, None)
                 if have is not None:
                     raise CredentialRefused(410, f"{component_id} is not registered here")
                 status, reason = None, "not known to this registrar (yet)"
@@ -175,23 +189,18 @@ class CredentialDesk:
                 raise CredentialRefused(403, f"{component_id} is registered with another key")
             elif record.status is Status.REGISTERED:
                 files, serial, due = await self._bundle(record, public_key)
-                chain = {k: v for k, v in files.items() if k != cred.LAYOUTS[record.role].cert}
-                first_chain = chain if first_chain is None else first_chain
+                chain = chain_digest(files, record.role)
                 keys = await self._euca_set(record) if euca is not None else None
                 moved = keys is not None and keys.digest != euca
-                passed = files.get(HANDOVER)
-                unseen = passed is not None and self._handed.get(component_id) != passed
                 if (
                     have != serial
                     or engine.clock() >= deadline
-                    or chain != first_chain
+                    or chain != self._told_chain.get(component_id)
                     or moved
-                    or unseen
                 ):
                     if moved and keys is not None:
                         await self._note_keys(record, keys)
-                    if passed is not None:
-                        self._handed[component_id] = passed
+                    self._told_chain[component_id] = chain
                     return CredentialAnswer(Status.REGISTERED, record.reason, files, keys)
                 if keys is not None and keys_changed is None and self.euca_keys is not None:
                     keys_changed = watches.enter_context(

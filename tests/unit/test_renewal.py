@@ -278,6 +278,70 @@ async def test_a_watch_answers_when_the_chain_above_it_is_renewed(
         await reg.close()
 
 
+async def test_a_watch_opened_after_the_chain_changed_answers_at_once(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    """The chain renewed while the component was between two requests (no watch open to
+    wake): its next watch must hand it the new chain at once, not hold it as current (CI:
+    an NC missed its CC's renewal for minutes). With the chain it was given, a watch holds."""
+    key_ca, issuer = cloud
+    holder = [issuer]
+    reg = Registrar(
+        Store(sqlite_url(tmp_path / "registry.db")),
+        CLC,
+        hook_dir=tmp_path / "hooks",
+        timing=Timing(retry_base=0.05, retry_max=0.2, hook_timeout=5),
+        issuer_for=lambda _role: holder[0],
+        master_key=b"test-master-key",
+    )
+    await reg.start()
+    await reg.open_install_window(3600)
+    try:
+        cid, key = await registered_cc(reg)
+        have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
+        new_ca = cred.renew_cloud_ca(key_ca, issuer.cloud_cert)
+        holder[0] = replace(issuer, cert=new_ca, cloud_cert=new_ca)
+        reg.desk.chain_changed()  # wakes nobody: no watch is open
+        answer = await asyncio.wait_for(reg.credentials(cid, key.public_key(), 60, have), 5)
+        assert answer.files is not None
+        assert answer.files[cred.CLOUD_CERT] == cred.cert_pem(new_ca)
+        assert serial_of(answer.files) == have
+        # Told of this chain now: the next watch is held, until the deadline it asked for.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answer = await asyncio.wait_for(reg.credentials(cid, key.public_key(), 1.0, have), 5)
+        assert loop.time() - started >= 0.9
+        assert answer.files is not None
+        assert answer.files[cred.CLOUD_CERT] == cred.cert_pem(new_ca)
+    finally:
+        await reg.close()
+
+
+async def test_after_a_registrar_restart_the_first_watch_is_answered_at_once(
+    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+) -> None:
+    """A new registrar process does not know which chain a component holds (its CC may have
+    been renewed while it was down): it answers that component's first watch at once."""
+    _, issuer = cloud
+    clock = Clock()
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        cid, key = await registered_cc(reg)
+        have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
+    finally:
+        await reg.close()
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        answer = await asyncio.wait_for(reg.credentials(cid, key.public_key(), 60, have), 5)
+        assert serial_of(answer.files) == have
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(reg.credentials(cid, key.public_key(), 1.0, have), 5)
+        assert loop.time() - started >= 0.9  # the second is held to its deadline
+    finally:
+        await reg.close()
+
+
 async def test_deregistering_after_a_renewal_revokes_the_current_certificate(
     tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
 ) -> None:
