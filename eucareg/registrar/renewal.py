@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # within this long is not coming: it is offline, or cannot reach us.
 GRACE = 600.0
 MIN_SCAN, MAX_SCAN = 30.0, 3600.0
+RECENT = 20  # a component's newest credential events looked through for an earlier report
 
 
 def overdue(
@@ -46,13 +47,20 @@ def overdue(
     return None
 
 
+def _serial_of(reason: str) -> str:
+    """The serial an `expiring` or `expired` reason names ("certificate <serial> ...")."""
+    words = reason.split(maxsplit=2)
+    return words[1] if len(words) > 1 and words[0] == "certificate" else ""
+
+
 def _iso(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 class ExpiryReport:
     """Scans the stored certificates now and then, and writes what `overdue` finds, once per
-    certificate and code (after a restart, once more)."""
+    certificate and code: a restarted registrar looks in the events first, so that what its
+    predecessor reported is not reported again."""
 
     def __init__(self, engine: Registrar, issuer_for: Callable[[Role], Issuer | None]) -> None:
         self.engine = engine
@@ -116,11 +124,26 @@ class ExpiryReport:
         except Exception:  # a bad stored certificate must not end the scans
             log.exception("scanning certificates for renewal failed")
             events = []
-        for event in events:
-            log.warning("%s %s: %s", event.code, event.component_id, event.reason)
         if events:
-            engine.step(Transition(Write(events=tuple(events))))
+            engine.spawn(self._report(events))
         self._handle = asyncio.get_running_loop().call_later(self.interval(), self._tick)
+
+    async def _report(self, events: list[NewEvent]) -> None:
+        fresh = [event for event in events if not await self._stored(event)]
+        for event in fresh:
+            log.warning("%s %s: %s", event.code, event.component_id, event.reason)
+        if fresh:
+            await self.engine.step(Transition(Write(events=tuple(fresh))))
+
+    async def _stored(self, event: NewEvent) -> bool:
+        """Whether this report is already among the events (written before a restart). The
+        reason names the serial, and the newest few of the component's credential events hold
+        it: nothing else is written about a certificate that is not being renewed."""
+        serial = _serial_of(event.reason)
+        recent = await self.engine.events(
+            component_id=event.component_id, kind="credentials", limit=RECENT
+        )
+        return any(past.code == event.code and _serial_of(past.reason) == serial for past in recent)
 
     def interval(self) -> float:
         """A twentieth of the shortest margin in use, within [MIN_SCAN, MAX_SCAN]."""

@@ -176,6 +176,42 @@ async def test_a_certificate_not_renewed_is_reported_expiring_then_expired_once_
         await reg.close()
 
 
+async def test_a_restarted_registrar_does_not_report_an_overdue_certificate_again(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    clock = Clock()
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        cid, _ = await registered_cc(reg)
+        clock.offset = HOUR - 300
+        reg.expiry._tick()
+        await reg.idle()
+    finally:
+        await reg.close()
+    for _ in range(2):  # restarted, twice
+        reg = await make(tmp_path, issuer, clock)
+        try:
+            reg.expiry._tick()
+            await reg.idle()
+            codes = [e.code for e in reg.store.events(component_id=cid, kind="credentials")]
+            assert codes == ["issued", "expiring"]
+            assert reg.warnings() != []  # still shown in status while it lasts
+        finally:
+            await reg.close()
+    # Once it has ended, that is new: reported once.
+    clock.offset = HOUR + 10
+    reg = await make(tmp_path, issuer, clock)
+    try:
+        reg.expiry._tick()
+        await reg.idle()
+        reg.expiry._tick()
+        await reg.idle()
+        codes = [e.code for e in reg.store.events(component_id=cid, kind="credentials")]
+        assert codes == ["issued", "expiring", "expired"]
+    finally:
+        await reg.close()
+
+
 async def test_the_scan_writes_its_events_and_a_renewal_ends_the_reports(
     tmp_path: Path, issuer: Issuer
 ) -> None:
