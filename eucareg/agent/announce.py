@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import time
 
-from eucareg.config.file import ComponentConfig, Config, usable_addresses
+from eucareg.config.components import ComponentConfig
+from eucareg.config.file import Config
+from eucareg.config.values import usable_addresses
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Role
 from eucareg.core.trust import PROOF_MAX_AGE, ParsedToken, make_proof, proof_message

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import aiohttp
 
-from eucareg.config.file import ComponentConfig, Config
+from eucareg.config.components import ComponentConfig
+from eucareg.config.file import Config
 from eucareg.core.model import Role
 from eucareg.core.trust import parse_token
 from eucareg.mdns.types import Announcer, ServiceSpec

@@ -23,8 +23,8 @@ from eucareg.api.limits import RateLimits
 from eucareg.api.pacing import PacedTLSSite, Pacer
 from eucareg.config.file import SOCKET_FILE, Config
 from eucareg.core.model import Role
-from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import new_master_key
+from eucareg.core.view import RegistrarSettings
 from eucareg.pki import credentials as cred
 from eucareg.pki import handover, tls
 from eucareg.registrar.batch import Batching

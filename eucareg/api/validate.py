@@ -22,7 +22,7 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 from jsonschema.protocols import Validator
 
-from eucareg.config.file import ConfigError, parse_duration
+from eucareg.config.values import ConfigError, parse_duration
 from eucareg.core import grammar
 
 MAX_BODY = 64 * 1024  # every legitimate body is a few kilobytes at most

@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from eucareg.backup.container import BackupError
-from eucareg.config.file import Config, expand_template
+from eucareg.config.dnssd import expand_template
+from eucareg.config.file import Config
 from eucareg.pki import credentials as cred
 from eucareg.store.registry import sqlite_url
 from eucareg.store.upgrade import schema_state, snapshot_sqlite

@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from eucareg.config import file as config_mod
+from eucareg.config.values import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/eucareg/eucareg.toml")
 FC = TypeVar("FC", bound=Callable[..., Any])
@@ -66,7 +67,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def load_config(path: Path) -> config_mod.Config:
     try:
         return config_mod.load(path)
-    except config_mod.ConfigError as exc:
+    except ConfigError as exc:
         fail(str(exc))
     except UnicodeDecodeError:
         # config.load reads the file as UTF-8 and does not turn this into a ConfigError.

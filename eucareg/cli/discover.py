@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from eucareg.cli.common import console, err_console, fail, print_json
-from eucareg.config.file import ConfigError, parse_duration
+from eucareg.config.values import ConfigError, parse_duration
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Announcement, Role
 from eucareg.mdns.types import Change, Sighting

@@ -16,13 +16,9 @@ from typing import Any
 import click
 
 from eucareg.cli.common import config_option, console, fail, json_option, load_config
-from eucareg.config.file import (
-    ComponentConfig,
-    Config,
-    ConfigError,
-    parse_duration,
-    registrar_url,
-)
+from eucareg.config.components import ComponentConfig
+from eucareg.config.file import Config
+from eucareg.config.values import ConfigError, parse_duration, registrar_url
 from eucareg.core.model import Role
 from eucareg.core.trust import ParsedToken, TokenError, parse_token
 

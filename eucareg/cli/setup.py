@@ -17,8 +17,9 @@ import click
 
 from eucareg.cli import discover
 from eucareg.cli.common import DEFAULT_CONFIG, fail
-from eucareg.config import file as config_file
-from eucareg.config.file import DEFAULT_API_PORT, ConfigError, parse_duration, registrar_url
+from eucareg.config import values as config_values
+from eucareg.config.file import DEFAULT_API_PORT
+from eucareg.config.values import ConfigError, parse_duration, registrar_url
 from eucareg.core import grammar
 from eucareg.core.model import Role
 from eucareg.core.trust import TokenError, parse_token
@@ -348,7 +349,7 @@ def _written(path: Path, plan: Plan, address_text: str | None, ask: Asker) -> tu
             plan.top["address"] = given
         else:
             plan.component["address"] = given
-    elif "address" not in doc and len(found := config_file.usable_addresses()) != 1:
+    elif "address" not in doc and len(found := config_values.usable_addresses()) != 1:
         # The agent would refuse to start (lesson L3): ask now rather than fail later.
         why = (
             f"this host has {len(found)} usable addresses ({', '.join(map(str, found))}), "

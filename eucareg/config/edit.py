@@ -14,7 +14,8 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import Table
 
-from eucareg.config.file import Config, ConfigError, from_mapping
+from eucareg.config.file import Config, from_mapping
+from eucareg.config.values import ConfigError
 from eucareg.core.model import Role
 
 

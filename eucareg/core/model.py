@@ -288,6 +288,6 @@ def announcement_of(record: Record, live: Announcement | None = None) -> Announc
         api_port=None,
         eucavers="",
         instance=record.instance,
-        # The operator's own registration is decided again as the operator's (policy._manual).
+        # The operator's own registration is decided again as the operator's (claims.manual).
         source="manual" if record.claimable else "mdns",
     )

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from eucareg.config.file import DnssdConfig
+from eucareg.config.dnssd import DnssdConfig
 from eucareg.mdns.types import ServiceSpec, SightingHandler
 
 from . import records

@@ -18,7 +18,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from eucareg.config.file import DnssdConfig
+from eucareg.config.dnssd import DnssdConfig
 from eucareg.mdns.types import Change, Sighting, SightingHandler
 
 from . import records, updates

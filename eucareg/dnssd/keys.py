@@ -18,7 +18,7 @@ import dns.exception
 import dns.name
 import dns.tsig
 
-from eucareg.config.file import DnssdConfig, expand_template
+from eucareg.config.dnssd import DnssdConfig, expand_template
 
 MAX_SECRET_FILE = 64 * 1024  # a key clause is ~150 bytes
 _SECRET_CLAUSE = re.compile(r'secret\s+"([^"]*)"')

@@ -11,7 +11,7 @@ import logging
 import random
 from collections.abc import Callable
 
-from eucareg.config.file import DnssdConfig
+from eucareg.config.dnssd import DnssdConfig
 from eucareg.core.model import Role
 from eucareg.mdns.types import ServiceSpec
 

@@ -22,16 +22,14 @@ from eucareg.core.model import (
     Record,
     Role,
 )
-from eucareg.core.transitions import (
-    EffectKind,
-    Transition,
-    Write,
+from eucareg.core.operations import (
     approved,
     deregistered,
     registrar_event,
     rejected,
     trust_changed,
 )
+from eucareg.core.transitions import EffectKind, Transition, Write
 from eucareg.core.trust import (
     Mode,
     Task,

@@ -20,7 +20,8 @@ from cryptography import x509
 
 from eucareg.core import renewal
 from eucareg.core.model import IssuedCertificate, Record, Role, Status, event_for
-from eucareg.core.transitions import Transition, Write, certificate_issued, collected
+from eucareg.core.operations import certificate_issued, collected
+from eucareg.core.transitions import Transition, Write
 from eucareg.pki import credentials as cred
 from eucareg.pki.handover import HANDOVER
 from eucareg.registrar.euca_keys import INVALID, OFF_SET, READY, EucaKeySource, EucaSet

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from eucareg.core import legacy
+from eucareg.core.decisions import decided
 from eucareg.core.legacy import LegacyComponent
 from eucareg.core.model import (
     HOLDS_SLOT,
@@ -35,7 +36,9 @@ from eucareg.core.model import (
     Status,
     announcement_of,
 )
-from eucareg.core.policy import RegistrarSettings, View, decide
+from eucareg.core.operations import expired
+from eucareg.core.policy import decide
+from eucareg.core.registering import key_proven
 from eucareg.core.rivals import rival_warnings
 from eucareg.core.transitions import (
     Effect,
@@ -45,12 +48,10 @@ from eucareg.core.transitions import (
     Timing,
     Transition,
     Write,
-    decided,
-    expired,
-    key_proven,
 )
 from eucareg.core.trust import Token, TrustSettings, check_token
 from eucareg.core.txt import Rejected, decode
+from eucareg.core.view import RegistrarSettings, View
 from eucareg.mdns.types import Change as SightingChange
 from eucareg.mdns.types import Sighting
 from eucareg.registrar.admin import TrustAdmin

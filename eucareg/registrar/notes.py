@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from eucareg.core.model import Announcement, Decision, NewEvent, Role
-from eucareg.core.transitions import registrar_event
+from eucareg.core.operations import registrar_event
 from eucareg.core.txt import Rejected
 from eucareg.mdns.types import Sighting
 

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from eucareg.core.model import HookOutcome, HookRun, Status
-from eucareg.core.transitions import EffectKind, hook_finished, hook_interrupted
+from eucareg.core.registering import hook_finished, hook_interrupted
+from eucareg.core.transitions import EffectKind
 from eucareg.registrar.batch import Member
 from eucareg.registrar.faults import crash_point
 from eucareg.registrar.hooks import kill_orphaned

@@ -19,7 +19,8 @@ from eucareg.agent import component as component_module
 from eucareg.agent.host import Agent, AgentFailed, AgentTiming
 from eucareg.agent.tasks import RestartPolicy, Supervisor
 from eucareg.api.app import signed_body
-from eucareg.config.file import ComponentConfig, Config
+from eucareg.config.components import ComponentConfig
+from eucareg.config.file import Config
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 from tests.unit.test_agent_fakes import (

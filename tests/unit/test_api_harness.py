@@ -24,7 +24,7 @@ from eucareg.api.app import ApiContext, build_app, signed_body
 from eucareg.api.auth import NONCES, NonceCache
 from eucareg.api.limits import RateLimits
 from eucareg.core.model import Announcement, Role
-from eucareg.core.policy import RegistrarSettings
+from eucareg.core.view import RegistrarSettings
 from eucareg.pki import credentials as cred
 from eucareg.pki import tls
 from eucareg.pki.signing import socket_audience

@@ -28,10 +28,11 @@ from eucareg.api.auth import (
 )
 from eucareg.api.limits import LIMITER, RateLimits, SourceLimiter, source_key
 from eucareg.api.validate import ApiError
-from eucareg.config.file import ConfigError, from_mapping
+from eucareg.config.file import from_mapping
+from eucareg.config.values import ConfigError
 from eucareg.core.model import Announcement, Role
-from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import announcement_proof_message, make_proof, parse_token
+from eucareg.core.view import RegistrarSettings
 from eucareg.pki import credentials as cred
 from eucareg.pki.signing import SIGNATURE_HEADER, SIGNED_VERSION
 from tests.factories import ann, sighting

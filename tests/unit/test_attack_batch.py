@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from eucareg.core.model import Announcement, HookOutcome, HookRun, Role, Status
-from eucareg.core.policy import RegistrarSettings
+from eucareg.core.view import RegistrarSettings
 from eucareg.mdns.types import Change
 from eucareg.registrar.batch import BATCH_OUTPUT_LIMIT, Batching
 from eucareg.registrar.engine import Registrar, Timing

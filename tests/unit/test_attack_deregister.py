@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from eucareg.cli.main import main
 from eucareg.core.model import HookOutcome, HookRun, Role
-from eucareg.core.transitions import hook_interrupted
+from eucareg.core.registering import hook_interrupted
 from eucareg.registrar import deregistering, hooks
 from tests.factories import ann, sighting
 from tests.unit.test_api_harness import CLC_SETTINGS, Harness, eventually, key_of, served

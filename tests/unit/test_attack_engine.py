@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from eucareg.core.model import UNADMITTED, Announcement, HookOutcome, HookRun, Record, Role, Status
-from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import Task, announcement_proof_message, make_proof, parse_token
+from eucareg.core.view import RegistrarSettings
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
@@ -817,7 +817,7 @@ CHILD = """
 import asyncio, ipaddress, json, sys
 from pathlib import Path
 from eucareg.core.model import AnnouncedState, Announcement, Role
-from eucareg.core.policy import RegistrarSettings
+from eucareg.core.view import RegistrarSettings
 from eucareg.registrar.engine import Registrar, Timing
 from eucareg.store.registry import Store, sqlite_url
 

@@ -27,10 +27,11 @@ from cryptography.hazmat.primitives import hashes
 
 from eucareg.agent.cloudca import CloudCA, renew_held
 from eucareg.cli.main import main
-from eucareg.config.file import ConfigError, from_mapping
+from eucareg.config.file import from_mapping
+from eucareg.config.values import ConfigError
 from eucareg.core import grammar, renewal
 from eucareg.core.model import Role
-from eucareg.core.policy import RegistrarSettings
+from eucareg.core.view import RegistrarSettings
 from eucareg.pki import credentials as cred
 from eucareg.pki.cloud import read_held
 from eucareg.registrar.desk import CredentialRefused

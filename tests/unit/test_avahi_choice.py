@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from eucareg.agent.host import choose_backend, mdns_in_use
-from eucareg.config.file import ConfigError, from_mapping
+from eucareg.config.file import from_mapping
+from eucareg.config.values import ConfigError
 from eucareg.mdns import avahi_dbus as ad
 from eucareg.mdns import choice
 from eucareg.mdns.choice import ChosenBackend, MdnsUnavailable, decide, preview

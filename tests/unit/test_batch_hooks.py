@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from eucareg.core.model import HookOutcome, HookRun, Role, Status
-from eucareg.core.policy import RegistrarSettings
 from eucareg.core.transitions import Write
+from eucareg.core.view import RegistrarSettings
 from eucareg.registrar.batch import Batching, parse_results
 from eucareg.registrar.engine import Registrar, Timing
 from eucareg.registrar.hooks import proc_start_time

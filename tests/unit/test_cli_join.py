@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from eucareg.config import edit
-from eucareg.config.file import ConfigError
+from eucareg.config.values import ConfigError
 from eucareg.core.model import Role
 from tests.unit.test_agent_fakes import FakeCloud, FakeRegistrar, key
 from tests.unit.test_cli_operator import run

@@ -25,7 +25,7 @@ from click.testing import CliRunner, Result
 
 from eucareg.cli import discover
 from eucareg.cli.main import main
-from eucareg.config import file as config_file
+from eucareg.config import values as config_values
 from eucareg.core.model import IPAddress, Role
 from eucareg.mdns.types import Sighting
 from tests.unit.test_cli_discover import CLC_FP, clc, member
@@ -53,7 +53,7 @@ def canned(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Sighting]]:
         return list(heard)
 
     monkeypatch.setattr(discover, "listen", listen)
-    monkeypatch.setattr(config_file, "usable_addresses", lambda: [HOST_ADDRESS])
+    monkeypatch.setattr(config_values, "usable_addresses", lambda: [HOST_ADDRESS])
     yield heard
 
 
@@ -211,7 +211,7 @@ def test_yes_on_a_host_with_several_addresses_names_address(
     monkeypatch: pytest.MonkeyPatch, path: Path
 ) -> None:
     two: list[IPAddress] = [HOST_ADDRESS, ipaddress.ip_address("10.0.3.31")]
-    monkeypatch.setattr(config_file, "usable_addresses", lambda: two)
+    monkeypatch.setattr(config_values, "usable_addresses", lambda: two)
     args = ("nc", "--cluster", "c1", "--cc", "cc.example", "--yes")
     result = run(path, *args)
     assert result.exit_code == 2 and "give --address" in result.stderr

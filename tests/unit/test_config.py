@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from eucareg.config import file as config
+from eucareg.config.values import ConfigError, parse_duration
 from eucareg.core.model import Role
 
 
@@ -111,24 +112,24 @@ address = "10.9.9.9"
     ],
 )
 def test_bad_config_names_key_and_reason(tmp_path: Path, text: str, needle: str) -> None:
-    with pytest.raises(config.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         config.load(write(tmp_path, text))
     assert needle in str(err.value)
     assert str(tmp_path) in str(err.value)
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(config.ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="no such file"):
         config.load(tmp_path / "absent.toml")
 
 
 def test_durations() -> None:
-    assert config.parse_duration("1h", "k") == 3600
-    assert config.parse_duration("1.5m", "k") == 90
-    assert config.parse_duration(2, "k") == 2
+    assert parse_duration("1h", "k") == 3600
+    assert parse_duration("1.5m", "k") == 90
+    assert parse_duration(2, "k") == 2
     for bad in ("", "0s", "-1s", True, "5 parsecs"):
-        with pytest.raises(config.ConfigError, match=r"^k:"):
-            config.parse_duration(bad, "k")
+        with pytest.raises(ConfigError, match=r"^k:"):
+            parse_duration(bad, "k")
 
 
 CLC = 'address = "10.1.2.3"\n[components.clc]\n'
@@ -156,7 +157,7 @@ CLC = 'address = "10.1.2.3"\n[components.clc]\n'
 def test_hostile_values_are_config_errors_naming_the_key(
     tmp_path: Path, text: str, needle: str
 ) -> None:
-    with pytest.raises(config.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         config.load(write(tmp_path, text))
     message = str(err.value)
     assert needle in message
@@ -179,7 +180,7 @@ def test_sshd_hosts(tmp_path: Path, sshd: str, expected: tuple[str, int]) -> Non
 
 def test_a_mapping_with_a_huge_number_is_a_config_error() -> None:
     raw = {"address": "10.1.2.3", "fallback_registrar": 10**5000, "components": {"clc": {}}}
-    with pytest.raises(config.ConfigError, match=r"^fallback_registrar: .*too large to show"):
+    with pytest.raises(ConfigError, match=r"^fallback_registrar: .*too large to show"):
         config.from_mapping(raw)
 
 
@@ -219,7 +220,7 @@ def test_hooks_running_at_once_has_a_default_and_bounds(
 @pytest.mark.parametrize("value", ["0", "1025", "2.5", '"eight"', "true"])
 def test_hooks_running_at_once_out_of_bounds_is_refused(tmp_path: Path, value: str) -> None:
     text = f'address = "10.1.2.3"\n[registrar]\nmax_hooks_running = {value}\n[components.clc]\n'
-    with pytest.raises(config.ConfigError, match=r": registrar\.max_hooks_running: "):
+    with pytest.raises(ConfigError, match=r": registrar\.max_hooks_running: "):
         config.load(write(tmp_path, text))
 
 
@@ -253,7 +254,7 @@ def test_batch_hooks_default_to_none_and_name_scripts(tmp_path: Path) -> None:
 )
 def test_bad_batch_settings_are_refused_by_name(tmp_path: Path, line: str, message: str) -> None:
     text = f'address = "10.1.2.3"\n[registrar]\n{line}\n[components.clc]\n'
-    with pytest.raises(config.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         config.load(write(tmp_path, text))
 
 
@@ -280,5 +281,5 @@ def test_fallback_timing_has_defaults_and_can_be_set(tmp_path: Path) -> None:
 )
 def test_bad_fallback_timing_is_refused_by_name(tmp_path: Path, line: str, message: str) -> None:
     text = f'address = "10.1.2.3"\n{line}\ncomponents.nc.cluster = "c1"\n'
-    with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         config.load(write(tmp_path, text))

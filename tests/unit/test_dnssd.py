@@ -43,7 +43,7 @@ from eucalab.named import (
     site_policy,
     start_local,
 )
-from eucareg.config.file import DnssdConfig
+from eucareg.config.dnssd import DnssdConfig
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Announcement, Role
 from eucareg.dnssd import browser as dnssd_browser

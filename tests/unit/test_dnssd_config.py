@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from eucareg.config import file as config
-from eucareg.config.file import DnssdConfig, expand_template
+from eucareg.config.dnssd import DnssdConfig, expand_template
+from eucareg.config.values import ConfigError
 
 MINIMAL = {"domain": "Site.Example", "server": "10.0.2.53", "tsig_secret_file": "/k/{role}.key"}
 
@@ -79,7 +80,7 @@ mdns = false
 
 def test_enabled_false_keeps_the_table_checked_but_off() -> None:
     assert parse({**MINIMAL, "enabled": False}) is None
-    with pytest.raises(config.ConfigError, match=r"^dnssd.domain:"):
+    with pytest.raises(ConfigError, match=r"^dnssd.domain:"):
         parse({**MINIMAL, "enabled": False, "domain": "a b"})
 
 
@@ -159,15 +160,13 @@ ERRORS = [
     ids=[m.split(":")[0][1:] + f"-{i}" for i, (_, m) in enumerate(ERRORS)],
 )
 def test_errors_name_the_key(table: Any, message: str) -> None:
-    with pytest.raises(config.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         parse(table)
 
 
 def test_one_secret_file_for_several_own_keys_is_refused() -> None:
     components = {"cc": {"cluster": "c1"}, "sc": {"cluster": "c1"}}
-    with pytest.raises(
-        config.ConfigError, match=r"^dnssd.tsig_secret_file: this host's components"
-    ):
+    with pytest.raises(ConfigError, match=r"^dnssd.tsig_secret_file: this host's components"):
         parse({**MINIMAL, "tsig_secret_file": "/k/one.key"}, components)
     # One component, or one key for all: one file is right.
     assert parse({**MINIMAL, "tsig_secret_file": "/k/one.key"}) is not None
@@ -178,5 +177,5 @@ def test_one_secret_file_for_several_own_keys_is_refused() -> None:
 def test_a_file_error_names_the_file_and_the_key(tmp_path: Path) -> None:
     path = tmp_path / "eucareg.toml"
     path.write_text('address = "10.1.2.3"\n[components.nc]\ncluster = "c"\n[dnssd]\ndomain = 3\n')
-    with pytest.raises(config.ConfigError, match=r"eucareg.toml: dnssd.domain: expected a DNS"):
+    with pytest.raises(ConfigError, match=r"eucareg.toml: dnssd.domain: expected a DNS"):
         config.load(path)

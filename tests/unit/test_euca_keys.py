@@ -31,7 +31,8 @@ from eucareg.agent.locate import Endpoint
 from eucareg.cli.main import main
 from eucareg.config.eucalyptus import EucalyptusConfigError, EucalyptusKeys
 from eucareg.config.eucalyptus import parse as parse_config
-from eucareg.config.file import ConfigError, from_mapping
+from eucareg.config.file import from_mapping
+from eucareg.config.values import ConfigError
 from eucareg.core.model import Announcement, Role
 from eucareg.pki import credentials as cred
 from eucareg.pki import eucafiles as ef

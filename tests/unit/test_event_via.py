@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from eucareg.core.decisions import decided, heard_via
 from eucareg.core.model import HEARD_VIA, DecisionKind, NewEvent, Role, Status
-from eucareg.core.policy import RegistrarSettings, decide
-from eucareg.core.transitions import Timing, Transition, Write, decided, heard_via
+from eucareg.core.policy import decide
+from eucareg.core.transitions import Timing, Transition, Write
 from eucareg.core.trust import Mode, TrustSettings
+from eucareg.core.view import RegistrarSettings
 from eucareg.dnssd.composite import CompositeBackend
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from eucareg.config import file as config
+from eucareg.config.values import MAX_ALLOWED_RANGES, ConfigError, shown_key
 from eucareg.core import grammar, txt
 from eucareg.core.grammar import Invalid, IPNetwork
 from eucareg.core.model import AnnouncedState, Announcement, IPAddress, Role
@@ -903,7 +904,7 @@ def config_mappings(draw: st.DrawFn) -> dict[str, Any]:
 def config_ok(cfg: config.Config) -> None:
     """Every value of a loaded configuration satisfies its grammar."""
     allowed = cfg.allowed_ranges
-    assert len(allowed) <= config.MAX_ALLOWED_RANGES
+    assert len(allowed) <= MAX_ALLOWED_RANGES
     assert all("%" not in str(n) for n in allowed)
     address_ok(cfg.address, allowed)
     for path in (cfg.state_dir, cfg.key_dir, cfg.hook_dir):
@@ -939,13 +940,13 @@ def config_ok(cfg: config.Config) -> None:
     assert cfg.ca_fingerprint is None or fingerprint_ok(cfg.ca_fingerprint)
 
 
-def config_error_ok(exc: config.ConfigError, prefix: str, raw: Iterable[object] = ()) -> None:
+def config_error_ok(exc: ConfigError, prefix: str, raw: Iterable[object] = ()) -> None:
     """One line that starts with the key (or the file), with a short echo of the value."""
     message = str(exc)
     assert message.startswith(prefix) and "\n" not in message
     assert len(message) <= len(prefix) + 2 * REASON_MAX + 100, message
     rest = message.removeprefix(prefix)
-    keys = {*config._TOP_KEYS, *(config._key(k) for k in raw if isinstance(k, str))}
+    keys = {*config._TOP_KEYS, *(shown_key(k) for k in raw if isinstance(k, str))}
     assert any(rest.startswith((f"{k}:", f"{k}.")) for k in keys), message
 
 
@@ -962,7 +963,7 @@ def config_error_ok(exc: config.ConfigError, prefix: str, raw: Iterable[object] 
 def test_any_mapping_gives_a_valid_config_or_an_error_naming_the_key(raw: dict[str, Any]) -> None:
     try:
         cfg = config.from_mapping(raw)
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         event(f"refused: {str(exc).split(':')[0].split('.')[0]}")
         config_error_ok(exc, "", raw)
         return
@@ -1028,7 +1029,7 @@ def test_any_file_gives_a_valid_config_or_an_error_naming_the_file(
     scratch.write_bytes(data)
     try:
         cfg = config.load(scratch)
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         message = str(exc)
         assert message.startswith(f"{scratch}: ") and "\n" not in message
         assert len(message) <= len(str(scratch)) + 2 * REASON_MAX + 100 + 200, message
@@ -1080,10 +1081,10 @@ def test_a_file_loads_as_its_mapping_does(scratch: Path, raw: dict[str, Any]) ->
         same = False
     try:
         cfg = config.load(scratch)
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         event("refused")
         if same:
-            with pytest.raises(config.ConfigError) as direct:
+            with pytest.raises(ConfigError) as direct:
                 config.from_mapping(raw)
             assert str(exc) == f"{scratch}: {direct.value}"
         return

@@ -20,7 +20,8 @@ import click
 import pytest
 
 from eucareg.cli.main import main
-from eucareg.config.file import ConfigError, from_mapping
+from eucareg.config.file import from_mapping
+from eucareg.config.values import ConfigError
 from eucareg.core import legacy
 from eucareg.core.model import HookOutcome
 from eucareg.registrar.euca_keys import INVALID, MISSING, OFF, READY

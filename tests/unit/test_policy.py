@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from eucareg.core.model import AnnouncedState, Announcement, DecisionKind, Record, Role, Status
-from eucareg.core.policy import RegistrarSettings, View, decide
+from eucareg.core.policy import decide
 from eucareg.core.rivals import rival_warnings
 from eucareg.core.trust import Mode, Task, TokenVerdict, TrustSettings
+from eucareg.core.view import RegistrarSettings, View
 from tests.factories import ann, fake_fingerprint, record_from
 
 CLC = RegistrarSettings(

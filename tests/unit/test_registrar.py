@@ -25,9 +25,9 @@ from eucareg.core.model import (
     Role,
     Status,
 )
-from eucareg.core.policy import RegistrarSettings
 from eucareg.core.transitions import Write
 from eucareg.core.trust import Task
+from eucareg.core.view import RegistrarSettings
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
 from eucareg.registrar.batch import Batching

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from eucareg.core.model import Announcement, Role, Status
-from eucareg.core.policy import RegistrarSettings
 from eucareg.core.trust import Mode, announcement_proof_message, make_proof, parse_token
+from eucareg.core.view import RegistrarSettings
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing

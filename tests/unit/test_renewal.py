@@ -16,10 +16,11 @@ from eucareg.agent import collect
 from eucareg.agent.expiry import expiry_note, held_note
 from eucareg.agent.identity import Identity
 from eucareg.agent.locate import Endpoint
-from eucareg.config.file import ConfigError, from_mapping
+from eucareg.config.file import from_mapping
+from eucareg.config.values import ConfigError
 from eucareg.core import renewal
 from eucareg.core.model import Role, Status
-from eucareg.core.policy import RegistrarSettings
+from eucareg.core.view import RegistrarSettings
 from eucareg.pki import credentials as cred
 from eucareg.pki import names
 from eucareg.registrar.engine import Issuer, Registrar, Timing

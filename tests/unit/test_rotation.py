@@ -26,7 +26,7 @@ from eucareg.cli.main import main as cli
 from eucareg.config.file import SOCKET_FILE
 from eucareg.core import renewal
 from eucareg.core.model import Role, Status
-from eucareg.core.policy import RegistrarSettings
+from eucareg.core.view import RegistrarSettings
 from eucareg.pki import credentials as cred
 from eucareg.pki import handover
 from eucareg.pki.cloud import read_held

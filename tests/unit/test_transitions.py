@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from eucareg.core.decisions import decided
 from eucareg.core.model import (
     Announcement,
     DecisionKind,
@@ -18,22 +19,19 @@ from eucareg.core.model import (
     Role,
     Status,
 )
-from eucareg.core.policy import RegistrarSettings, View, decide
+from eucareg.core.operations import deregistered, expired, rejected
+from eucareg.core.policy import decide
+from eucareg.core.registering import hook_finished, key_proven
 from eucareg.core.transitions import (
     NOTHING,
     EffectKind,
     Timing,
     TokenChange,
     Transition,
-    decided,
-    deregistered,
-    expired,
-    hook_finished,
-    key_proven,
-    rejected,
     token_uses,
 )
 from eucareg.core.trust import Token, TrustSettings, check_token
+from eucareg.core.view import RegistrarSettings, View
 from eucareg.registrar.memory import Memory
 from tests.factories import ann, fake_fingerprint, record_from
 
