@@ -73,6 +73,10 @@ class RegistrarService:
         self._tls_lock = asyncio.Lock()
         self._ca: CloudCA | None = None  # the CLC's: renewed when due (agent/cloudca.py)
         self._ca_task: asyncio.Task[None] | None = None
+        # When a CA handover ends: the contexts are built again without the old CA, which a
+        # context keeps trusting for client certificates for as long as it is in use.
+        self._overlap_timer: asyncio.TimerHandle | None = None
+        self._overlap_task: asyncio.Task[None] | None = None
         self.port = cfg.api_port  # the bound port once started (differs only for port 0)
 
     async def start(self) -> None:
@@ -183,8 +187,9 @@ class RegistrarService:
         CLC at once (its cloud CA names it), a CC once registered. Called again whenever the
         CC's registration changes; a CC that loses it stops serving components."""
         async with self._tls_lock:
-            contexts = await asyncio.to_thread(self._tls_contexts)
+            contexts, overlap_ends = await asyncio.to_thread(self._tls_contexts)
             self._contexts = contexts
+            self._end_overlap_at(overlap_ends)
             if not contexts:
                 if self._site is not None:
                     await self._site.stop()
@@ -218,18 +223,47 @@ class RegistrarService:
             if name == server_name and role in self._contexts:
                 sslobj.context = self._contexts[role]
                 return
-        # Anything else (or no name) keeps the default certificate; the client decides.
+        # Anything else (or no name) gets the default certificate, the client decides; from
+        # the contexts built last, not the site's first (which trusts what it trusted then:
+        # the old CA of a handover that has ended, say).
+        current = self._contexts.get(Role.CLC) or self._contexts.get(Role.CC)
+        if current is not None:
+            sslobj.context = current
 
-    def _tls_contexts(self) -> dict[Role, ssl.SSLContext]:
-        """Build the server contexts from the certificates held now (blocking: files)."""
+    def _end_overlap_at(self, ends: float | None) -> None:
+        """Build the contexts again (without the old CA) once the handover they trust ends."""
+        if self._overlap_timer is not None:
+            self._overlap_timer.cancel()
+            self._overlap_timer = None
+        if ends is not None:
+            # A second late: the handover must be over by the clock load_held_cached reads.
+            delay = max(0.0, ends - time.time()) + 1.0
+            loop = asyncio.get_running_loop()
+            self._overlap_timer = loop.call_later(delay, self._overlap_ended)
+
+    def _overlap_ended(self) -> None:
+        self._overlap_timer = None
+        log.info("the cloud CA handover ended: certificates of the old CA are refused from now")
+        self._overlap_task = asyncio.get_running_loop().create_task(self._after_overlap())
+
+    async def _after_overlap(self) -> None:
+        await self.refresh_tls()
+        if self.registrar is not None:
+            self.registrar.desk.chain_changed()  # bundles no longer carry the handover
+
+    def _tls_contexts(self) -> tuple[dict[Role, ssl.SSLContext], float | None]:
+        """Build the server contexts from the certificates held now (blocking: files), and
+        when the earliest handover they trust ends (None: none)."""
         cfg = self.cfg
         out: dict[Role, ssl.SSLContext] = {}
+        ends: list[float] = []
         tls_dir = cfg.state_dir / "tls"
         tls_dir.mkdir(mode=0o700, exist_ok=True)
         if self._clc is not None and self._cloud_cert is not None:
             # While the CA key hands over: the cross-certificate and the old CA after ours,
             # and the old CA's certificates still accepted from components not moved yet.
             passed = self._handover(self._cloud_cert)
+            ends += [passed.ends] if passed else []
             tls.write_chain(tls_dir / "clc.pem", [self._cloud_cert, *_certs(passed)])
             out[Role.CLC] = tls.server_context(
                 tls_dir / "clc.pem",
@@ -243,6 +277,7 @@ class RegistrarService:
                 own = cred.load_cert(cfg.key_dir / cred.LAYOUTS[Role.CC].cert)
                 root = cred.load_cert(cfg.key_dir / cred.CLOUD_CERT)
                 passed = self._handover(root)
+                ends += [passed.ends] if passed else []
                 tls.write_chain(tls_dir / "cc.pem", [own, root, *_certs(passed)])
                 out[Role.CC] = tls.server_context(
                     tls_dir / "cc.pem",
@@ -252,7 +287,7 @@ class RegistrarService:
                 )
             except (cred.CredentialError, ssl.SSLError, OSError) as exc:
                 log.warning("cannot serve as the CC yet: %s", exc)
-        return out
+        return out, min(ends, default=None)
 
     def _handover(self, root: x509.Certificate) -> handover.Handover | None:
         """The handover to `root` held in key_dir, while it runs (blocking: the file)."""
@@ -269,9 +304,12 @@ class RegistrarService:
     async def close(self) -> None:
         """Wake held long-polls and kill running hooks, then stop the API, then the store."""
         try:
-            if self._ca_task is not None:
-                self._ca_task.cancel()
-                await asyncio.gather(self._ca_task, return_exceptions=True)
+            if self._overlap_timer is not None:
+                self._overlap_timer.cancel()
+            for task in (self._ca_task, self._overlap_task):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if self._collector is not None:
                 await self._collector.stop()
             if self.registrar is not None:
