@@ -15,7 +15,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -23,10 +22,11 @@ from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 from eucareg.core.model import HookOutcome, HookRun, Record, Role
 from eucareg.registrar.faults import crash_point
+from eucareg.registrar.hook_output import HookOutput
 
 # Keep what a chatty script prints bounded; the tail is what explains a failure.
 OUTPUT_LIMIT = 64 * 1024
@@ -133,7 +133,7 @@ class HookRunner:
         self.timeout = timeout
         self._journal = journal
         self._running: dict[int, subprocess.Popen[bytes]] = {}
-        # Hooks running at once: each holds a few descriptors (output files, its pipe), and a
+        # Hooks running at once: each holds a few descriptors (its three pipes), and a
         # burst of hundreds of slow hooks must not run the registrar out of them; and a site
         # whose hooks call euca_conf may want fewer (registrar.max_hooks_running).
         self.slots = asyncio.Semaphore(running)
@@ -179,30 +179,29 @@ class HookRunner:
     ) -> tuple[tuple[HookRun, ...], Ended]:
         """Start `script` behind the gate, journal `runs` with its process group, let it go and
         wait for it (within the timeout). The caller holds a slot."""
-        # Output goes to unlinked temporary files, not pipes: a child the script leaves running
-        # can then hold nothing of ours open, and we keep only the tail of what was written.
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            argv = ["/bin/sh", "-c", GATE, str(script), *args]
-            try:
-                async with self._starting:
-                    proc = await self._spawn(argv, env, out, err)
-            except (OSError, ValueError, subprocess.SubprocessError) as exc:
-                # ValueError: a value exec refuses, such as one with a NUL byte.
-                return runs, Ended(None, broke=f"cannot run {script}: {exc}")
-            self._running[proc.pid] = proc
-            try:
-                return await self._gated(runs, proc, out, err)
-            finally:
-                self._running.pop(proc.pid, None)
+        argv = ["/bin/sh", "-c", GATE, str(script), *args]
+        try:
+            async with self._starting:
+                proc = await self._spawn(argv, env)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            # ValueError: a value exec refuses, such as one with a NUL byte.
+            return runs, Ended(None, broke=f"cannot run {script}: {exc}")
+        self._running[proc.pid] = proc
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            # Output comes through pipes read as it is written, not files: a script printing
+            # until its timeout then costs the tail of it, not the disk (hook_output).
+            with HookOutput(proc.stdout, proc.stderr, OUTPUT_LIMIT) as output:
+                return await self._gated(runs, proc, output)
+        finally:
+            self._running.pop(proc.pid, None)
 
-    async def _spawn(
-        self, argv: list[str], env: dict[str, str], out: IO[bytes], err: IO[bytes]
-    ) -> subprocess.Popen[bytes]:
+    async def _spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Fork and exec in a worker thread: on the loop, each start of a process about as
         large as the registrar blocked mDNS and HTTP for several ms (40 % of the loop's time
         in a burst of 1,000 NCs)."""
         spawned = asyncio.get_running_loop().run_in_executor(
-            self._spawner, _popen, argv, env, out, err, self.hook_dir
+            self._spawner, _popen, argv, env, self.hook_dir
         )
         try:
             return await asyncio.shield(spawned)
@@ -215,8 +214,7 @@ class HookRunner:
         self,
         runs: tuple[HookRun, ...],
         proc: subprocess.Popen[bytes],
-        out: IO[bytes],
-        err: IO[bytes],
+        output: HookOutput,
     ) -> tuple[tuple[HookRun, ...], Ended]:
         start = proc_start_time(proc.pid)
         started = tuple(replace(run, pgid=proc.pid, proc_start=start) for run in runs)
@@ -243,7 +241,8 @@ class HookRunner:
             # Finish the journaled runs themselves, so no "running" row is left behind.
             return started, Ended(None, broke=f"the hook broke: {exc!r}")
         crash_point("after-hook")
-        return started, Ended(code, _tail_of(out), _tail_of(err))
+        # Once the script has ended: a child it left running holding the pipes is not waited for.
+        return started, Ended(code, *output.drain())
 
     async def close(self) -> None:
         """Kill every running hook's whole process group, and wait for the scripts to end."""
@@ -277,14 +276,15 @@ async def exited(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait()  # it has ended: this only reaps
 
 
-def _popen(
-    argv: list[str], env: dict[str, str], out: IO[bytes], err: IO[bytes], cwd: Path
-) -> subprocess.Popen[bytes]:
+def _popen(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    # The pipes are close-on-exec and Popen closes every other descriptor in the child
+    # (close_fds), so no hook inherits another's pipes, started at the same time or not; and
+    # Popen closes the child's ends in the registrar once it started (or failed to).
     return subprocess.Popen(
         argv,
         stdin=subprocess.PIPE,
-        stdout=out,
-        stderr=err,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=env,
         cwd=str(cwd),
         start_new_session=True,
@@ -296,10 +296,13 @@ def _settle(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
-def _close_quietly(proc: subprocess.Popen[bytes]) -> None:
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
+def _close_quietly(proc: subprocess.Popen[bytes], *, output: bool = False) -> None:
+    """Close its stdin (the gate then reads EOF); with `output`, our ends of its output pipes
+    too, when nothing reads them."""
+    for stream in (proc.stdin, *((proc.stdout, proc.stderr) if output else ())):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def _abandon(spawned: asyncio.Future[subprocess.Popen[bytes]]) -> None:
@@ -307,7 +310,7 @@ def _abandon(spawned: asyncio.Future[subprocess.Popen[bytes]]) -> None:
     if spawned.cancelled() or spawned.exception() is not None:
         return
     proc = spawned.result()
-    _close_quietly(proc)
+    _close_quietly(proc, output=True)
     threading.Thread(target=proc.wait, name="eucareg-reap", daemon=True).start()
 
 
@@ -342,12 +345,6 @@ def _finish(
 
 def _tail(data: bytes, limit: int = OUTPUT_LIMIT) -> str:
     return data[-limit:].decode("utf-8", errors="replace")
-
-
-def _tail_of(handle: IO[bytes]) -> bytes:
-    size = handle.seek(0, os.SEEK_END)
-    handle.seek(max(0, size - OUTPUT_LIMIT))
-    return handle.read()
 
 
 def kill_group(pgid: int) -> None:
