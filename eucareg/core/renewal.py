@@ -5,6 +5,7 @@ and the CLC its own cloud CA certificate. Also the transition that stores a rene
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -21,6 +22,9 @@ MIN_USE = 60.0
 # Certificates start this long before they are made (clocks differ); one that starts later
 # than this from now was made by a clock that ran ahead.
 SKEW = 300.0
+# Component certificates fall due up to this share of their margin early, each by its serial:
+# with the default policy (5 years, renewed with 20 months left) over about two months.
+SPREAD = 0.1
 
 
 class Phase(StrEnum):
@@ -71,20 +75,32 @@ class RenewalPolicy:
 DEFAULT_POLICY = RenewalPolicy()
 
 
-def due_at(validity: Validity, margin: float) -> float:
-    """When a certificate becomes due for renewal. One issued under another policy may be due
-    at once (a margin longer than its whole life): it is renewed once, under this policy,
-    whose margin the configuration keeps shorter than its lifetime (RenewalPolicy.problem)."""
-    return validity.not_after - margin
+def spread(validity: Validity, margin: float, serial: str) -> float:
+    """How much earlier than its margin says this certificate falls due: a share of SPREAD of
+    the margin, fixed by its serial (random), so that the certificates of a thousand nodes
+    registered in one minute do not all fall due in one minute years later. Never so much
+    that it would be due within MIN_USE of its start: short lifetimes get none."""
+    room = validity.not_after - margin - (validity.not_before + SKEW) - MIN_USE
+    share = int.from_bytes(hashlib.sha256(serial.encode()).digest()[:8]) / 2.0**64
+    return share * max(0.0, min(SPREAD * margin, room))
 
 
-def phase(validity: Validity, margin: float, now: float) -> Phase:
+def due_at(validity: Validity, margin: float, serial: str | None = None) -> float:
+    """When a certificate becomes due for renewal (spread by its serial, when given). One
+    issued under another policy may be due at once (a margin longer than its whole life): it
+    is renewed once, under this policy, whose margin the configuration keeps shorter than its
+    lifetime (RenewalPolicy.problem)."""
+    early = spread(validity, margin, serial) if serial is not None else 0.0
+    return validity.not_after - margin - early
+
+
+def phase(validity: Validity, margin: float, now: float, serial: str | None = None) -> Phase:
     """Where a certificate stands at `now`. One that is not valid yet was made while the
     issuer's clock ran ahead: nobody can use it, so it is renewed as if due (else it would
     be kept until its far-off due date, and its holder could never take it)."""
     if now >= validity.not_after:
         return Phase.EXPIRED
-    if now >= due_at(validity, margin) or now < validity.not_before - SKEW:
+    if now >= due_at(validity, margin, serial) or now < validity.not_before - SKEW:
         return Phase.DUE
     return Phase.CURRENT
 

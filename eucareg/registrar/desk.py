@@ -244,7 +244,7 @@ class CredentialDesk:
                 self._issuing[cid] = (lock, users - 1)
         # Nothing is handed out before everything it depends on is durable.
         await self.engine.writer.flush()
-        due = renewal.due_at(validity_of(issued.cert_pem), issuer.policy.margin)
+        due = renewal.due_at(validity_of(issued.cert_pem), issuer.policy.margin, issued.serial)
         return issuer.bundle(record, issued.cert_pem), issued.serial, due
 
     async def _issued(
@@ -256,7 +256,7 @@ class CredentialDesk:
         if issued is not None and issued.fingerprint == record.fingerprint:
             margin = issuer.policy.margin
             now = engine.clock()
-            stage = renewal.phase(validity_of(issued.cert_pem), margin, now)
+            stage = renewal.phase(validity_of(issued.cert_pem), margin, now, issued.serial)
             # One signed by another key (the cloud CA before `eucareg ca rotate`) is renewed
             # at once, under ours: the same key, no hook, nothing revoked.
             if stage is renewal.Phase.CURRENT and signer_of(issued.cert_pem) == issuer.key_id:

@@ -32,12 +32,12 @@ def overdue(
     record: Record, issued: IssuedCertificate, validity: renewal.Validity, margin: float, now: float
 ) -> NewEvent | None:
     """The event to report for one certificate now, if any (pure; `reported` is the caller's)."""
-    phase = renewal.phase(validity, margin, now)
+    phase = renewal.phase(validity, margin, now, issued.serial)
     until = _iso(validity.not_after)
     if phase is renewal.Phase.EXPIRED:
         reason = f"certificate {issued.serial} expired at {until}; the component was not renewed"
         return event_for(record, now, "credentials", "expired", reason)
-    due = renewal.due_at(validity, margin)
+    due = renewal.due_at(validity, margin, issued.serial)
     if phase is renewal.Phase.DUE and now >= due + min(GRACE, margin / 4):
         reason = (
             f"certificate {issued.serial} is due for renewal since {_iso(due)} and expires at "

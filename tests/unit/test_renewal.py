@@ -101,6 +101,36 @@ def test_phase_follows_the_margin_and_the_end() -> None:
     assert renewal.phase(v, margin, v.not_after) is renewal.Phase.EXPIRED
 
 
+def test_certificates_issued_together_fall_due_spread_over_a_tenth_of_the_margin() -> None:
+    """A thousand nodes registered in one minute: their renewals spread over SPREAD of the
+    margin (about two months by default), each fixed by its serial, never later than the
+    margin says."""
+    policy = renewal.DEFAULT_POLICY
+    issued = 1_000_000.0
+    v = renewal.Validity(issued - renewal.SKEW, issued + policy.lifetime)
+    plain = renewal.due_at(v, policy.margin)
+    serials = [format(n * 7919 + 13, "x") for n in range(1000)]
+    dues = [renewal.due_at(v, policy.margin, serial) for serial in serials]
+    assert all(plain - renewal.SPREAD * policy.margin <= due <= plain for due in dues)
+    assert max(dues) - min(dues) > 0.9 * renewal.SPREAD * policy.margin
+    days = {int(due // 86400) for due in dues}
+    assert len(days) > 50  # not one day: about 60 of them
+    # The same serial always gives the same moment (a restarted registrar agrees).
+    assert renewal.due_at(v, policy.margin, serials[0]) == dues[0]
+    assert renewal.phase(v, policy.margin, dues[0], serials[0]) is renewal.Phase.DUE
+    assert renewal.phase(v, policy.margin, dues[0] - 1, serials[0]) is renewal.Phase.CURRENT
+
+
+def test_a_short_lived_certificate_is_never_due_within_its_first_minute() -> None:
+    # An hour, renewed with 59 minutes left: no room to spread (it would be due at once).
+    v = renewal.Validity(5000.0 - renewal.SKEW, 5000.0 + HOUR)
+    for serial in ("0", "1", "ff" * 20):
+        assert renewal.due_at(v, HOUR - 60, serial) == v.not_after - (HOUR - 60)
+        assert renewal.spread(v, HOUR - 60, serial) == 0.0
+    # An hour with 20 minutes: spread over 2 of them, at most.
+    assert 0 <= renewal.spread(v, 1200, "abc") <= 120
+
+
 def test_default_policy_is_five_years_renewed_with_a_third_left() -> None:
     policy = renewal.DEFAULT_POLICY
     assert policy.lifetime == 5 * 365 * 86400
