@@ -232,9 +232,14 @@ class RegistrarService:
 
     def _end_overlap_at(self, ends: float | None) -> None:
         """Build the contexts again (without the old CA) once the handover they trust ends."""
+        pending = self._overlap_timer is not None
         if self._overlap_timer is not None:
             self._overlap_timer.cancel()
             self._overlap_timer = None
+        if ends is None and pending and self.registrar is not None:
+            # Another refresh saw the end first (a certificate's end is whole seconds, the
+            # timer a second after it): its bundles drop the handover all the same.
+            self.registrar.desk.chain_changed()
         if ends is not None:
             # A second late: the handover must be over by the clock load_held_cached reads.
             delay = max(0.0, ends - time.time()) + 1.0

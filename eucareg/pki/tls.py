@@ -217,6 +217,12 @@ def server_context(
     handover to `also_trusted` (the old CA); what it names is read with peer_identity."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No session tickets: a resumed session skips the client certificate's check, and every
+    # context shares one session id context, so a ticket taken during a CA handover would
+    # carry an old-CA certificate past its end. A component's handshakes are few (its
+    # connections are long-polls); resumption would save little.
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
     ctx.load_cert_chain(chain_file, key_file)
     if client_ca is not None:
         ctx.verify_mode = ssl.CERT_OPTIONAL

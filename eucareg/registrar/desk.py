@@ -172,6 +172,11 @@ class CredentialDesk:
         deadline = engine.clock() + max(0.0, wait)
         status: Status | None
         woken = False
+        # The chain this request is measured against, fixed at its start: every watch open
+        # when the chain changes is answered (the first answer updates `_told_chain`, and a
+        # second watch, one whose connection is not known dead yet, must not then sit out
+        # its wait on the chain it never received).
+        told = self._told_chain.get(component_id)
         keys_changed: asyncio.Event | None = None  # the Eucalyptus key files it waits on
         while True:
             wake_at = deadline
@@ -193,15 +198,10 @@ class CredentialDesk:
                 chain = chain_digest(files, record.role)
                 keys = await self._euca_set(record) if euca is not None else None
                 moved = keys is not None and keys.digest != euca
-                if (
-                    have != serial
-                    or engine.clock() >= deadline
-                    or chain != self._told_chain.get(component_id)
-                    or moved
-                ):
+                if have != serial or engine.clock() >= deadline or chain != told or moved:
                     if moved and keys is not None:
                         await self._note_keys(record, keys)
-                    self._told_chain[component_id] = chain
+                    self._tell_chain(component_id, chain)
                     return CredentialAnswer(Status.REGISTERED, record.reason, files, keys)
                 if keys is not None and keys_changed is None and self.euca_keys is not None:
                     keys_changed = watches.enter_context(
@@ -222,6 +222,18 @@ class CredentialDesk:
             woken = await _either(event, keys_changed, wake_at - engine.clock())
             if keys_changed is not None and keys_changed.is_set():
                 keys_changed = None  # watched afresh on the next round
+
+    def _tell_chain(self, component_id: str, chain: str) -> None:
+        told = self._told_chain
+        told[component_id] = chain
+        # Deregistered components leave entries behind: dropped once they are half of them.
+        if len(told) > 2 * len(self.engine.memory.records) + 64:
+            records = self.engine.memory.records
+            self._told_chain = {
+                cid: digest
+                for cid, digest in told.items()
+                if (record := records.get(cid)) is not None and record.status is Status.REGISTERED
+            }
 
     async def _bundle(
         self, record: Record, public_key: cred.PublicKey
