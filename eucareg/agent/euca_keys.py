@@ -27,7 +27,7 @@ from eucareg.pki import eucafiles as ef
 log = logging.getLogger(__name__)
 
 STATES = ("ready", "missing", "invalid", "off")
-# A digest as the registrar's request schema takes it back (api/schemas.py EUCA_DIGEST).
+# A digest as the registrar's request schema takes it back (api/bodies.py EUCA_DIGEST).
 DIGEST = re.compile(r"[a-z0-9]{1,16}:[0-9a-f]{1,64}", re.ASCII)
 _NAMES = frozenset(n for names in ef.NEEDS.values() for n in names)
 

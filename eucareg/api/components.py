@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from eucareg.api import limits
+from eucareg.api.bodies import read_signed_body
 from eucareg.api.context import REGISTRAR
-from eucareg.api.schemas import read_signed_body
 from eucareg.api.validate import ApiError, bad, error
 from eucareg.core.grammar import peer_address, shown
 from eucareg.core.model import Announcement, DecisionKind, Record, Status
@@ -125,7 +125,7 @@ async def announce(request: web.Request) -> web.Response:
     asked = min(_wait(request.query.get("wait", "0")), MAX_WAIT)
     payload, public_key = await read_signed_body(request)
     wait = limits.hold_for(request, asked)  # charged (or found authenticated) by now
-    raw: dict[str, str] = payload["txt"]  # every value a string (schemas.TXT)
+    raw: dict[str, str] = payload["txt"]  # every value a string (bodies.TXT)
     registrar = request.app[REGISTRAR]
     refresh = registrar.timing.report_interval
     decoded = decode(f"fallback:{request.remote}", raw, (), registrar.settings.allowed_ranges)

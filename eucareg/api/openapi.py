@@ -1,6 +1,6 @@
 """The registrar API described: an OpenAPI 3.1 document of every route, with the JSON Schemas of
-eucareg/api/schemas.py for each request body and answer, and the stable error codes. Served at
-GET /v1/openapi.json; docs/openapi.json is a copy, regenerated with
+eucareg/api/bodies.py and answers.py for each request body and answer, and the stable error
+codes. Served at GET /v1/openapi.json; docs/openapi.json is a copy, regenerated with
 
     python -m eucareg.api.openapi > docs/openapi.json
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from eucareg.api import schemas
+from eucareg.api import answers, bodies, fields
 from eucareg.api.components import MAX_WAIT, MAX_WATCH, WAIT
 from eucareg.api.operator import MAX_DEREGISTER_WAIT, MAX_EVENTS
 from eucareg.api.validate import MAX_BODY, MAX_DEPTH, MAX_SEQ
@@ -94,7 +94,7 @@ ROUTES: tuple[Route, ...] = (
         (
             _query(
                 "wait",
-                {"type": "string", "pattern": schemas.full(WAIT)},
+                {"type": "string", "pattern": fields.full(WAIT)},
                 f"Seconds to hold the request until something changes: at most {MAX_WAIT:g}, "
                 f"or {MAX_WATCH:g} for a registered component watching its certificate "
                 "(`have`, signed by its key).",
@@ -111,7 +111,7 @@ ROUTES: tuple[Route, ...] = (
         (
             _query(
                 "wait",
-                {"type": "string", "pattern": schemas.full(WAIT)},
+                {"type": "string", "pattern": fields.full(WAIT)},
                 f"Seconds (at most {MAX_WAIT:g}) to hold the answer until the component's "
                 "record changes: a pending caller learns the outcome as soon as it is known.",
             ),
@@ -166,7 +166,7 @@ ROUTES: tuple[Route, ...] = (
         (
             _query(
                 "wait",
-                {"type": "string", "pattern": schemas.full(WAIT)},
+                {"type": "string", "pattern": fields.full(WAIT)},
                 f"Seconds (at most {MAX_DEREGISTER_WAIT:g}) to wait for the deregister hook's "
                 "outcome; without, the answer says it is running.",
             ),
@@ -197,23 +197,23 @@ ROUTES: tuple[Route, ...] = (
 
 # Schemas shown once under components/schemas and referred to by name elsewhere.
 NAMED: Mapping[str, Schema] = {
-    "Error": schemas.ERROR,
-    "Refused": schemas.REFUSED,
-    "Change": schemas.CHANGE,
-    "Row": schemas.ROW,
-    "Event": schemas.EVENT,
-    "HookRun": schemas.HOOK_RUN,
-    "Token": schemas.TOKEN,
-    "Trust": schemas.TRUST,
-    "Registry": schemas.REGISTRY,
-    "Status": schemas.STATUS,
-    "ComponentId": schemas.COMPONENT_ID,
-    "Cluster": schemas.CLUSTER,
-    "Fingerprint": schemas.FINGERPRINT,
-    "TokenId": schemas.TOKEN_ID,
-    "Duration": schemas.DURATION,
-    "Txt": schemas.TXT,
-    "NameComponent": schemas.NAME_COMPONENT,
+    "Error": answers.ERROR,
+    "Refused": answers.REFUSED,
+    "Change": answers.CHANGE,
+    "Row": answers.ROW,
+    "Event": answers.EVENT,
+    "HookRun": answers.HOOK_RUN,
+    "Token": answers.TOKEN,
+    "Trust": answers.TRUST,
+    "Registry": answers.REGISTRY,
+    "Status": answers.STATUS,
+    "ComponentId": fields.COMPONENT_ID,
+    "Cluster": fields.CLUSTER,
+    "Fingerprint": fields.FINGERPRINT,
+    "TokenId": fields.TOKEN_ID,
+    "Duration": fields.DURATION,
+    "Txt": bodies.TXT,
+    "NameComponent": bodies.NAME_COMPONENT,
 }
 
 
@@ -235,13 +235,13 @@ def _json(schema: Schema, description: str) -> Schema:
 
 
 def _operation(route: Route) -> Schema:
-    answers = schemas.RESPONSES[(route.method, route.path)]
+    by_status = answers.RESPONSES[(route.method, route.path)]
     responses: Schema = {
         str(status): _json(schema, "the answer" if status < 300 else "refused")
-        for status, schema in answers.items()
+        for status, schema in by_status.items()
     }
-    responses.setdefault("4XX", _json(schemas.ERROR, "refused: the error and its code"))
-    responses.setdefault("5XX", _json(schemas.ERROR, "a bug or an unavailable registrar"))
+    responses.setdefault("4XX", _json(answers.ERROR, "refused: the error and its code"))
+    responses.setdefault("5XX", _json(answers.ERROR, "a bug or an unavailable registrar"))
     operation: Schema = {
         "operationId": f"{route.method.lower()}{route.path.replace('/', '_').replace('-', '_')}",
         "summary": route.summary,
@@ -253,7 +253,7 @@ def _operation(route: Route) -> Schema:
     if route.query:
         operation["parameters"] = list(route.query)
     if route.method == "POST":
-        body = schemas.REQUEST_BODIES[route.path]
+        body = bodies.REQUEST_BODIES[route.path]
         operation["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": body}},

@@ -1,7 +1,7 @@
 """Operator endpoints about components: the event log, hook runs, what is pending, and the
 operator's decisions (approve, reject, deregister), each answered with what it changed. Every
 handler here is wrapped by `operator_only` in app.py; it only reads its input (checked against
-its schema, eucareg/api/schemas.py) and calls the registrar facade.
+its schema, eucareg/api/bodies.py) and calls the registrar facade.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
+from eucareg.api.answers import changed
+from eucareg.api.bodies import read_body
 from eucareg.api.components import WAIT
 from eucareg.api.context import REGISTRAR
-from eucareg.api.schemas import changed, read_body
 from eucareg.api.validate import MAX_SEQ, ApiError, bad, query_int
 from eucareg.api.views import record_json
 from eucareg.core import grammar

@@ -12,8 +12,8 @@ import aiohttp
 from aiohttp import web
 from cryptography import x509
 
+from eucareg.api.bodies import read_signed_body
 from eucareg.api.context import CONTEXT, REGISTRAR, ApiContext
-from eucareg.api.schemas import read_signed_body
 from eucareg.api.validate import ApiError
 from eucareg.api.views import registry_json
 from eucareg.core.model import Announcement, IPAddress, Role, Status

@@ -1,6 +1,6 @@
 """Operator endpoints about trust: the mode, locks and install window (each answers the
 resulting settings and what changed), and join tokens (create, list without secrets, revoke).
-Wrapped by `operator_only` in app.py; bodies are checked against eucareg/api/schemas.py.
+Wrapped by `operator_only` in app.py; bodies are checked against eucareg/api/bodies.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
+from eucareg.api.answers import changed
+from eucareg.api.bodies import read_body
 from eucareg.api.context import CONTEXT, REGISTRAR
-from eucareg.api.schemas import changed, read_body
 from eucareg.api.validate import bad, duration
 from eucareg.api.views import trust_json
 from eucareg.core.model import Role
@@ -63,7 +64,7 @@ def tasks_of(registrar: Registrar, raw: Any) -> frozenset[Task]:
         mine.add(Task.CC)
     if raw in (None, "all", []):
         return frozenset(mine)
-    # A task name or a list of them (schemas.TASKS).
+    # A task name or a list of them (fields.TASKS).
     tasks = {Task(name) for name in ([raw] if isinstance(raw, str) else raw)}
     for task in sorted(tasks - mine):
         bad(f"this registrar has no {task.value} task", "out-of-scope")

@@ -4,7 +4,7 @@ exception that the server would answer with a 500.
 
 Bodies are checked in one order: JSON text (UTF-8, no NaN or Infinity, no key twice, numbers
 of at most 4300 digits), then nesting (at most MAX_DEPTH levels), then the route's JSON Schema
-(`check`, with the schemas of eucareg/api/schemas.py, which docs/openapi.json publishes).
+(`check`, with the schemas of eucareg/api/bodies.py, which docs/openapi.json publishes).
 """
 
 from __future__ import annotations

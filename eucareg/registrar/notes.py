@@ -1,12 +1,14 @@
-"""Event-only notes: an announcement rejected before any decision, or refused without a record
-(an identity conflict). Each is written once per key and reason, not at every mDNS refresh;
-the memory of what was said is bounded, so a flood of unique ids cannot grow it.
+"""Event-only notes: an announcement rejected before any decision, refused without a record
+(an identity conflict), or a legacy component's. Each is written once per key and reason, not
+at every mDNS refresh; the memory of what was said is bounded, so a flood of ids cannot grow it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from eucareg.core import legacy
+from eucareg.core.legacy import LegacyComponent
 from eucareg.core.model import Announcement, Decision, NewEvent, Role
 from eucareg.core.operations import registrar_event
 from eucareg.core.txt import Rejected
@@ -99,6 +101,20 @@ def refused_event(ann: Announcement, decision: Decision, now: float) -> NewEvent
         code=decision.code,
         reason=decision.reason,
         via=ann.source,
+    )
+
+
+def legacy_event(heard: LegacyComponent, now: float) -> NewEvent:
+    """A `legacy` event: like a rejected one, keyed by the instance (there is no id)."""
+    return NewEvent(
+        at=now,
+        component_id=f"instance:{heard.instance}"[:64],
+        role=heard.role,
+        cluster=heard.cluster,
+        address=heard.address,
+        kind="legacy",
+        code=heard.code,
+        reason=legacy.reason(heard),
     )
 
 

@@ -2,7 +2,7 @@
 
 A CLC registrar is served on 127.0.0.1 (in a thread of its own, so hypothesis drives it with
 plain blocking HTTP), seeded with pending components, a registered one and join tokens. Each
-example is one request built from a route's description (eucareg/api/schemas.py): a body valid
+example is one request built from a route's description (eucareg/api/bodies.py): a body valid
 by its schema, or one mutated field by field (unknown fields, wrong types, huge numbers, odd
 strings, deep nesting) or byte by byte (duplicate keys, NaN, truncated, not UTF-8, too large),
 with any Content-Type, with the admin token or without, signed by a component's key, the cloud
@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema.protocols import Validator
 
-from eucareg.api import openapi, schemas
+from eucareg.api import answers, bodies, fields, openapi
 from eucareg.api.validate import MAX_BODY, compile_schema
 from eucareg.core.model import Announcement, Role
 from eucareg.core.trust import parse_token
@@ -223,7 +223,7 @@ def _inner(pattern: str) -> str:
 
 
 class FromSchema:
-    """Values valid by a schema of eucareg/api/schemas.py (the subset of JSON Schema it uses),
+    """Values valid by a schema of eucareg/api/bodies.py (the subset of JSON Schema it uses),
     with `hints` (by schema identity) mixed in: names the registrar knows."""
 
     def __init__(self, hints: dict[int, st.SearchStrategy[Any]]) -> None:
@@ -394,9 +394,9 @@ def _admin(draw: st.DrawFn) -> dict[str, str]:
 
 def _route_fields(path: str) -> dict[str, Any]:
     """A signed route's schema without the envelope signed_body adds."""
-    schema = schemas.REQUEST_BODIES[path]
-    properties = {k: v for k, v in schema["properties"].items() if k not in schemas.ENVELOPE}
-    required = [k for k in schema["required"] if k not in schemas.ENVELOPE]
+    schema = bodies.REQUEST_BODIES[path]
+    properties = {k: v for k, v in schema["properties"].items() if k not in bodies.ENVELOPE}
+    required = [k for k in schema["required"] if k not in bodies.ENVELOPE]
     return {**schema, "properties": properties, "required": required}
 
 
@@ -418,12 +418,12 @@ def _signed_for(
 def requests(api: Served, who: str) -> st.SearchStrategy[Request]:
     seeded = api.seeded
     hints: dict[int, st.SearchStrategy[Any]] = {
-        id(schemas.COMPONENT_ID): st.sampled_from(seeded.ids),
-        id(schemas.FINGERPRINT): st.sampled_from(seeded.fingerprints),
-        id(schemas.TOKEN_ID): st.sampled_from(seeded.token_ids),
-        id(schemas.SERIAL): st.sampled_from(seeded.serials),
-        id(schemas.DURATION): st.sampled_from(["1h", "10m", 7200, "2d", " 90 m", "1.5h"]),
-        id(schemas.TXT): st.sampled_from(seeded.txts),
+        id(fields.COMPONENT_ID): st.sampled_from(seeded.ids),
+        id(fields.FINGERPRINT): st.sampled_from(seeded.fingerprints),
+        id(fields.TOKEN_ID): st.sampled_from(seeded.token_ids),
+        id(fields.SERIAL): st.sampled_from(seeded.serials),
+        id(fields.DURATION): st.sampled_from(["1h", "10m", 7200, "2d", " 90 m", "1.5h"]),
+        id(bodies.TXT): st.sampled_from(seeded.txts),
     }
     valid = FromSchema(hints)
     # The open GET routes go with the operator's (they take no body and no credential).
@@ -448,7 +448,7 @@ def requests(api: Served, who: str) -> st.SearchStrategy[Request]:
             key = draw(st.sampled_from(keys))
             body, headers = _signed_for(draw, key, fields, "POST", target, api.audience)
         else:
-            schema = schemas.REQUEST_BODIES[route.path]
+            schema = bodies.REQUEST_BODIES[route.path]
             fields = draw(valid(schema).filter(_validator(schema).is_valid))
             body = json.dumps(_mutated(draw, fields)).encode()
             headers = {"Content-Type": "application/json", **_admin(draw)}
@@ -492,8 +492,8 @@ def check_answer(api: Served, request: Request, seen: Callable[[int], None]) -> 
     if request.method != "HEAD":
         assert headers.get_content_type() == "application/json", where
         answer = json.loads(raw)
-        answers = schemas.RESPONSES.get((request.method, request.path), {})
-        schema = answers.get(status, schemas.ERROR if status >= 400 else None)
+        by_status = answers.RESPONSES.get((request.method, request.path), {})
+        schema = by_status.get(status, answers.ERROR if status >= 400 else None)
         assert schema is not None, f"undocumented status {where}"
         errors = sorted(_validator(schema).iter_errors(answer), key=str)
         assert not errors, f"answer not as described: {errors[0].message[:300]} in {where}"

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eucareg.api import openapi, schemas
+from eucareg.api import answers, bodies, fields, openapi
 from eucareg.api.app import OPEN_ROUTES, OPERATOR_ROUTES
 from eucareg.api.validate import (
     MAX_DEPTH,
@@ -70,8 +70,8 @@ def test_every_route_is_described_as_app_py_routes_it() -> None:
         assert operation["security"] == security
         assert ("requestBody" in operation) == (method == "POST")
         assert {"200", "4XX", "5XX"} <= set(operation["responses"])
-    assert set(schemas.REQUEST_BODIES) == {p for m, p in routed if m == "POST"}
-    assert set(schemas.RESPONSES) == set(routed)
+    assert set(bodies.REQUEST_BODIES) == {p for m, p in routed if m == "POST"}
+    assert set(answers.RESPONSES) == set(routed)
 
 
 def _schemas_in(document: Any) -> list[dict[str, Any]]:
@@ -89,8 +89,8 @@ def _schemas_in(document: Any) -> list[dict[str, Any]]:
 
 def test_every_schema_is_a_valid_draft_2020_12_schema() -> None:
     for schema in [
-        *schemas.REQUEST_BODIES.values(),
-        *(s for answers in schemas.RESPONSES.values() for s in answers.values()),
+        *bodies.REQUEST_BODIES.values(),
+        *(s for by_status in answers.RESPONSES.values() for s in by_status.values()),
         *openapi.DOCUMENT["components"]["schemas"].values(),
         *_schemas_in(openapi.DOCUMENT["paths"]),
     ]:
@@ -111,9 +111,9 @@ def _objects(schema: Any, where: str = "") -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_request_bodies_take_no_field_they_do_not_name() -> None:
-    for path, body in schemas.REQUEST_BODIES.items():
+    for path, body in bodies.REQUEST_BODIES.items():
         for where, schema in _objects(body):
-            if schema is schemas.TXT:  # a TXT record: its own keys, bounded (decoding checks)
+            if schema is bodies.TXT:  # a TXT record: its own keys, bounded (decoding checks)
                 assert schema["maxProperties"] <= 32
                 assert schema["additionalProperties"]["maxLength"] == 255
                 continue
@@ -143,16 +143,16 @@ def accepts(parse: Callable[[Any, str], object], value: Any) -> bool:
 
 
 GRAMMARS = [
-    (schemas.COMPONENT_ID, grammar.COMPONENT_ID, grammar.component_id),
-    (schemas.CLUSTER, grammar.CLUSTER, grammar.cluster),
-    (schemas.FINGERPRINT, grammar.FINGERPRINT, grammar.fingerprint),
-    (schemas.TOKEN_ID, grammar.TOKEN_ID, grammar.token_id),
-    (schemas.TXT["properties"]["id"], grammar.COMPONENT_ID, grammar.component_id),
-    (schemas.TXT["properties"]["fp"], grammar.FINGERPRINT, grammar.fingerprint),
-    (schemas.TXT["properties"]["cluster"], grammar.CLUSTER, grammar.cluster),
-    (schemas.TXT["properties"]["eucavers"], grammar.VERSION, grammar.version),
-    (schemas.TXT["properties"]["tok"], grammar.TOKEN_ID, grammar.token_id),
-    (schemas.TXT["properties"]["tproof"], grammar.PROOF, grammar.proof),
+    (fields.COMPONENT_ID, grammar.COMPONENT_ID, grammar.component_id),
+    (fields.CLUSTER, grammar.CLUSTER, grammar.cluster),
+    (fields.FINGERPRINT, grammar.FINGERPRINT, grammar.fingerprint),
+    (fields.TOKEN_ID, grammar.TOKEN_ID, grammar.token_id),
+    (bodies.TXT["properties"]["id"], grammar.COMPONENT_ID, grammar.component_id),
+    (bodies.TXT["properties"]["fp"], grammar.FINGERPRINT, grammar.fingerprint),
+    (bodies.TXT["properties"]["cluster"], grammar.CLUSTER, grammar.cluster),
+    (bodies.TXT["properties"]["eucavers"], grammar.VERSION, grammar.version),
+    (bodies.TXT["properties"]["tok"], grammar.TOKEN_ID, grammar.token_id),
+    (bodies.TXT["properties"]["tproof"], grammar.PROOF, grammar.proof),
 ]
 
 
@@ -205,7 +205,7 @@ def test_a_pattern_accepts_exactly_what_its_grammar_accepts(
 def test_a_duration_is_refused_by_the_schema_only_if_the_grammar_refuses_it(value: Any) -> None:
     """A string such as '9999d' has a duration's form (the schema) but not its bound, which
     the handler's grammar check adds; everything the grammar takes, the schema takes."""
-    in_schema = compile_schema(schemas.DURATION).is_valid(value)
+    in_schema = compile_schema(fields.DURATION).is_valid(value)
     by_grammar = accepts(lambda v, f: grammar.duration(v, f), value)
     assert in_schema or not by_grammar, repr(value)
     if not isinstance(value, str):

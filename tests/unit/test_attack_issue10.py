@@ -15,8 +15,8 @@ from eucareg.cli.main import main
 from eucareg.cli.render import render_tree
 from eucareg.core.model import Role
 from eucareg.mdns.types import Change, Sighting
-from eucareg.registrar.engine import MAX_LEGACY
 from eucareg.registrar.notes import NOTES_PER_WINDOW
+from eucareg.registrar.notices import MAX_LEGACY
 from tests.factories import ann, sighting
 from tests.unit.test_cli_discover import CLC_FP, clc, garbage, member
 from tests.unit.test_cli_setup import a_token, canned, path, written  # noqa: F401

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from rich.console import Console
 
-from eucareg.api import schemas
+from eucareg.api import answers
 from eucareg.cli.render import render_tree
 from eucareg.core import legacy, txt
 from eucareg.core.grammar import CLUSTER, VERSION
@@ -242,7 +242,7 @@ async def test_status_lists_legacy_components_in_its_schema_and_the_tree_shows_t
         clc.registrar.on_sighting(old_sighting("cluster1 node #2", old("node")))
         status, answer = await clc.get("/v1/status")
         assert status == 200
-        jsonschema.validate(answer, schemas.STATUS)
+        jsonschema.validate(answer, answers.STATUS)
         assert answer["legacy"] == [
             {
                 "kind": "10.04",
