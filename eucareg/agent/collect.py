@@ -12,7 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from yarl import URL
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 from eucareg.pki import handover, names, tls
+from eucareg.pki.chain import chain_digest
 from eucareg.pki.signing import signed_body, socket_audience
 
 from .euca_keys import EucaKeys
@@ -42,6 +43,17 @@ WATCH_POLL = 240.0
 DEFAULT_REFRESH = 30.0
 MIN_REFRESH = 1.0
 HTTP_SLACK = 10.0  # beyond the wait: connecting, the registrar's answer, reading it
+
+
+@dataclass
+class HeldChain:
+    """The digest of the chain above a component's certificate (pki/chain.py), as last
+    accepted from its registrar: sent with each watch, so that the watch is answered at once
+    when the registrar's chain differs, even if the answer that carried it was lost."""
+
+    digest: str | None = None
+    # False once a registrar refused the field (400 unknown-field: one older than it).
+    sent: bool = True
 
 
 class Outcome(StrEnum):
@@ -173,6 +185,7 @@ async def collect_credentials(
     named: names.CertIdentity | None = None,
     client: tls.ClientCert | None = None,
     euca: EucaKeys | None = None,
+    chain: HeldChain | None = None,
 ) -> Outcome:
     """One signed, long-polling credential request: WRITTEN or PENDING, or, when watching
     credentials we hold (`have`: our certificate's serial), UNCHANGED or REVOKED.
@@ -193,6 +206,8 @@ async def collect_credentials(
         # Asking for Eucalyptus's own key files too (docs/credentials.md): the digest of the
         # set we were last given, so that a watch ends when the registrar's set changes.
         fields["euca"] = euca.digest
+    if have is not None and chain is not None and chain.sent and chain.digest is not None:
+        fields["chain"] = chain.digest
     path = f"/v1/credentials?wait={wait:g}"
     log.debug("requesting credentials for %s from %s%s", identity.component_id, endpoint.url, path)
     status, data = await _signed_post(
@@ -205,6 +220,12 @@ async def collect_credentials(
         client if expect.root else None,
         wait=wait,
     )
+    if status == 400 and "chain" in fields and data.get("code") == "unknown-field":
+        assert chain is not None
+        log.info("registrar %s does not take a chain digest: watching without", endpoint.url)
+        chain.sent = False
+        again = (session, identity, role, endpoint, key_dir, wait, have, expect, named, client)
+        return await collect_credentials(*again, euca, chain)
     if status == 410 and have is not None:
         log.warning("credentials of %s revoked: %s", identity.component_id, data.get("error"))
         return Outcome.REVOKED
@@ -222,6 +243,8 @@ async def collect_credentials(
     outcome = await asyncio.to_thread(
         _accept, files, role, identity, endpoint, key_dir, have, _pin_of(expect), named
     )
+    if chain is not None:
+        chain.digest = chain_digest(files, role)  # what we hold now: accepted, written
     if euca is not None:
         # Only from a registrar whose bundle we just accepted, and after our own files.
         await asyncio.to_thread(euca.receive, data.get("eucalyptus"))

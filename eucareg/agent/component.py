@@ -52,6 +52,7 @@ class Component:
         self.prover = TokenProver(parse_token(conf.token)) if conf.token else None
         self.presence = CredentialPresence(cfg.key_dir, conf.role, identity.key)
         self.root = HeldRoot(cfg.key_dir / cred.CLOUD_CERT)
+        self.chain = collect.HeldChain()  # the chain we hold, sent with each watch
         # Eucalyptus's own key files, asked for with our credentials when configured.
         self.euca = (
             EucaKeys(cfg.eucalyptus, conf.role, conf.cluster, cfg.key_dir)
@@ -372,6 +373,7 @@ class Component:
                 named=self.named(),
                 client=self.client_cert if have is not None else None,
                 euca=self.euca,
+                chain=self.chain,
             )
         )
         change = asyncio.create_task(self.changed.wait())

@@ -147,8 +147,14 @@ EUCA_DIGEST = {
     "pattern": "^(?:[a-z0-9]{1,16}:[0-9a-f]{1,64})?$",
     "description": "The digest of the Eucalyptus key set held, or empty.",
 }
+CHAIN_DIGEST = {
+    "type": "string",
+    "pattern": "^[0-9a-f]{64}$",
+    "description": "The digest of the certificate chain held (docs/protocol.md).",
+}
 CREDENTIALS = _signed(
-    {"component_id": COMPONENT_ID, "have": SERIAL, "euca": EUCA_DIGEST}, ("component_id",)
+    {"component_id": COMPONENT_ID, "have": SERIAL, "euca": EUCA_DIGEST, "chain": CHAIN_DIGEST},
+    ("component_id",),
 )
 ANNOUNCE = _signed({"txt": TXT}, ("txt",))
 PEER = _signed({})

@@ -53,6 +53,8 @@ async def collect(request: web.Request) -> web.Response:
     have: str | None = payload.get("have")
     # The digest of the Eucalyptus key set it holds ("" for none): it asks for those files.
     euca: str | None = payload.get("euca")
+    # The digest of the chain above its certificate that it holds (pki/chain.py).
+    chain: str | None = payload.get("chain")
     registrar = request.app[REGISTRAR]
     record = registrar.record(component_id)
     watching = (
@@ -64,7 +66,7 @@ async def collect(request: web.Request) -> web.Response:
     wait = limits.hold_for(request, min(asked, MAX_WATCH if watching else MAX_WAIT))
     try:
         answer = await _unless_gone(
-            request, registrar.credentials(component_id, public_key, wait, have, euca)
+            request, registrar.credentials(component_id, public_key, wait, have, euca, chain)
         )
     except CredentialRefused as exc:
         if exc.status != 410:

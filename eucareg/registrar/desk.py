@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import datetime
 import functools
-import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ from eucareg.core.model import IssuedCertificate, Record, Role, Status, event_fo
 from eucareg.core.operations import certificate_issued, collected
 from eucareg.core.transitions import Transition, Write
 from eucareg.pki import credentials as cred
+from eucareg.pki.chain import chain_digest
 from eucareg.pki.handover import HANDOVER
 from eucareg.registrar.euca_keys import INVALID, OFF_SET, READY, EucaKeySource, EucaSet
 from eucareg.registrar.faults import crash_point
@@ -62,17 +62,6 @@ class Issuer:
     def key_id(self) -> bytes:
         """The key identifier certificates signed by this issuer carry (AuthorityKeyIdentifier)."""
         return x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()).digest
-
-
-def chain_digest(files: dict[str, str], role: Role) -> str:
-    """A digest of a bundle's files other than the component's own certificate: what a watch
-    compares to tell a renewed CA or CC certificate (or a handover) from the chain it gave."""
-    own = cred.LAYOUTS[role].cert
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        if name != own:
-            digest.update(f"{len(name)}:{name}{len(files[name])}:{files[name]}".encode())
-    return digest.hexdigest()
 
 
 class CredentialRefused(Exception):
@@ -130,13 +119,16 @@ class CredentialDesk:
         wait: float,
         have: str | None = None,
         euca: str | None = None,
+        chain: str | None = None,
     ) -> CredentialAnswer:
         """Answer a component's (already signature-checked) request for its credentials.
 
         With `have` (the serial of the certificate it holds), the request watches for
-        revocation instead. With `euca` (the digest of the Eucalyptus key set it was last
-        given, "" for none), it asks for Eucalyptus's own key files too, and a watch also
-        ends when they change. A component with a request open counts as online.
+        revocation instead; with `chain` (pki/chain.py: the digest of the chain it holds) it
+        is also answered as soon as the chain differs. With `euca` (the digest of the
+        Eucalyptus key set it was last given, "" for none), it asks for Eucalyptus's own key
+        files too, and a watch also ends when they change. A component with a request open
+        counts as online.
         """
         engine = self.engine
         record = engine.memory.records.get(component_id)
@@ -149,7 +141,9 @@ class CredentialDesk:
             self._watching[component_id] = self._watching.get(component_id, 0) + 1
         try:
             with engine.waiting_on(component_id), contextlib.ExitStack() as watches:
-                return await self._answer(component_id, public_key, wait, have, euca, watches)
+                return await self._answer(
+                    component_id, public_key, wait, have, euca, chain, watches
+                )
         finally:
             if have is not None:
                 left = self._watching.pop(component_id) - 1
@@ -165,6 +159,7 @@ class CredentialDesk:
         wait: float,
         have: str | None,
         euca: str | None,
+        chain_held: str | None,
         watches: contextlib.ExitStack,
     ) -> CredentialAnswer:
         engine = self.engine
@@ -176,7 +171,9 @@ class CredentialDesk:
         # when the chain changes is answered (the first answer updates `_told_chain`, and a
         # second watch, one whose connection is not known dead yet, must not then sit out
         # its wait on the chain it never received).
-        told = self._told_chain.get(component_id)
+        # The component's own word for what it holds is best (an answer lost on a dead
+        # connection counts as told here, not there); older agents do not send it.
+        told = chain_held if chain_held is not None else self._told_chain.get(component_id)
         keys_changed: asyncio.Event | None = None  # the Eucalyptus key files it waits on
         while True:
             wake_at = deadline

@@ -345,8 +345,9 @@ class Registrar:
         wait: float,
         have: str | None = None,
         euca: str | None = None,
+        chain: str | None = None,
     ) -> CredentialAnswer:
-        return await self.desk.credentials(component_id, public_key, wait, have, euca)
+        return await self.desk.credentials(component_id, public_key, wait, have, euca, chain)
 
     async def mark_collected(self, component_id: str) -> None:
         await self.desk.mark_collected(component_id)
