@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from eucalab.cloud import LabCloud, all_registered
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
 from eucalab.fleet import fleet_addresses
-from eucalab.lab import Lab, parse_topology
+from eucalab.lab import Lab
+from eucalab.topology import parse_topology
 from eucareg.pki import credentials as cred
 
 ROOT = Path(__file__).resolve().parent.parent

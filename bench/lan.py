@@ -26,7 +26,8 @@ from bench.common import (
 )
 from bench.procstat import cpu, memory_kib
 from eucalab.fleet import fleet_identities, read_progress
-from eucalab.lab import Lab, LabProcess
+from eucalab.lab import Lab
+from eucalab.process import LabProcess
 
 HOSTS = ("cloud", "node1", "fleet")
 KEEPALIVE_SETTLE = 80.0

@@ -39,9 +39,12 @@ from bench.fallback import bench_fallback
 from bench.lan import bench_lan
 from bench.procstat import udp_drops
 from bench.status_poll import StatusPoller
-from eucalab.cloud import LabCloud, all_registered
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
 from eucalab.fleet import node_id, read_progress
-from eucalab.lab import Lab, cleanup_stale, parse_topology
+from eucalab.lab import Lab
+from eucalab.netns import cleanup_stale
+from eucalab.topology import parse_topology
 from eucareg.config.file import SOCKET_FILE
 from eucareg.pki import credentials as cred
 

@@ -1,74 +1,27 @@
-"""A cloud in the lab: eucareg agents on lab hosts, with configs, hooks and status probes.
-
-The integration tests, the demo and the benchmarks describe which components run on which
-host; this module writes each host's config and counting hooks, starts and restarts agents by
-PID, and reads the registrar's API from inside the namespaces.
-"""
+"""A cloud in the lab: eucareg agents for a CloudPlan on a running Lab, started, signalled and
+restarted by PID, with their operator's CLI; the files they run with are written by
+eucalab/cloud_files.py and the registrars are read through eucalab/cloud_probes.py."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from eucalab.lab import Lab, LabError, LabProcess, Topology, parse_topology
-from eucareg.config.file import DEFAULT_API_PORT, SOCKET_FILE
-from eucareg.core.model import Role
+from eucalab import cloud_files, cloud_probes
+from eucalab.errors import LabError
+from eucalab.lab import Lab
+from eucalab.plans import CloudPlan
+from eucalab.process import LabProcess
 
-# role -> cluster (None for roles without one), per host
-HostPlan = Mapping[str, str | None]
-CloudPlan = Mapping[str, HostPlan]
-
-HOOK_TYPES = ("walrus", "cluster", "storage", "node")
-
-# The design's test topologies (EucalyptusRemoteAutoRegistration, "Test/Demo Plan").
-TOPOLOGY_1: dict[str, dict[str, str | None]] = {
-    "cloud": {"clc": None, "walrus": None, "cc": "cluster1", "sc": "cluster1"},
-    "node1": {"nc": "cluster1"},
-    "node2": {"nc": "cluster1"},
-}
-TOPOLOGY_3: dict[str, dict[str, str | None]] = {
-    "clc": {"clc": None},
-    "walrus": {"walrus": None},
-    "cc": {"cc": "cluster1"},
-    "sc": {"sc": "cluster1"},
-    "node1": {"nc": "cluster1"},
-    "node2": {"nc": "cluster1"},
-}
-TOPOLOGY_4: dict[str, dict[str, str | None]] = {
-    "cloud": {"clc": None, "walrus": None},
-    "cc1": {"cc": "cluster1", "sc": "cluster1"},
-    "node1": {"nc": "cluster1"},
-    "cc2": {"cc": "cluster2", "sc": "cluster2"},
-    "node2": {"nc": "cluster2"},
-}
-
-
-def single_lan(hosts: list[str], network: str = "10.77.1.0/24") -> Topology:
-    lines = [f"subnet lan {network}"] + [f"host {h} lan" for h in hosts]
-    return parse_topology("\n".join(lines))
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-T = TypeVar("T")
+__all__ = ["LabCloud"]
 
 
 @dataclass
@@ -85,10 +38,44 @@ class LabCloud:
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
 
-    # -- files ----------------------------------------------------------------------------
+    # -- files (eucalab/cloud_files.py) ---------------------------------------------------
 
     def host_dir(self, host: str) -> Path:
         return self.workdir / host
+
+    def key_dir(self, host: str) -> Path:
+        return self.host_dir(host) / "state" / "keys"
+
+    def hook_log(self, host: str) -> list[str]:
+        path = self.host_dir(host) / "hooks.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def setting(self, name: str, host: str, default: Any) -> Any:
+        """A setting for one host: a plain value applies to all, a dict is per host."""
+        return cloud_files.setting(self, name, host, default)
+
+    def config_text(self, host: str) -> str:
+        """The TOML config a host's agent runs with."""
+        return cloud_files.config_text(self, host)
+
+    def backend(self, host: str) -> str:
+        """A host's `[mdns] backend`: "zeroconf" (the default) or "avahi", never "auto"."""
+        return cloud_files.backend(self, host)
+
+    def prepare(self, host: str) -> Path:
+        """Write a host's config and hooks; returns the config path."""
+        return cloud_files.prepare(self, host)
+
+    # -- agents ---------------------------------------------------------------------------
+
+    def agent_env(self, host: str) -> dict[str, str]:
+        """The environment a host's agent needs besides the lab's: for an Avahi host, the
+        private system bus of the avahi-daemon in its namespace (started on first use)."""
+        if self.backend(host) != "avahi":
+            return {}
+        if not self.lab.has_avahi(host):
+            self.lab.start_avahi(host, server_options=self.setting("avahi_options", host, {}))
+        return self.lab.avahi_env(host)
 
     def fake_sshd(self, host: str, port: int = 2222, *, banner: bool = True) -> LabProcess:
         """A stand-in sshd on the host's loopback: answers with an SSH banner, nothing more.
@@ -123,119 +110,6 @@ class LabCloud:
         proc = self.lab.spawn(host, name, [sys.executable, "-c", script])
         proc.wait_for_log("listening", timeout=30)
         return proc
-
-    def key_dir(self, host: str) -> Path:
-        return self.host_dir(host) / "state" / "keys"
-
-    def hook_log(self, host: str) -> list[str]:
-        path = self.host_dir(host) / "hooks.log"
-        return path.read_text().splitlines() if path.exists() else []
-
-    def setting(self, name: str, host: str, default: Any) -> Any:
-        """A setting for one host: a plain value applies to all, a dict is per host."""
-        value = self.settings.get(name, default)
-        if isinstance(value, dict):
-            return value.get(host, default)
-        return value
-
-    def config_text(self, host: str) -> str:
-        """The TOML config a host's agent runs with."""
-        base = self.host_dir(host)
-        registrar = {"pending_timeout": "10m", "hook_timeout": "20s", "retry_base": "1s"}
-        registrar.update(self.settings.get("registrar", {}))
-        lines = [
-            f"address = {_toml_value(str(self.lab.address(host)))}",
-            f"state_dir = {_toml_value(str(base / 'state'))}",
-            f"hook_dir = {_toml_value(str(base / 'hooks'))}",
-            f"api_port = {DEFAULT_API_PORT}",
-            'log_format = "json"',
-            f"log_level = {_toml_value(self.setting('log_level', host, 'info'))}",
-            *self.setting("top_level", host, []),
-            "",
-            "[preconditions]",
-            f"sshd = {_toml_value(self.setting('sshd', host, False))}",
-            f"recheck_interval = {_toml_value(self.settings.get('recheck_interval', '1s'))}",
-            "",
-            "[registrar]",
-            *(f"{k} = {_toml_value(v)}" for k, v in registrar.items()),
-        ]
-        lines += ["", "[mdns]", f"backend = {_toml_value(self.backend(host))}"]
-        lines += self._dnssd_lines(host)
-        installed = self.setting("installed", host, {})
-        addresses = self.setting("addresses", host, {})
-        for role, cluster in self.plan[host].items():
-            lines += ["", f"[components.{role}]"]
-            if cluster is not None:
-                lines.append(f"cluster = {_toml_value(cluster)}")
-            if role in addresses:
-                lines.append(f"address = {_toml_value(addresses[role])}")
-            token = self.setting("tokens", host, {}).get(role)
-            if token:
-                lines.append(f"token = {_toml_value(token)}")
-            lines.append(f"installed = {_toml_value(installed.get(role, True))}")
-        return "\n".join(lines) + "\n"
-
-    def backend(self, host: str) -> str:
-        """A host's `[mdns] backend`: ``settings["mdns_backend"]`` ("zeroconf" or "avahi",
-        for all hosts, or a dict per host), "zeroconf" by default. Never "auto": a lab agent
-        must not find the machine's own avahi-daemon (`ip netns exec` leaves the machine's
-        system bus reachable) and announce on the real LAN."""
-        backend = str(self.setting("mdns_backend", host, "zeroconf"))
-        if backend not in ("zeroconf", "avahi"):
-            raise LabError(f"mdns_backend for {host!r}: 'zeroconf' or 'avahi', not {backend!r}")
-        return backend
-
-    def agent_env(self, host: str) -> dict[str, str]:
-        """The environment a host's agent needs besides the lab's: for an Avahi host, the
-        private system bus of the avahi-daemon in its namespace (started on first use)."""
-        if self.backend(host) != "avahi":
-            return {}
-        if not self.lab.has_avahi(host):
-            self.lab.start_avahi(host, server_options=self.setting("avahi_options", host, {}))
-        return self.lab.avahi_env(host)
-
-    def _dnssd_lines(self, host: str) -> list[str]:
-        """The `[dnssd]` table from ``settings["dnssd"]``, a mapping of its keys: a plain value
-        applies to every host, a dict is per host (a host it leaves out gets no such key);
-        an empty result leaves the table out."""
-        table = self.settings.get("dnssd") or {}
-        pairs = []
-        for key, value in table.items():
-            if isinstance(value, dict):
-                if host not in value:
-                    continue
-                value = value[host]
-            pairs.append(f"{key} = {_toml_value(value)}")
-        return ["", "[dnssd]", *pairs] if pairs else []
-
-    def prepare(self, host: str) -> Path:
-        """Write a host's config and hooks; returns the config path.
-
-        Every hook type gets the counting script (one line per call in ``hooks.log``) unless
-        ``settings["hooks"][host]`` gives that type a script text of its own.
-        """
-        base = self.host_dir(host)
-        hooks = base / "hooks"
-        hooks.mkdir(parents=True, exist_ok=True)
-        custom = self.setting("hooks", host, {})
-        # Custom scripts may add names of their own (a batch script such as node-batch).
-        for name in [*HOOK_TYPES, *(n for n in custom if n not in HOOK_TYPES)]:
-            script = hooks / name
-            script.write_text(
-                custom.get(name)
-                or (
-                    "#!/bin/sh\n"
-                    "# lab hook: record the call, so tests can count registrations\n"
-                    f'echo "{name} $EUCAREG_ID $EUCAREG_ADDRESS $EUCAREG_CLUSTER" >> '
-                    f"{base}/hooks.log\n"
-                )
-            )
-            script.chmod(0o755)
-        config = base / "eucareg.toml"
-        config.write_text(self.config_text(host))
-        return config
-
-    # -- agents ---------------------------------------------------------------------------
 
     def start(
         self, host: str, *, env: Mapping[str, str] | None = None, prepare: bool = True
@@ -326,138 +200,6 @@ class LabCloud:
         proc = self.agents.get(host)
         return proc.log_text() if proc else ""
 
-    # -- probes ---------------------------------------------------------------------------
-
-    def admin_token(self, host: str) -> str:
-        return (self.host_dir(host) / "state" / "admin.token").read_text().strip()
-
-    def api(self, host: str, path: str, timeout: float = 20) -> dict[str, Any]:
-        """GET the registrar API as the host's operator, over its operator socket (a file: no
-        need to enter the host's namespace)."""
-        state = self.host_dir(host) / "state"
-        try:
-            bearer = f"Bearer {self.admin_token(host)}"
-        except FileNotFoundError as exc:
-            raise LabError(f"no admin credential on {host} yet") from exc
-        conn = http.client.HTTPConnection("localhost", timeout=timeout)
-        try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(str(state / SOCKET_FILE))
-            conn.sock = sock
-            conn.request("GET", path, headers={"Authorization": bearer})
-            response = conn.getresponse()
-            raw = response.read()
-        except OSError as exc:
-            raise LabError(f"GET {path} on {host} failed: {exc}") from exc
-        finally:
-            conn.close()
-        if response.status != 200:
-            raise LabError(f"GET {path} on {host} failed: HTTP {response.status} {raw[:300]!r}")
-        data: dict[str, Any] = json.loads(raw)
-        return data
-
-    def status(self, host: str) -> dict[str, Any]:
-        return self.api(host, "/v1/status")
-
-    def events(self, host: str, query: str = "") -> list[dict[str, Any]]:
-        return list(self.api(host, f"/v1/events?limit=100000{query}")["events"])
-
-    def registry(self, host: str) -> list[dict[str, Any]]:
-        """Every record of a registrar (``GET /v1/registry``), whatever its state."""
-        return list(self.api(host, "/v1/registry")["components"])
-
-    def hook_runs(self, host: str, component_id: str = "") -> list[dict[str, Any]]:
-        query = f"?component={component_id}" if component_id else ""
-        return list(self.api(host, f"/v1/hooks{query}")["hook_runs"])
-
-    def wait_for_events(
-        self,
-        host: str,
-        done: Callable[[list[dict[str, Any]]], bool],
-        query: str = "",
-        timeout: float = 60,
-        interval: float = 0.3,
-    ) -> list[dict[str, Any]]:
-        """Poll a registrar's events (``query``: e.g. ``"&component=ID"``) until
-        ``done(events)``: how a test waits for the decision it then checks."""
-        deadline = time.monotonic() + timeout
-        last: list[dict[str, Any]] | str = "no answer yet"
-        while time.monotonic() < deadline:
-            try:
-                last = self.events(host, query)
-            except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
-                last = str(exc)
-            else:
-                if done(last):
-                    return last
-            time.sleep(interval)
-        summary = json.dumps(last, indent=1)[-4000:] if isinstance(last, list) else last
-        raise LabError(f"events on {host} not reached within {timeout}s; last:\n{summary}")
-
-    def wait_for_event(
-        self,
-        host: str,
-        component_id: str,
-        kind: str,
-        code: str | None = None,
-        *,
-        after: int = 0,
-        timeout: float = 60,
-    ) -> dict[str, Any]:
-        """The first event of this kind (and code) for a component with seq > ``after``."""
-
-        def match(event: dict[str, Any]) -> bool:
-            return bool(
-                event["kind"] == kind
-                and (code is None or event["code"] == code)
-                and event["seq"] > after
-            )
-
-        events = self.wait_for_events(
-            host,
-            lambda evs: any(match(e) for e in evs),
-            f"&component={component_id}",
-            timeout=timeout,
-        )
-        return next(e for e in events if match(e))
-
-    def wait_for(
-        self,
-        host: str,
-        done: Callable[[dict[str, Any]], bool],
-        timeout: float = 60,
-        interval: float = 0.3,
-    ) -> dict[str, Any]:
-        """Poll a registrar's status until `done(status)`; LabError with the last status."""
-        return _poll(f"status on {host}", lambda: self.status(host), done, timeout, interval)
-
-    def expected(self) -> dict[str, int]:
-        """How many components of each role the plan registers (the CLC registers itself)."""
-        counts: dict[str, int] = {}
-        for host_plan in self.plan.values():
-            for role in host_plan:
-                if role != Role.CLC.value:
-                    counts[role] = counts.get(role, 0) + 1
-        return counts
-
-    def credentials_complete(self) -> bool:
-        from eucareg.pki.credentials import required_files
-
-        for host, host_plan in self.plan.items():
-            present = {p.name for p in self.key_dir(host).glob("*.pem")}
-            for role in host_plan:
-                if not set(required_files(Role(role))) <= present:
-                    return False
-        return True
-
-    # -- lifecycle helpers (tests) --------------------------------------------------------
-
-    def component_id(self, host: str, role: str) -> str:
-        """The id of a host's component, from its identity file (made at its first start,
-        or by `eucareg fingerprint`)."""
-        return (self.host_dir(host) / "state" / "identity" / f"{role}.id").read_text().strip()
-
     def terminate(self, host: str, timeout: float = 10.0) -> tuple[int | None, float]:
         """SIGTERM a host's agent (its process group, as systemd would) and wait up to
         ``timeout`` for it to end: (exit status or None if it still runs, seconds it took).
@@ -473,6 +215,65 @@ class LabCloud:
         code = proc.wait_exit(timeout)
         return code, time.monotonic() - began
 
+    # -- probes (eucalab/cloud_probes.py) ---------------------------------------------------
+
+    def admin_token(self, host: str) -> str:
+        return cloud_probes.admin_token(self, host)
+
+    def api(self, host: str, path: str, timeout: float = 20) -> dict[str, Any]:
+        """GET the registrar API as the host's operator, over its operator socket."""
+        return cloud_probes.api(self, host, path, timeout)
+
+    def status(self, host: str) -> dict[str, Any]:
+        return cloud_probes.status(self, host)
+
+    def events(self, host: str, query: str = "") -> list[dict[str, Any]]:
+        return cloud_probes.events(self, host, query)
+
+    def registry(self, host: str) -> list[dict[str, Any]]:
+        """Every record of a registrar (``GET /v1/registry``), whatever its state."""
+        return cloud_probes.registry(self, host)
+
+    def hook_runs(self, host: str, component_id: str = "") -> list[dict[str, Any]]:
+        return cloud_probes.hook_runs(self, host, component_id)
+
+    def wait_for_events(
+        self,
+        host: str,
+        done: Callable[[list[dict[str, Any]]], bool],
+        query: str = "",
+        timeout: float = 60,
+        interval: float = 0.3,
+    ) -> list[dict[str, Any]]:
+        """Poll a registrar's events (``query``: e.g. ``"&component=ID"``) until
+        ``done(events)``: how a test waits for the decision it then checks."""
+        return cloud_probes.wait_for_events(self, host, done, query, timeout, interval)
+
+    def wait_for_event(
+        self,
+        host: str,
+        component_id: str,
+        kind: str,
+        code: str | None = None,
+        *,
+        after: int = 0,
+        timeout: float = 60,
+    ) -> dict[str, Any]:
+        """The first event of this kind (and code) for a component with seq > ``after``."""
+        return cloud_probes.wait_for_event(
+            self, host, component_id, kind, code, after=after, timeout=timeout
+        )
+
+    def wait_for(
+        self,
+        host: str,
+        done: Callable[[dict[str, Any]], bool],
+        timeout: float = 60,
+        interval: float = 0.3,
+    ) -> dict[str, Any]:
+        """Poll a registrar's status until `done(status)`; LabError with the last status."""
+        return cloud_probes.wait_for(self, host, done, timeout, interval)
+
     def wait_for_registry(
         self,
         host: str,
@@ -481,101 +282,16 @@ class LabCloud:
         interval: float = 0.3,
     ) -> list[dict[str, Any]]:
         """Poll a registrar's flat registry (every record, any status) until ``done``."""
-        return _poll(f"registry on {host}", lambda: self.registry(host), done, timeout, interval)
+        return cloud_probes.wait_for_registry(self, host, done, timeout, interval)
 
+    def expected(self) -> dict[str, int]:
+        """How many components of each role the plan registers (the CLC registers itself)."""
+        return cloud_probes.expected(self)
 
-def _poll(
-    what: str, fetch: Callable[[], T], done: Callable[[T], bool], timeout: float, interval: float
-) -> T:
-    """fetch() until done(answer); LabError naming `what` with the last answer otherwise."""
-    deadline = time.monotonic() + timeout
-    last: T | str = "no answer yet"
-    while time.monotonic() < deadline:
-        try:
-            answer = fetch()
-        except (LabError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
-            last = str(exc)
-        else:
-            if done(answer):
-                return answer
-            last = answer
-        time.sleep(interval)
-    summary = last if isinstance(last, str) else json.dumps(last, indent=1)[-4000:]
-    raise LabError(f"{what} not reached within {timeout}s; last:\n{summary}")
+    def credentials_complete(self) -> bool:
+        return cloud_probes.credentials_complete(self)
 
-
-def registered_components(status: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every component row in a status tree, whatever its state."""
-    tree = status.get("tree", {})
-    rows: list[dict[str, Any]] = list(tree.get("walrus", [])) + list(tree.get("unmatched", []))
-    for cluster in tree.get("clusters", []):
-        for role in ("cc", "sc", "nc"):
-            rows.extend(cluster[role])
-    return rows
-
-
-def all_registered(expected: Mapping[str, int]) -> Callable[[dict[str, Any]], bool]:
-    """A status predicate: exactly the expected components, all registered and collected."""
-
-    def check(status: dict[str, Any]) -> bool:
-        rows = registered_components(status)
-        counts: dict[str, int] = {}
-        for row in rows:
-            if row["status"] != "registered" or not row.get("credentials_collected_at"):
-                return False
-            counts[row["role"]] = counts.get(row["role"], 0) + 1
-        return counts == dict(expected)
-
-    return check
-
-
-def publisher_argv(instance: str, txt: Mapping[str, str], addresses: list[str]) -> list[str]:
-    """Command that publishes one arbitrary service until killed (spoofs, twins, strays)."""
-    argv = [sys.executable, "-m", "eucalab.cloud", "publish", instance]
-    argv += [f"--addr={a}" for a in addresses]
-    return argv + [f"--txt={k}={v}" for k, v in txt.items()]
-
-
-async def _publish(instance: str, addresses: list[str], txt: dict[str, str]) -> None:
-    from eucareg.mdns.types import ServiceSpec
-    from eucareg.mdns.zeroconf_backend import ZeroconfBackend
-
-    backend = ZeroconfBackend()
-    await backend.start()
-    spec = ServiceSpec(
-        instance=instance,
-        port=DEFAULT_API_PORT,
-        txt=txt,
-        addresses=tuple(addresses),
-        server=f"lab-{abs(hash(instance)) % 10**8}.local.",
-    )
-    await backend.publish(spec)
-    print(f"published {instance!r}", flush=True)
-    await until_terminated()
-    await backend.close()
-
-
-async def until_terminated() -> None:
-    """Return on SIGTERM or SIGINT (the lab stops what it spawned with SIGTERM)."""
-    import asyncio
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
-if __name__ == "__main__":
-    import argparse
-    import asyncio
-
-    parser = argparse.ArgumentParser(description="Publish one raw _eucalyptus._tcp service.")
-    parser.add_argument("command", choices=["publish"])
-    parser.add_argument("instance")
-    parser.add_argument("--addr", action="append", default=[])
-    parser.add_argument("--txt", action="append", default=[], help="KEY=VALUE")
-    args = parser.parse_args()
-    pairs = dict(item.split("=", 1) for item in args.txt)
-    asyncio.run(_publish(args.instance, args.addr, pairs))
+    def component_id(self, host: str, role: str) -> str:
+        """The id of a host's component, from its identity file (made at its first start,
+        or by `eucareg fingerprint`)."""
+        return cloud_probes.component_id(self, host, role)

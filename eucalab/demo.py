@@ -17,8 +17,12 @@ from typing import Any
 
 from rich.console import Console
 
-from eucalab.cloud import LabCloud, all_registered, single_lan
-from eucalab.lab import Lab, LabError, cleanup_stale
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
+from eucalab.errors import LabError
+from eucalab.lab import Lab
+from eucalab.netns import cleanup_stale
+from eucalab.plans import single_lan
 
 USERNS_MARK = "EUCAREG_DEMO_IN_USERNS"
 

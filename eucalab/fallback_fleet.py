@@ -27,8 +27,9 @@ What differs from an agent process is outside the agent's logic:
 
 While it runs, the process keeps `progress.json` in `--work` up to date (atomically replaced);
 on SIGTERM it stops every agent (bounded) and writes `requests.json`: every request of each
-NC, and each "retrying in N s" an agent logged. `load`, `attempts` and `histogram` turn those
-into collection attempts and text bars for a test's output.
+NC, and each "retrying in N s" an agent logged. One agent of the fleet is
+fallback_fleet_agent.py; `load`, `attempts` and `histogram` (fallback_fleet_analysis.py) turn
+those into collection attempts and text bars for a test's output.
 """
 
 from __future__ import annotations
@@ -36,28 +37,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import math
-import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import aiohttp
-
+from eucalab.fallback_fleet_agent import (
+    DelayLog,
+    FleetAgent,
+    Node,
+    NoMdns,
+    node_config,
+    seed_identity,
+)
 from eucalab.fleet import fleet_addresses, fleet_identities, write_json_atomic
 from eucareg.agent.host import Agent
 from eucareg.agent.timing import AgentTiming
-from eucareg.config.file import Config, from_mapping
-from eucareg.core.model import Role
-from eucareg.mdns.types import ServiceSpec, SightingHandler
-from eucareg.pki import credentials as cred
 
 log = logging.getLogger("eucalab.fallback_fleet")
 
@@ -65,148 +64,6 @@ SAVE_INTERVAL = 0.5  # seconds between writes of the progress file
 STOP_BUDGET = 15.0  # seconds all agents of a process together may take to stop
 LAG_TICK = 0.02  # seconds between the fleet's probes of its own event loop
 LAG_SHOWN = 0.1  # a probe this late is recorded: the fleet itself was stalled then
-# What an agent logs when a collection attempt failed (eucareg/agent/component.py).
-RETRYING = re.compile(r"collecting credentials of (\S+) failed: .*; retrying in ([0-9.]+) s$", re.S)
-
-
-class NoMdns:
-    """An mDNS backend that publishes nothing and hears nothing: HTTP only."""
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def publish(self, spec: ServiceSpec) -> None:
-        return None
-
-    async def withdraw(self, instance: str) -> None:
-        return None
-
-    def greet(self, instance: str) -> bool:
-        return False
-
-    def watch(self, handler: SightingHandler) -> None:
-        return None
-
-
-@dataclass
-class Request:
-    """One HTTP request an NC's agent sent; times are time.monotonic()."""
-
-    path: str
-    start: float
-    registered: bool  # the NC held credentials when it sent it
-    end: float | None = None
-    status: int | None = None
-    retry_after: str | None = None  # the header, as it came
-    error: str | None = None
-
-
-@dataclass
-class Node:
-    component_id: str
-    address: str
-    requests: list[Request] = field(default_factory=list)
-    delays: list[tuple[float, float]] = field(default_factory=list)  # (logged at, seconds)
-    registered_at: float | None = None
-
-
-class FleetAgent(Agent):
-    """An Agent whose HTTP client connects from its NC's own address, traced."""
-
-    def __init__(self, config: Config, *, node: Node, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.node = node
-        self._own: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._own is None:
-            base = super()._client()  # the agent's own session: its timeouts
-            self._own = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(local_addr=(self.node.address, 0)),
-                timeout=base.timeout,
-                trace_configs=[self._tracer()],
-            )
-        return self._own
-
-    def registered(self) -> bool:
-        comp = self.runtime(Role.NC)
-        return comp is not None and comp.registered
-
-    def _tracer(self) -> aiohttp.TraceConfig:
-        node = self.node
-
-        async def start(_session: Any, ctx: SimpleNamespace, params: Any) -> None:
-            ctx.request = Request(params.url.path, time.monotonic(), self.registered())
-            node.requests.append(ctx.request)
-
-        async def end(_session: Any, ctx: SimpleNamespace, params: Any) -> None:
-            ctx.request.end = time.monotonic()
-            ctx.request.status = params.response.status
-            ctx.request.retry_after = params.response.headers.get("Retry-After")
-
-        async def failed(_session: Any, ctx: SimpleNamespace, params: Any) -> None:
-            ctx.request.end = time.monotonic()
-            exc = params.exception
-            ctx.request.error = f"{type(exc).__name__}: {exc}"[:300]
-
-        trace = aiohttp.TraceConfig()
-        trace.on_request_start.append(start)
-        trace.on_request_end.append(end)
-        trace.on_request_exception.append(failed)
-        return trace
-
-    async def stop(self) -> None:
-        try:
-            await super().stop()
-        finally:
-            if self._own is not None:
-                await self._own.close()
-
-
-class DelayLog(logging.Handler):
-    """Records each "retrying in N s" an agent logs, with the monotonic time it said so."""
-
-    def __init__(self, nodes: dict[str, Node]) -> None:
-        super().__init__(logging.WARNING)
-        self.nodes = nodes
-
-    def emit(self, record: logging.LogRecord) -> None:
-        match = RETRYING.match(record.getMessage())
-        node = self.nodes.get(match[1]) if match else None
-        if match and node is not None:
-            node.delays.append((time.monotonic(), float(match[2])))
-
-
-def node_config(args: argparse.Namespace, index: int, address: str, wait: float) -> Config:
-    base = Path(args.work) / "nodes" / f"{index:04d}"
-    return from_mapping(
-        {
-            "address": address,
-            "state_dir": str(base / "state"),
-            "hook_dir": str(base / "hooks"),
-            "fallback_registrar": args.registrar,
-            "fallback_after": wait,
-            "ca_fingerprint": args.pin,
-            # No sshd to probe. The credential files are polled this often where inotify runs
-            # out (128 instances per user by default: one per agent).
-            "preconditions": {"sshd": False, "recheck_interval": "5s"},
-            # HTTP only (NoMdns), but said explicitly: a lab agent never chooses "auto".
-            "mdns": {"backend": "zeroconf"},
-            "components": {"nc": {"cluster": args.cluster, "installed": True}},
-        }
-    )
-
-
-def seed_identity(state_dir: Path, component_id: str, key: cred.PrivateKey) -> None:
-    """The identity an agent makes at its first start, with a cached key (no RSA generation)."""
-    directory = state_dir / "identity"
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    state_dir.chmod(0o700)
-    (directory / "nc.id").write_text(component_id + "\n")
-    cred.write_atomic(directory / "nc.key.pem", cred.key_pem(key))
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -320,126 +177,6 @@ async def _stop_all(agents: Sequence[Agent]) -> int:
         if isinstance(result, BaseException):
             log.warning("an agent did not stop cleanly: %r", result)
     return sum(1 for r in results if not isinstance(r, BaseException))
-
-
-# -- analysis (in the test process) ----------------------------------------------------------
-
-
-def load(paths: Iterable[Path]) -> dict[str, Any]:
-    """The requests.json of each process of one fleet, merged."""
-    merged: dict[str, Any] = {"requests": {}, "delays": {}, "registered_at": {}, "stalls": []}
-    for path in paths:
-        data = json.loads(path.read_text())
-        if merged.setdefault("fallback_at", data["fallback_at"]) != data["fallback_at"]:
-            raise ValueError(f"{path}: another fleet's fallback moment")
-        merged.setdefault("wall_offset", data["wall_offset"])
-        for key in ("requests", "delays", "registered_at"):
-            merged[key].update(data[key])
-        merged["stalls"].extend(data["stalls"])
-    return merged
-
-
-@dataclass
-class Attempt:
-    """One collection attempt of an NC not yet registered: an announcement and, if that was
-    taken, a credential request. Times in seconds from the fallback moment."""
-
-    component_id: str
-    index: int  # 0: the NC's first attempt
-    start: float  # when its announcement was sent
-    end: float  # when its last request ended
-    outcome: str  # "ok", "refused", "unreachable", "dropped", "http-429", …, "error"
-    retry_after: float | None = None  # seconds the registrar asked for, when it sent us away
-    logged_delay: float | None = None  # the wait the agent said it would make after it
-
-    @property
-    def failed(self) -> bool:
-        return self.outcome != "ok"
-
-
-def attempts(result: dict[str, Any]) -> dict[str, list[Attempt]]:
-    """Each NC's attempts before it was registered, in order."""
-    t0 = float(result["fallback_at"])
-    out: dict[str, list[Attempt]] = {}
-    for cid, requests in result["requests"].items():
-        mine: list[Attempt] = []
-        for req in requests:
-            if req["registered"]:
-                continue
-            if req["path"] == "/v1/announce":
-                mine.append(Attempt(cid, len(mine), req["start"] - t0, req["start"] - t0, "ok"))
-            elif not mine:
-                continue
-            current = mine[-1]
-            current.end = (req["end"] if req["end"] is not None else req["start"]) - t0
-            if current.outcome == "ok":
-                current.outcome = outcome(req)
-                if req["status"] in (429, 503) and req["retry_after"] is not None:
-                    with contextlib.suppress(ValueError):
-                        current.retry_after = float(req["retry_after"])
-        delays = sorted((at - t0, d) for at, d in result["delays"].get(cid, []))
-        for attempt, after in zip(mine, [*mine[1:], None], strict=True):
-            until = after.start if after is not None else math.inf
-            said = [d for at, d in delays if attempt.end - 0.001 <= at <= until]
-            if attempt.failed and said:
-                attempt.logged_delay = said[0]
-        out[cid] = mine
-    return out
-
-
-DROPPED = ("ServerDisconnectedError", "ClientOSError", "TimeoutError", "ServerTimeoutError")
-
-
-def outcome(req: dict[str, Any]) -> str:
-    """What one request came to, in a word."""
-    error = req["error"]
-    if error is not None:
-        if error.startswith("CancelledError"):
-            return "ok"  # the agent dropped it (its state changed): not a failure
-        if "No route to host" in error or "unreachable" in error:
-            return "unreachable"
-        if "Connect call failed" in error or "Connection refused" in error:
-            return "refused"
-        if error.startswith(DROPPED):
-            return "dropped"  # the connection broke, or nothing came back in time
-        return "error"
-    status = int(req["status"])
-    return "ok" if status < 300 else f"http-{status}"
-
-
-def histogram(
-    items: Iterable[Attempt],
-    width: float,
-    *,
-    label: Callable[[Attempt], str] = lambda a: a.outcome,
-    bar: int = 50,
-    marks: dict[float, str] | None = None,
-) -> str:
-    """Text bars: attempts per `width` seconds from the fallback moment, split by `label`;
-    `marks` notes events (seconds: text) against the bucket they fall in."""
-    items = list(items)
-    if not items:
-        return "(no attempts)"
-    buckets: dict[int, list[Attempt]] = {}
-    for a in items:
-        buckets.setdefault(math.floor(a.start / width), []).append(a)
-    peak = max(len(b) for b in buckets.values())
-    kinds = sorted({label(a) for a in items})
-    notes: dict[int, list[str]] = {}
-    for at, text in (marks or {}).items():
-        notes.setdefault(math.floor(at / width), []).append(text)
-    first = min([*buckets, *notes])
-    last = max([*buckets, *notes])
-    lines = [f"  {'from':>7}  {'':{bar}}  {'n':>4}  " + "  ".join(kinds)]
-    for k in range(first, last + 1):
-        mine = buckets.get(k, [])
-        shown = "#" * math.ceil(len(mine) * bar / peak) if mine else ""
-        split = "  ".join(
-            f"{sum(1 for a in mine if label(a) == kind):>{len(kind)}}" for kind in kinds
-        )
-        note = f"  <- {'; '.join(notes[k])}" if k in notes else ""
-        lines.append(f"  {k * width:+7.2f}s {shown:{bar}}  {len(mine):>4}  {split}{note}")
-    return "\n".join(lines)
 
 
 def add_addresses_argv(first: str, count: int, prefix_len: int, device: str = "eth0") -> list[str]:

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from eucalab.lab import Lab, LabError, LabProcess
+from eucalab.errors import LabError
+from eucalab.lab import Lab
+from eucalab.process import LabProcess
 
 __all__ = [
     "SERVICE",

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from eucalab.cloud import until_terminated
+from eucalab.publisher import until_terminated
 from eucareg.config.file import DEFAULT_API_PORT
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Role

@@ -1,5 +1,6 @@
-"""The registry store: loads the registrar's whole state once, writes transitions atomically,
-and answers the operator's history queries (events, hook runs).
+"""The registry store: loads the registrar's whole state once, writes transitions atomically
+(each as changes.py spells it in SQL), and answers the operator's history queries (events, hook
+runs); rows.py turns its rows into the model's objects and back.
 
 SQLAlchemy Core over a SQLite file by default (any SQLAlchemy URL works). Its methods block:
 the registrar calls them from its writer thread or through `asyncio.to_thread`, never on the loop.
@@ -12,26 +13,19 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from eucareg.core.model import (
-    Event,
-    HookOutcome,
-    HookRun,
-    IssuedCertificate,
-    NewEvent,
-    Record,
-    Role,
-    Status,
-)
-from eucareg.core.transitions import Prune, TokenChange, Write
+from eucareg.core.model import Event, HookOutcome, HookRun, IssuedCertificate, Record
+from eucareg.core.transitions import Write
 from eucareg.core.trust import Mode, Task, Token, TrustSettings
+from eucareg.store import rows
+from eucareg.store.changes import apply_write
 from eucareg.store.errors import StoreBusy
 from eucareg.store.owner import open_lock
 from eucareg.store.schema import (
@@ -79,7 +73,7 @@ CLAIM_PATIENCE = 3.0  # seconds a starting registrar waits for a just-dead one's
 
 
 class Store:
-    """Typed access to the registry database; the only module that speaks SQL."""
+    """Typed access to the registry database; its SQL is here and in changes.py."""
 
     def __init__(self, url: str) -> None:
         self.engine: Engine = sa.create_engine(url)
@@ -144,7 +138,7 @@ class Store:
     def load(self) -> Snapshot:
         with self.engine.begin() as conn:
             records = {
-                row["component_id"]: _record(row)
+                row["component_id"]: rows.record(row)
                 for row in conn.execute(sa.select(components)).mappings()
             }
             raw = {
@@ -157,7 +151,7 @@ class Store:
             }
             revoked = {row[0] for row in conn.execute(sa.select(revocations.c.serial))}
             running = [
-                _hook_run(row)
+                rows.hook_run(row)
                 for row in conn.execute(
                     sa.select(hook_runs).where(hook_runs.c.outcome == HookOutcome.RUNNING.value)
                 ).mappings()
@@ -195,7 +189,7 @@ class Store:
         """Write every change in one transaction: all of them, or none."""
         with self.engine.begin() as conn:
             for change in changes:
-                _apply(conn, change)
+                apply_write(conn, change)
 
     # -- history (read-only) ---------------------------------------------------------------
 
@@ -221,16 +215,16 @@ class Store:
         # The newest `limit` events, returned oldest first so they read as a timeline.
         query = query.order_by(events.c.seq.desc()).limit(limit)
         with self.engine.begin() as conn:
-            rows = conn.execute(query).mappings().all()
-        return [Event(**dict(row)) for row in reversed(rows)]
+            found = conn.execute(query).mappings().all()
+        return [Event(**dict(row)) for row in reversed(found)]
 
     def hook_runs(self, component_id: str | None = None) -> list[HookRun]:
         query = sa.select(hook_runs).order_by(hook_runs.c.seq)
         if component_id:
             query = query.where(hook_runs.c.component_id == component_id)
         with self.engine.begin() as conn:
-            rows = conn.execute(query).mappings().all()
-        return [_hook_run(row) for row in rows]
+            found = conn.execute(query).mappings().all()
+        return [rows.hook_run(row) for row in found]
 
     # Kept for tests and tools that look at one record without a registrar.
     def records(self) -> dict[str, Record]:
@@ -240,128 +234,8 @@ class Store:
         return self.records().get(component_id)
 
 
-def _apply(conn: Connection, change: Write) -> None:
-    for record in change.records:
-        _upsert(conn, components, {"component_id": record.component_id}, _record_row(record))
-    for component_id in change.revoke:
-        cert = (
-            conn.execute(sa.select(certificates).where(certificates.c.component_id == component_id))
-            .mappings()
-            .first()
-        )
-        if cert is not None:
-            _upsert(
-                conn,
-                revocations,
-                {"serial": cert["serial"]},
-                {
-                    "serial": cert["serial"],
-                    "component_id": component_id,
-                    "fingerprint": cert["fingerprint"],
-                    "at": _first_event_time(change.events),
-                    "reason": change.revoke_reason,
-                },
-            )
-        conn.execute(certificates.delete().where(certificates.c.component_id == component_id))
-    for component_id in change.deleted:
-        conn.execute(components.delete().where(components.c.component_id == component_id))
-        conn.execute(certificates.delete().where(certificates.c.component_id == component_id))
-    for issued in change.certificates:
-        _upsert(conn, certificates, {"component_id": issued.component_id}, asdict(issued))
-    for use in change.token_uses:
-        key = {"token_id": use.token_id, "component_id": use.component_id}
-        where = [
-            token_uses.c.token_id == use.token_id,
-            token_uses.c.component_id == use.component_id,
-        ]
-        if use.change is TokenChange.RELEASE:
-            conn.execute(token_uses.delete().where(*where))
-        else:
-            spent = use.change is TokenChange.SPEND
-            at = _first_event_time(change.events)
-            _upsert(conn, token_uses, key, {**key, "at": at, "spent": spent})
-    for token in change.tokens:
-        _upsert(conn, tokens, {"token_id": token.token_id}, _token_row(token))
-    if change.trust is not None:
-        values = {
-            "mode": change.trust.mode.value,
-            "locked": sorted(t.value for t in change.trust.locked),
-            "install_until": change.trust.install_until,
-        }
-        for name, value in values.items():
-            _upsert(conn, settings, {"key": name}, {"key": name, "value": json.dumps(value)})
-    for run in change.hook_runs:
-        _upsert(conn, hook_runs, {"run_id": run.run_id}, _hook_row(run))
-    if change.events:
-        conn.execute(events.insert(), [asdict(e) for e in change.events])
-    if change.prune is not None:
-        _prune(conn, change.prune)
-
-
-def _prune(conn: Connection, prune: Prune) -> None:
-    """Drop old history: events and finished hook runs before `prune.before`, and all but
-    the newest `max_*` of each. A running hook's journal row is never dropped (a restart
-    needs it to find the hook)."""
-    conn.execute(events.delete().where(events.c.at < prune.before))
-    _keep_newest(conn, events, events.c.seq, prune.max_events)
-    finished = hook_runs.c.outcome != HookOutcome.RUNNING.value
-    conn.execute(hook_runs.delete().where(hook_runs.c.started_at < prune.before, finished))
-    newest = conn.execute(sa.select(sa.func.max(hook_runs.c.seq))).scalar()
-    if newest is not None:
-        conn.execute(
-            hook_runs.delete().where(hook_runs.c.seq <= newest - prune.max_hook_runs, finished)
-        )
-
-
-def _keep_newest(conn: Connection, table: sa.Table, seq: sa.Column[Any], keep: int) -> None:
-    newest = conn.execute(sa.select(sa.func.max(seq))).scalar()
-    if newest is not None:
-        conn.execute(table.delete().where(seq <= newest - keep))
-
-
-def _upsert(
-    conn: Connection, table: sa.Table, key: Mapping[str, Any], values: Mapping[str, Any]
-) -> None:
-    """Update the row with `key`, or insert it (portable across SQLite and PostgreSQL)."""
-    update, insert, bound = _upsert_statements(table, tuple(key), tuple(values))
-    params = {**values, **{bound[name]: value for name, value in key.items()}}
-    if conn.execute(update, params).rowcount == 0:
-        conn.execute(insert, dict(values))
-
-
-_Upsert = tuple[sa.Update, sa.Insert, dict[str, str]]
-_UPSERTS: dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Upsert] = {}
-
-
-def _upsert_statements(table: sa.Table, key: tuple[str, ...], columns: tuple[str, ...]) -> _Upsert:
-    """The UPDATE and INSERT of an upsert, built once with bound parameters, and the name each
-    key column is bound as in the UPDATE. A statement made anew with its values inside costs
-    SQLAlchemy a cache key and more each time, and the writer thread holding the GIL for that
-    slowed the event loop (docs/performance.md)."""
-    made = _UPSERTS.get((table.name, key, columns))
-    if made is None:
-        bound = {name: _key_param(table, name) for name in key}
-        where = [table.c[name] == sa.bindparam(bound[name]) for name in key]
-        row: dict[str, Any] = {name: sa.bindparam(name) for name in columns}
-        made = (table.update().where(*where).values(row), table.insert().values(row), bound)
-        _UPSERTS[(table.name, key, columns)] = made
-    return made
-
-
-def _key_param(table: sa.Table, name: str) -> str:
-    # Not the name of any column: a column's own value is bound under its name.
-    param = f"key_{name}"
-    while param in table.c:
-        param = "_" + param
-    return param
-
-
-def _first_event_time(new_events: Iterable[NewEvent]) -> float:
-    return next((e.at for e in new_events), 0.0)
-
-
 def _tokens(conn: Connection) -> list[Token]:
-    rows = conn.execute(sa.select(tokens).order_by(tokens.c.created_at)).mappings().all()
+    found = conn.execute(sa.select(tokens).order_by(tokens.c.created_at)).mappings().all()
     used: dict[str, set[str]] = {}
     spent: dict[str, set[str]] = {}
     for token_id, component_id, is_spent in conn.execute(
@@ -369,58 +243,10 @@ def _tokens(conn: Connection) -> list[Token]:
     ):
         (spent if is_spent else used).setdefault(token_id, set()).add(component_id)
     return [
-        Token(
-            token_id=row["token_id"],
-            role=Role(row["role"]),
-            cluster=row["cluster"],
-            created_at=row["created_at"],
-            expires_at=row["expires_at"],
-            uses=row["uses"],
-            revoked_at=row["revoked_at"],
-            ca_fingerprint=row["ca_fingerprint"],
+        rows.token(
+            row,
             used_by=frozenset(used.get(row["token_id"], set())),
             spent_by=frozenset(spent.get(row["token_id"], set())),
         )
-        for row in rows
+        for row in found
     ]
-
-
-def _token_row(token: Token) -> dict[str, Any]:
-    return {
-        "token_id": token.token_id,
-        "role": token.role.value,
-        "cluster": token.cluster,
-        "created_at": token.created_at,
-        "expires_at": token.expires_at,
-        "uses": token.uses,
-        "revoked_at": token.revoked_at,
-        "ca_fingerprint": token.ca_fingerprint,
-    }
-
-
-def _record(row: sa.RowMapping | Mapping[str, Any]) -> Record:
-    values = dict(row)
-    values["role"] = Role(values["role"])
-    values["status"] = Status(values["status"])
-    return Record(**values)
-
-
-def _record_row(record: Record) -> dict[str, Any]:
-    values = asdict(record)
-    values["role"] = record.role.value
-    values["status"] = record.status.value
-    return values
-
-
-def _hook_run(row: sa.RowMapping) -> HookRun:
-    values = {k: v for k, v in row.items() if k != "seq"}
-    values["run_id"] = values["run_id"] or f"seq-{row['seq']}"
-    values["outcome"] = HookOutcome(values["outcome"])
-    values["rerun"] = bool(values["rerun"])
-    return HookRun(**values)
-
-
-def _hook_row(run: HookRun) -> dict[str, Any]:
-    values = asdict(run)
-    values["outcome"] = run.outcome.value
-    return values

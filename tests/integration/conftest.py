@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import LabCloud, single_lan
-from eucalab.lab import Lab, Topology, cleanup_stale, parse_topology
+from eucalab.cloud import LabCloud
+from eucalab.lab import Lab
+from eucalab.netns import cleanup_stale
+from eucalab.plans import single_lan
+from eucalab.topology import Topology, parse_topology
 
 LabFactory = Callable[..., Lab]
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import LabCloud, registered_components
-from eucalab.lab import LabError
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import registered_components
+from eucalab.errors import LabError
 from tests.integration.conftest import CloudFactory
 from tests.integration.test_avahi_backend import all_registered_ncs, avahi_browse_names, wait_until
 from tests.integration.test_lab import avahi_tools  # noqa: F401  (a fixture, used by name)

@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import TOPOLOGY_1, TOPOLOGY_3, TOPOLOGY_4, LabCloud, registered_components
-from eucalab.lab import LabError
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import registered_components
+from eucalab.errors import LabError
+from eucalab.plans import TOPOLOGY_1, TOPOLOGY_3, TOPOLOGY_4
 from tests.integration.conftest import CloudFactory, LabFactory
 from tests.integration.test_cloud import check_design_topology
 from tests.integration.test_lab import avahi_tools  # noqa: F401  (a fixture, used by name)

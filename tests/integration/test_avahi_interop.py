@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 
 from eucalab.cloud import LabCloud
-from eucalab.lab import Lab, LabProcess
+from eucalab.lab import Lab
+from eucalab.process import LabProcess
 from eucareg.config.file import DEFAULT_API_PORT
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Announcement, Role

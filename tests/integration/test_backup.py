@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
 from eucareg.pki import credentials as cred
 from tests.integration.conftest import CloudFactory
 from tests.unit.test_migrations import HEAD

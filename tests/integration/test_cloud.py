@@ -20,17 +20,11 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import (
-    TOPOLOGY_1,
-    TOPOLOGY_3,
-    TOPOLOGY_4,
-    LabCloud,
-    all_registered,
-    publisher_argv,
-    registered_components,
-    single_lan,
-)
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered, registered_components
 from eucalab.lab import Lab
+from eucalab.plans import TOPOLOGY_1, TOPOLOGY_3, TOPOLOGY_4, single_lan
+from eucalab.publisher import publisher_argv
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 from tests.integration.conftest import CloudFactory

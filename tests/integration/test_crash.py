@@ -30,9 +30,13 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered, registered_components
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered, registered_components
+from eucalab.errors import LabError
 from eucalab.fleet import fleet_addresses, node_id, read_progress
-from eucalab.lab import Lab, LabError, LabProcess, parse_topology
+from eucalab.lab import Lab
+from eucalab.process import LabProcess
+from eucalab.topology import parse_topology
 from eucareg.pki import credentials as cred
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

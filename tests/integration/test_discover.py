@@ -13,8 +13,11 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered, publisher_argv, single_lan
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
 from eucalab.lab import Lab
+from eucalab.plans import single_lan
+from eucalab.publisher import publisher_argv
 from tests.integration.conftest import CloudFactory, LabFactory
 
 pytestmark = pytest.mark.integration

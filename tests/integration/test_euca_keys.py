@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
 from eucareg.pki import eucafiles as ef
 from tests import eucakeys
 from tests.integration.conftest import CloudFactory

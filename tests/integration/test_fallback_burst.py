@@ -47,9 +47,14 @@ from typing import Any
 import pytest
 
 from eucalab import fallback_fleet as ff
-from eucalab.cloud import LabCloud, all_registered
+from eucalab import fallback_fleet_analysis as fa
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
+from eucalab.errors import LabError
 from eucalab.fleet import fleet_identities, node_id, read_progress
-from eucalab.lab import Lab, LabError, LabProcess, parse_topology
+from eucalab.lab import Lab
+from eucalab.process import LabProcess
+from eucalab.topology import parse_topology
 from eucareg.agent.timing import AgentTiming
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
@@ -157,7 +162,7 @@ def bound(level: int) -> float:
 
 
 def analyse(result: dict[str, Any], restarted: float, out: Path) -> None:
-    by_node = ff.attempts(result)
+    by_node = fa.attempts(result)
     everything = [a for mine in by_node.values() for a in mine]
     # Back: from the first attempt that reached the restarted registrar (every one before
     # it was refused).
@@ -167,7 +172,7 @@ def analyse(result: dict[str, Any], restarted: float, out: Path) -> None:
     comeback = [a for a in everything if a.start >= restored]
     buckets = collections.Counter(math.floor(a.start / BUCKET) for a in comeback)
     peak_bucket, peak = buckets.most_common(1)[0] if buckets else (0, 0)
-    hist = ff.histogram(
+    hist = fa.histogram(
         everything,
         BUCKET,
         marks={
@@ -348,7 +353,7 @@ def test_200_ncs_falling_back_at_once_spread_their_retries_and_all_register(
     outputs = [work / f"p{p}" / "requests.json" for p in range(len(procs))]
     for proc, path in zip(procs, outputs, strict=True):
         assert path.exists(), f"{proc.name} wrote no requests.json:\n{proc.log_text()[-2000:]}"
-    result = ff.load(outputs)
+    result = fa.load(outputs)
     print(
         f"\nsetup {setup:.1f} s (the fleet ready {spare:.1f} s before falling back); all "
         f"{COUNT} registered {registered_in:.1f} s after falling back; test "

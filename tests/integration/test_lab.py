@@ -13,7 +13,11 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from eucalab.lab import Lab, LabError, LabProcess, cleanup_stale, parse_topology
+from eucalab.errors import LabError
+from eucalab.lab import Lab
+from eucalab.netns import cleanup_stale
+from eucalab.process import LabProcess
+from eucalab.topology import parse_topology
 
 LabFactory = Callable[..., Lab]
 

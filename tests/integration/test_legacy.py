@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from eucalab.cloud import LabCloud
-from eucalab.lab import Lab, LabProcess
+from eucalab.lab import Lab
+from eucalab.process import LabProcess
 from tests.integration.conftest import CloudFactory
 from tests.integration.test_lab import avahi_tools  # noqa: F401  (a fixture, used by name)
 

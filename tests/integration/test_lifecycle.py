@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered, registered_components
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered, registered_components
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 from tests.integration.conftest import CloudFactory

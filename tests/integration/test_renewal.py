@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 from tests.integration.conftest import CloudFactory

@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered, publisher_argv
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
+from eucalab.publisher import publisher_argv
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Role
 from tests.integration.conftest import CloudFactory

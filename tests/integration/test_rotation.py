@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
 from eucareg.pki import handover

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered, registered_components
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered, registered_components
 from eucalab.lab import Lab
 from tests.integration.conftest import LabFactory
 from tests.integration.test_cloud import assert_credentials_everywhere, component_ids, hook_calls

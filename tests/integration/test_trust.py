@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from eucalab.cloud import LabCloud, all_registered, registered_components
+from eucalab.cloud import LabCloud
+from eucalab.cloud_probes import all_registered, registered_components
 from eucalab.lab import Lab
 from tests.integration.conftest import CloudFactory
 

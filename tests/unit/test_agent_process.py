@@ -39,7 +39,7 @@ def private_network() -> None:
 
 
 def config_text(base: Path) -> str:
-    """What eucalab writes for a lab host (eucalab/cloud.py), for one CLC+CC host."""
+    """What eucalab writes for a lab host (eucalab/cloud_files.py), for one CLC+CC host."""
     return f"""\
 address = "{ADDRESS}"
 state_dir = "{base / "state"}"

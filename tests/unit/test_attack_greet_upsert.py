@@ -1,5 +1,5 @@
 """Attack review of two changes: a registrar greets newcomers (agent/greet.py, Agent._greet,
-ZeroconfBackend.greet) and upserts with statements built once (store/registry.py _upsert).
+ZeroconfBackend.greet) and upserts with statements built once (store/changes.py _upsert).
 
 Tests headed "Was a defect" failed before the fixes that followed this review; the others pin
 behaviour that held up under attack. No socket is opened: python-zeroconf is stood in for as
@@ -36,8 +36,9 @@ from eucareg.core.transitions import TokenChange, TokenUse, Write
 from eucareg.core.trust import Mode, Task, Token, TrustSettings
 from eucareg.mdns.types import Change, ServiceSpec, Sighting
 from eucareg.mdns.zeroconf_backend import ANNOUNCING_FOR, MULTICAST_INTERVAL, ZeroconfBackend
-from eucareg.store import registry
-from eucareg.store.registry import Store, _upsert, sqlite_url
+from eucareg.store import changes
+from eucareg.store.changes import _upsert
+from eucareg.store.registry import Store, sqlite_url
 from eucareg.store.schema import (
     certificates,
     components,
@@ -584,7 +585,7 @@ def test_upserts_write_what_the_previous_implementation_wrote() -> None:
 
 @pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")  # partial rows' INSERTs
 def test_the_cache_holds_one_entry_per_shape_and_no_statement_carries_a_value() -> None:
-    registry._UPSERTS.clear()
+    changes._UPSERTS.clear()
     for _ in range(3):
         engine = sa.create_engine("sqlite://")
         metadata.create_all(engine)
@@ -592,15 +593,15 @@ def test_the_cache_holds_one_entry_per_shape_and_no_statement_carries_a_value() 
             for table, key, values in UPSERTS:
                 _upsert(conn, table, key, values)
     shapes = {(t.name, tuple(k), tuple(v)) for t, k, v in UPSERTS}
-    assert set(registry._UPSERTS) == shapes  # repeats reuse; each order is its own entry
-    for update, insert, _ in registry._UPSERTS.values():
+    assert set(changes._UPSERTS) == shapes  # repeats reuse; each order is its own entry
+    for update, insert, _ in changes._UPSERTS.values():
         for statement in (update, insert):
             params = statement.compile().params
             assert all(value is None for value in params.values()), params
 
 
 def test_the_settings_key_column_binds_apart_from_its_where() -> None:
-    update, insert, _ = registry._upsert_statements(settings, ("key",), ("key", "value"))
+    update, insert, _ = changes._upsert_statements(settings, ("key",), ("key", "value"))
     assert str(update) == "UPDATE settings SET key=:key, value=:value WHERE settings.key = :key_key"
     assert str(insert) == "INSERT INTO settings (key, value) VALUES (:key, :value)"
 
@@ -635,14 +636,14 @@ def test_a_column_named_like_a_key_parameter_keeps_its_own_value() -> None:
 
 @pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")  # partial rows' INSERTs
 def test_threads_building_statements_together_agree() -> None:
-    registry._UPSERTS.clear()
+    changes._UPSERTS.clear()
     built: list[Any] = []
     barrier = threading.Barrier(4)
 
     def build() -> None:
         barrier.wait()
         for table, key, values in UPSERTS * 5:
-            update, insert, _ = registry._upsert_statements(table, tuple(key), tuple(values))
+            update, insert, _ = changes._upsert_statements(table, tuple(key), tuple(values))
             built.append((table.name, tuple(key), tuple(values), str(update), str(insert)))
 
     threads = [threading.Thread(target=build) for _ in range(4)]
