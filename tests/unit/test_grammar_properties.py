@@ -689,7 +689,9 @@ def decoded_ok(
         assert result.address in plain
     if "port" in record:
         assert result.api_port is not None and 1 <= result.api_port <= 65535
-        assert str(result.api_port) == record["port"]
+        # ASCII digits, so leading zeros too (protocol.md 3.2: "port=08780" is 8780).
+        assert record["port"].isascii() and record["port"].isdigit()
+        assert result.api_port == int(record["port"])
     else:
         assert result.api_port is None
     assert version_ok(result.eucavers) and result.eucavers == record.get("eucavers", "")
