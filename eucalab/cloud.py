@@ -245,8 +245,7 @@ class LabCloud:
         timeout: float = 60,
         interval: float = 0.3,
     ) -> list[dict[str, Any]]:
-        """Poll a registrar's events (``query``: e.g. ``"&component=ID"``) until
-        ``done(events)``: how a test waits for the decision it then checks."""
+        """The registrar's events once ``done(events)`` (cloud_probes.wait_for_events)."""
         return cloud_probes.wait_for_events(self, host, done, query, timeout, interval)
 
     def wait_for_event(

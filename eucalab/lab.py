@@ -176,12 +176,7 @@ class Lab:
         timeout: float = 15,
         server_options: Mapping[str, str | int] | None = None,
     ) -> AvahiDaemon:
-        """Start avahi-daemon with a private system bus in a host's namespace; wait until running.
-
-        ``reflector=True`` (useful on routers) relays mDNS between the host's interfaces;
-        ``server_options`` adds keys to its config's [server] section (e.g. the limits of
-        packaging/avahi/eucareg-limits.conf, or a small objects-per-client-max).
-        """
+        """avahi-daemon and a private bus in a host's namespace (AvahiDaemons.start)."""
         self._require_running()
         return self._avahi.start(
             host, reflector=reflector, timeout=timeout, server_options=server_options
