@@ -16,6 +16,7 @@ from eucalab.cloud_probes import all_registered
 from eucalab.fleet import fleet_addresses
 from eucalab.lab import Lab
 from eucalab.topology import parse_topology
+from eucareg.pki import certificates
 from eucareg.pki import credentials as cred
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +53,9 @@ def cloud_lab(
 
 def cloud_pin(cloud: LabCloud) -> str:
     """The fingerprint of the cloud CA, which NCs pin."""
-    return cred.cert_fingerprint(cred.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT))
+    return certificates.cert_fingerprint(
+        certificates.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT)
+    )
 
 
 def add_addresses(lab: Lab, host: str, count: int, first: str = FLEET_FIRST_ADDRESS) -> None:

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bench.procstat import self_cpu_s
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Role
+from eucareg.pki import certificates, keypairs, names, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import names, tls
 from eucareg.pki.signing import signed_body, socket_audience
 
 API_PORT = 8780
@@ -83,7 +83,7 @@ def load_nodes(cache: Path, prefix: str, count: int, first_address: str) -> list
             path.read_bytes(), None, unsafe_skip_rsa_key_validation=True
         )
         assert isinstance(key, rsa.RSAPrivateKey)
-        fp = cred.fingerprint(key.public_key())
+        fp = keypairs.fingerprint(key.public_key())
         nodes.append(Node(f"nc-{prefix}{i:06d}", key, fp, str(base + i)))
     return nodes
 
@@ -149,8 +149,8 @@ def _verified(node: Node, data: dict[str, Any], args: argparse.Namespace) -> str
     try:
         named = names.CertIdentity(Role.NC, args.cluster, node.component_id)
         verified = cred.verify_bundle(files, Role.NC, node.key, expect=named)
-        ca = cred.cert_fingerprint(cred.load_cert_pem(verified[cred.CLOUD_CERT]))
-    except (cred.CredentialError, ValueError) as exc:
+        ca = certificates.cert_fingerprint(certificates.load_cert_pem(verified[cred.CLOUD_CERT]))
+    except (keypairs.CredentialError, ValueError) as exc:
         return f"bundle refused: {exc}"
     return "verified" if ca == args.pin else f"bundle of CA {ca}, not the pinned one"
 

@@ -21,6 +21,7 @@ from eucareg.config.file import Config, from_mapping
 from eucareg.core.model import Role
 from eucareg.mdns.types import ServiceSpec, SightingHandler
 from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs
 
 # What an agent logs when a collection attempt failed (eucareg/agent/component.py).
 RETRYING = re.compile(r"collecting credentials of (\S+) failed: .*; retrying in ([0-9.]+) s$", re.S)
@@ -157,10 +158,10 @@ def node_config(args: argparse.Namespace, index: int, address: str, wait: float)
     )
 
 
-def seed_identity(state_dir: Path, component_id: str, key: cred.PrivateKey) -> None:
+def seed_identity(state_dir: Path, component_id: str, key: keypairs.PrivateKey) -> None:
     """The identity an agent makes at its first start, with a cached key (no RSA generation)."""
     directory = state_dir / "identity"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     state_dir.chmod(0o700)
     (directory / "nc.id").write_text(component_id + "\n")
-    cred.write_atomic(directory / "nc.key.pem", cred.key_pem(key))
+    cred.write_atomic(directory / "nc.key.pem", keypairs.key_pem(key))

@@ -40,8 +40,8 @@ from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Announcement, Role
 from eucareg.mdns.types import ServiceSpec, Sighting
 from eucareg.mdns.zeroconf_backend import ZeroconfBackend
+from eucareg.pki import certificates, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
 
 API_PORT = 8780
 LONG_POLL = 25.0
@@ -62,11 +62,11 @@ def fleet_identities(cache: Path, count: int, prefix: str = "fleet") -> list[Ide
     out = []
     for i in range(count):
         key = _cached_key(cache / f"{prefix}{i:06d}.pem")
-        out.append(Identity(node_id(prefix, i), key, cred.fingerprint(key.public_key())))
+        out.append(Identity(node_id(prefix, i), key, keypairs.fingerprint(key.public_key())))
     return out
 
 
-def _cached_key(path: Path) -> cred.PrivateKey:
+def _cached_key(path: Path) -> keypairs.PrivateKey:
     """A key this lab made and cached, loaded without RSA's full validation: that takes
     ~29 ms a key, a minute for a fleet of 2,000, and these keys are our own."""
     if not path.exists():
@@ -75,7 +75,7 @@ def _cached_key(path: Path) -> cred.PrivateKey:
         path.read_bytes(), password=None, unsafe_skip_rsa_key_validation=True
     )
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise cred.CredentialError(f"{path} is not an RSA private key")
+        raise keypairs.CredentialError(f"{path} is not an RSA private key")
     return key
 
 
@@ -207,7 +207,7 @@ async def _collect(
                 wait=LONG_POLL,
                 expect=tls.Expect(Role.CC, cluster, endpoint.component_id, pin=pin),
             )
-        except cred.CredentialError as exc:
+        except keypairs.CredentialError as exc:
             node.verify_errors += 1
             node.errors += 1
             node.last_error = f"bundle refused: {exc}"
@@ -216,7 +216,9 @@ async def _collect(
             node.last_error = str(exc) or type(exc).__name__
         else:
             if outcome is Outcome.WRITTEN:
-                cert = cred.load_cert(keys / identity.component_id / cred.LAYOUTS[Role.NC].cert)
+                cert = certificates.load_cert(
+                    keys / identity.component_id / cred.LAYOUTS[Role.NC].cert
+                )
                 node.serial = format(cert.serial_number, "x")
                 node.collected_at = time.time()
                 changed.set()
@@ -345,7 +347,7 @@ async def verify(args: argparse.Namespace) -> dict[str, Any]:
             if not cred.credentials_present(key_dir, Role.NC, ident.key):
                 results[ident.component_id] = "no valid credentials on disk"
                 continue
-            cert = cred.load_cert(key_dir / cred.LAYOUTS[Role.NC].cert)
+            cert = certificates.load_cert(key_dir / cred.LAYOUTS[Role.NC].cert)
             try:
                 outcome = await collect_credentials(
                     session,

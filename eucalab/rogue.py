@@ -25,8 +25,8 @@ from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Role
 from eucareg.mdns.types import ServiceSpec
 from eucareg.mdns.zeroconf_backend import ZeroconfBackend
+from eucareg.pki import certificates, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
 
 # Each mode its own ids, so that several rogues can announce at once.
 TAGS = {"gone": "a", "bundle": "b", "garbage": "c"}
@@ -38,9 +38,9 @@ class Rogue:
     def __init__(self, cluster: str, mode: str) -> None:
         self.cluster = cluster
         self.clc_id, self.cc_id = f"clc-0000000bad{TAGS[mode]}1", f"cc-0000000bad{TAGS[mode]}2"
-        self.key = cred.generate_key()
-        self.root = cred.create_cloud_ca(self.key, self.clc_id)
-        self.cc = cred.issue_certificate(
+        self.key = keypairs.generate_key()
+        self.root = certificates.create_cloud_ca(self.key, self.clc_id)
+        self.cc = certificates.issue_certificate(
             issuer_key=self.key,
             issuer_cert=self.root,
             subject_key=self.key.public_key(),
@@ -52,10 +52,10 @@ class Rogue:
 
     def bundle(self, body: dict[str, Any]) -> dict[str, str]:
         """Credentials from our CA for whatever key signed the request, as every role has them."""
-        subject = cred.load_public_pem(str(body.get("public_key", "")))
+        subject = keypairs.load_public_pem(str(body.get("public_key", "")))
         cid = str(body.get("component_id", "nc-00000000beef"))
         role = Role(cid.split("-", 1)[0]) if cid.split("-", 1)[0] in set(Role) else Role.NC
-        own = cred.issue_certificate(
+        own = certificates.issue_certificate(
             issuer_key=self.key,
             issuer_cert=self.cc if role is Role.NC else self.root,
             subject_key=subject,
@@ -64,11 +64,11 @@ class Rogue:
             cluster=self.cluster if role in (Role.CC, Role.SC, Role.NC) else None,
         )
         files = {
-            cred.CLOUD_CERT: cred.cert_pem(self.root),
-            cred.LAYOUTS[role].cert: cred.cert_pem(own),
+            cred.CLOUD_CERT: certificates.cert_pem(self.root),
+            cred.LAYOUTS[role].cert: certificates.cert_pem(own),
         }
         if role is Role.NC:
-            files[cred.LAYOUTS[Role.NC].issuer or ""] = cred.cert_pem(self.cc)
+            files[cred.LAYOUTS[Role.NC].issuer or ""] = certificates.cert_pem(self.cc)
         return files
 
 
@@ -102,7 +102,7 @@ async def serve(rogue: Rogue, mode: str, port: int, workdir: Path) -> Any:
     # As a real registrar does: the CC's certificate to NCs, the CLC's to everyone else.
     tls.write_chain(workdir / "cc.pem", [rogue.cc, rogue.root])
     tls.write_chain(workdir / "clc.pem", [rogue.root])
-    cred.write_atomic(workdir / "key.pem", cred.key_pem(rogue.key))
+    cred.write_atomic(workdir / "key.pem", keypairs.key_pem(rogue.key))
     as_cc = tls.server_context(workdir / "cc.pem", workdir / "key.pem")
     as_clc = tls.server_context(workdir / "clc.pem", workdir / "key.pem")
 
@@ -116,7 +116,7 @@ async def serve(rogue: Rogue, mode: str, port: int, workdir: Path) -> Any:
 
 
 def specs(rogue: Rogue, address: str, port: int) -> list[ServiceSpec]:
-    fp = cred.cert_fingerprint(rogue.root)
+    fp = certificates.cert_fingerprint(rogue.root)
     addr = ipaddress.ip_address(address)
     out = []
     ids = ((Role.CLC, rogue.clc_id, None), (Role.CC, rogue.cc_id, rogue.cluster))

@@ -26,15 +26,17 @@ from eucareg.core.model import HookOutcome, HookRun, IssuedCertificate, NewEvent
 from eucareg.core.model import Status as S
 from eucareg.core.transitions import TokenChange, TokenUse, Write
 from eucareg.core.trust import Mode, Task, Token, TrustSettings
-from eucareg.pki import credentials as cred
+from eucareg.pki import certificates, keypairs
 from eucareg.store.registry import Store, sqlite_url
 
 T0 = 1_780_000_000.0  # 2026-05-28: a fixed clock, so the dump reads the same every time
 
 
-def _cert(ca_key: cred.PrivateKey, ca: object, role: Role, cid: str, cluster: str | None) -> str:
-    key = cred.generate_key()
-    cert = cred.issue_certificate(
+def _cert(
+    ca_key: keypairs.PrivateKey, ca: object, role: Role, cid: str, cluster: str | None
+) -> str:
+    key = keypairs.generate_key()
+    cert = certificates.issue_certificate(
         issuer_key=ca_key,
         issuer_cert=ca,  # type: ignore[arg-type]
         subject_key=key.public_key(),
@@ -42,7 +44,7 @@ def _cert(ca_key: cred.PrivateKey, ca: object, role: Role, cid: str, cluster: st
         component_id=cid,
         cluster=cluster,
     )
-    return cred.cert_pem(cert)
+    return certificates.cert_pem(cert)
 
 
 def _record(cid: str, role: Role, cluster: str | None, n: int, status: S, **kw: object) -> Record:
@@ -68,9 +70,9 @@ def _event(at: float, rec: Record, kind: str, code: str, reason: str) -> NewEven
 
 
 def fill(store: Store) -> None:
-    ca_key = cred.generate_key()
-    ca = cred.create_cloud_ca(ca_key, "clc-0000000000c1")
-    ca_fp = cred.cert_fingerprint(ca)
+    ca_key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(ca_key, "clc-0000000000c1")
+    ca_fp = certificates.cert_fingerprint(ca)
     walrus = _record(
         "walrus-0000000000a1",
         Role.WALRUS,

@@ -9,30 +9,30 @@ import itertools
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Announcement, Record, Role, Status
 from eucareg.mdns.types import Change, Sighting
-from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs
 
 _counter = itertools.count(1)
 # Real RSA keys, made on first use and kept for the whole test session (about 35 ms each).
 # Each announcement built without a fingerprint takes the next unused index, so no two
 # announcements share a key unless a test passes the same fingerprint on purpose.
 _key_counter = itertools.count()
-_pool: list[cred.PrivateKey] = []
+_pool: list[keypairs.PrivateKey] = []
 # Every key the factories handed out, by fingerprint, so tests can prove possession.
-KEYS: dict[str, cred.PrivateKey] = {}
+KEYS: dict[str, keypairs.PrivateKey] = {}
 
 
-def pool_key(n: int) -> cred.PrivateKey:
+def pool_key(n: int) -> keypairs.PrivateKey:
     """The n-th key of the session's pool, generated when first asked for."""
     if n < 0:
         raise ValueError(f"key index {n} must not be negative")
     while len(_pool) <= n:
-        key = cred.generate_key()
+        key = keypairs.generate_key()
         _pool.append(key)
-        KEYS[cred.fingerprint(key.public_key())] = key
+        KEYS[keypairs.fingerprint(key.public_key())] = key
     return _pool[n]
 
 
-def fresh_key() -> cred.PrivateKey:
+def fresh_key() -> keypairs.PrivateKey:
     """A key no announcement of this session has been given yet."""
     return pool_key(next(_key_counter))
 
@@ -60,7 +60,7 @@ def ann(
         cluster=cluster,
         state=state,
         address=ipaddress.ip_address(address or f"10.77.{n // 250}.{n % 250 + 2}"),
-        fingerprint=fingerprint or cred.fingerprint(fresh_key().public_key()),
+        fingerprint=fingerprint or keypairs.fingerprint(fresh_key().public_key()),
         api_port=api_port,
         eucavers="3.4",
         instance=instance or f"{role.txt_type}-{component_id}",

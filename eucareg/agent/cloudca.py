@@ -15,8 +15,8 @@ from pathlib import Path
 from cryptography import x509
 
 from eucareg.core import renewal
+from eucareg.pki import certificates, handover, keypairs
 from eucareg.pki import credentials as cred
-from eucareg.pki import handover
 from eucareg.pki.cloud import check_genuine, read_held
 
 from .timing import wait_event
@@ -29,18 +29,18 @@ RETRY = 300.0  # after a failed renewal (a full disk, say): not in a loop
 
 
 def renew_held(
-    key_dir: Path, key: cred.PrivateKey, now: float, old: x509.Certificate | None = None
+    key_dir: Path, key: keypairs.PrivateKey, now: float, old: x509.Certificate | None = None
 ) -> x509.Certificate:
     """Renew cloud-cert.pem for `key` (blocking): a new certificate under the name of `old`
     (by default, the file as it is, if it is this CLC's), written atomically."""
     old = old if old is not None else read_held(key_dir, key)
-    new = cred.renew_cloud_ca(key, old, now=now)
-    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(new).encode())
+    new = certificates.renew_cloud_ca(key, old, now=now)
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, certificates.cert_pem(new).encode())
     return new
 
 
 def settle_held(
-    key_dir: Path, key: cred.PrivateKey, current: x509.Certificate, now: float
+    key_dir: Path, key: keypairs.PrivateKey, current: x509.Certificate, now: float
 ) -> tuple[x509.Certificate, str]:
     """The certificate to serve now (blocking), and what was done to get it ("" if nothing):
     the file on disk if it is this CLC's, else `current` written back over it (a foreign or
@@ -50,23 +50,23 @@ def settle_held(
     note = ""
     try:
         held = read_held(key_dir, key)
-    except cred.CredentialError as exc:
+    except keypairs.CredentialError as exc:
         _check_not_rotated(key_dir, key)
         held, note = current, f"{path} is not this CLC's ({exc}): written back"
-    if cred.validity(held).not_before < cred.validity(current).not_before:
+    if certificates.validity(held).not_before < certificates.validity(current).not_before:
         # Ours, but older than the one served: a copy put back (or a bundle written late by
         # a CC on this host) must not undo a renewal.
         held, note = current, f"{path} held an older certificate than the one served: written back"
     try:
         check_genuine(held, key)
-        due = renewal.phase(cred.validity(held), renewal.ca_margin(), now)
+        due = renewal.phase(certificates.validity(held), renewal.ca_margin(), now)
         if due is not renewal.Phase.CURRENT:
             note = f"{note}; " if note else ""
             held, note = renew_held(key_dir, key, now, held), f"{note}renewed ({due.value})"
         elif note:
-            cred.write_atomic(path, cred.cert_pem(held).encode())
-    except cred.CredentialError as exc:
-        if cred.cert_fingerprint(held) != cred.fingerprint(key.public_key()):
+            cred.write_atomic(path, certificates.cert_pem(held).encode())
+    except keypairs.CredentialError as exc:
+        if certificates.cert_fingerprint(held) != keypairs.fingerprint(key.public_key()):
             raise
         # Certifies our key under our name, signed by someone else: replaced by ours at once.
         held = renew_held(key_dir, key, now, held)
@@ -74,19 +74,19 @@ def settle_held(
     return held, note
 
 
-def _check_not_rotated(key_dir: Path, key: cred.PrivateKey) -> None:
+def _check_not_rotated(key_dir: Path, key: keypairs.PrivateKey) -> None:
     """CredentialError if cloud-cert.pem is the CA our key handed over to (`ca rotate` ran
     beside this agent): writing ours back over it would leave a key, stored by the rotation,
     that no cloud-cert.pem certifies, and the next start would fail; a restart takes it up."""
     try:
-        new = cred.load_cert(key_dir / cred.CLOUD_CERT)
+        new = certificates.load_cert(key_dir / cred.CLOUD_CERT)
         passed = handover.parse((key_dir / handover.HANDOVER).read_bytes())
-        handover.check_signed(passed, cred.fingerprint(key.public_key()), new)
-    except (OSError, ValueError, cred.CredentialError):
+        handover.check_signed(passed, keypairs.fingerprint(key.public_key()), new)
+    except (OSError, ValueError, keypairs.CredentialError):
         return  # not a handover from our key: a foreign or damaged file, written back
-    raise cred.CredentialError(
+    raise keypairs.CredentialError(
         f"the cloud CA key was replaced (eucareg ca rotate) while this agent ran: "
-        f"{cred.CLOUD_CERT} now certifies {cred.cert_fingerprint(new)}; restart the agent"
+        f"{cred.CLOUD_CERT} now certifies {certificates.cert_fingerprint(new)}; restart the agent"
     )
 
 
@@ -97,7 +97,7 @@ class CloudCA:
     def __init__(
         self,
         key_dir: Path,
-        key: cred.PrivateKey,
+        key: keypairs.PrivateKey,
         cert: x509.Certificate,
         on_change: Callable[[], Awaitable[None]],
         clock: Callable[[], float] = time.time,
@@ -112,7 +112,7 @@ class CloudCA:
 
     @property
     def due_at(self) -> float:
-        due = renewal.due_at(cred.validity(self.cert), renewal.ca_margin())
+        due = renewal.due_at(certificates.validity(self.cert), renewal.ca_margin())
         return min(due, self.handover_ends) if self.handover_ends is not None else due
 
     async def check(self) -> bool:
@@ -153,7 +153,7 @@ class CloudCA:
                 try:
                     await self.check()
                     wait = min(RECHECK, max(1.0, self.due_at - self._clock()))
-                except (OSError, cred.CredentialError) as exc:
+                except (OSError, keypairs.CredentialError) as exc:
                     log.warning("cannot renew the cloud CA certificate: %s", exc)
                     wait = RETRY
                 if files.polling:

@@ -23,8 +23,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from yarl import URL
 
 from eucareg.core.model import Role
+from eucareg.pki import certificates, handover, keypairs, names, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import handover, names, tls
 from eucareg.pki.chain import chain_digest
 from eucareg.pki.signing import signed_body, socket_audience
 
@@ -86,7 +86,7 @@ COLLECT_ERRORS: tuple[type[Exception], ...] = (
     TimeoutError,
     OSError,
     ProtocolError,
-    cred.CredentialError,
+    keypairs.CredentialError,
 )
 
 
@@ -114,7 +114,7 @@ async def _signed_post(
     session: aiohttp.ClientSession,
     endpoint: Endpoint,
     path: str,
-    key: cred.PrivateKey,
+    key: keypairs.PrivateKey,
     fields: dict[str, Any],
     expect: tls.Expect,
     client: tls.ClientCert | None = None,
@@ -253,7 +253,7 @@ async def collect_credentials(
 
 def _pin_of(expect: tls.Expect) -> str | None:
     """The CA key a bundle must chain to: the CA we hold, else the one we pin."""
-    return cred.cert_fingerprint(expect.root) if expect.root is not None else expect.pin
+    return certificates.cert_fingerprint(expect.root) if expect.root is not None else expect.pin
 
 
 def _accept(
@@ -271,14 +271,14 @@ def _accept(
     except (ValueError, UnsupportedAlgorithm) as exc:
         # Certificates that parse but hold what cryptography cannot use (say, a curve).
         raise ProtocolError(f"unusable credential bundle: {exc}") from exc
-    cloud = cred.load_cert_pem(verified[cred.CLOUD_CERT])
+    cloud = certificates.load_cert_pem(verified[cred.CLOUD_CERT])
     passed = _handover_of(files, cloud, time.time())
     if passed is not None:
         verified[handover.HANDOVER] = passed.pem().encode()  # kept, and a CC hands it on
     if pin is not None:
-        ca = cred.cert_fingerprint(cloud)
+        ca = certificates.cert_fingerprint(cloud)
         if ca != pin and (passed is None or passed.old_fingerprint != pin):
-            raise cred.CredentialError(
+            raise keypairs.CredentialError(
                 f"registrar at {endpoint.address} belongs to CA {ca}, but we pin {pin}"
                 + (f" (its handover is from {passed.old_fingerprint})" if passed else "")
                 + ": refusing a rogue registrar"
@@ -286,7 +286,7 @@ def _accept(
         if ca != pin:
             # Moving our pin: the old key we pin signed the handover to this one.
             log.warning("cloud CA key handed over from %s to %s: moving our pin", pin, ca)
-    own = cred.load_cert_pem(verified[cred.LAYOUTS[role].cert])
+    own = certificates.load_cert_pem(verified[cred.LAYOUTS[role].cert])
     if have is not None:
         # Watching: a renewal (a new serial), or the same certificate under a renewed chain
         # (the CA's, or our CC's, certificate). Only what differs is replaced, each file
@@ -321,7 +321,7 @@ def _handover_of(
     try:
         passed = handover.parse(data)
         handover.verify(passed, passed.old_fingerprint, cloud, now)
-    except (cred.CredentialError, ValueError, UnsupportedAlgorithm) as exc:
+    except (keypairs.CredentialError, ValueError, UnsupportedAlgorithm) as exc:
         log.warning("ignoring the handover in a credential bundle: %s", exc)
         return None
     return passed

@@ -17,8 +17,8 @@ from eucareg.config.file import Config
 from eucareg.core.model import Role
 from eucareg.core.trust import parse_token
 from eucareg.mdns.types import Announcer, ServiceSpec
+from eucareg.pki import certificates, keypairs, names, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import names, tls
 
 from . import collect, expiry
 from .announce import TokenProver, instance_name, preconditions, service_spec
@@ -136,7 +136,7 @@ class Component:
         path = self.cfg.state_dir / "tls" / f"{self.role.value}-client.pem"
         try:
             await asyncio.to_thread(write_client_chain, self.cfg.key_dir, self.role, path)
-        except (OSError, cred.CredentialError) as exc:
+        except (OSError, keypairs.CredentialError) as exc:
             log.warning("cannot present %s's certificate over TLS: %s", self.instance, exc)
             self.client_cert = None
             return
@@ -272,13 +272,13 @@ class Component:
         root, pin = self.root.cert, self.pin
         if root is None and (self.registered or self.root.unusable):
             # A damaged or vanished pin must not turn into trusting the first to answer.
-            raise cred.CredentialError(
+            raise keypairs.CredentialError(
                 f"{self.root.path} is missing or not a CA certificate we can pin; refusing "
                 "every registrar until it is restored (or removed together with this "
                 "component's credentials, to join a cloud afresh)"
             )
         joining = root is not None and pin is not None and not self.registered
-        if joining and root is not None and cred.cert_fingerprint(root) != pin:
+        if joining and root is not None and certificates.cert_fingerprint(root) != pin:
             root = None  # joining another cloud with a token that says so: the token decides
         return tls.Expect(
             Role.CC if self.role is Role.NC else Role.CLC,
@@ -413,6 +413,6 @@ def write_client_chain(key_dir: Path, role: Role, path: Path) -> None:
     one file for the TLS client context (blocking)."""
     layout = cred.LAYOUTS[role]
     names = [layout.cert] + ([layout.issuer] if layout.issuer else [])
-    certs = [cred.load_cert(key_dir / name) for name in names]
+    certs = [certificates.load_cert(key_dir / name) for name in names]
     path.parent.mkdir(mode=0o700, exist_ok=True)
     tls.write_chain(path, certs)

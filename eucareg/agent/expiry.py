@@ -11,6 +11,7 @@ from pathlib import Path
 
 from eucareg.core import renewal
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 
 
@@ -31,7 +32,7 @@ def expiry_note(validity: renewal.Validity, now: float) -> str:
 async def held_note(key_dir: Path, role: Role) -> str:
     """expiry_note for the certificate `role` holds in `key_dir` ("" if none is readable)."""
     try:
-        cert = await asyncio.to_thread(cred.load_cert, key_dir / cred.LAYOUTS[role].cert)
-    except cred.CredentialError:
+        cert = await asyncio.to_thread(certificates.load_cert, key_dir / cred.LAYOUTS[role].cert)
+    except keypairs.CredentialError:
         return ""
-    return expiry_note(cred.validity(cert), time.time())
+    return expiry_note(certificates.validity(cert), time.time())

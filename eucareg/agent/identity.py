@@ -16,6 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from eucareg.config.file import Config
 from eucareg.core import grammar
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class Identity:
     """A component's own stable id and key pair, made at first start."""
 
     component_id: str
-    key: cred.PrivateKey
+    key: keypairs.PrivateKey
     fingerprint: str
 
 
@@ -42,12 +43,12 @@ def load_or_create_identity(state_dir: Path, role: Role) -> Identity:
     if id_file.exists():
         component_id = id_file.read_text().strip()
         if not grammar.COMPONENT_ID.fullmatch(component_id):
-            raise cred.CredentialError(f"{id_file} holds no valid component id")
+            raise keypairs.CredentialError(f"{id_file} holds no valid component id")
     else:
         component_id = f"{role.value}-{uuid.uuid4().hex[:12]}"
         cred.write_atomic(id_file, component_id.encode() + b"\n", mode=0o600)
     key = cred.load_or_create_key(directory / f"{role.value}.key.pem")
-    return Identity(component_id, key, cred.fingerprint(key.public_key()))
+    return Identity(component_id, key, keypairs.fingerprint(key.public_key()))
 
 
 def identity_key(cfg: Config, role: Role) -> Path:
@@ -59,20 +60,20 @@ def ensure_cloud_ca(key_dir: Path, identity: Identity) -> x509.Certificate:
     """The CLC's cloud CA: cloud-cert.pem certifies the CLC's own key, made once."""
     cert_path = key_dir / cred.CLOUD_CERT
     if cert_path.exists():
-        cert = cred.load_cert(cert_path)
-        if cred.cert_fingerprint(cert) != identity.fingerprint:
-            raise cred.CredentialError(f"{cert_path} does not belong to this CLC's key")
+        cert = certificates.load_cert(cert_path)
+        if certificates.cert_fingerprint(cert) != identity.fingerprint:
+            raise keypairs.CredentialError(f"{cert_path} does not belong to this CLC's key")
         if _self_signed(cert):
             return cert
         # Anyone can certify our public key under our name with a key of their own: such a
         # file is not our CA. Ours is made again (same key, so every pin still holds).
         log.warning("%s certifies this CLC's key but is not signed by it; replacing it", cert_path)
-        cert = cred.create_cloud_ca(identity.key, identity.component_id)
-        cred.write_atomic(cert_path, cred.cert_pem(cert).encode())
+        cert = certificates.create_cloud_ca(identity.key, identity.component_id)
+        cred.write_atomic(cert_path, certificates.cert_pem(cert).encode())
         return cert
-    cert = cred.create_cloud_ca(identity.key, identity.component_id)
-    cred.write_atomic(key_dir / cred.LAYOUTS[Role.CLC].key, cred.key_pem(identity.key))
-    cred.write_atomic(cert_path, cred.cert_pem(cert).encode())
+    cert = certificates.create_cloud_ca(identity.key, identity.component_id)
+    cred.write_atomic(key_dir / cred.LAYOUTS[Role.CLC].key, keypairs.key_pem(identity.key))
+    cred.write_atomic(cert_path, certificates.cert_pem(cert).encode())
     return cert
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from cryptography import x509
 
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,15 @@ class Held:
     issuer_fingerprint: str | None = None  # key of the registrar that certified us
 
 
-def _verify(key_dir: Path, role: Role, key: cred.PrivateKey) -> Held:
+def _verify(key_dir: Path, role: Role, key: keypairs.PrivateKey) -> Held:
     """Full check (blocking): every file there, our certificate and key copy are ours."""
     if not cred.credentials_present(key_dir, role, key):
         return Held(False)
     try:
-        own = cred.load_cert(key_dir / cred.LAYOUTS[role].cert)
-        issuer = cred.load_cert(key_dir / cred.issuer_cert_name(role))
-        return Held(True, format(own.serial_number, "x"), cred.cert_fingerprint(issuer))
-    except cred.CredentialError:
+        own = certificates.load_cert(key_dir / cred.LAYOUTS[role].cert)
+        issuer = certificates.load_cert(key_dir / cred.issuer_cert_name(role))
+        return Held(True, format(own.serial_number, "x"), certificates.cert_fingerprint(issuer))
+    except keypairs.CredentialError:
         # Replaced between the two reads: the next re-check sees another stamp and verifies.
         return Held(False)
 
@@ -42,7 +42,7 @@ def _verify(key_dir: Path, role: Role, key: cred.PrivateKey) -> Held:
 class CredentialPresence:
     """The cached verdict on one component's credentials, refreshed only when files change."""
 
-    def __init__(self, key_dir: Path, role: Role, key: cred.PrivateKey) -> None:
+    def __init__(self, key_dir: Path, role: Role, key: keypairs.PrivateKey) -> None:
         self._key_dir = key_dir
         self._role = role
         self._key = key

@@ -17,8 +17,8 @@ from cryptography import x509
 
 from eucareg.config.file import SOCKET_FILE
 from eucareg.core.model import Role
+from eucareg.pki import certificates, handover, keypairs
 from eucareg.pki import credentials as cred
-from eucareg.pki import handover
 from eucareg.pki.cloud import read_held
 
 DAY = 86400.0
@@ -30,7 +30,7 @@ RETIRED = "retired"  # under state_dir/identity: old CA keys, kept for the recor
 NEW_KEY, MANIFEST = "new.key.pem", "rotation.json"
 
 
-class RotationError(cred.CredentialError):
+class RotationError(keypairs.CredentialError):
     """The rotation cannot be done, or a staged one cannot be finished."""
 
 
@@ -71,7 +71,7 @@ def rotate(state_dir: Path, key_dir: Path, overlap: float, now: float) -> Rotate
     finish_pending(state_dir)  # an interrupted rotation first: this one starts from its end
 
     key_path = identity_dir(state_dir) / f"{Role.CLC.value}.key.pem"
-    old_key = cred.load_key(key_path)
+    old_key = keypairs.load_key(key_path)
     old = read_held(key_dir, old_key)
     held = handover.load_held(key_dir / handover.HANDOVER, old, now)
     if held is not None:
@@ -80,7 +80,7 @@ def rotate(state_dir: Path, key_dir: Path, overlap: float, now: float) -> Rotate
             f"{held.old_fingerprint}): rotating again now would strand every component that "
             "has not moved yet; rotate again after it ends"
         )
-    new_key = cred.generate_key()
+    new_key = keypairs.generate_key()
     new = handover.successor(new_key, old, now)
     cross = handover.make_cross(old_key, old, new, now, overlap)
     passed = handover.Handover(cross=cross, old=old)
@@ -88,14 +88,17 @@ def rotate(state_dir: Path, key_dir: Path, overlap: float, now: float) -> Rotate
     retired = apply_pending(state_dir)
     assert retired is not None
     return Rotated(
-        cred.fingerprint(old_key.public_key()), cred.cert_fingerprint(new), passed.ends, retired
+        keypairs.fingerprint(old_key.public_key()),
+        certificates.cert_fingerprint(new),
+        passed.ends,
+        retired,
     )
 
 
 def _stage(
     state_dir: Path,
     key_dir: Path,
-    new_key: cred.PrivateKey,
+    new_key: keypairs.PrivateKey,
     new: x509.Certificate,
     passed: handover.Handover,
 ) -> None:
@@ -105,8 +108,8 @@ def _stage(
     tmp = ident / f"{STAGE}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
-    cred.write_atomic(tmp / NEW_KEY, cred.key_pem(new_key))
-    cred.write_atomic(tmp / cred.CLOUD_CERT, cred.cert_pem(new).encode())
+    cred.write_atomic(tmp / NEW_KEY, keypairs.key_pem(new_key))
+    cred.write_atomic(tmp / cred.CLOUD_CERT, certificates.cert_pem(new).encode())
     cred.write_atomic(tmp / handover.HANDOVER, passed.pem().encode())
     manifest = {"key_dir": str(key_dir.resolve()), "old": passed.old_fingerprint}
     cred.write_atomic(tmp / MANIFEST, json.dumps(manifest).encode())
@@ -134,19 +137,19 @@ def apply_pending(state_dir: Path) -> Path | None:
         manifest = json.loads((stage / MANIFEST).read_text())
         key_dir = Path(manifest["key_dir"])
         old_fp = str(manifest["old"])
-        new_key = cred.load_key(stage / NEW_KEY)
+        new_key = keypairs.load_key(stage / NEW_KEY)
         new_pem = (stage / cred.CLOUD_CERT).read_bytes()
         passed = (stage / handover.HANDOVER).read_bytes()
-    except (OSError, ValueError, KeyError, TypeError, cred.CredentialError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, keypairs.CredentialError) as exc:
         raise RotationError(
             f"{stage} holds an unusable staged rotation ({exc}): move it aside and check "
             "that state_dir/identity/clc.key.pem and key_dir/cloud-cert.pem belong together"
         ) from exc
     key_path = ident / f"{Role.CLC.value}.key.pem"
     retired = ident / RETIRED / f"clc-{old_fp.removeprefix('sha256:')[:16]}.key.pem"
-    current = cred.load_key(key_path)
-    held_fp = cred.fingerprint(current.public_key())
-    if held_fp not in (old_fp, cred.fingerprint(new_key.public_key())):
+    current = keypairs.load_key(key_path)
+    held_fp = keypairs.fingerprint(current.public_key())
+    if held_fp not in (old_fp, keypairs.fingerprint(new_key.public_key())):
         # Neither the key this stage retires nor the one it brings (a backup restored over a
         # rotation cut short, say): overwriting it would lose a key nothing has retired.
         raise RotationError(
@@ -155,10 +158,10 @@ def apply_pending(state_dir: Path) -> Path | None:
         )
     if held_fp == old_fp:
         retired.parent.mkdir(mode=0o700, exist_ok=True)
-        cred.write_atomic(retired, cred.key_pem(current))
+        cred.write_atomic(retired, keypairs.key_pem(current))
     cred.write_atomic(key_dir / handover.HANDOVER, passed)
-    cred.write_atomic(key_path, cred.key_pem(new_key))
-    cred.write_atomic(key_dir / cred.LAYOUTS[Role.CLC].key, cred.key_pem(new_key))
+    cred.write_atomic(key_path, keypairs.key_pem(new_key))
+    cred.write_atomic(key_dir / cred.LAYOUTS[Role.CLC].key, keypairs.key_pem(new_key))
     cred.write_atomic(key_dir / cred.CLOUD_CERT, new_pem)
     shutil.rmtree(stage)
     _fsync_dir(ident)

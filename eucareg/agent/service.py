@@ -25,8 +25,8 @@ from eucareg.config.file import SOCKET_FILE, Config
 from eucareg.core.model import Role
 from eucareg.core.trust import new_master_key
 from eucareg.core.view import RegistrarSettings
+from eucareg.pki import certificates, handover, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import handover, tls
 from eucareg.registrar.batch import Batching
 from eucareg.registrar.engine import Issuer, Registrar, Retention, Timing
 from eucareg.registrar.euca_keys import EucaKeySource
@@ -279,8 +279,8 @@ class RegistrarService:
         cc = self._cc
         if cc is not None and cc.registered:
             try:
-                own = cred.load_cert(cfg.key_dir / cred.LAYOUTS[Role.CC].cert)
-                root = cred.load_cert(cfg.key_dir / cred.CLOUD_CERT)
+                own = certificates.load_cert(cfg.key_dir / cred.LAYOUTS[Role.CC].cert)
+                root = certificates.load_cert(cfg.key_dir / cred.CLOUD_CERT)
                 passed = self._handover(root)
                 ends += [passed.ends] if passed else []
                 tls.write_chain(tls_dir / "cc.pem", [own, root, *_certs(passed)])
@@ -290,7 +290,7 @@ class RegistrarService:
                     client_ca=root,
                     also_trusted=passed.old if passed else None,
                 )
-            except (cred.CredentialError, ssl.SSLError, OSError) as exc:
+            except (keypairs.CredentialError, ssl.SSLError, OSError) as exc:
                 log.warning("cannot serve as the CC yet: %s", exc)
         return out, min(ends, default=None)
 
@@ -332,7 +332,7 @@ class RegistrarService:
         """The cloud CA this host belongs to: its own on the CLC, else the one its registered
         CC holds (known from the CC's last credential check; nothing is read here)."""
         if self._cloud_cert is not None:
-            return cred.cert_fingerprint(self._cloud_cert)
+            return certificates.cert_fingerprint(self._cloud_cert)
         cc = self._cc
         if cc is None or not cc.registered:
             return None
@@ -344,11 +344,11 @@ class RegistrarService:
             if cc is None or not cc.registered:
                 return None
             key_dir = self.cfg.key_dir
-            root = cred.load_cert_cached(key_dir / cred.CLOUD_CERT)
+            root = certificates.load_cert_cached(key_dir / cred.CLOUD_CERT)
             passed = self._handover(root)  # our CC's, handed on to its nodes
             return Issuer(
                 key=cc.identity.key,
-                cert=cred.load_cert_cached(key_dir / cred.LAYOUTS[Role.CC].cert),
+                cert=certificates.load_cert_cached(key_dir / cred.LAYOUTS[Role.CC].cert),
                 cloud_cert=root,
                 policy=self.cfg.certificates,
                 handover=passed.pem() if passed else None,

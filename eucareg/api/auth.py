@@ -24,7 +24,7 @@ from aiohttp import web
 from eucareg.api import limits
 from eucareg.api.context import CONTEXT, REGISTRAR
 from eucareg.api.validate import MAX_BODY, ApiError, as_object, parse_json
-from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs, signatures
 from eucareg.pki.signing import SIGNATURE_HEADER, SIGNED_VERSION, socket_audience
 
 CLOCK_SKEW = 300.0  # seconds a signed request may be early or late
@@ -204,7 +204,7 @@ def verify_signed(
     audiences: Collection[str],
     now: float | None = None,
     admit: Callable[[dict[str, Any], str], bool] | None = None,
-) -> tuple[dict[str, Any], cred.PublicKey]:
+) -> tuple[dict[str, Any], keypairs.PublicKey]:
     """Check a signed request, cheapest check first; the signature is verified last, and its
     nonce remembered only once it did.
 
@@ -221,7 +221,7 @@ def verify_signed(
     # 1. Bounded input, parsed.
     if len(body) > MAX_BODY:
         raise ApiError(400, f"malformed signed request: body over {MAX_BODY} bytes")
-    if not signature or len(signature) > cred.MAX_SIGNATURE_CHARS:
+    if not signature or len(signature) > signatures.MAX_SIGNATURE_CHARS:
         raise ApiError(401, f"missing or oversized {SIGNATURE_HEADER} header")
     payload = as_object(parse_json(body), "a signed request")
     version = payload.get("v")
@@ -285,14 +285,14 @@ def verify_signed(
         raise ApiError(401, "replayed request (nonce already used)")
     # 5. A key we accept.
     try:
-        public_key = cred.load_request_key(pem)
-    except cred.KeyRefused as exc:
+        public_key = signatures.load_request_key(pem)
+    except signatures.KeyRefused as exc:
         raise ApiError(403, f"key refused: {exc}") from exc
-    except cred.CredentialError as exc:
+    except keypairs.CredentialError as exc:
         raise ApiError(400, f"malformed signed request: {exc}") from exc
     # 6. Whose key it claims to be: a trusted key is never limited; any other is charged
     # (admit) and needs room among the nonces of untrusted keys.
-    fingerprint = cred.fingerprint(public_key)
+    fingerprint = keypairs.fingerprint(public_key)
     trusted = True if admit is None else admit(payload, fingerprint)
     if not trusted:
         wait = nonces.open_wait(now)
@@ -303,7 +303,7 @@ def verify_signed(
                 wait,
             )
     # 7. Only now the expensive part; remembered only when it verified.
-    if not cred.verify(public_key, body, signature):
+    if not signatures.verify(public_key, body, signature):
         raise ApiError(401, "signature does not verify with the enclosed key")
     nonces.add(nonce, stamp, now, key=fingerprint, trusted=trusted)
     return payload, public_key
@@ -324,7 +324,7 @@ def registrar_audiences(request: web.Request) -> set[str]:
     return names
 
 
-async def read_signed(request: web.Request) -> tuple[dict[str, Any], cred.PublicKey]:
+async def read_signed(request: web.Request) -> tuple[dict[str, Any], keypairs.PublicKey]:
     """The verified payload and key of a signed request (ApiError otherwise). A request by a
     key the registrar does not trust is charged to its source before its signature is
     checked (limits.py), and may be refused 429 there."""

@@ -30,8 +30,7 @@ from eucareg.api.validate import MAX_USES, check, compile_schema, parse_json
 from eucareg.core import grammar
 from eucareg.core.trust import Mode
 from eucareg.core.txt import MAX_TXT_VALUE
-from eucareg.pki import credentials as cred
-from eucareg.pki import signing
+from eucareg.pki import keypairs, signing
 from eucareg.upgrade.plan import MAX_IMPORT
 
 NAME_COMPONENT = object_(
@@ -188,7 +187,7 @@ async def read_body(request: web.Request) -> dict[str, Any]:
     return check(parse_json(await request.read()), _validator(request))
 
 
-async def read_signed_body(request: web.Request) -> tuple[dict[str, Any], cred.PublicKey]:
+async def read_signed_body(request: web.Request) -> tuple[dict[str, Any], keypairs.PublicKey]:
     """A signed request's verified payload, checked against its route's schema, and its key."""
     payload, key = await auth.read_signed(request)
     return check(payload, _validator(request)), key

@@ -22,8 +22,7 @@ from eucareg.api.validate import ApiError, bad, error
 from eucareg.core.grammar import peer_address, shown
 from eucareg.core.model import Announcement, DecisionKind, Record, Status
 from eucareg.core.txt import Rejected, decode
-from eucareg.pki import credentials as cred
-from eucareg.pki import names, tls
+from eucareg.pki import keypairs, names, tls
 from eucareg.registrar.engine import CredentialRefused, Registrar
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ async def collect(request: web.Request) -> web.Response:
         have is not None
         and record is not None
         and record.status is Status.REGISTERED
-        and record.fingerprint == cred.fingerprint(public_key)
+        and record.fingerprint == keypairs.fingerprint(public_key)
     )
     wait = limits.hold_for(request, min(asked, MAX_WATCH if watching else MAX_WAIT))
     try:
@@ -133,7 +132,7 @@ async def announce(request: web.Request) -> web.Response:
     decoded = decode(f"fallback:{request.remote}", raw, (), registrar.settings.allowed_ranges)
     if isinstance(decoded, Rejected):
         bad(f"{decoded.code}: {decoded.reason}", decoded.code)
-    if decoded.fingerprint != cred.fingerprint(public_key):
+    if decoded.fingerprint != keypairs.fingerprint(public_key):
         raise ApiError(403, "the request is not signed by the announced key", "wrong-key")
     # Proven by the certificate we issued it (its TLS client certificate names this very
     # component and key): authenticated, so not bound to mode any (docs/security.md).

@@ -13,7 +13,7 @@ from aiohttp import web
 from cryptography import x509
 
 from eucareg.api.limits import RateLimits
-from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs
 from eucareg.registrar.engine import Registrar
 
 
@@ -26,7 +26,7 @@ class ApiContext:
     # The cloud CA's fingerprint: who may read this registry as a peer, and what tokens pin.
     ca_fingerprint: Callable[[], str | None]
     # The CLC's key, to sign its requests to CC registrars (None elsewhere).
-    peer_key: cred.PrivateKey | None = None
+    peer_key: keypairs.PrivateKey | None = None
     # The CLC's cloud CA, that a CC must prove itself against over TLS (None elsewhere).
     cloud_cert: x509.Certificate | None = None
     # Limits on unauthenticated requests (the [registrar] rate_* keys; api/limits.py).

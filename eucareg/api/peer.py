@@ -17,8 +17,7 @@ from eucareg.api.context import CONTEXT, REGISTRAR, ApiContext
 from eucareg.api.validate import ApiError
 from eucareg.api.views import registry_json
 from eucareg.core.model import Announcement, IPAddress, Role, Status
-from eucareg.pki import credentials as cred
-from eucareg.pki import tls
+from eucareg.pki import keypairs, tls
 from eucareg.pki.signing import signed_body
 from eucareg.registrar.engine import Registrar
 
@@ -33,7 +32,7 @@ async def peer_registry(request: web.Request) -> web.Response:
     _payload, key = await read_signed_body(request)
     ctx = request.app[CONTEXT]
     allowed = ctx.ca_fingerprint()
-    if allowed is None or cred.fingerprint(key) != allowed:
+    if allowed is None or keypairs.fingerprint(key) != allowed:
         raise ApiError(403, "only the cloud controller may read this registry", "not-cloud-ca")
     return web.json_response(registry_json(request.app[REGISTRAR], ctx))
 
@@ -87,7 +86,7 @@ def _url(address: IPAddress, port: int) -> str:
 
 async def _fetch_nodes(
     session: aiohttp.ClientSession,
-    key: cred.PrivateKey,
+    key: keypairs.PrivateKey,
     root: x509.Certificate,
     cc: Announcement,
 ) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from eucareg.backup.container import BackupError
 from eucareg.config.dnssd import expand_template
 from eucareg.config.file import Config
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 from eucareg.store.registry import sqlite_url
 from eucareg.store.upgrade import schema_state, snapshot_sqlite
@@ -198,7 +199,9 @@ def manifest(cfg: Config, members: list[Member], *, encrypted: bool) -> dict[str
         "schema_revision": revision,
         "roles": sorted(c.role.value for c in cfg.components),
         "components": components,
-        "ca_fingerprint": cred.cert_fingerprint(cred.load_cert_pem(ca)) if ca else None,
+        "ca_fingerprint": certificates.cert_fingerprint(certificates.load_cert_pem(ca))
+        if ca
+        else None,
         "encrypted": encrypted,
         "files": [
             {
@@ -219,7 +222,7 @@ def _key_fingerprint(pem: bytes) -> str | None:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError):
         return None
-    return cred.fingerprint(key.public_key()) if isinstance(key, rsa.RSAPrivateKey) else None
+    return keypairs.fingerprint(key.public_key()) if isinstance(key, rsa.RSAPrivateKey) else None
 
 
 def _revision(data: bytes) -> str | None:

@@ -17,6 +17,7 @@ from eucareg.cli.common import config_option, fail, load_config, print_json
 from eucareg.config.file import SOCKET_FILE, Config
 from eucareg.core import grammar, renewal
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 
 
@@ -59,7 +60,7 @@ def renew(config_path: Path, as_json: bool) -> None:
     old = _held(key_dir, key)
     try:
         new = renew_held(key_dir, key, time.time(), old)
-    except (OSError, cred.CredentialError) as exc:
+    except (OSError, keypairs.CredentialError) as exc:
         fail(f"cannot renew {key_dir / cred.CLOUD_CERT}: {exc}", 1)
     info = describe(new, time.time())
     info["previous_serial"] = format(old.serial_number, "x")
@@ -114,7 +115,7 @@ def rotate(config_path: Path, overlap: str, yes: bool, as_json: bool) -> None:
             if pid is not None or rotation.agent_running(cfg.state_dir):
                 fail(f"an agent (pid {pid or 'unknown'}) started meanwhile: stop it first", 1)
             done = rotation.rotate(cfg.state_dir, key_dir, seconds, time.time())
-    except (OSError, cred.CredentialError) as exc:
+    except (OSError, keypairs.CredentialError) as exc:
         fail(f"cannot rotate the cloud CA key: {exc}", 1)
     info: dict[str, Any] = {
         "previous_fingerprint": done.old_fingerprint,
@@ -128,10 +129,10 @@ def rotate(config_path: Path, overlap: str, yes: bool, as_json: bool) -> None:
 
 
 def describe(cert: x509.Certificate, now: float) -> dict[str, Any]:
-    validity = cred.validity(cert)
+    validity = certificates.validity(cert)
     margin = renewal.ca_margin()
     return {
-        "fingerprint": cred.cert_fingerprint(cert),
+        "fingerprint": certificates.cert_fingerprint(cert),
         "serial": format(cert.serial_number, "x"),
         "subject": cert.subject.rfc4514_string(),
         "not_before": _iso(validity.not_before),
@@ -154,22 +155,22 @@ def _iso(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _clc(cfg: Config) -> tuple[Path, cred.PrivateKey]:
+def _clc(cfg: Config) -> tuple[Path, keypairs.PrivateKey]:
     from eucareg.agent.identity import identity_key
 
     if cfg.component(Role.CLC) is None:
         fail("this host runs no CLC: the cloud CA lives on the CLC (components = [clc ...])")
     path = identity_key(cfg, Role.CLC)
     try:
-        return cfg.key_dir, cred.load_key(path)
-    except cred.CredentialError as exc:
+        return cfg.key_dir, keypairs.load_key(path)
+    except keypairs.CredentialError as exc:
         fail(f"cannot read the CLC's key (run this as root on the CLC): {exc}", 1)
 
 
-def _held(key_dir: Path, key: cred.PrivateKey) -> x509.Certificate:
+def _held(key_dir: Path, key: keypairs.PrivateKey) -> x509.Certificate:
     from eucareg.pki.cloud import read_held
 
     try:
         return read_held(key_dir, key)
-    except cred.CredentialError as exc:
+    except keypairs.CredentialError as exc:
         fail(f"{key_dir / cred.CLOUD_CERT}: {exc}", 1)

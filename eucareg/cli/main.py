@@ -17,7 +17,7 @@ import click
 from eucareg.cli import backup, ca, discover, importing, join, queries, setup, trust
 from eucareg.cli.common import config_option, console, fail, load_config, print_json
 from eucareg.cli.logs import setup_logging
-from eucareg.pki.credentials import CredentialError
+from eucareg.pki.keypairs import CredentialError
 
 __all__ = ["main"]
 

@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives import hashes
 
 from eucareg.core.model import Role
 
-from . import credentials as cred
-from . import names
+from . import certificates, keypairs, names
 
 log = logging.getLogger(__name__)
 
@@ -35,35 +34,35 @@ class Handover:
 
     @property
     def old_fingerprint(self) -> str:
-        return cred.cert_fingerprint(self.old)
+        return certificates.cert_fingerprint(self.old)
 
     @property
     def new_fingerprint(self) -> str:
-        return cred.cert_fingerprint(self.cross)
+        return certificates.cert_fingerprint(self.cross)
 
     @property
     def ends(self) -> float:
         return self.cross.not_valid_after_utc.timestamp()
 
     def current(self, now: float) -> bool:
-        v = cred.validity(self.cross)
-        return v.not_before - cred.BACKDATE.total_seconds() <= now < v.not_after
+        v = certificates.validity(self.cross)
+        return v.not_before - certificates.BACKDATE.total_seconds() <= now < v.not_after
 
     def certs(self) -> list[x509.Certificate]:
         return [self.cross, self.old]
 
     def pem(self) -> str:
-        return cred.cert_pem(self.cross) + cred.cert_pem(self.old)
+        return certificates.cert_pem(self.cross) + certificates.cert_pem(self.old)
 
 
-def successor(new_key: cred.PrivateKey, old: x509.Certificate, now: float) -> x509.Certificate:
+def successor(new_key: keypairs.PrivateKey, old: x509.Certificate, now: float) -> x509.Certificate:
     """The new self-signed cloud CA certificate: the new key, under the old one's name (the
     CLC's), so that everything that reads the name still finds the same CLC."""
-    return cred.create_cloud_ca_named(new_key, old.subject, now=now)
+    return certificates.create_cloud_ca_named(new_key, old.subject, now=now)
 
 
 def make_cross(
-    old_key: cred.PrivateKey,
+    old_key: keypairs.PrivateKey,
     old: x509.Certificate,
     new: x509.Certificate,
     now: float,
@@ -72,19 +71,19 @@ def make_cross(
     """X: the new CA's key and name, signed by the old key, valid for the overlap only."""
     when = datetime.datetime.fromtimestamp(now, datetime.UTC)
     public = new.public_key()
-    if not isinstance(public, cred.PublicKey):
-        raise cred.CredentialError("the new cloud CA certificate does not hold an RSA key")
+    if not isinstance(public, keypairs.PublicKey):
+        raise keypairs.CredentialError("the new cloud CA certificate does not hold an RSA key")
     return (
         x509.CertificateBuilder()
         .subject_name(new.subject)
         .issuer_name(old.subject)
         .public_key(public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(when - cred.BACKDATE)
+        .not_valid_before(when - certificates.BACKDATE)
         .not_valid_after(when + datetime.timedelta(seconds=overlap))
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(
-            cred.key_usage(encipher=False, sign_certs=True),
+            certificates.key_usage(encipher=False, sign_certs=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
@@ -100,13 +99,13 @@ def parse(data: str | bytes) -> Handover:
     """A cloud-handover.pem: exactly the cross-certificate, then the old CA certificate."""
     raw = data.encode() if isinstance(data, str) else data
     if len(raw) > MAX_HANDOVER_BYTES:
-        raise cred.CredentialError(f"{HANDOVER} is longer than {MAX_HANDOVER_BYTES} bytes")
+        raise keypairs.CredentialError(f"{HANDOVER} is longer than {MAX_HANDOVER_BYTES} bytes")
     try:
         certs = x509.load_pem_x509_certificates(raw)
     except ValueError as exc:
-        raise cred.CredentialError(f"{HANDOVER} is not PEM certificates: {exc}") from exc
+        raise keypairs.CredentialError(f"{HANDOVER} is not PEM certificates: {exc}") from exc
     if len(certs) != 2:
-        raise cred.CredentialError(f"{HANDOVER} holds {len(certs)} certificates, not 2")
+        raise keypairs.CredentialError(f"{HANDOVER} holds {len(certs)} certificates, not 2")
     return Handover(cross=certs[0], old=certs[1])
 
 
@@ -144,8 +143,8 @@ def _signed_cross(cross: x509.Certificate, root: x509.Certificate) -> bool:
 
 
 def _too_long(cross: x509.Certificate) -> bool:
-    v = cred.validity(cross)
-    return v.not_after - v.not_before > MAX_OVERLAP + 2 * cred.BACKDATE.total_seconds()
+    v = certificates.validity(cross)
+    return v.not_after - v.not_before > MAX_OVERLAP + 2 * certificates.BACKDATE.total_seconds()
 
 
 def verify(h: Handover, trusted: str, new: x509.Certificate, now: float) -> None:
@@ -153,36 +152,37 @@ def verify(h: Handover, trusted: str, new: x509.Certificate, now: float) -> None
     `new` (a self-signed cloud CA of the same name), now."""
     check_signed(h, trusted, new)
     if not h.current(now):
-        raise cred.CredentialError(
+        raise keypairs.CredentialError(
             f"{HANDOVER}: the handover from {trusted} ended at {_iso(h.ends)} (or has not begun)"
         )
 
 
 def check_signed(h: Handover, trusted: str, new: x509.Certificate) -> None:
     """verify, but for the time: whether the handover is genuine at all."""
-    if cred.cert_fingerprint(h.old) != trusted:
-        raise cred.CredentialError(
-            f"{HANDOVER} hands over from CA {cred.cert_fingerprint(h.old)}, not from {trusted}"
+    if certificates.cert_fingerprint(h.old) != trusted:
+        raise keypairs.CredentialError(
+            f"{HANDOVER} hands over from CA {certificates.cert_fingerprint(h.old)}, "
+            f"not from {trusted}"
         )
     try:
         h.old.verify_directly_issued_by(h.old)
     except Exception as exc:
-        raise cred.CredentialError(f"the old CA in {HANDOVER} is not self-signed") from exc
+        raise keypairs.CredentialError(f"the old CA in {HANDOVER} is not self-signed") from exc
     if _too_long(h.cross):
-        raise cred.CredentialError(
+        raise keypairs.CredentialError(
             f"{HANDOVER}: the cross-certificate is valid longer than {MAX_OVERLAP / 86400:g} days"
         )
     if not _signed_cross(h.cross, h.old):
-        raise cred.CredentialError(
+        raise keypairs.CredentialError(
             f"{HANDOVER}: the cross-certificate is not a CLC CA certificate signed by {trusted}"
         )
-    if cred.cert_fingerprint(h.cross) != cred.cert_fingerprint(new):
-        raise cred.CredentialError(
-            f"{HANDOVER} certifies CA {cred.cert_fingerprint(h.cross)}, not the one offered "
-            f"({cred.cert_fingerprint(new)})"
+    if certificates.cert_fingerprint(h.cross) != certificates.cert_fingerprint(new):
+        raise keypairs.CredentialError(
+            f"{HANDOVER} certifies CA {certificates.cert_fingerprint(h.cross)}, "
+            f"not the one offered ({certificates.cert_fingerprint(new)})"
         )
     if not h.cross.subject == new.subject == h.old.subject:
-        raise cred.CredentialError(f"{HANDOVER} names another CLC than the new cloud CA")
+        raise keypairs.CredentialError(f"{HANDOVER} names another CLC than the new cloud CA")
 
 
 def load_held(path: Path, current: x509.Certificate, now: float) -> Handover | None:
@@ -198,7 +198,7 @@ def _read_checked(path: Path, current: x509.Certificate) -> Handover | None:
         check_signed(h, h.old_fingerprint, current)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, cred.CredentialError) as exc:
+    except (OSError, ValueError, keypairs.CredentialError) as exc:
         log.debug("not handing over from %s: %s", path, exc)
         return None
     return h
@@ -218,7 +218,7 @@ def load_held_cached(path: Path, current: x509.Certificate, now: float) -> Hando
         st = path.stat()
     except OSError:
         return None
-    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, cred.cert_pem(current))
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, certificates.cert_pem(current))
     held = _HELD.get(path)
     if held is None or held[0] != stamp:
         held = (stamp, _read_checked(path, current))

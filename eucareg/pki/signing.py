@@ -12,14 +12,14 @@ from typing import Any
 
 from eucareg.core.grammar import peer_address
 
-from . import credentials as cred
+from . import keypairs, signatures
 
 SIGNATURE_HEADER = "X-Eucareg-Signature"
 SIGNED_VERSION = 2  # the envelope's "v"; 1 (no "v") bound neither method, path nor registrar
 
 
 def signed_body(
-    key: cred.PrivateKey,
+    key: keypairs.PrivateKey,
     fields: dict[str, Any],
     *,
     method: str,
@@ -36,12 +36,12 @@ def signed_body(
             "method": method,
             "path": path,
             "audience": audience,
-            "public_key": cred.public_pem(key.public_key()),
+            "public_key": keypairs.public_pem(key.public_key()),
             "timestamp": time.time(),
             "nonce": secrets.token_hex(16),
         }
     ).encode()
-    return body, {SIGNATURE_HEADER: cred.sign(key, body), "Content-Type": "application/json"}
+    return body, {SIGNATURE_HEADER: signatures.sign(key, body), "Content-Type": "application/json"}
 
 
 def socket_audience(host: str, port: int) -> str:

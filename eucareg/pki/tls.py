@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 
 from eucareg.core.model import Role
 
+from . import certificates, handover, keypairs, names
 from . import credentials as cred
-from . import handover, names
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def check_registrar(chain: list[x509.Certificate], expect: Expect, now: datetime
     if not _signed_by(leaf, root) and not _signed_by_handover(leaf, chain[1:], root, now):
         raise UntrustedRegistrar(
             f"the registrar's certificate ({named}) is not signed by our cloud CA "
-            f"{cred.cert_fingerprint(root)}: a rogue registrar?"
+            f"{certificates.cert_fingerprint(root)}: a rogue registrar?"
         )
     if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
         raise UntrustedRegistrar(f"the registrar's certificate ({named}) is not valid now")
@@ -129,7 +129,7 @@ def _pinned_in(certs: list[x509.Certificate], pin: str | None) -> x509.Certifica
     """The self-signed CA certificate in the peer's chain whose key is `pin`."""
     for cert in certs:
         try:
-            if cred.cert_fingerprint(cert) == pin:
+            if certificates.cert_fingerprint(cert) == pin:
                 cert.verify_directly_issued_by(cert)
                 return cert
         except Exception:  # any fault means "not the pinned CA": try the next
@@ -226,9 +226,9 @@ def server_context(
     ctx.load_cert_chain(chain_file, key_file)
     if client_ca is not None:
         ctx.verify_mode = ssl.CERT_OPTIONAL
-        ctx.load_verify_locations(cadata=cred.cert_pem(client_ca))
+        ctx.load_verify_locations(cadata=certificates.cert_pem(client_ca))
         if also_trusted is not None:
-            ctx.load_verify_locations(cadata=cred.cert_pem(also_trusted))
+            ctx.load_verify_locations(cadata=certificates.cert_pem(also_trusted))
     return ctx
 
 
@@ -282,8 +282,8 @@ def _peer_identity(obj: ssl.SSLObject) -> Peer | None:
     elif len(chain) != 2:
         return None  # a CA certificate itself (the CLC's own) or a longer chain
     try:
-        return Peer(named, cred.cert_fingerprint(leaf))
-    except cred.CredentialError:
+        return Peer(named, certificates.cert_fingerprint(leaf))
+    except keypairs.CredentialError:
         return None
 
 
@@ -311,9 +311,9 @@ def load_root(path: Path) -> x509.Certificate | None:
     if not path.exists():
         return None
     try:
-        cert = cred.load_cert(path)
+        cert = certificates.load_cert(path)
         cert.verify_directly_issued_by(cert)
-        cred.cert_fingerprint(cert)
+        certificates.cert_fingerprint(cert)
     except Exception as exc:  # unreadable, or not a self-signed RSA CA
         log.warning("ignoring %s as a CA pin: %s", path, exc)
         return None

@@ -21,6 +21,7 @@ from eucareg.core import renewal
 from eucareg.core.model import IssuedCertificate, Record, Role, Status, event_for
 from eucareg.core.operations import certificate_issued, collected
 from eucareg.core.transitions import Transition, Write
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 from eucareg.pki.chain import chain_digest
 from eucareg.pki.handover import HANDOVER
@@ -40,7 +41,7 @@ IN_PROGRESS = frozenset({Status.AWAITING_KEY, Status.REGISTERING, Status.FAILED,
 class Issuer:
     """The key and certificate a registrar signs component certificates with."""
 
-    key: cred.PrivateKey
+    key: keypairs.PrivateKey
     cert: x509.Certificate
     cloud_cert: x509.Certificate
     # How long certificates last and when they are renewed ([registrar] certificate_*).
@@ -51,9 +52,9 @@ class Issuer:
 
     def bundle(self, record: Record, cert_pem: str) -> dict[str, str]:
         layout = cred.LAYOUTS[record.role]
-        files = {cred.CLOUD_CERT: cred.cert_pem(self.cloud_cert), layout.cert: cert_pem}
+        files = {cred.CLOUD_CERT: certificates.cert_pem(self.cloud_cert), layout.cert: cert_pem}
         if layout.issuer:
-            files[layout.issuer] = cred.cert_pem(self.cert)
+            files[layout.issuer] = certificates.cert_pem(self.cert)
         if self.handover is not None:
             files[HANDOVER] = self.handover
         return files
@@ -115,7 +116,7 @@ class CredentialDesk:
     async def credentials(
         self,
         component_id: str,
-        public_key: cred.PublicKey,
+        public_key: keypairs.PublicKey,
         wait: float,
         have: str | None = None,
         euca: str | None = None,
@@ -134,7 +135,7 @@ class CredentialDesk:
         record = engine.memory.records.get(component_id)
         # Only the component itself counts as heard: anyone can sign a request naming any
         # id, and that must neither keep a silent machine "online" nor leave state behind.
-        counted = record is not None and record.fingerprint == cred.fingerprint(public_key)
+        counted = record is not None and record.fingerprint == keypairs.fingerprint(public_key)
         if counted:
             engine.presence.request_opened(component_id)
         if have is not None:
@@ -155,7 +156,7 @@ class CredentialDesk:
     async def _answer(
         self,
         component_id: str,
-        public_key: cred.PublicKey,
+        public_key: keypairs.PublicKey,
         wait: float,
         have: str | None,
         euca: str | None,
@@ -163,7 +164,7 @@ class CredentialDesk:
         watches: contextlib.ExitStack,
     ) -> CredentialAnswer:
         engine = self.engine
-        fingerprint = cred.fingerprint(public_key)
+        fingerprint = keypairs.fingerprint(public_key)
         deadline = engine.clock() + max(0.0, wait)
         status: Status | None
         woken = False
@@ -233,7 +234,7 @@ class CredentialDesk:
             }
 
     async def _bundle(
-        self, record: Record, public_key: cred.PublicKey
+        self, record: Record, public_key: keypairs.PublicKey
     ) -> tuple[dict[str, str], str, float]:
         """The component's bundle, its certificate's serial, and when that falls due."""
         issuer = self._issuer_for(record.role)
@@ -257,7 +258,7 @@ class CredentialDesk:
         return issuer.bundle(record, issued.cert_pem), issued.serial, due
 
     async def _issued(
-        self, record: Record, public_key: cred.PublicKey, issuer: Issuer
+        self, record: Record, public_key: keypairs.PublicKey, issuer: Issuer
     ) -> IssuedCertificate:
         engine = self.engine
         issued = engine.memory.certificates.get(record.component_id)
@@ -272,7 +273,7 @@ class CredentialDesk:
                 return issued
             renewing = issued  # the same key, due: a new certificate, the old one kept valid
         cert = await asyncio.to_thread(
-            cred.issue_certificate,
+            certificates.issue_certificate,
             issuer_key=issuer.key,
             issuer_cert=issuer.cert,
             subject_key=public_key,
@@ -296,7 +297,7 @@ class CredentialDesk:
             component_id=record.component_id,
             fingerprint=record.fingerprint,
             serial=format(cert.serial_number, "x"),
-            cert_pem=cred.cert_pem(cert),
+            cert_pem=certificates.cert_pem(cert),
             issued_at=engine.clock(),
         )
         previous = engine.memory.certificates.get(record.component_id)
@@ -344,8 +345,8 @@ def validity_of(cert_pem: str) -> renewal.Validity:
     """The validity of a stored certificate (parsed once: every bundle handed out asks); one
     that cannot be read counts as expired, and is replaced at the next request."""
     try:
-        return cred.validity(cred.load_cert_pem(cert_pem))
-    except (cred.CredentialError, ValueError):
+        return certificates.validity(certificates.load_cert_pem(cert_pem))
+    except (keypairs.CredentialError, ValueError):
         return renewal.UNREADABLE
 
 
@@ -354,9 +355,9 @@ def signer_of(cert_pem: str) -> bytes | None:
     """The key identifier of the key that signed a stored certificate (its AKI), None when it
     cannot be read (then it is re-issued, as one that cannot be read is renewed)."""
     try:
-        cert = cred.load_cert_pem(cert_pem)
+        cert = certificates.load_cert_pem(cert_pem)
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    except (cred.CredentialError, ValueError, x509.ExtensionNotFound):
+    except (keypairs.CredentialError, ValueError, x509.ExtensionNotFound):
         return None
     return aki.key_identifier
 

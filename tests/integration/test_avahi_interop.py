@@ -35,6 +35,7 @@ from eucalab.process import LabProcess
 from eucareg.config.file import DEFAULT_API_PORT
 from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Announcement, Role
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 from tests.integration.conftest import CloudFactory
 from tests.integration.test_lab import avahi_tools  # noqa: F401  (a fixture, used by name)
@@ -59,13 +60,13 @@ from eucareg.agent.collect import collect_credentials
 from eucareg.agent.identity import Identity
 from eucareg.agent.locate import Endpoint
 from eucareg.core.model import Role
-from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs
 
 
 async def main() -> None:
     key_file, key_dir, component_id, role, address, port, registrar_id = sys.argv[1:8]
-    key = cred.load_key(Path(key_file))
-    me = Identity(component_id, key, cred.fingerprint(key.public_key()))
+    key = keypairs.load_key(Path(key_file))
+    me = Identity(component_id, key, keypairs.fingerprint(key.public_key()))
     endpoint = Endpoint(address, int(port), registrar_id)
     outcomes = []
     async with aiohttp.ClientSession() as session:
@@ -148,8 +149,8 @@ def test_avahi_sees_our_announcements_and_its_announcements_register_like_ours(
 
     # (a) Our CLC, as avahi-browse on another host shows it.
     clc_id = cloud.component_id("cloud", "clc")
-    clc_key = cred.load_key(cloud.host_dir("cloud") / "state" / "identity" / "clc.key.pem")
-    clc_fp = cred.fingerprint(clc_key.public_key())
+    clc_key = keypairs.load_key(cloud.host_dir("cloud") / "state" / "identity" / "clc.key.pem")
+    clc_fp = keypairs.fingerprint(clc_key.public_key())
     fields = browse(lab, "observer", f"cloud-{clc_id}")
     hyphenated = clc_address.replace(".", "-")
     assert fields[1:9] == [
@@ -187,8 +188,8 @@ def test_avahi_sees_our_announcements_and_its_announcements_register_like_ours(
 
     # (b) A Walrus announced with plain avahi-publish, with a key pair made here. Its TXT
     # record is, key for key, what eucareg's own encoder makes for such a Walrus.
-    walrus_key = cred.generate_key()
-    walrus_fp = cred.fingerprint(walrus_key.public_key())
+    walrus_key = keypairs.generate_key()
+    walrus_fp = keypairs.fingerprint(walrus_key.public_key())
     walrus_id = f"walrus-{secrets.token_hex(6)}"
     walrus_txt = {
         "txtvers": "1",
@@ -213,13 +214,13 @@ def test_avahi_sees_our_announcements_and_its_announcements_register_like_ours(
     assert set(walrus_txt) == set(documented_txt("walrus"))
     # (c) An SC of a cluster no registered CC has, and an SC whose fp= is no fingerprint
     # (upper-case hex): published now too, each decided on its own.
-    sc_key = cred.generate_key()
+    sc_key = keypairs.generate_key()
     sc_id = f"sc-{secrets.token_hex(6)}"
     sc_txt = {
         **walrus_txt,
         "type": "storage",
         "id": sc_id,
-        "fp": cred.fingerprint(sc_key.public_key()),
+        "fp": keypairs.fingerprint(sc_key.public_key()),
         "cluster": "cluster9",
     }
     assert set(sc_txt) == set(documented_txt("storage"))
@@ -269,7 +270,7 @@ def test_avahi_sees_our_announcements_and_its_announcements_register_like_ours(
     # Proof of possession: a credential request signed with the Walrus's key, sent from the
     # observer by eucareg's own client code, over TLS to the CLC it heard.
     key_file = tmp_path / "walrus.key.pem"
-    cred.write_atomic(key_file, cred.key_pem(walrus_key))
+    cred.write_atomic(key_file, keypairs.key_pem(walrus_key))
     key_dir = tmp_path / "walrus-keys"
     argv = [sys.executable, "-c", COLLECT, str(key_file), str(key_dir), walrus_id, "walrus"]
     argv += [clc_address, str(DEFAULT_API_PORT), clc_id]
@@ -295,7 +296,9 @@ def test_avahi_sees_our_announcements_and_its_announcements_register_like_ours(
         "walrus-pk.pem",
     ]
     assert cred.credentials_present(key_dir, Role.WALRUS, walrus_key)
-    assert cred.cert_fingerprint(cred.load_cert(key_dir / "cloud-cert.pem")) == clc_fp
+    assert (
+        certificates.cert_fingerprint(certificates.load_cert(key_dir / "cloud-cert.pem")) == clc_fp
+    )
 
     # Nothing else moved: the SC still waits for its cluster, the bad one is still unrecorded.
     pending = record_of(cloud, sc_id)

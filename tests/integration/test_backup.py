@@ -15,6 +15,7 @@ import pytest
 
 from eucalab.cloud import LabCloud
 from eucalab.cloud_probes import all_registered
+from eucareg.pki import certificates
 from eucareg.pki import credentials as cred
 from tests.integration.conftest import CloudFactory
 from tests.unit.test_migrations import HEAD
@@ -46,7 +47,9 @@ def kept(row: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def ca_fingerprint(cloud: LabCloud) -> str:
-    return cred.cert_fingerprint(cred.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT))
+    return certificates.cert_fingerprint(
+        certificates.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT)
+    )
 
 
 def test_a_restored_clc_is_the_same_registrar(cloud_factory: CloudFactory) -> None:

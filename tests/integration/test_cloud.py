@@ -27,6 +27,7 @@ from eucalab.plans import TOPOLOGY_1, TOPOLOGY_3, TOPOLOGY_4, single_lan
 from eucalab.publisher import publisher_argv
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs
 from tests.integration.conftest import CloudFactory
 
 pytestmark = pytest.mark.integration
@@ -57,7 +58,7 @@ def assert_credentials_everywhere(cloud: LabCloud) -> None:
     for host, roles in cloud.plan.items():
         for role_name in roles:
             role = Role(role_name)
-            key = cred.load_key(
+            key = keypairs.load_key(
                 cloud.host_dir(host) / "state" / "identity" / f"{role_name}.key.pem"
             )
             assert cred.credentials_present(cloud.key_dir(host), role, key), (host, role_name)

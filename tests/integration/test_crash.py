@@ -37,6 +37,7 @@ from eucalab.fleet import fleet_addresses, node_id, read_progress
 from eucalab.lab import Lab
 from eucalab.process import LabProcess
 from eucalab.topology import parse_topology
+from eucareg.pki import certificates
 from eucareg.pki import credentials as cred
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -126,7 +127,9 @@ class CrashRig:
         self.cloud.wait_for("cloud", all_registered({"cc": 1}), timeout=120)
 
     def ca_fingerprint(self) -> str:
-        return cred.cert_fingerprint(cred.load_cert(self.cloud.key_dir("cloud") / cred.CLOUD_CERT))
+        return certificates.cert_fingerprint(
+            certificates.load_cert(self.cloud.key_dir("cloud") / cred.CLOUD_CERT)
+        )
 
     def start_fleet(self, count: int, *, batches: int = 1) -> LabProcess:
         self.count = count

@@ -57,6 +57,7 @@ from eucalab.process import LabProcess
 from eucalab.topology import parse_topology
 from eucareg.agent.timing import AgentTiming
 from eucareg.core.model import Role
+from eucareg.pki import certificates
 from eucareg.pki import credentials as cred
 from tests.integration.conftest import LabFactory
 from tests.integration.test_crash import fleet_key_cache  # noqa: F401  (fixture)
@@ -330,7 +331,9 @@ def test_200_ncs_falling_back_at_once_spread_their_retries_and_all_register(
         # Without join tokens, NCs heard over HTTP need mode any (docs/security.md); the lab
         # cloud's install window admits them.
         cloud.cli("cloud", "mode", "any")
-        pin = cred.cert_fingerprint(cred.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT))
+        pin = certificates.cert_fingerprint(
+            certificates.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT)
+        )
         lab.run("fleet", ff.add_addresses_argv(FIRST_ADDRESS, COUNT, 16), timeout=120, check=True)
         cloud.stop("cloud")  # restarted while the NCs fall back
         fleet_identities(fleet_key_cache, COUNT)  # made once a session, before the clock runs

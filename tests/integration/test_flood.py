@@ -79,11 +79,11 @@ def _requests(
     peer reads, 20% junk."""
     from eucareg.core import txt
     from eucareg.core.model import AnnouncedState, Role
-    from eucareg.pki import credentials as cred
+    from eucareg.pki import keypairs, signatures
     from eucareg.pki.signing import SIGNATURE_HEADER, signed_body, socket_audience
 
-    keys = [cred.load_key(p) for p in sorted(keys_dir.glob("*.pem"))]
-    prints = [cred.fingerprint(k.public_key()) for k in keys]
+    keys = [keypairs.load_key(p) for p in sorted(keys_dir.glob("*.pem"))]
+    prints = [keypairs.fingerprint(k.public_key()) for k in keys]
     audience = socket_audience(registrar, port)
     out = []
     for n in range(count):
@@ -137,7 +137,7 @@ def _requests(
                     path=path,
                     audience=audience,
                 )
-                headers[SIGNATURE_HEADER] = cred.sign(keys[(n + 1) % len(keys)], body)
+                headers[SIGNATURE_HEADER] = signatures.sign(keys[(n + 1) % len(keys)], body)
         method = "GET" if path.startswith("/v1/nothing") else "POST"
         out.append((source, method, path, body, headers))
     return out

@@ -21,6 +21,7 @@ from eucalab.cloud import LabCloud
 from eucalab.cloud_probes import all_registered, registered_components
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs
 from tests.integration.conftest import CloudFactory
 
 pytestmark = pytest.mark.integration
@@ -93,7 +94,7 @@ def stays_offline(cloud: LabCloud, component_id: str, timeout: float) -> None:
 
 
 def has_node_credentials(cloud: LabCloud, host: str) -> bool:
-    key = cred.load_key(cloud.host_dir(host) / "state" / "identity" / "nc.key.pem")
+    key = keypairs.load_key(cloud.host_dir(host) / "state" / "identity" / "nc.key.pem")
     return cred.credentials_present(cloud.key_dir(host), Role.NC, key)
 
 

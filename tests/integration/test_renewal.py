@@ -15,6 +15,7 @@ import pytest
 from eucalab.cloud import LabCloud
 from eucalab.cloud_probes import all_registered
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 from tests.integration.conftest import CloudFactory
 
@@ -40,7 +41,7 @@ def own_certs(cloud: LabCloud) -> dict[tuple[str, str], str]:
             if role_name == "clc":
                 continue
             path = cloud.key_dir(host) / cred.LAYOUTS[Role(role_name)].cert
-            out[(host, role_name)] = format(cred.load_cert(path).serial_number, "x")
+            out[(host, role_name)] = format(certificates.load_cert(path).serial_number, "x")
     return out
 
 
@@ -63,7 +64,7 @@ def holds_credentials(cloud: LabCloud) -> bool:
     for host, roles in cloud.plan.items():
         for role_name in roles:
             role = Role(role_name)
-            key = cred.load_key(
+            key = keypairs.load_key(
                 cloud.host_dir(host) / "state" / "identity" / f"{role_name}.key.pem"
             )
             if role is not Role.CLC and not cred.credentials_present(
@@ -142,13 +143,13 @@ def test_short_lived_certificates_are_renewed_while_the_cloud_runs(
 
     # The operator renews the cloud CA: the same key, so every pin holds, and every component
     # takes up the new cloud-cert.pem (through its CC, for the nodes) without re-registering.
-    old_ca = cred.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT)
+    old_ca = certificates.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT)
     shown = cloud.cli("cloud", "ca", "renew", "--json")
     assert '"previous_serial"' in shown.stdout
     new_pem = file_text(cloud.key_dir("cloud") / cred.CLOUD_CERT)
-    new_ca = cred.load_cert_pem(new_pem)
+    new_ca = certificates.load_cert_pem(new_pem)
     assert new_ca.serial_number != old_ca.serial_number
-    assert cred.cert_fingerprint(new_ca) == cred.cert_fingerprint(old_ca)
+    assert certificates.cert_fingerprint(new_ca) == certificates.cert_fingerprint(old_ca)
     for host in ("cc", "node1", "node2"):
         wait_until(
             lambda host=host: file_text(cloud.key_dir(host) / cred.CLOUD_CERT) == new_pem,  # type: ignore[misc]

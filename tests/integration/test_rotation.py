@@ -16,8 +16,8 @@ import pytest
 from eucalab.cloud import LabCloud
 from eucalab.cloud_probes import all_registered
 from eucareg.core.model import Role
+from eucareg.pki import certificates, handover, keypairs
 from eucareg.pki import credentials as cred
-from eucareg.pki import handover
 from tests.integration.conftest import CloudFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,8 +46,10 @@ def hook_lines(cloud: LabCloud) -> list[str]:
 
 def pin_of(cloud: LabCloud, host: str) -> str | None:
     try:
-        return cred.cert_fingerprint(cred.load_cert(cloud.key_dir(host) / cred.CLOUD_CERT))
-    except cred.CredentialError:
+        return certificates.cert_fingerprint(
+            certificates.load_cert(cloud.key_dir(host) / cred.CLOUD_CERT)
+        )
+    except keypairs.CredentialError:
         return None
 
 
@@ -55,9 +57,9 @@ def signed_under(cloud: LabCloud, host: str, role: str, ca: object) -> bool:
     """Whether the component's certificate chains to `ca` as its bundle says it must."""
     keys = cloud.key_dir(host)
     try:
-        own = cred.load_cert(keys / cred.LAYOUTS[Role(role)].cert)
+        own = certificates.load_cert(keys / cred.LAYOUTS[Role(role)].cert)
         if role == "nc":
-            above = cred.load_cert(keys / "cluster-cert.pem")
+            above = certificates.load_cert(keys / "cluster-cert.pem")
             above.verify_directly_issued_by(ca)  # type: ignore[arg-type]
             own.verify_directly_issued_by(above)
         else:
@@ -93,7 +95,7 @@ def test_the_cloud_ca_key_is_replaced_while_every_component_stays_registered(
     new_fp = done["fingerprint"]
     assert new_fp != old_fp and pin_of(cloud, "cloud") == new_fp
     cloud.start("cloud")
-    new_ca = cred.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT)
+    new_ca = certificates.load_cert(cloud.key_dir("cloud") / cred.CLOUD_CERT)
 
     def moved(hosts: list[str]) -> bool:
         return all(

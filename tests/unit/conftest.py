@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from eucareg.cli import client
-from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs, signatures
 from tests.unit.test_api_harness import CLC_SETTINGS, Harness, served
 
 
@@ -29,11 +29,11 @@ async def clc(tmp_path: Path) -> AsyncIterator[Harness]:
 def verifies(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Count the signature checks the registrar makes (one element per call)."""
     calls: list[int] = []
-    real = cred.verify
+    real = signatures.verify
 
-    def counting(public_key: cred.PublicKey, body: bytes, signature: str) -> bool:
+    def counting(public_key: keypairs.PublicKey, body: bytes, signature: str) -> bool:
         calls.append(1)
         return real(public_key, body, signature)
 
-    monkeypatch.setattr(cred, "verify", counting)
+    monkeypatch.setattr(signatures, "verify", counting)
     yield calls

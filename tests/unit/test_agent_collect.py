@@ -23,6 +23,7 @@ from eucareg.core import txt
 from eucareg.core.model import AnnouncedState, Role
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs
 from tests.unit.test_agent_fakes import (
     FakeCloud,
     FakeMdns,
@@ -140,13 +141,13 @@ async def test_keys_are_loaded_once_and_rechecks_only_stat_the_files(
     held = cloud.bundle(Role.WALRUS, key(1).public_key(), WALRUS_ID)
     cred.write_credentials(key_dir, Role.WALRUS, cred.verify_bundle(held, Role.WALRUS, key(1)))
     loads: list[tuple[str, bool]] = []
-    real_load = cred.load_key
+    real_load = keypairs.load_key
 
-    def counting_load(path: Path) -> cred.PrivateKey:
+    def counting_load(path: Path) -> keypairs.PrivateKey:
         loads.append((path.name, threading.current_thread() is threading.main_thread()))
         return real_load(path)
 
-    monkeypatch.setattr(cred, "load_key", counting_load)
+    monkeypatch.setattr(keypairs, "load_key", counting_load)
     agent, mdns = await start_walrus()  # no registrar to ask: nothing but re-checks happens
     walrus = walrus_of(agent)
     assert walrus.registered
@@ -226,7 +227,7 @@ def test_candidates_put_the_registrar_that_certified_us_first(cloud: FakeCloud) 
     that certified the credentials we hold is asked first, and a pin filters by the key
     announced, so a stranger is not even tried."""
     registrars = Registrars()
-    rogue_fp = cred.fingerprint(key(3).public_key())
+    rogue_fp = keypairs.fingerprint(key(3).public_key())
     registrars.on_sighting(clc_sighting("cloud-clc-00000000dead", rogue_fp, "10.0.2.9"))
     registrars.on_sighting(clc_sighting("cloud-clc-00000000c10d", cloud.fingerprint, "10.0.2.66"))
 

@@ -22,16 +22,16 @@ from cryptography import x509
 from eucareg.config.file import Config, from_mapping
 from eucareg.core.model import Role
 from eucareg.mdns.types import Change, ServiceSpec, Sighting, SightingHandler
+from eucareg.pki import certificates, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
 
-_KEYS: list[cred.PrivateKey] = []
+_KEYS: list[keypairs.PrivateKey] = []
 
 
-def key(n: int) -> cred.PrivateKey:
+def key(n: int) -> keypairs.PrivateKey:
     """Real RSA keys, made once per session (generation is slow)."""
     while len(_KEYS) <= n:
-        _KEYS.append(cred.generate_key())
+        _KEYS.append(keypairs.generate_key())
     return _KEYS[n]
 
 
@@ -98,22 +98,22 @@ class FakeMdns:
 class FakeCloud:
     """A cloud CA that certifies component keys the way a CLC registrar does."""
 
-    key: cred.PrivateKey = field(default_factory=lambda: key(0))
+    key: keypairs.PrivateKey = field(default_factory=lambda: key(0))
     cert: x509.Certificate = field(init=False)
     issued: dict[str, x509.Certificate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.cert = cred.create_cloud_ca(self.key, "test-cloud")
+        self.cert = certificates.create_cloud_ca(self.key, "test-cloud")
 
     @property
     def fingerprint(self) -> str:
-        return cred.fingerprint(self.key.public_key())
+        return keypairs.fingerprint(self.key.public_key())
 
-    def bundle(self, role: Role, subject: cred.PublicKey, component_id: str) -> dict[str, str]:
+    def bundle(self, role: Role, subject: keypairs.PublicKey, component_id: str) -> dict[str, str]:
         """The bundle for a key; issued once, so asking again gets the same certificate."""
-        issued = self.issued.get(cred.fingerprint(subject))
+        issued = self.issued.get(keypairs.fingerprint(subject))
         if issued is None:
-            issued = cred.issue_certificate(
+            issued = certificates.issue_certificate(
                 issuer_key=self.key,
                 issuer_cert=self.cert,
                 subject_key=subject,
@@ -121,22 +121,22 @@ class FakeCloud:
                 component_id=component_id,
                 cluster=None,
             )
-            self.issued[cred.fingerprint(subject)] = issued
+            self.issued[keypairs.fingerprint(subject)] = issued
         return {
-            cred.CLOUD_CERT: cred.cert_pem(self.cert),
-            cred.LAYOUTS[role].cert: cred.cert_pem(issued),
+            cred.CLOUD_CERT: certificates.cert_pem(self.cert),
+            cred.LAYOUTS[role].cert: certificates.cert_pem(issued),
         }
 
-    def serial(self, subject: cred.PublicKey) -> str:
-        return format(self.issued[cred.fingerprint(subject)].serial_number, "x")
+    def serial(self, subject: keypairs.PublicKey) -> str:
+        return format(self.issued[keypairs.fingerprint(subject)].serial_number, "x")
 
 
-def seed_identity(state_dir: Path, role: Role, component_id: str, own: cred.PrivateKey) -> None:
+def seed_identity(state_dir: Path, role: Role, component_id: str, own: keypairs.PrivateKey) -> None:
     """An identity as the agent makes it at first start, with a pooled key (no RSA generation)."""
     directory = state_dir / "identity"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{role.value}.id").write_text(component_id + "\n")
-    cred.write_atomic(directory / f"{role.value}.key.pem", cred.key_pem(own))
+    cred.write_atomic(directory / f"{role.value}.key.pem", keypairs.key_pem(own))
 
 
 def make_config(tmp_path: Path, components: dict[str, dict[str, Any]], **top: Any) -> Config:
@@ -189,7 +189,7 @@ class FakeRegistrar:
         self._dir = tempfile.TemporaryDirectory()
         where = Path(self._dir.name)
         tls.write_chain(where / "chain.pem", [self.cloud.cert])
-        cred.write_atomic(where / "key.pem", cred.key_pem(self.cloud.key))
+        cred.write_atomic(where / "key.pem", keypairs.key_pem(self.cloud.key))
         context = tls.server_context(where / "chain.pem", where / "key.pem")
         self.server = TestServer(app, host="127.0.0.1", port=0)
         await self.server.start_server(ssl=context)
@@ -249,7 +249,7 @@ def bundle_reply(cloud: FakeCloud, role: Role, watch: float = 0.3) -> Reply:
     watching credentials (`have`) is held `watch` seconds first, as a registrar holds it."""
 
     async def reply(payload: dict[str, Any]) -> web.StreamResponse:
-        subject = cred.load_public_pem(payload["public_key"])
+        subject = keypairs.load_public_pem(payload["public_key"])
         if payload.get("have"):
             await asyncio.sleep(watch)
         files = cloud.bundle(role, subject, payload["component_id"])

@@ -11,12 +11,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from eucareg.agent.identity import Identity, ensure_cloud_ca
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 
 
 def clc(tmp_path: Path) -> Identity:
-    key = cred.generate_key()
-    return Identity("clc-000000000001", key, cred.fingerprint(key.public_key()))
+    key = keypairs.generate_key()
+    return Identity("clc-000000000001", key, keypairs.fingerprint(key.public_key()))
 
 
 def test_made_once_and_kept(tmp_path: Path) -> None:
@@ -24,13 +25,13 @@ def test_made_once_and_kept(tmp_path: Path) -> None:
     first = ensure_cloud_ca(tmp_path, ident)
     again = ensure_cloud_ca(tmp_path, ident)
     assert first.serial_number == again.serial_number
-    assert cred.cert_fingerprint(first) == ident.fingerprint
+    assert certificates.cert_fingerprint(first) == ident.fingerprint
 
 
 def test_a_file_certifying_our_key_but_signed_by_another_is_replaced(tmp_path: Path) -> None:
     ident = clc(tmp_path)
     genuine = ensure_cloud_ca(tmp_path, ident)
-    rogue = cred.generate_key()
+    rogue = keypairs.generate_key()
     now = datetime.datetime.now(datetime.UTC)
     forged = (
         x509.CertificateBuilder()
@@ -43,17 +44,17 @@ def test_a_file_certifying_our_key_but_signed_by_another_is_replaced(tmp_path: P
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .sign(rogue, hashes.SHA256())
     )
-    (tmp_path / cred.CLOUD_CERT).write_text(cred.cert_pem(forged))
-    assert cred.cert_fingerprint(forged) == ident.fingerprint  # the pin alone cannot tell
+    (tmp_path / cred.CLOUD_CERT).write_text(certificates.cert_pem(forged))
+    assert certificates.cert_fingerprint(forged) == ident.fingerprint  # the pin alone cannot tell
 
     served = ensure_cloud_ca(tmp_path, ident)
     served.verify_directly_issued_by(served)  # signed by the CLC's own key
     assert served.serial_number != forged.serial_number
-    on_disk = cred.load_cert(tmp_path / cred.CLOUD_CERT)
+    on_disk = certificates.load_cert(tmp_path / cred.CLOUD_CERT)
     assert on_disk.serial_number == served.serial_number
 
 
 def test_a_certificate_of_another_key_is_refused(tmp_path: Path) -> None:
     ensure_cloud_ca(tmp_path, clc(tmp_path))
-    with pytest.raises(cred.CredentialError, match="does not belong to this CLC's key"):
+    with pytest.raises(keypairs.CredentialError, match="does not belong to this CLC's key"):
         ensure_cloud_ca(tmp_path, clc(tmp_path))

@@ -24,7 +24,7 @@ from eucareg.api.auth import (
     verify_signed,
 )
 from eucareg.api.validate import ApiError
-from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs, signatures
 from eucareg.pki.signing import SIGNATURE_HEADER, SIGNED_VERSION, socket_audience
 from tests.unit.test_api_harness import ADMIN_TOKEN, CLC_SETTINGS, Harness, served
 
@@ -39,21 +39,21 @@ async def clc(tmp_path: Path) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture(scope="module")
-def key() -> cred.PrivateKey:
-    return cred.generate_key()
+def key() -> keypairs.PrivateKey:
+    return keypairs.generate_key()
 
 
-def signed(key: cred.PrivateKey, payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+def signed(key: keypairs.PrivateKey, payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     """A body signed exactly as given (signed_body always adds a fresh time and nonce)."""
     body = json.dumps(payload).encode()
-    return body, {SIGNATURE_HEADER: cred.sign(key, body), "Content-Type": "application/json"}
+    return body, {SIGNATURE_HEADER: signatures.sign(key, body), "Content-Type": "application/json"}
 
 
 AUDIENCE = "clc-00000000000a"  # the registrar verify_signed is told it is, below
 
 
 def request_fields(
-    key: cred.PrivateKey, audience: str = AUDIENCE, **overrides: Any
+    key: keypairs.PrivateKey, audience: str = AUDIENCE, **overrides: Any
 ) -> dict[str, Any]:
     """A credential request for POST /v1/credentials at `audience`, field by field."""
     return {
@@ -62,7 +62,7 @@ def request_fields(
         "method": "POST",
         "path": "/v1/credentials",
         "audience": audience,
-        "public_key": cred.public_pem(key.public_key()),
+        "public_key": keypairs.public_pem(key.public_key()),
         "timestamp": time.time(),
         "nonce": "n" * 32,
         **overrides,
@@ -145,7 +145,7 @@ async def test_operator_routes_refuse_a_lan_address_even_with_the_token(tmp_path
 # -- signed requests ---------------------------------------------------------------------------
 
 
-async def test_a_signature_over_another_body_is_401(clc: Harness, key: cred.PrivateKey) -> None:
+async def test_a_signature_over_another_body_is_401(clc: Harness, key: keypairs.PrivateKey) -> None:
     body, headers = signed(key, request_fields(key, at(clc)))
     _other, other_headers = signed(key, request_fields(key, at(clc), nonce="m" * 32))
     status, answer = await clc.signed(
@@ -162,7 +162,7 @@ async def test_a_signature_over_another_body_is_401(clc: Harness, key: cred.Priv
     ] == 401
 
 
-async def test_a_stale_or_future_request_is_401(clc: Harness, key: cred.PrivateKey) -> None:
+async def test_a_stale_or_future_request_is_401(clc: Harness, key: keypairs.PrivateKey) -> None:
     for offset in (-CLOCK_SKEW - 60, CLOCK_SKEW + 60):
         body = signed(key, request_fields(key, at(clc), timestamp=time.time() + offset))
         status, answer = await clc.signed("/v1/credentials", key, {}, body_and_headers=body)
@@ -170,7 +170,7 @@ async def test_a_stale_or_future_request_is_401(clc: Harness, key: cred.PrivateK
         assert "check the clocks" in answer["error"]
 
 
-async def test_a_replayed_request_is_401(clc: Harness, key: cred.PrivateKey) -> None:
+async def test_a_replayed_request_is_401(clc: Harness, key: keypairs.PrivateKey) -> None:
     body = signed(key, request_fields(key, at(clc)))
     first, _ = await clc.signed("/v1/credentials", key, {}, body_and_headers=body)
     assert first == 202
@@ -192,10 +192,10 @@ async def test_a_replayed_request_is_401(clc: Harness, key: cred.PrivateKey) -> 
     ],
 )
 async def test_malformed_signed_bodies_are_400(
-    clc: Harness, key: cred.PrivateKey, raw: bytes, message: str
+    clc: Harness, key: keypairs.PrivateKey, raw: bytes, message: str
 ) -> None:
     for path in ("/v1/credentials", "/v1/announce", "/v1/peer/registry"):
-        headers = {SIGNATURE_HEADER: cred.sign(key, raw)}
+        headers = {SIGNATURE_HEADER: signatures.sign(key, raw)}
         status, answer = await clc.signed(path, key, {}, body_and_headers=(raw, headers))
         assert status == 400, (path, answer)
         assert message in answer["error"]
@@ -225,22 +225,22 @@ async def test_malformed_signed_bodies_are_400(
     ],
 )
 def test_signed_request_fields_are_checked_before_the_signature(
-    key: cred.PrivateKey, overrides: dict[str, Any], message: str
+    key: keypairs.PrivateKey, overrides: dict[str, Any], message: str
 ) -> None:
     fields = request_fields(key, **overrides)
     body = json.dumps(fields).encode()  # Python writes 1e400 as Infinity, which is not JSON
     with pytest.raises(ApiError) as refused:
-        check(body, cred.sign(key, body), NonceCache(started=0.0))
+        check(body, signatures.sign(key, body), NonceCache(started=0.0))
     assert refused.value.status == 400
     assert message in refused.value.message
 
 
-def test_verify_signed_returns_the_payload_and_key(key: cred.PrivateKey) -> None:
+def test_verify_signed_returns_the_payload_and_key(key: keypairs.PrivateKey) -> None:
     body, headers = signed(key, request_fields(key))
     # (A registrar refuses what was signed before it started: this one started long ago.)
     payload, public_key = check(body, headers[SIGNATURE_HEADER], NonceCache(started=0.0))
     assert payload["component_id"] == "walrus-000000000001"
-    assert cred.fingerprint(public_key) == cred.fingerprint(key.public_key())
+    assert keypairs.fingerprint(public_key) == keypairs.fingerprint(key.public_key())
 
 
 def test_the_nonce_cache_forgets_only_what_the_clock_check_refuses_anyway() -> None:

@@ -19,8 +19,8 @@ from eucareg.agent import collect as agent_collect
 from eucareg.agent.locate import Endpoint
 from eucareg.api import components
 from eucareg.core.model import AnnouncedState, Announcement, Role
+from eucareg.pki import certificates, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
 from tests.factories import ann, sighting
 from tests.unit.test_api_harness import (
     CC_SETTINGS,
@@ -44,7 +44,7 @@ def txt_of(a: Announcement) -> dict[str, str]:
 
 
 async def collect(
-    h: Harness, a: Announcement, key: cred.PrivateKey | None = None, **fields: Any
+    h: Harness, a: Announcement, key: keypairs.PrivateKey | None = None, **fields: Any
 ) -> tuple[int, Any]:
     wait = fields.pop("wait", 0)
     return await h.signed(
@@ -88,15 +88,15 @@ async def test_a_registered_component_collects_its_key_layout(clc: Harness) -> N
     assert set(files) == {cred.CLOUD_CERT, cred.LAYOUTS[Role.WALRUS].cert}
     # The agent's own check: the certificate certifies our key and chains to the CA.
     cred.verify_bundle(files, Role.WALRUS, key_of(walrus))
-    ca = cred.load_cert_pem(files[cred.CLOUD_CERT])
-    assert cred.cert_fingerprint(ca) == clc.cloud.fingerprint
+    ca = certificates.load_cert_pem(files[cred.CLOUD_CERT])
+    assert certificates.cert_fingerprint(ca) == clc.cloud.fingerprint
     record = clc.registrar.record(walrus.component_id)
     assert record is not None and record.credentials_collected_at is not None
 
 
 async def test_another_key_for_a_registered_id_is_403(clc: Harness) -> None:
     walrus, _files = await registered_walrus(clc)
-    status, answer = await collect(clc, walrus, key=cred.generate_key())
+    status, answer = await collect(clc, walrus, key=keypairs.generate_key())
     assert status == 403
     assert answer == {
         "error": f"{walrus.component_id} is registered with another key",
@@ -106,7 +106,7 @@ async def test_another_key_for_a_registered_id_is_403(clc: Harness) -> None:
 
 async def test_revoked_credentials_are_410_also_for_a_waiting_long_poll(clc: Harness) -> None:
     walrus, files = await registered_walrus(clc)
-    cert = cred.load_cert_pem(files[cred.LAYOUTS[Role.WALRUS].cert])
+    cert = certificates.load_cert_pem(files[cred.LAYOUTS[Role.WALRUS].cert])
     serial = format(cert.serial_number, "x")
     # The agent's watch: a long-poll with the serial it holds; it must be woken, not time out.
     watch = asyncio.create_task(collect(clc, walrus, have=serial, wait=20))
@@ -148,7 +148,7 @@ async def test_revoked_credentials_are_410_also_for_a_waiting_long_poll(clc: Har
 async def test_malformed_credential_requests_are_400(
     clc: Harness, fields: dict[str, Any], query: str, message: str
 ) -> None:
-    key = cred.generate_key()
+    key = keypairs.generate_key()
     body = {"component_id": "walrus-000000000001", **fields}
     status, answer = await clc.signed("/v1/credentials", key, body, query=query)
     assert status == 400
@@ -159,7 +159,7 @@ async def test_malformed_credential_requests_are_400(
 
 
 async def fallback(
-    h: Harness, a: Announcement, key: cred.PrivateKey | None = None, query: str = ""
+    h: Harness, a: Announcement, key: keypairs.PrivateKey | None = None, query: str = ""
 ) -> Any:
     return await h.signed("/v1/announce", key or key_of(a), {"txt": txt_of(a)}, query=query)
 
@@ -230,7 +230,7 @@ async def test_without_a_token_the_stated_address_must_be_the_callers(
 async def test_a_fallback_announcement_must_be_signed_by_the_announced_key(
     clc: Harness,
 ) -> None:
-    status, answer = await fallback(clc, ann(Role.WALRUS), key=cred.generate_key())
+    status, answer = await fallback(clc, ann(Role.WALRUS), key=keypairs.generate_key())
     assert (status, answer) == (
         403,
         {"error": "the request is not signed by the announced key", "code": "wrong-key"},
@@ -265,7 +265,7 @@ async def test_a_fallback_announcement_for_another_registrar_is_ignored(tmp_path
 async def test_malformed_fallback_announcements_are_400(
     clc: Harness, txt: Any, message: str
 ) -> None:
-    status, answer = await clc.signed("/v1/announce", cred.generate_key(), {"txt": txt})
+    status, answer = await clc.signed("/v1/announce", keypairs.generate_key(), {"txt": txt})
     assert status == 400
     assert message in answer["error"]
 
@@ -283,7 +283,7 @@ async def test_peer_registry_answers_only_the_cloud_ca_key(clc: Harness, tmp_pat
     status, answer = await clc.signed("/v1/peer/registry", clc.cloud.key, {})
     assert status == 200
     assert set(answer) == {"registrar", "local", "components"}
-    status, answer = await clc.signed("/v1/peer/registry", cred.generate_key(), {})
+    status, answer = await clc.signed("/v1/peer/registry", keypairs.generate_key(), {})
     assert (status, answer) == (
         403,
         {"error": "only the cloud controller may read this registry", "code": "not-cloud-ca"},
@@ -326,7 +326,7 @@ async def test_a_request_signed_with_another_key_leaves_nothing_behind(clc: Harn
     clc.announce(walrus)
     await clc.record_status(walrus.component_id, "pending")
     seen_before = clc.registrar.presence.last_seen.get(walrus.component_id)
-    intruder = cred.generate_key()
+    intruder = keypairs.generate_key()
     status, answer = await collect(clc, walrus, key=intruder, wait=1)
     assert status == 403, answer
     assert clc.registrar.presence.last_seen.get(walrus.component_id) == seen_before
@@ -375,7 +375,7 @@ async def test_a_certified_component_may_announce_over_https_in_mode_local(
 
 def certificate(where: Path, clc: Harness, a: Announcement) -> tls.ClientCert:
     """The certificate this cloud would have issued `a`, as client certificate files."""
-    cert = cred.issue_certificate(
+    cert = certificates.issue_certificate(
         issuer_key=clc.cloud.key,
         issuer_cert=clc.cloud.issuer.cert,
         subject_key=key_of(a).public_key(),
@@ -385,7 +385,7 @@ def certificate(where: Path, clc: Harness, a: Announcement) -> tls.ClientCert:
     )
     where.mkdir(parents=True)
     tls.write_chain(where / "chain.pem", [cert])
-    cred.write_atomic(where / "key.pem", cred.key_pem(key_of(a)))
+    cred.write_atomic(where / "key.pem", keypairs.key_pem(key_of(a)))
     return tls.ClientCert(where / "chain.pem", where / "key.pem", format(cert.serial_number, "x"))
 
 
@@ -398,11 +398,13 @@ async def test_a_registered_components_watch_is_held_longer_than_any_other_long_
     monkeypatch.setattr(components, "MAX_WAIT", 0.2)
     monkeypatch.setattr(components, "MAX_WATCH", 30.0)
     walrus, files = await registered_walrus(clc)
-    serial = format(cred.load_cert_pem(files[cred.LAYOUTS[Role.WALRUS].cert]).serial_number, "x")
+    serial = format(
+        certificates.load_cert_pem(files[cred.LAYOUTS[Role.WALRUS].cert]).serial_number, "x"
+    )
     watch = asyncio.create_task(collect(clc, walrus, have=serial, wait=20))
     stranger = ann(Role.WALRUS)
     assert (await collect(clc, stranger, wait=20))[0] == 202  # held 0.2 s, not 20
-    assert (await collect(clc, walrus, key=cred.generate_key(), have=serial, wait=20))[0] == 403
+    assert (await collect(clc, walrus, key=keypairs.generate_key(), have=serial, wait=20))[0] == 403
     assert not watch.done()  # still held after both came back
     # A revocation ends the watch at once, as ever.
     assert (await clc.post("/v1/deregister", {"component_id": walrus.component_id}))[0] == 200

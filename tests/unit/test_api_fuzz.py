@@ -42,6 +42,7 @@ from eucareg.api import answers, bodies, fields, openapi
 from eucareg.api.validate import MAX_BODY, compile_schema
 from eucareg.core.model import Announcement, Role
 from eucareg.core.trust import parse_token
+from eucareg.pki import certificates, keypairs, signatures
 from eucareg.pki import credentials as cred
 from eucareg.pki.signing import SIGNATURE_HEADER, signed_body, socket_audience
 from tests.factories import ann, pool_key, sighting
@@ -74,7 +75,7 @@ class Seeded:
     token_ids: list[str]
     serials: list[str]
     txts: list[dict[str, str]]
-    keys: list[cred.PrivateKey]
+    keys: list[keypairs.PrivateKey]
 
 
 class Served:
@@ -139,7 +140,7 @@ async def seed(h: Harness) -> Seeded:
         "/v1/credentials", key_of(cc), {"component_id": cc.component_id}, "?wait=10"
     )
     assert status == 200, answer
-    cert = cred.load_cert_pem(answer["files"][cred.LAYOUTS[Role.CC].cert])
+    cert = certificates.load_cert_pem(answer["files"][cred.LAYOUTS[Role.CC].cert])
     assert (await h.post("/v1/trust/install-window", {"open": False}))[0] == 200
     # ...pending ones, waiting for the operator or for their CC...
     pending = [ann(Role.WALRUS), ann(Role.CC, "cluster1"), ann(Role.SC, "cluster1")]
@@ -401,17 +402,20 @@ def _route_fields(path: str) -> dict[str, Any]:
 
 
 def _signed_for(
-    draw: st.DrawFn, key: cred.PrivateKey, fields: Any, method: str, target: str, audience: str
+    draw: st.DrawFn, key: keypairs.PrivateKey, fields: Any, method: str, target: str, audience: str
 ) -> tuple[bytes, dict[str, str]]:
     if not isinstance(fields, dict):
         body = json.dumps(fields).encode()
-        return body, {SIGNATURE_HEADER: cred.sign(key, body), "Content-Type": "application/json"}
+        return body, {
+            SIGNATURE_HEADER: signatures.sign(key, body),
+            "Content-Type": "application/json",
+        }
     body, headers = signed_body(key, fields, method=method, path=target, audience=audience)
     if draw(st.integers(0, 5)) == 0:
         # The envelope itself one step off, signed as it is (auth.py checks it first).
         envelope = _mutated(draw, json.loads(body))
         body = json.dumps(envelope).encode()
-        headers[SIGNATURE_HEADER] = cred.sign(key, body)
+        headers[SIGNATURE_HEADER] = signatures.sign(key, body)
     return body, headers
 
 

@@ -25,8 +25,8 @@ from eucareg.api.auth import NONCES, NonceCache
 from eucareg.api.limits import RateLimits
 from eucareg.core.model import Announcement, Role
 from eucareg.core.view import RegistrarSettings
+from eucareg.pki import certificates, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
 from eucareg.pki.signing import socket_audience
 from eucareg.registrar.engine import Issuer, Registrar, Timing
 from eucareg.store.registry import Store, sqlite_url
@@ -43,12 +43,12 @@ CC_SETTINGS = RegistrarSettings(registers=frozenset({Role.NC}), own_cluster="clu
 class Cloud:
     """The cloud CA: the CLC's key and its self-signed certificate."""
 
-    key: cred.PrivateKey
+    key: keypairs.PrivateKey
     issuer: Issuer
 
     @property
     def fingerprint(self) -> str:
-        return cred.fingerprint(self.key.public_key())
+        return keypairs.fingerprint(self.key.public_key())
 
 
 CLOUD_CLC_ID = "clc-0000000000c1"  # the CLC the cloud CA names (and serves TLS as)
@@ -57,8 +57,8 @@ CLOUD_CLC_ID = "clc-0000000000c1"  # the CLC the cloud CA names (and serves TLS 
 @functools.cache
 def the_cloud() -> Cloud:
     """One cloud CA for the session (key generation is slow)."""
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, CLOUD_CLC_ID)
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, CLOUD_CLC_ID)
     return Cloud(key, Issuer(key=key, cert=ca, cloud_cert=ca))
 
 
@@ -116,7 +116,7 @@ class Harness:
     async def signed(
         self,
         path: str,
-        key: cred.PrivateKey,
+        key: keypairs.PrivateKey,
         fields: dict[str, Any],
         query: str = "",
         body_and_headers: tuple[bytes, dict[str, str]] | None = None,
@@ -148,14 +148,14 @@ async def eventually(condition: Callable[[], bool], what: str, timeout: float = 
         await asyncio.sleep(0.01)
 
 
-def key_of(ann: Announcement) -> cred.PrivateKey:
+def key_of(ann: Announcement) -> keypairs.PrivateKey:
     return KEYS[ann.fingerprint]
 
 
 def _serve_as_clc(tls_dir: Path, cloud: Cloud) -> ssl.SSLContext:
     tls_dir.mkdir(parents=True, exist_ok=True)
     tls.write_chain(tls_dir / "chain.pem", [cloud.issuer.cert])
-    cred.write_atomic(tls_dir / "key.pem", cred.key_pem(cloud.key))
+    cred.write_atomic(tls_dir / "key.pem", keypairs.key_pem(cloud.key))
     return tls.server_context(
         tls_dir / "chain.pem", tls_dir / "key.pem", client_ca=cloud.issuer.cert
     )
@@ -167,7 +167,7 @@ async def served(
     settings: RegistrarSettings,
     *,
     ca_known: bool = True,
-    peer_key: cred.PrivateKey | None = None,
+    peer_key: keypairs.PrivateKey | None = None,
     middlewares: Sequence[Middleware] = (),
     outer: Sequence[Middleware] = (),
     tls_dir: Path | None = None,

@@ -33,6 +33,7 @@ from eucareg.config.values import ConfigError
 from eucareg.core.model import Announcement, Role
 from eucareg.core.trust import announcement_proof_message, make_proof, parse_token
 from eucareg.core.view import RegistrarSettings
+from eucareg.pki import certificates, keypairs, signatures
 from eucareg.pki import credentials as cred
 from eucareg.pki.signing import SIGNATURE_HEADER, SIGNED_VERSION
 from tests.factories import ann, sighting
@@ -80,9 +81,9 @@ def nonces_of(h: Harness) -> NonceCache:
 
 
 @pytest.fixture(scope="module")
-def keys() -> list[cred.PrivateKey]:
+def keys() -> list[keypairs.PrivateKey]:
     """Self-made keys, as an attacker would use: a few, reused with fresh ids and nonces."""
-    return [cred.generate_key() for _ in range(12)]
+    return [keypairs.generate_key() for _ in range(12)]
 
 
 Answer = tuple[int, Any, dict[str, str]]
@@ -108,12 +109,12 @@ async def request(
 
 def envelope(
     h: Harness,
-    key: cred.PrivateKey,
+    key: keypairs.PrivateKey,
     path: str,
     fields: dict[str, Any],
     *,
     timestamp: float | None = None,
-    signer: cred.PrivateKey | None = None,
+    signer: keypairs.PrivateKey | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """A signed request for `path` (with its query) at the harness's registrar, carrying
     `key`'s public key; signed by `signer` (a forgery) when given."""
@@ -124,25 +125,25 @@ def envelope(
             "method": "POST",
             "path": path,
             "audience": h.audience,
-            "public_key": cred.public_pem(key.public_key()),
+            "public_key": keypairs.public_pem(key.public_key()),
             "timestamp": time.time() if timestamp is None else timestamp,
             "nonce": secrets.token_hex(16),
         }
     ).encode()
-    signature = cred.sign(signer or key, body)
+    signature = signatures.sign(signer or key, body)
     return body, {SIGNATURE_HEADER: signature, "Content-Type": "application/json"}
 
 
 async def signed(
     h: Harness,
-    key: cred.PrivateKey,
+    key: keypairs.PrivateKey,
     path: str,
     fields: dict[str, Any],
     *,
     source: str | None,
     query: str = "",
     timestamp: float | None = None,
-    signer: cred.PrivateKey | None = None,
+    signer: keypairs.PrivateKey | None = None,
 ) -> Answer:
     body, headers = envelope(h, key, path + query, fields, timestamp=timestamp, signer=signer)
     return await request(h, "POST", path + query, source=source, data=body, headers=headers)
@@ -150,12 +151,12 @@ async def signed(
 
 async def collect(
     h: Harness,
-    key: cred.PrivateKey,
+    key: keypairs.PrivateKey,
     component_id: str,
     *,
     source: str | None,
     wait: float = 0,
-    signer: cred.PrivateKey | None = None,
+    signer: keypairs.PrivateKey | None = None,
     **fields: Any,
 ) -> Answer:
     return await signed(
@@ -179,11 +180,11 @@ async def admin(h: Harness, path: str, body: Any) -> Any:
     return answer
 
 
-async def registered_nc(h: Harness, key: cred.PrivateKey, source: str) -> Announcement:
+async def registered_nc(h: Harness, key: keypairs.PrivateKey, source: str) -> Announcement:
     """An NC admitted in an install window (heard over mDNS), whose key collected its
     credentials from `source`; the window is closed again."""
     await admin(h, "/v1/trust/install-window", {"open": True, "for": "10m"})
-    nc = ann(Role.NC, "cluster1", fingerprint=cred.fingerprint(key.public_key()))
+    nc = ann(Role.NC, "cluster1", fingerprint=keypairs.fingerprint(key.public_key()))
     h.announce(nc)
     await h.record_status(nc.component_id, "awaiting-key")
     status, answer, _ = await collect(h, key, nc.component_id, source=source, wait=10)
@@ -193,7 +194,7 @@ async def registered_nc(h: Harness, key: cred.PrivateKey, source: str) -> Announ
 
 
 def serial_of(files: dict[str, str]) -> str:
-    cert = cred.load_cert_pem(files[cred.LAYOUTS[Role.NC].cert])
+    cert = certificates.load_cert_pem(files[cred.LAYOUTS[Role.NC].cert])
     return format(cert.serial_number, "x")
 
 
@@ -373,7 +374,7 @@ async def test_mapped_ipv4_and_one_ipv6_64_share_a_bucket(tmp_path: Path) -> Non
 
 
 async def test_requests_refused_before_their_key_is_known_are_charged(
-    tmp_path: Path, keys: list[cred.PrivateKey], verifies: list[int]
+    tmp_path: Path, keys: list[keypairs.PrivateKey], verifies: list[int]
 ) -> None:
     """Junk of every kind drains one bucket; past it, junk gets 429 and costs no check."""
     junk: list[tuple[str, str, bytes, dict[str, str], int]] = [
@@ -403,7 +404,7 @@ async def test_requests_refused_before_their_key_is_known_are_charged(
 
 
 async def test_a_registered_component_sharing_the_attackers_address_is_never_limited(
-    tmp_path: Path, keys: list[cred.PrivateKey], verifies: list[int]
+    tmp_path: Path, keys: list[keypairs.PrivateKey], verifies: list[int]
 ) -> None:
     async with served(tmp_path, RateLimits(rate=0.05, burst=10)) as h:
         nc_key, token_key, attacker_key = keys[0], keys[1], keys[2]
@@ -422,7 +423,9 @@ async def test_a_registered_component_sharing_the_attackers_address_is_never_lim
         assert status == 200
         # 2. A newcomer whose announcement carries a valid join-token proof (mode local).
         token = (await admin(h, "/v1/tokens", {"role": "nc", "cluster": "cluster1"}))["token"]
-        newcomer = ann(Role.NC, "cluster1", fingerprint=cred.fingerprint(token_key.public_key()))
+        newcomer = ann(
+            Role.NC, "cluster1", fingerprint=keypairs.fingerprint(token_key.public_key())
+        )
         parsed = parse_token(token)
         stamp = int(time.time())
         proof = make_proof(parsed.secret, announcement_proof_message(newcomer, stamp))
@@ -446,7 +449,7 @@ async def test_a_registered_component_sharing_the_attackers_address_is_never_lim
 
 
 async def test_a_request_naming_a_registered_key_without_its_signature_is_charged(
-    tmp_path: Path, keys: list[cred.PrivateKey]
+    tmp_path: Path, keys: list[keypairs.PrivateKey]
 ) -> None:
     async with served(tmp_path, RateLimits(rate=0.05, burst=3)) as h:
         nc_key, attacker_key = keys[0], keys[3]
@@ -466,7 +469,7 @@ async def test_a_request_naming_a_registered_key_without_its_signature_is_charge
 
 
 async def test_a_trusted_key_past_its_nonce_quota_is_treated_like_anyone(
-    tmp_path: Path, keys: list[cred.PrivateKey]
+    tmp_path: Path, keys: list[keypairs.PrivateKey]
 ) -> None:
     async with served(
         tmp_path, RateLimits(rate=0.05, burst=2), nonces=NonceCache(key_quota=4)
@@ -482,7 +485,7 @@ async def test_a_trusted_key_past_its_nonce_quota_is_treated_like_anyone(
 
 
 async def test_unauthenticated_requests_at_once_are_capped_across_sources(
-    tmp_path: Path, keys: list[cred.PrivateKey]
+    tmp_path: Path, keys: list[keypairs.PrivateKey]
 ) -> None:
     async with served(tmp_path, RateLimits(rate=100, burst=100, in_flight=10)) as h:
         nc = await registered_nc(h, keys[0], "10.66.1.1")
@@ -501,7 +504,7 @@ async def test_unauthenticated_requests_at_once_are_capped_across_sources(
 
 
 async def test_held_unauthenticated_long_polls_take_at_most_half_the_cap(
-    tmp_path: Path, keys: list[cred.PrivateKey]
+    tmp_path: Path, keys: list[keypairs.PrivateKey]
 ) -> None:
     """Components waiting for approval long-poll for hours: past half the in-flight cap their
     long-polls are answered at once (202, their status), so they never fill the cap and
@@ -562,7 +565,7 @@ def test_one_key_holds_at_most_its_quota_of_trusted_nonces() -> None:
 
 
 async def test_a_registered_component_gets_through_a_flood_of_validly_signed_requests(
-    tmp_path: Path, keys: list[cred.PrivateKey]
+    tmp_path: Path, keys: list[keypairs.PrivateKey]
 ) -> None:
     """Before: any key's nonce filled one cache whose floor then rose past the stamps of
     honest requests. Now: self-made keys fill a partition of their own, which waits when it
@@ -622,7 +625,7 @@ async def test_a_registered_component_gets_through_a_flood_of_validly_signed_req
 
 
 async def test_a_flood_of_unauthenticated_requests_leaves_bounded_state(
-    tmp_path: Path, keys: list[cred.PrivateKey]
+    tmp_path: Path, keys: list[keypairs.PrivateKey]
 ) -> None:
     """2,000 requests with unique ids and nonces from 300 sources (IPv4 and IPv6): HTTP
     announcements in mode any, credential requests, peer reads, junk. Nothing answers 5xx,
@@ -652,7 +655,7 @@ async def test_a_flood_of_unauthenticated_requests_leaves_bounded_state(
                     "cluster1",
                     component_id=component_id,
                     address=source,
-                    fingerprint=cred.fingerprint(key.public_key()),
+                    fingerprint=keypairs.fingerprint(key.public_key()),
                 )
                 answer = await signed(h, key, "/v1/announce", {"txt": txt_of(a)}, source=source)
             elif kind in (0, 1):
@@ -692,6 +695,6 @@ async def test_a_flood_of_unauthenticated_requests_leaves_bounded_state(
         # Afterwards: the registrar answers, and a legitimate NC registers from a flooded source.
         assert (await request(h, "GET", "/v1/health", source="10.69.0.1"))[0] == 200
         await admin(h, "/v1/trust/mode", {"mode": "local"})
-        nc = await registered_nc(h, cred.generate_key(), sources[0])
+        nc = await registered_nc(h, keypairs.generate_key(), sources[0])
         record = registrar.record(nc.component_id)
         assert record is not None and record.status.value == "registered"

@@ -31,7 +31,7 @@ from eucareg.core.model import UNADMITTED, Announcement, HookOutcome, HookRun, R
 from eucareg.core.trust import Task, announcement_proof_message, make_proof, parse_token
 from eucareg.core.view import RegistrarSettings
 from eucareg.mdns.types import Change, Sighting
-from eucareg.pki import credentials as cred
+from eucareg.pki import certificates, keypairs
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
 from eucareg.registrar.hooks import group_alive
 from eucareg.store.registry import Store, StoreBusy, sqlite_url
@@ -163,8 +163,8 @@ async def events_of(reg: Registrar, component_id: str) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def issuer() -> Issuer:
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "attack")
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, "attack")
     return Issuer(key=key, cert=ca, cloud_cert=ca)
 
 
@@ -706,7 +706,7 @@ async def test_replaced_component_coming_back_is_refused_while_the_newcomer_is_h
     key = KEYS[old.fingerprint]
     answer = await reg.credentials(old.component_id, key.public_key(), 0)
     assert answer.files is not None
-    serial = format(cred.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
+    serial = format(certificates.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
     reg.on_sighting(Sighting(old.instance, Change.REMOVED))
     newcomer = ann(Role.NC, "c1", address="10.77.201.1")
     reg.on_sighting(sighting(newcomer))
@@ -736,7 +736,7 @@ async def test_a_certificate_signed_across_a_deregistration_is_not_handed_to_the
     await prove_all(reg)
     assert status(reg, old.component_id) is Status.REGISTERED
     entered, gate = threading.Event(), threading.Event()
-    real = cred.issue_certificate
+    real = certificates.issue_certificate
 
     def slow_issue(**kwargs: object) -> object:
         if not entered.is_set():
@@ -744,7 +744,7 @@ async def test_a_certificate_signed_across_a_deregistration_is_not_handed_to_the
             gate.wait(10)
         return real(**kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(cred, "issue_certificate", slow_issue)
+    monkeypatch.setattr(certificates, "issue_certificate", slow_issue)
     old_key = KEYS[old.fingerprint].public_key()
     asking = asyncio.create_task(reg.credentials(old.component_id, old_key, 0))
     await asyncio.to_thread(entered.wait, 10)

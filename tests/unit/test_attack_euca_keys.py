@@ -262,14 +262,14 @@ def test_a_cluster_directory_linked_to_another_clusters_is_refused(keys: Path) -
 def test_eucareg_own_credentials_are_never_served_as_eucalyptus_keys(tmp_path: Path) -> None:
     """A keys_dir that turns out (through a link) to be eucareg's own key_dir: its files carry
     the same names but O=eucareg, so the set is refused, not served."""
-    from eucareg.pki import credentials as cred
+    from eucareg.pki import certificates, keypairs
 
-    ca_key = cred.generate_key()
-    ca = cred.create_cloud_ca(ca_key, "cloud-1")
+    ca_key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(ca_key, "cloud-1")
     own = tmp_path / "eucareg-keys"
     own.mkdir()
-    node_key = cred.generate_key()
-    cert = cred.issue_certificate(
+    node_key = keypairs.generate_key()
+    cert = certificates.issue_certificate(
         issuer_key=ca_key,
         issuer_cert=ca,
         subject_key=node_key.public_key(),
@@ -277,10 +277,10 @@ def test_eucareg_own_credentials_are_never_served_as_eucalyptus_keys(tmp_path: P
         component_id="nc-1",
         cluster="cluster1",
     )
-    (own / ef.NODE_KEY).write_bytes(cred.key_pem(node_key))
-    (own / ef.NODE_CERT).write_bytes(cred.cert_pem(cert).encode())
-    (own / ef.CLUSTER_CERT).write_bytes(cred.cert_pem(ca).encode())
-    (own / ef.CLOUD_CERT).write_bytes(cred.cert_pem(ca).encode())
+    (own / ef.NODE_KEY).write_bytes(keypairs.key_pem(node_key))
+    (own / ef.NODE_CERT).write_bytes(certificates.cert_pem(cert).encode())
+    (own / ef.CLUSTER_CERT).write_bytes(certificates.cert_pem(ca).encode())
+    (own / ef.CLOUD_CERT).write_bytes(certificates.cert_pem(ca).encode())
     got = read_set(Role.NC, "cluster1", own)
     assert got.state == INVALID and got.files == {}
 
@@ -405,11 +405,11 @@ async def test_a_registrar_that_is_not_the_pinned_one_plants_no_file(
 ) -> None:
     """A rogue CLC (a cloud CA the component did not pin) delivering "keys": the TLS check
     fails before any answer is read, and nothing is written into the Eucalyptus directory."""
-    from eucareg.pki import credentials as cred
+    from eucareg.pki import certificates, keypairs
 
     key_dir = tmp_path / "eucareg-keys"
     euca_dir = tmp_path / "eucalyptus-keys"
-    pinned = cred.create_cloud_ca(cred.generate_key(), "the-real-cloud")
+    pinned = certificates.create_cloud_ca(keypairs.generate_key(), "the-real-cloud")
     async with served(tmp_path / "rogue", CLC_SETTINGS, tls_dir=tmp_path / "tls") as rogue:
         rogue.registrar.desk.euca_keys = EucaKeySource(keys, poll=0.05)
         rogue.local.append({"role": "clc", "component_id": CLOUD_CLC_ID})

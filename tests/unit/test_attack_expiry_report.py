@@ -12,7 +12,7 @@ import pytest
 
 from eucareg.core.model import Event, event_for
 from eucareg.core.transitions import Transition, Write
-from eucareg.pki import credentials as cred
+from eucareg.pki import certificates, keypairs
 from eucareg.registrar.engine import Issuer, Registrar
 from eucareg.registrar.renewal import RECENT, _serial_of
 from tests.unit.test_renewal import HOUR, SHORT, Clock, make, registered_cc
@@ -22,8 +22,8 @@ OVERDUE = HOUR - 300  # due for 15 minutes: reported `expiring`
 
 @pytest.fixture(scope="module")
 def issuer() -> Issuer:
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "expiry-attack")
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, "expiry-attack")
     return Issuer(key=key, cert=ca, cloud_cert=ca, policy=SHORT)
 
 

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from eucareg.cli.main import main
 from eucareg.core.model import Role, Status
 from eucareg.core.trust import Mode
-from eucareg.pki import credentials as cred
+from eucareg.pki import certificates, keypairs
 from eucareg.registrar.engine import Issuer, Registrar
 from eucareg.upgrade import jobs
 from eucareg.upgrade.plan import MAX_IMPORT, Action, Candidate
@@ -43,8 +43,8 @@ pytestmark = pytest.mark.usefixtures("no_host_config")
 
 FRONT = "10.77.9.9"
 KEY_A = "sha256:" + "a" * 64
-_CA_KEY = cred.generate_key()
-_CA = cred.create_cloud_ca(_CA_KEY, "attack-import")
+_CA_KEY = keypairs.generate_key()
+_CA = certificates.create_cloud_ca(_CA_KEY, "attack-import")
 ISSUER = Issuer(key=_CA_KEY, cert=_CA, cloud_cert=_CA)
 
 
@@ -611,7 +611,7 @@ async def test_an_unpinned_imported_record_gives_no_credentials_to_whoever_names
     from eucareg.registrar.desk import CredentialRefused
 
     with pytest.raises(CredentialRefused) as refused:
-        await reg.credentials(row.component_id or "", cred.generate_key().public_key(), wait=0)
+        await reg.credentials(row.component_id or "", keypairs.generate_key().public_key(), wait=0)
     assert refused.value.status == 403
     assert reg.memory.certificates == {}
     await reg.close()

@@ -19,8 +19,8 @@ import pytest
 from eucareg.agent.host import Agent
 from eucareg.agent.rotation import MIN_OVERLAP, rotate
 from eucareg.core.model import Role
+from eucareg.pki import certificates, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
 from tests.unit.test_agent_fakes import FakeMdns, key, make_config, seed_identity
 from tests.unit.test_attack_tls import TIMING, loopback_only
 from tests.unit.test_rotation_handover import issue
@@ -87,7 +87,7 @@ async def started_clc(
     first = Agent(cfg, backend=FakeMdns(), timing=TIMING)
     await first.start()
     await first.stop()
-    old_cert = cred.load_cert(cfg.key_dir / cred.CLOUD_CERT)
+    old_cert = certificates.load_cert(cfg.key_dir / cred.CLOUD_CERT)
     made = time.time() - (MIN_OVERLAP - LEFT)
     rotated = await asyncio.to_thread(rotate, state, cfg.key_dir, MIN_OVERLAP, made)
     own, walrus = issue(key(4), old_cert, Role.WALRUS, "walrus-00000000000a")

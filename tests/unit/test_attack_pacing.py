@@ -30,7 +30,7 @@ from aiohttp import web
 from eucareg.api import pacing
 from eucareg.api.pacing import PacedTLSSite, Pacer
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
+from eucareg.pki import keypairs, tls
 from tests.unit.test_attack_tls import an_agent
 from tests.unit.test_tls import CC_CERT, CC_KEY, CLOUD
 
@@ -113,7 +113,7 @@ async def settle(pacer: Pacer, seconds: float = 5.0) -> None:
 def server_files(tmp: Path) -> tuple[Path, Path]:
     chain_file, key_file = tmp / "chain.pem", tmp / "key.pem"
     tls.write_chain(chain_file, [CC_CERT, CLOUD.root])
-    cred.write_atomic(key_file, cred.key_pem(CC_KEY))
+    cred.write_atomic(key_file, keypairs.key_pem(CC_KEY))
     return chain_file, key_file
 
 
@@ -445,7 +445,7 @@ async def test_a_client_certificate_is_seen_after_a_deferred_handshake(
     """Holds: TLS 1.2 and 1.3, the handshake deferred: the request's transport has the
     ssl_object and peercert, and peer_identity names the client."""
     tls.write_chain(tmp_path / "client.pem", [CC_CERT])
-    cred.write_atomic(tmp_path / "client-key.pem", cred.key_pem(CC_KEY))
+    cred.write_atomic(tmp_path / "client-key.pem", keypairs.key_pem(CC_KEY))
     cert = (tmp_path / "client.pem", tmp_path / "client-key.pem")
     async with serve(tmp_path, client_ca=True) as served:
         pump = Pump(served.pacer, served.clock)

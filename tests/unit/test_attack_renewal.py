@@ -32,6 +32,7 @@ from eucareg.config.values import ConfigError
 from eucareg.core import grammar, renewal
 from eucareg.core.model import Role
 from eucareg.core.view import RegistrarSettings
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 from eucareg.pki.cloud import read_held
 from eucareg.registrar.desk import CredentialRefused
@@ -47,8 +48,8 @@ YEAR = 365 * 86400.0
 
 @pytest.fixture(scope="module")
 def issuer() -> Issuer:
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "attack-renewal")
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, "attack-renewal")
     return Issuer(key=key, cert=ca, cloud_cert=ca, policy=SHORT)
 
 
@@ -173,9 +174,9 @@ async def test_a_registrar_clock_set_back_renews_once_not_in_a_storm(
 def test_a_component_clock_behind_or_ahead_never_takes_a_bundle_it_cannot_use(
     issuer: Issuer,
 ) -> None:
-    key = cred.generate_key()
+    key = keypairs.generate_key()
     now = datetime.datetime.now(datetime.UTC).timestamp()
-    cert = cred.issue_certificate(
+    cert = certificates.issue_certificate(
         issuer_key=issuer.key,
         issuer_cert=issuer.cert,
         subject_key=key.public_key(),
@@ -185,21 +186,21 @@ def test_a_component_clock_behind_or_ahead_never_takes_a_bundle_it_cannot_use(
         now=now,
         lifetime=datetime.timedelta(hours=1),
     )
-    files = {cred.CLOUD_CERT: cred.cert_pem(issuer.cloud_cert).encode()}
-    files["cluster-cert.pem"] = cred.cert_pem(cert).encode()
+    files = {cred.CLOUD_CERT: certificates.cert_pem(issuer.cloud_cert).encode()}
+    files["cluster-cert.pem"] = certificates.cert_pem(cert).encode()
     cred.check_current(files, now)  # by a right clock: fine
     for skew in (-3 * HOUR, +3 * HOUR):  # the component's clock behind, then ahead
-        with pytest.raises(cred.CredentialError, match="not valid now"):
+        with pytest.raises(keypairs.CredentialError, match="not valid now"):
             cred.check_current(files, now + skew)
 
 
 # -- a tampered or foreign cloud-cert.pem -------------------------------------------------------
 
 
-def forged_for(key: cred.PrivateKey, held: x509.Certificate) -> x509.Certificate:
+def forged_for(key: keypairs.PrivateKey, held: x509.Certificate) -> x509.Certificate:
     """A certificate for the CLC's *public* key (anyone has it) under the CLC's own name, but
     signed by another key: what a writer of key_dir can make without the CLC's key."""
-    rogue = cred.generate_key()
+    rogue = keypairs.generate_key()
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
@@ -214,12 +215,12 @@ def forged_for(key: cred.PrivateKey, held: x509.Certificate) -> x509.Certificate
     )
 
 
-def genuine(cert: x509.Certificate, key: cred.PrivateKey) -> bool:
+def genuine(cert: x509.Certificate, key: keypairs.PrivateKey) -> bool:
     try:
         cert.verify_directly_issued_by(cert)
     except Exception:
         return False
-    return cred.cert_fingerprint(cert) == cred.fingerprint(key.public_key())
+    return certificates.cert_fingerprint(cert) == keypairs.fingerprint(key.public_key())
 
 
 async def test_a_forged_ca_for_the_clc_key_found_at_start_is_never_served(tmp_path: Path) -> None:
@@ -228,7 +229,7 @@ async def test_a_forged_ca_for_the_clc_key_found_at_start_is_never_served(tmp_pa
     too, before anything is served."""
     key_dir, key = clc_dir(tmp_path)
     forged = forged_for(key, read_held(key_dir, key))
-    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(forged).encode())
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, certificates.cert_pem(forged).encode())
     changes: list[x509.Certificate] = []
 
     async def changed() -> None:
@@ -258,23 +259,25 @@ async def test_a_foreign_or_damaged_cloud_cert_written_while_running_is_put_back
 
     ca = CloudCA(key_dir, key, held, changed)
     other = {
-        "foreign": cred.cert_pem(cred.create_cloud_ca(cred.generate_key(), "rogue")).encode(),
-        "forged": cred.cert_pem(forged_for(key, held)).encode(),
+        "foreign": certificates.cert_pem(
+            certificates.create_cloud_ca(keypairs.generate_key(), "rogue")
+        ).encode(),
+        "forged": certificates.cert_pem(forged_for(key, held)).encode(),
         "garbage": b"\x00not a certificate\xff",
         "empty": b"",
     }[kind]
     cred.write_atomic(key_dir / cred.CLOUD_CERT, other)
     assert await ca.check() is False
     assert ca.cert == held and changes == []
-    assert (key_dir / cred.CLOUD_CERT).read_bytes() == cred.cert_pem(held).encode()
+    assert (key_dir / cred.CLOUD_CERT).read_bytes() == certificates.cert_pem(held).encode()
 
 
 async def test_a_due_ca_is_renewed_even_with_a_foreign_file_on_disk(tmp_path: Path) -> None:
     clock = Clock()
     key_dir, key = clc_dir(tmp_path, issued_at=clock() - 14 * YEAR)  # due
     held = read_held(key_dir, key)
-    other = cred.create_cloud_ca(cred.generate_key(), "rogue")
-    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(other).encode())
+    other = certificates.create_cloud_ca(keypairs.generate_key(), "rogue")
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, certificates.cert_pem(other).encode())
 
     async def changed() -> None:
         return None
@@ -282,7 +285,7 @@ async def test_a_due_ca_is_renewed_even_with_a_foreign_file_on_disk(tmp_path: Pa
     ca = CloudCA(key_dir, key, held, changed, clock=clock)
     assert await ca.check() is True
     assert genuine(ca.cert, key) and ca.cert.serial_number != held.serial_number
-    assert renewal.phase(cred.validity(ca.cert), renewal.ca_margin(), clock()) is (
+    assert renewal.phase(certificates.validity(ca.cert), renewal.ca_margin(), clock()) is (
         renewal.Phase.CURRENT
     )
     assert read_held(key_dir, key) == ca.cert
@@ -327,7 +330,7 @@ async def test_ca_renew_twice_at_once_while_the_agent_runs(tmp_path: Path) -> No
                 await asyncio.wait_for(seen.wait(), 0.5)
         on_disk = read_held(key_dir, key)
         assert ca.cert == on_disk and on_disk in results and genuine(on_disk, key)
-        assert cred.cert_fingerprint(ca.cert) == cred.cert_fingerprint(held)
+        assert certificates.cert_fingerprint(ca.cert) == certificates.cert_fingerprint(held)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -348,7 +351,7 @@ def test_ca_renew_without_an_agent_and_ca_show_after(tmp_path: Path) -> None:
 def test_ca_renew_refuses_a_forged_certificate_for_its_key(tmp_path: Path) -> None:
     key_dir, key = clc_dir(tmp_path)
     forged = forged_for(key, read_held(key_dir, key))
-    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(forged).encode())
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, certificates.cert_pem(forged).encode())
     result = CliRunner().invoke(main, ["ca", "renew", "--config", str(_config(tmp_path, key))])
     assert result.exit_code == 1 and "not self-signed" in result.output
 
@@ -390,8 +393,8 @@ def test_the_configured_lifetime_at_its_ceiling_and_one_second_over() -> None:
 
 
 def test_a_certificate_at_the_longest_lifetime_is_issued_and_verifies(issuer: Issuer) -> None:
-    key = cred.generate_key()
-    cert = cred.issue_certificate(
+    key = keypairs.generate_key()
+    cert = certificates.issue_certificate(
         issuer_key=issuer.key,
         issuer_cert=issuer.cert,
         subject_key=key.public_key(),
@@ -401,8 +404,8 @@ def test_a_certificate_at_the_longest_lifetime_is_issued_and_verifies(issuer: Is
         lifetime=datetime.timedelta(seconds=grammar.MAX_DURATION),
     )
     files = {
-        cred.CLOUD_CERT: cred.cert_pem(issuer.cloud_cert),
-        cred.LAYOUTS[Role.WALRUS].cert: cred.cert_pem(cert),
+        cred.CLOUD_CERT: certificates.cert_pem(issuer.cloud_cert),
+        cred.LAYOUTS[Role.WALRUS].cert: certificates.cert_pem(cert),
     }
     cred.verify_bundle(files, Role.WALRUS, key)
 
@@ -413,19 +416,19 @@ CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from eucareg.pki import credentials as cred
+    from eucareg.pki import certificates, keypairs
     from eucareg.registrar.engine import Issuer
     from tests.unit.test_renewal import SHORT, Clock, make
 
     async def main() -> None:
         state = Path(sys.argv[1])
-        ca_key = cred.load_key(state / "ca.key")
-        ca = cred.load_cert(state / "ca.pem")
+        ca_key = keypairs.load_key(state / "ca.key")
+        ca = certificates.load_cert(state / "ca.pem")
         issuer = Issuer(key=ca_key, cert=ca, cloud_cert=ca, policy=SHORT)
         clock = Clock()
         clock.offset = float(sys.argv[3])
         reg = await make(state, issuer, clock)
-        key = cred.load_key(state / "cc.key")
+        key = keypairs.load_key(state / "cc.key")
         await reg.credentials(sys.argv[2], key.public_key(), wait=0)
         print("answered", flush=True)  # never: the crash point is passed first
 
@@ -445,9 +448,9 @@ async def test_a_registrar_killed_right_after_storing_a_renewal_hands_out_that_o
     cid, key = await registered_cc(reg)
     old = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
     await reg.close()
-    cred.write_atomic(tmp_path / "ca.key", cred.key_pem(issuer.key))
-    cred.write_atomic(tmp_path / "ca.pem", cred.cert_pem(issuer.cert).encode())
-    cred.write_atomic(tmp_path / "cc.key", cred.key_pem(key))
+    cred.write_atomic(tmp_path / "ca.key", keypairs.key_pem(issuer.key))
+    cred.write_atomic(tmp_path / "ca.pem", certificates.cert_pem(issuer.cert).encode())
+    cred.write_atomic(tmp_path / "cc.key", keypairs.key_pem(key))
     env = {
         **os.environ,
         "EUCAREG_CRASH_AT": "after-certificate",
@@ -491,7 +494,7 @@ async def test_an_older_genuine_cloud_cert_put_back_does_not_undo_a_renewal(tmp_
     later = datetime.datetime.now(datetime.UTC).timestamp() + 5
     renewed = renew_held(key_dir, key, later, old)
     assert await ca.check() is True and ca.cert == renewed
-    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(old).encode())
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, certificates.cert_pem(old).encode())
     assert await ca.check() is False
     assert ca.cert == renewed and read_held(key_dir, key) == renewed
 
@@ -505,10 +508,10 @@ async def test_a_cc_renewed_while_its_nodes_watch_answers_each_with_the_new_chai
     """The CC's own certificate renewed for the same key (its agent collected a renewal):
     every NC watching gets the new cluster-cert.pem at once, its node certificate unchanged
     and verifying under it; no node certificate is renewed for it."""
-    cc_key = cred.generate_key()
+    cc_key = keypairs.generate_key()
 
     def cc_cert() -> x509.Certificate:
-        return cred.issue_certificate(
+        return certificates.issue_certificate(
             issuer_key=issuer.key,
             issuer_cert=issuer.cert,
             subject_key=cc_key.public_key(),
@@ -551,7 +554,7 @@ async def test_a_cc_renewed_while_its_nodes_watch_answers_each_with_the_new_chai
         holder[0] = Issuer(key=cc_key, cert=cc_cert(), cloud_cert=issuer.cloud_cert, policy=SHORT)
         reg.self_registration_changed()
         answers = await asyncio.wait_for(asyncio.gather(*watches), 10)
-        new_chain = cred.cert_pem(holder[0].cert)
+        new_chain = certificates.cert_pem(holder[0].cert)
         for (cid, k), answer in zip(keys.items(), answers, strict=True):
             assert answer.files is not None and answer.files["cluster-cert.pem"] == new_chain
             assert serial_of(answer.files, Role.NC) == held[cid]  # the node's own: unchanged

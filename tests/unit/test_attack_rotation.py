@@ -27,8 +27,8 @@ from eucareg.agent.cloudca import CloudCA
 from eucareg.agent.identity import Identity, load_or_create_identity
 from eucareg.cli.main import main as cli
 from eucareg.core.model import Role
+from eucareg.pki import certificates, handover, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import handover, tls
 from eucareg.pki.cloud import read_held
 from eucareg.store.owner import hold
 from tests.factories import fresh_key
@@ -48,10 +48,10 @@ WALRUS_ID = "walrus-00000000000a"
 
 
 def cross_like(
-    signer: cred.PrivateKey,
+    signer: keypairs.PrivateKey,
     issuer: x509.Certificate,
     subject: x509.Name,
-    public: cred.PublicKey,
+    public: keypairs.PublicKey,
     *,
     ca: bool | None = True,
     start: float | None = None,
@@ -79,13 +79,13 @@ def cross_like(
 def walrus(tmp: Path, r: Rotated) -> tuple[Identity, Path, str, str]:
     """A Walrus registered under r's old CA: identity, key_dir, serial held, pin (old key)."""
     key = fresh_key()
-    ident = Identity(WALRUS_ID, key, cred.fingerprint(key.public_key()))
+    ident = Identity(WALRUS_ID, key, keypairs.fingerprint(key.public_key()))
     key_dir = tmp / "keys"
-    pin = cred.cert_fingerprint(r.old)
+    pin = certificates.cert_fingerprint(r.old)
     collect._accept(
         walrus_bundle(r, key, signer="old"), Role.WALRUS, ident, ENDPOINT, key_dir, None, pin, None
     )
-    serial = format(cred.load_cert(key_dir / "walrus-cert.pem").serial_number, "x")
+    serial = format(certificates.load_cert(key_dir / "walrus-cert.pem").serial_number, "x")
     return ident, key_dir, serial, pin
 
 
@@ -106,7 +106,7 @@ def test_a_genuine_handover_seen_once_cannot_carry_a_rogue_key(tmp_path: Path) -
     rogue = Rotated(r.old_key, r.old, rogue_key, rogue_ca, r.cross)
     bundle = {**walrus_bundle(rogue, ident.key), handover.HANDOVER: r.passed.pem()}
     before = snapshot(key_dir)
-    with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+    with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
         collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, have, pin, None)
     assert snapshot(key_dir) == before
 
@@ -126,15 +126,15 @@ def test_a_handover_signed_by_the_pinned_key_outside_its_overlap_moves_nobody(
 ) -> None:
     r = rotated()
     pub = r.new.public_key()
-    assert isinstance(pub, cred.PublicKey)
+    assert isinstance(pub, keypairs.PublicKey)
     x = cross_like(r.old_key, r.old, r.new.subject, pub, start=time.time() + start, length=length)
     h = handover.Handover(x, r.old)
-    with pytest.raises(cred.CredentialError, match=r"ended|longer than"):
-        handover.verify(h, cred.cert_fingerprint(r.old), r.new, time.time())
+    with pytest.raises(keypairs.CredentialError, match=r"ended|longer than"):
+        handover.verify(h, certificates.cert_fingerprint(r.old), r.new, time.time())
     ident, key_dir, have, pin = walrus(tmp_path, r)
     before = snapshot(key_dir)
     bundle = {**walrus_bundle(r, ident.key), handover.HANDOVER: h.pem()}
-    with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+    with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
         collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, have, pin, None)
     assert snapshot(key_dir) == before, why
 
@@ -143,7 +143,7 @@ def test_the_longest_overlap_ca_rotate_makes_is_still_a_valid_handover() -> None
     """N for the cap above: a cross-certificate of `--overlap 366d` is honoured."""
     now = time.time()
     r = rotated(overlap=rotation.MAX_OVERLAP, now=now)
-    handover.verify(r.passed, cred.cert_fingerprint(r.old), r.new, now)
+    handover.verify(r.passed, certificates.cert_fingerprint(r.old), r.new, now)
     assert handover.vouches(r.cross, r.old, now)
 
 
@@ -153,15 +153,15 @@ def test_two_handovers_at_once_are_refused(tmp_path: Path) -> None:
     k3 = fresh_key()
     c3 = handover.successor(k3, r.new, time.time())
     x23 = handover.make_cross(r.new_key, r.new, c3, time.time(), DAY)
-    both = cred.cert_pem(x23) + cred.cert_pem(r.new) + r.passed.pem()
-    with pytest.raises(cred.CredentialError, match="holds 4 certificates"):
+    both = certificates.cert_pem(x23) + certificates.cert_pem(r.new) + r.passed.pem()
+    with pytest.raises(keypairs.CredentialError, match="holds 4 certificates"):
         handover.parse(both)
     ident, key_dir, have, pin = walrus(tmp_path, r)
     third = Rotated(r.new_key, r.new, k3, c3, x23)
     before = snapshot(key_dir)
     for pem in (both, third.passed.pem()):
         bundle = {**walrus_bundle(third, ident.key), handover.HANDOVER: pem}
-        with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+        with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
             collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, have, pin, None)
     assert snapshot(key_dir) == before
 
@@ -171,9 +171,9 @@ def _dressed(r: Rotated) -> dict[str, x509.Certificate]:
     cc_key, cc = issue(r.old_key, r.old, Role.CC, "cc-00000000000a", "c1")
     _, nc = issue(cc_key, cc, Role.NC, "nc-00000000000a", "c1")
     _, wal = issue(r.old_key, r.old, Role.WALRUS, WALRUS_ID)
-    other = cred.create_cloud_ca(fresh_key(), "clc-00000000000b").subject
+    other = certificates.create_cloud_ca(fresh_key(), "clc-00000000000b").subject
     pub = r.new.public_key()
-    assert isinstance(pub, cred.PublicKey)
+    assert isinstance(pub, keypairs.PublicKey)
     return {
         "cc-certificate": cc,
         "nc-certificate": nc,
@@ -193,15 +193,17 @@ def test_no_other_certificate_of_the_pinned_key_passes_for_a_handover(
     r = rotated()
     fake = _dressed(r)[kind]
     assert not handover.vouches(fake, r.old, time.time())
-    with pytest.raises(cred.CredentialError):
-        handover.verify(handover.Handover(fake, r.old), cred.cert_fingerprint(r.old), r.new, 0)
+    with pytest.raises(keypairs.CredentialError):
+        handover.verify(
+            handover.Handover(fake, r.old), certificates.cert_fingerprint(r.old), r.new, 0
+        )
     ident, key_dir, have, pin = walrus(tmp_path, r)
     before = snapshot(key_dir)
     bundle = {
         **walrus_bundle(r, ident.key),
         handover.HANDOVER: handover.Handover(fake, r.old).pem(),
     }
-    with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+    with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
         collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, have, pin, None)
     assert snapshot(key_dir) == before
 
@@ -210,13 +212,15 @@ def test_a_handover_to_the_right_key_under_another_clc_name_is_refused() -> None
     """Signed by K1, for K2, but naming another CLC, with a new CA of that name: the CLC we
     pinned does not become another one."""
     r = rotated()
-    other = cred.create_cloud_ca(fresh_key(), "clc-00000000000b").subject
-    renamed = cred.create_cloud_ca_named(r.new_key, other)
+    other = certificates.create_cloud_ca(fresh_key(), "clc-00000000000b").subject
+    renamed = certificates.create_cloud_ca_named(r.new_key, other)
     pub = r.new.public_key()
-    assert isinstance(pub, cred.PublicKey)
+    assert isinstance(pub, keypairs.PublicKey)
     x = cross_like(r.old_key, r.old, other, pub)
-    with pytest.raises(cred.CredentialError, match="names another CLC"):
-        handover.verify(handover.Handover(x, r.old), cred.cert_fingerprint(r.old), renamed, 0)
+    with pytest.raises(keypairs.CredentialError, match="names another CLC"):
+        handover.verify(
+            handover.Handover(x, r.old), certificates.cert_fingerprint(r.old), renamed, 0
+        )
 
 
 def test_a_stolen_retired_key_cannot_move_a_moved_agent_back(tmp_path: Path) -> None:
@@ -226,7 +230,7 @@ def test_a_stolen_retired_key_cannot_move_a_moved_agent_back(tmp_path: Path) -> 
     ident, key_dir, have, pin = walrus(tmp_path, r)
     moved = {**walrus_bundle(r, ident.key), handover.HANDOVER: r.passed.pem()}
     collect._accept(moved, Role.WALRUS, ident, ENDPOINT, key_dir, have, pin, None)
-    new_fp = cred.cert_fingerprint(r.new)
+    new_fp = certificates.cert_fingerprint(r.new)
     before = snapshot(key_dir)
     back = Rotated(r.new_key, r.new, r.old_key, r.old, handover.make_cross(
         r.old_key, r.new, r.old, time.time(), DAY))  # fmt: skip
@@ -236,7 +240,7 @@ def test_a_stolen_retired_key_cannot_move_a_moved_agent_back(tmp_path: Path) -> 
         r.old_key, r.old, c1b, time.time(), DAY))  # fmt: skip
     for attack in (back, sideways):
         bundle = {**walrus_bundle(attack, ident.key), handover.HANDOVER: attack.passed.pem()}
-        with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+        with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
             collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, "x", new_fp, None)
     assert snapshot(key_dir) == before
 
@@ -251,7 +255,7 @@ def test_a_handover_beside_the_unchanged_ca_moves_nothing_and_is_not_kept(
     bundle = {**walrus_bundle(r, ident.key, signer="old"), handover.HANDOVER: r.passed.pem()}
     out = collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, have, pin, None)
     assert out is collect.Outcome.RENEWED
-    assert cred.cert_fingerprint(cred.load_cert(key_dir / cred.CLOUD_CERT)) == pin
+    assert certificates.cert_fingerprint(certificates.load_cert(key_dir / cred.CLOUD_CERT)) == pin
     assert not (key_dir / handover.HANDOVER).exists()
 
 
@@ -268,12 +272,12 @@ def test_a_malformed_or_huge_handover_moves_nobody(tmp_path: Path, data: str) ->
     r = rotated()
     if data == "many":
         data = r.passed.pem() * 100
-    with pytest.raises(cred.CredentialError, match=handover.HANDOVER):
+    with pytest.raises(keypairs.CredentialError, match=handover.HANDOVER):
         handover.parse(data)
     ident, key_dir, have, pin = walrus(tmp_path, r)
     before = snapshot(key_dir)
     bundle = {**walrus_bundle(r, ident.key), handover.HANDOVER: data}
-    with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+    with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
         collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, have, pin, None)
     assert snapshot(key_dir) == before
 
@@ -283,7 +287,7 @@ def test_the_handover_size_limit_at_n_and_n_plus_one() -> None:
     at_limit = pem + "\n" * (handover.MAX_HANDOVER_BYTES - len(pem))
     assert len(at_limit) == handover.MAX_HANDOVER_BYTES
     assert handover.parse(at_limit).old_fingerprint
-    with pytest.raises(cred.CredentialError, match="longer than"):
+    with pytest.raises(keypairs.CredentialError, match="longer than"):
         handover.parse(at_limit + "\n")
 
 
@@ -310,7 +314,7 @@ def test_a_rogue_adding_its_own_cross_certificate_to_its_chain_is_refused() -> N
     cc_key, cc = issue(r.old_key, r.old, Role.CC, "cc-00000000000b", "c2")
     own_x = cross_like(rogue_key, r.old, r.old.subject, rogue_pub)
     cc_x = cross_like(cc_key, cc, r.old.subject, rogue_pub)
-    rogue_ca = cred.create_cloud_ca_named(rogue_key, r.old.subject)
+    rogue_ca = certificates.create_cloud_ca_named(rogue_key, r.old.subject)
     _, leaf = issue(rogue_key, rogue_ca, Role.CC, "cc-00000000000a", "c1")
     chains = {
         "own-cross": [leaf, own_x, r.old],
@@ -319,7 +323,7 @@ def test_a_rogue_adding_its_own_cross_certificate_to_its_chain_is_refused() -> N
         "everything": [leaf, rogue_ca, own_x, cc_x, cc, r.cross, r.new, r.old],
     }
     for name, chain in chains.items():
-        for expect in (cc_expect(root=r.old), cc_expect(pin=cred.cert_fingerprint(r.old))):
+        for expect in (cc_expect(root=r.old), cc_expect(pin=certificates.cert_fingerprint(r.old))):
             with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
                 tls.check_registrar(chain, expect, now())
             assert name  # (which chain failed shows in the traceback's locals)
@@ -337,14 +341,14 @@ def test_a_chain_of_two_handovers_is_one_step_too_many() -> None:
     with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
         tls.check_registrar(chain, clc_expect(root=r.old), now())
     with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
-        tls.check_registrar(chain, clc_expect(pin=cred.cert_fingerprint(r.old)), now())
+        tls.check_registrar(chain, clc_expect(pin=certificates.cert_fingerprint(r.old)), now())
     tls.check_registrar(chain, clc_expect(root=r.new), now())  # one step from K2: fine
 
 
 def test_a_stretched_cross_certificate_does_not_vouch_in_tls() -> None:
     r = rotated()
     pub = r.new.public_key()
-    assert isinstance(pub, cred.PublicKey)
+    assert isinstance(pub, keypairs.PublicKey)
     long_x = cross_like(r.old_key, r.old, r.new.subject, pub, length=20 * 365 * DAY)
     with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
         tls.check_registrar([r.new, long_x, r.old], clc_expect(root=r.old), now())
@@ -374,17 +378,17 @@ async def test_a_rotation_beside_a_running_agent_never_leaves_a_locked_out_clc(
     ca = CloudCA(keys, old.key, read_held(keys, old.key), _nothing)
     assert not await ca.check()
     done = rotation.rotate(state, keys, DAY, time.time())
-    with pytest.raises(cred.CredentialError, match="restart the agent"):
+    with pytest.raises(keypairs.CredentialError, match="restart the agent"):
         await ca.check()
-    assert cred.cert_fingerprint(ca.cert) == old.fingerprint  # it serves K1 until restarted
+    assert certificates.cert_fingerprint(ca.cert) == old.fingerprint  # it serves K1 until restarted
     fp, passed = consistent(state, keys)  # the restart: K2 with its handover
     assert fp == done.new_fingerprint and passed is not None
     # A genuinely foreign cloud-cert.pem (no handover from our key to it) is still put back.
     _, keys2, other = make_clc(tmp_path / "two")
     held = read_held(keys2, other.key)
     ca2 = CloudCA(keys2, other.key, held, _nothing)
-    foreign = cred.create_cloud_ca(fresh_key(), CLC_ID)
-    cred.write_atomic(keys2 / cred.CLOUD_CERT, cred.cert_pem(foreign).encode())
+    foreign = certificates.create_cloud_ca(fresh_key(), CLC_ID)
+    cred.write_atomic(keys2 / cred.CLOUD_CERT, certificates.cert_pem(foreign).encode())
     await ca2.check()
     assert read_held(keys2, other.key) == held
 
@@ -433,10 +437,10 @@ def test_a_stage_for_another_key_never_overwrites_the_key_held(
     monkeypatch.undo()
     assert (state / "identity" / rotation.STAGE).is_dir()
     restored = fresh_key()
-    cred.write_atomic(key_path, cred.key_pem(restored))
+    cred.write_atomic(key_path, keypairs.key_pem(restored))
     with pytest.raises(rotation.RotationError, match="holds sha256:"):
         load_or_create_identity(state, Role.CLC)
-    assert cred.fingerprint(cred.load_key(key_path).public_key()) == cred.fingerprint(
+    assert keypairs.fingerprint(keypairs.load_key(key_path).public_key()) == keypairs.fingerprint(
         restored.public_key()
     )
 
@@ -544,7 +548,7 @@ def test_overlap_at_its_limits(tmp_path: Path, overlap: str, ok: bool) -> None:
     assert abs(ends.timestamp() - time.time() - expected) < 60
     fp, passed = consistent(state, keys)
     assert fp != old.fingerprint and passed is not None  # components accept it (not too long)
-    handover.verify(passed, old.fingerprint, read_held(keys, cred.load_key(
+    handover.verify(passed, old.fingerprint, read_held(keys, keypairs.load_key(
         state / "identity" / "clc.key.pem")), time.time())  # fmt: skip
 
 
@@ -582,8 +586,8 @@ def test_ca_show_and_rotate_print_no_secret(tmp_path: Path) -> None:
     runner = CliRunner()
     rotated_out = runner.invoke(cli, ["ca", "rotate", "--config", str(config), "--yes", "--json"])
     shown = runner.invoke(cli, ["ca", "show", "--config", str(config), "--json"])
-    new_key = cred.load_key(state / "identity" / "clc.key.pem")
-    secrets = [cred.key_pem(k).decode() for k in (old.key, new_key)]
+    new_key = keypairs.load_key(state / "identity" / "clc.key.pem")
+    secrets = [keypairs.key_pem(k).decode() for k in (old.key, new_key)]
     for out in (rotated_out, shown):
         assert out.exit_code == 0, out.output
         assert "PRIVATE" not in out.output

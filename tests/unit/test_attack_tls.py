@@ -42,8 +42,8 @@ from eucareg.agent.locate import Endpoint, Registrars
 from eucareg.agent.tasks import RestartPolicy
 from eucareg.cli.main import main as cli_main
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs, names, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import names, tls
 from tests.factories import ann, fresh_key, sighting
 from tests.unit.test_agent_collect import clc_sighting
 from tests.unit.test_agent_fakes import (
@@ -70,7 +70,7 @@ DAY = datetime.timedelta(days=1)
 # What a registered Walrus (or CC, SC) expects of its CLC, holding the cloud CA.
 CLC_ID = "clc-00000001"  # the id make_cloud() names in CLOUD's CA certificate
 CLC_EXPECT = tls.Expect(Role.CLC, component_id=CLC_ID, root=CLOUD.root)
-CLOUD_PIN = cred.cert_fingerprint(CLOUD.root)
+CLOUD_PIN = certificates.cert_fingerprint(CLOUD.root)
 
 
 # -- certificate and DER helpers ----------------------------------------------------------------
@@ -305,14 +305,14 @@ async def test_a_token_pinned_component_accepts_the_genuine_clc(tmp_path: Path) 
 async def test_a_token_pinned_component_accepts_the_real_agents_clc(clc_agent: Agent) -> None:
     """HOLE (same as above, against the CLC as the agent really serves it)."""
     assert clc_agent.service is not None
-    root = cred.load_cert(clc_agent.config.key_dir / cred.CLOUD_CERT)
+    root = certificates.load_cert(clc_agent.config.key_dir / cred.CLOUD_CERT)
     url = f"https://127.0.0.1:{clc_agent.service.port}/v1/health"
     held = tls.Expect(Role.CLC, component_id="clc-00000000c10d", root=root)
     async with aiohttp.ClientSession() as session:
         async with session.get(url, ssl=tls.client_context(held)) as response:
             assert response.status == 200  # the held-root path works...
         pinned = tls.Expect(
-            Role.CLC, component_id="clc-00000000c10d", pin=cred.cert_fingerprint(root)
+            Role.CLC, component_id="clc-00000000c10d", pin=certificates.cert_fingerprint(root)
         )
         async with session.get(url, ssl=tls.client_context(pinned)) as response:
             assert response.status == 200  # ...the token / ca_fingerprint path must too
@@ -552,7 +552,7 @@ def impostors() -> list[Any]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(rogue_ca_key, hashes.SHA256())
     )
-    assert cred.cert_fingerprint(pinned_key_copy) == CLOUD_PIN
+    assert certificates.cert_fingerprint(pinned_key_copy) == CLOUD_PIN
     out.append(
         (
             "pinned-key-copied-into-a-rogue-cert",
@@ -578,7 +578,7 @@ def impostors() -> list[Any]:
         ("not-yet-valid", NOW + DAY, NOW + 10 * DAY),
     ):
         k = fresh_key()
-        c = cred.issue_certificate(
+        c = certificates.issue_certificate(
             issuer_key=CLOUD.key,
             issuer_cert=CLOUD.root,
             subject_key=k.public_key(),
@@ -739,7 +739,7 @@ async def test_a_server_with_no_certificate_or_an_old_protocol_is_refused(tmp_pa
             old.maximum_version = version
         old.set_ciphers("ALL:@SECLEVEL=0")
         tls.write_chain(tmp_path / "old.pem", [CC_CERT, CLOUD.root])
-        cred.write_atomic(tmp_path / "old-key.pem", cred.key_pem(CC_KEY))
+        cred.write_atomic(tmp_path / "old-key.pem", keypairs.key_pem(CC_KEY))
         old.load_cert_chain(tmp_path / "old.pem", tmp_path / "old-key.pem")
         async with https(tmp_path / f"old{version}", CC_KEY, [CC_CERT], context=old) as rogue:
             with pytest.raises(aiohttp.ClientError):
@@ -797,7 +797,7 @@ async def test_sni_for_an_unregistered_cc_gets_the_clc_certificate_and_is_refuse
     """Holds: the real agent's SNI callback with a name it has no certificate for (its CC is
     not registered) keeps the CLC certificate; a node expecting a CC refuses it."""
     assert clc_agent.service is not None
-    root = cred.load_cert(clc_agent.config.key_dir / cred.CLOUD_CERT)
+    root = certificates.load_cert(clc_agent.config.key_dir / cred.CLOUD_CERT)
     url = f"https://127.0.0.1:{clc_agent.service.port}/v1/health"
     expect = tls.Expect(Role.CC, "cluster1", root=root)
     for sni in ("cc.eucareg.invalid", "clc.eucareg.invalid", "bogus.example"):
@@ -814,10 +814,10 @@ async def test_sni_for_an_unregistered_cc_gets_the_clc_certificate_and_is_refuse
 
 
 def node_credentials(
-    key_dir: Path, node_key: cred.PrivateKey, cloud_cert_bytes: bytes | None
+    key_dir: Path, node_key: keypairs.PrivateKey, cloud_cert_bytes: bytes | None
 ) -> tuple[Any, Any]:
     """A registered NC's files from CLOUD and CC_CERT; cloud-cert.pem as given."""
-    node = cred.issue_certificate(
+    node = certificates.issue_certificate(
         issuer_key=CC_KEY,
         issuer_cert=CC_CERT,
         subject_key=node_key.public_key(),
@@ -827,11 +827,11 @@ def node_credentials(
     )
     key_dir.mkdir(parents=True, exist_ok=True)
     if cloud_cert_bytes is None:
-        cloud_cert_bytes = cred.cert_pem(CLOUD.root).encode()
+        cloud_cert_bytes = certificates.cert_pem(CLOUD.root).encode()
     cred.write_atomic(key_dir / "cloud-cert.pem", cloud_cert_bytes)
-    cred.write_atomic(key_dir / "cluster-cert.pem", cred.cert_pem(CC_CERT).encode())
-    cred.write_atomic(key_dir / "node-cert.pem", cred.cert_pem(node).encode())
-    cred.write_atomic(key_dir / "node-pk.pem", cred.key_pem(node_key))
+    cred.write_atomic(key_dir / "cluster-cert.pem", certificates.cert_pem(CC_CERT).encode())
+    cred.write_atomic(key_dir / "node-cert.pem", certificates.cert_pem(node).encode())
+    cred.write_atomic(key_dir / "node-pk.pem", keypairs.key_pem(node_key))
     return node, CC_CERT
 
 
@@ -949,8 +949,8 @@ async def test_trust_on_first_use_pins_the_rogue_as_documented(tmp_path: Path) -
         walrus = agent.runtime(Role.WALRUS)
         assert walrus is not None
         await eventually(lambda: walrus.registered)
-        held = cred.load_cert(cfg.key_dir / "cloud-cert.pem")
-        assert cred.cert_fingerprint(held) == rogue_cloud.fingerprint
+        held = certificates.load_cert(cfg.key_dir / "cloud-cert.pem")
+        assert certificates.cert_fingerprint(held) == rogue_cloud.fingerprint
         expect = walrus.expect(Endpoint("127.0.0.1", 1, "test-cloud"))
         assert expect.root == held  # stuck to the rogue
         with pytest.raises(tls.UntrustedRegistrar, match="not signed by our cloud CA"):
@@ -973,7 +973,7 @@ async def test_a_stale_cloud_cert_refuses_the_new_cloud_until_a_token_says_other
     extra = {"token": f"eucareg1.{'a' * 12}.{'A' * 43}.{new.fingerprint[7:]}"} if with_token else {}
     cfg = make_config(tmp_path, {"walrus": extra})
     cfg.key_dir.mkdir(parents=True, exist_ok=True)
-    cred.write_atomic(cfg.key_dir / "cloud-cert.pem", cred.cert_pem(old.cert).encode())
+    cred.write_atomic(cfg.key_dir / "cloud-cert.pem", certificates.cert_pem(old.cert).encode())
     agent = Agent(cfg, backend=FakeMdns(), timing=TIMING)
     await agent.start()
     try:
@@ -1035,7 +1035,7 @@ async def test_a_registered_component_still_asks_the_clc_that_certified_it(
 def _client_files(tmp: Path, k: Any, chain: list[x509.Certificate]) -> tls.ClientCert:
     tmp.mkdir(parents=True, exist_ok=True)
     tls.write_chain(tmp / "client.pem", chain)
-    cred.write_atomic(tmp / "client-key.pem", cred.key_pem(k))
+    cred.write_atomic(tmp / "client-key.pem", keypairs.key_pem(k))
     return tls.ClientCert(
         tmp / "client.pem", tmp / "client-key.pem", format(chain[0].serial_number, "x")
     )
@@ -1046,7 +1046,7 @@ async def who_server(tmp: Path) -> AsyncIterator[str]:
     """A CC registrar of CLOUD that says whom peer_identity finds."""
     await asyncio.to_thread(tmp.mkdir, parents=True, exist_ok=True)
     tls.write_chain(tmp / "server.pem", [CC_CERT, CLOUD.root])
-    cred.write_atomic(tmp / "server-key.pem", cred.key_pem(CC_KEY))
+    cred.write_atomic(tmp / "server-key.pem", keypairs.key_pem(CC_KEY))
 
     async def who(request: web.Request) -> web.Response:
         assert request.transport is not None
@@ -1102,7 +1102,7 @@ async def test_a_node_of_another_clusters_cc_is_not_certified_for_this_cluster(
         cc.local.append({"role": "clc", "component_id": CLOUD_CLC_ID})
         cloud = cc.cloud
         cc2_key = fresh_key()
-        cc2 = cred.issue_certificate(
+        cc2 = certificates.issue_certificate(
             issuer_key=cloud.key,
             issuer_cert=cloud.issuer.cert,
             subject_key=cc2_key.public_key(),
@@ -1115,7 +1115,7 @@ async def test_a_node_of_another_clusters_cc_is_not_certified_for_this_cluster(
         for cluster in ("cluster2", "cluster1"):
             node = ann(Role.NC, cluster)
             peer["remote"] = str(node.address)
-            cert = cred.issue_certificate(
+            cert = certificates.issue_certificate(
                 issuer_key=cc2_key,
                 issuer_cert=cc2,
                 subject_key=key_of(node).public_key(),
@@ -1152,7 +1152,7 @@ async def test_a_crafted_client_certificate_gets_a_refusal_not_a_500(tmp_path: P
     ):
         cloud = cc.cloud
         cc1_key = fresh_key()
-        cc1 = cred.issue_certificate(
+        cc1 = certificates.issue_certificate(
             issuer_key=cloud.key,
             issuer_cert=cloud.issuer.cert,
             subject_key=cc1_key.public_key(),

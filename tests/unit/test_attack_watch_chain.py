@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from eucareg.core.model import Role, Status
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 from eucareg.pki.chain import chain_digest
 from eucareg.pki.handover import HANDOVER
@@ -24,7 +25,7 @@ from tests.unit.test_renewal import Clock, make, registered_cc, serial_of
 HELD = 1.0  # the wait of a watch that must be held to its deadline
 
 
-async def held_watch(reg: Registrar, cid: str, key: cred.PrivateKey, have: str) -> float:
+async def held_watch(reg: Registrar, cid: str, key: keypairs.PrivateKey, have: str) -> float:
     """How long a watch with `have` took to be answered (it must come back with files)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -35,8 +36,8 @@ async def held_watch(reg: Registrar, cid: str, key: cred.PrivateKey, have: str) 
 
 @pytest.fixture(scope="module")
 def issuer() -> Issuer:
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "watch-chain")
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, "watch-chain")
     return Issuer(key=key, cert=ca, cloud_cert=ca)
 
 
@@ -130,7 +131,7 @@ async def test_two_concurrent_watches_of_one_component_do_not_spin(
 
 
 async def open_watches(
-    reg: Registrar, cid: str, key: cred.PrivateKey, have: str, count: int
+    reg: Registrar, cid: str, key: keypairs.PrivateKey, have: str, count: int
 ) -> list[asyncio.Task[CredentialAnswer]]:
     """`count` watches of `cid`, each waiting (the desk counts them) before this returns."""
     watches = [

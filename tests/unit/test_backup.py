@@ -21,6 +21,7 @@ from eucareg.backup import container, contents
 from eucareg.cli.main import main
 from eucareg.config.file import load
 from eucareg.core.model import Role
+from eucareg.pki import certificates
 from eucareg.pki import credentials as cred
 from eucareg.store.registry import Store, sqlite_url
 from tests.unit.test_migrations import HEAD, TABLES, counts, load_fixture, revision
@@ -78,7 +79,7 @@ def _digest(path: Path) -> str | None:
 
 
 def ca_fingerprint(state: Path) -> str:
-    return cred.cert_fingerprint(cred.load_cert(state / "keys" / cred.CLOUD_CERT))
+    return certificates.cert_fingerprint(certificates.load_cert(state / "keys" / cred.CLOUD_CERT))
 
 
 @pytest.fixture

@@ -9,13 +9,14 @@ import pytest
 from cryptography import x509
 
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs, signatures
 from eucareg.pki import credentials as cred
 
 
 @pytest.fixture(scope="module")
-def cloud() -> tuple[cred.PrivateKey, x509.Certificate]:
-    key = cred.generate_key()
-    return key, cred.create_cloud_ca(key, "test")
+def cloud() -> tuple[keypairs.PrivateKey, x509.Certificate]:
+    key = keypairs.generate_key()
+    return key, certificates.create_cloud_ca(key, "test")
 
 
 def test_key_is_created_once_with_0600(tmp_path: Path) -> None:
@@ -23,15 +24,15 @@ def test_key_is_created_once_with_0600(tmp_path: Path) -> None:
     first = cred.load_or_create_key(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     again = cred.load_or_create_key(path)
-    assert cred.fingerprint(first.public_key()) == cred.fingerprint(again.public_key())
+    assert keypairs.fingerprint(first.public_key()) == keypairs.fingerprint(again.public_key())
 
 
 def test_node_chain_cloud_to_cluster_to_node_verifies_and_writes_layout(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, x509.Certificate]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, x509.Certificate]
 ) -> None:
     cloud_key, cloud_cert = cloud
-    cc_key, nc_key = cred.generate_key(), cred.generate_key()
-    cluster_cert = cred.issue_certificate(
+    cc_key, nc_key = keypairs.generate_key(), keypairs.generate_key()
+    cluster_cert = certificates.issue_certificate(
         issuer_key=cloud_key,
         issuer_cert=cloud_cert,
         subject_key=cc_key.public_key(),
@@ -39,7 +40,7 @@ def test_node_chain_cloud_to_cluster_to_node_verifies_and_writes_layout(
         component_id="cc-000000000001",
         cluster="c1",
     )
-    node_cert = cred.issue_certificate(
+    node_cert = certificates.issue_certificate(
         issuer_key=cc_key,
         issuer_cert=cluster_cert,
         subject_key=nc_key.public_key(),
@@ -48,9 +49,9 @@ def test_node_chain_cloud_to_cluster_to_node_verifies_and_writes_layout(
         cluster="c1",
     )
     bundle = {
-        "cloud-cert.pem": cred.cert_pem(cloud_cert),
-        "cluster-cert.pem": cred.cert_pem(cluster_cert),
-        "node-cert.pem": cred.cert_pem(node_cert),
+        "cloud-cert.pem": certificates.cert_pem(cloud_cert),
+        "cluster-cert.pem": certificates.cert_pem(cluster_cert),
+        "node-cert.pem": certificates.cert_pem(node_cert),
     }
     files = cred.verify_bundle(bundle, Role.NC, nc_key)
     keys = tmp_path / "keys"
@@ -65,11 +66,11 @@ def test_node_chain_cloud_to_cluster_to_node_verifies_and_writes_layout(
 
 
 def test_bundle_for_another_key_or_from_another_ca_is_refused(
-    cloud: tuple[cred.PrivateKey, x509.Certificate],
+    cloud: tuple[keypairs.PrivateKey, x509.Certificate],
 ) -> None:
     cloud_key, cloud_cert = cloud
-    mine, theirs = cred.generate_key(), cred.generate_key()
-    cert_for_theirs = cred.issue_certificate(
+    mine, theirs = keypairs.generate_key(), keypairs.generate_key()
+    cert_for_theirs = certificates.issue_certificate(
         issuer_key=cloud_key,
         issuer_cert=cloud_cert,
         subject_key=theirs.public_key(),
@@ -78,39 +79,39 @@ def test_bundle_for_another_key_or_from_another_ca_is_refused(
         cluster=None,
     )
     bundle = {
-        "cloud-cert.pem": cred.cert_pem(cloud_cert),
-        "walrus-cert.pem": cred.cert_pem(cert_for_theirs),
+        "cloud-cert.pem": certificates.cert_pem(cloud_cert),
+        "walrus-cert.pem": certificates.cert_pem(cert_for_theirs),
     }
-    with pytest.raises(cred.CredentialError, match="does not certify"):
+    with pytest.raises(keypairs.CredentialError, match="does not certify"):
         cred.verify_bundle(bundle, Role.WALRUS, mine)
-    rogue_key = cred.generate_key()
-    rogue_ca = cred.create_cloud_ca(rogue_key, "rogue")
-    bundle["cloud-cert.pem"] = cred.cert_pem(rogue_ca)
-    with pytest.raises(cred.CredentialError, match="not signed"):
+    rogue_key = keypairs.generate_key()
+    rogue_ca = certificates.create_cloud_ca(rogue_key, "rogue")
+    bundle["cloud-cert.pem"] = certificates.cert_pem(rogue_ca)
+    with pytest.raises(keypairs.CredentialError, match="not signed"):
         cred.verify_bundle(bundle, Role.WALRUS, theirs)
-    with pytest.raises(cred.CredentialError, match="lacks"):
+    with pytest.raises(keypairs.CredentialError, match="lacks"):
         cred.verify_bundle({"cloud-cert.pem": bundle["cloud-cert.pem"]}, Role.WALRUS, theirs)
 
 
 def test_signatures_verify_only_for_the_signed_body_and_key() -> None:
-    key, other = cred.generate_key(), cred.generate_key()
+    key, other = keypairs.generate_key(), keypairs.generate_key()
     body = b'{"component_id": "nc-1"}'
-    signature = cred.sign(key, body)
-    assert cred.verify(key.public_key(), body, signature)
-    assert not cred.verify(key.public_key(), body + b" ", signature)
-    assert not cred.verify(other.public_key(), body, signature)
-    assert not cred.verify(key.public_key(), body, "not base64!")
+    signature = signatures.sign(key, body)
+    assert signatures.verify(key.public_key(), body, signature)
+    assert not signatures.verify(key.public_key(), body + b" ", signature)
+    assert not signatures.verify(other.public_key(), body, signature)
+    assert not signatures.verify(key.public_key(), body, "not base64!")
 
 
 def test_a_cached_certificate_is_parsed_again_only_when_its_file_changed(tmp_path: Path) -> None:
     path = tmp_path / "cloud-cert.pem"
-    first = cred.create_cloud_ca(cred.generate_key(), "first")
-    second = cred.create_cloud_ca(cred.generate_key(), "second")
-    cred.write_atomic(path, cred.cert_pem(first).encode())
-    held = cred.load_cert_cached(path)
-    assert held == first and cred.load_cert_cached(path) is held
-    cred.write_atomic(path, cred.cert_pem(second).encode())  # a new inode, as on renewal
-    assert cred.load_cert_cached(path) == second
+    first = certificates.create_cloud_ca(keypairs.generate_key(), "first")
+    second = certificates.create_cloud_ca(keypairs.generate_key(), "second")
+    cred.write_atomic(path, certificates.cert_pem(first).encode())
+    held = certificates.load_cert_cached(path)
+    assert held == first and certificates.load_cert_cached(path) is held
+    cred.write_atomic(path, certificates.cert_pem(second).encode())  # a new inode, as on renewal
+    assert certificates.load_cert_cached(path) == second
     path.unlink()
-    with pytest.raises(cred.CredentialError, match="cannot read certificate"):
-        cred.load_cert_cached(path)
+    with pytest.raises(keypairs.CredentialError, match="cannot read certificate"):
+        certificates.load_cert_cached(path)

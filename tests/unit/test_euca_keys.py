@@ -34,9 +34,9 @@ from eucareg.config.eucalyptus import parse as parse_config
 from eucareg.config.file import from_mapping
 from eucareg.config.values import ConfigError
 from eucareg.core.model import Announcement, Role
+from eucareg.pki import certificates, names, tls
 from eucareg.pki import credentials as cred
 from eucareg.pki import eucafiles as ef
-from eucareg.pki import names, tls
 from eucareg.registrar.euca_keys import EucaKeySource, read_set
 from tests import eucakeys
 from tests.factories import ann, record_from
@@ -291,7 +291,9 @@ async def test_a_watch_ends_as_soon_as_the_files_appear(clc: Harness, keys: Path
     await register(clc, cc)
     status, answer = await ask(clc, cc, euca="")
     assert answer["eucalyptus"]["state"] == "missing"
-    serial = format(cred.load_cert_pem(answer["files"]["cluster-cert.pem"]).serial_number, "x")
+    serial = format(
+        certificates.load_cert_pem(answer["files"]["cluster-cert.pem"]).serial_number, "x"
+    )
     held = asyncio.ensure_future(
         ask(clc, cc, wait=25, have=serial, euca=answer["eucalyptus"]["digest"])
     )
@@ -454,7 +456,7 @@ async def test_an_agent_collecting_writes_both_sets_apart(tmp_path: Path, keys: 
             assert first.startswith("sha256:")
             # Its watch sends that digest back (the schema takes it) and, nothing having
             # changed, is held until its wait runs out: the same set, nothing rewritten.
-            serial = format(cred.load_cert(key_dir / ef.CLUSTER_CERT).serial_number, "x")
+            serial = format(certificates.load_cert(key_dir / ef.CLUSTER_CERT).serial_number, "x")
             before = digest_of(euca_dir)
             watched = await collect.collect_credentials(
                 session,

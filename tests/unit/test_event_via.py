@@ -15,7 +15,7 @@ from eucareg.core.trust import Mode, TrustSettings
 from eucareg.core.view import RegistrarSettings
 from eucareg.dnssd.composite import CompositeBackend
 from eucareg.mdns.types import Change, Sighting
-from eucareg.pki import credentials as cred
+from eucareg.pki import certificates, keypairs
 from eucareg.registrar.engine import Issuer
 from tests.factories import ann, sighting
 from tests.unit.test_policy import view
@@ -51,8 +51,8 @@ def test_only_the_announcing_component_s_unstamped_events_are_stamped() -> None:
 
 
 async def test_stored_and_read_back_from_mdns_and_dnssd_sightings(tmp_path: Path) -> None:
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "via")
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, "via")
     reg = await make(tmp_path, Issuer(key=key, cert=ca, cloud_cert=ca, policy=SHORT), Clock())
     try:
         walrus, cc = ann(Role.WALRUS), ann(Role.CC, "c1")

@@ -17,7 +17,7 @@ from eucareg.api import pacing
 from eucareg.api.pacing import MIN_SLICE, PacedTLSSite, Pacer
 from eucareg.core.model import Role
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
+from eucareg.pki import keypairs, tls
 from tests.unit.test_tls import CC_CERT, CC_KEY, CLOUD
 
 
@@ -236,7 +236,7 @@ async def hello(request: web.Request) -> web.Response:
 async def paced_site(tmp_path: Path):
     chain_file, key_file = tmp_path / "chain.pem", tmp_path / "key.pem"
     tls.write_chain(chain_file, [CC_CERT, CLOUD.root])
-    cred.write_atomic(key_file, cred.key_pem(CC_KEY))
+    cred.write_atomic(key_file, keypairs.key_pem(CC_KEY))
     loop = asyncio.get_running_loop()
     pacer = Pacer(loop, target=0.0005)  # smaller than one handshake: nearly all wait
     app = web.Application()

@@ -27,7 +27,7 @@ from eucareg.core.model import AnnouncedState, Announcement, Role
 from eucareg.core.trust import make_proof, parse_token, proof_message
 from eucareg.mdns.types import ServiceSpec
 from eucareg.pki import credentials as cred
-from eucareg.pki import signing, tls
+from eucareg.pki import keypairs, signing, tls
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 DOC = DOC_PATH.read_text()
@@ -194,7 +194,7 @@ def example(txt_type: str, state: str = "ready", token: bool = False) -> Example
     )
 
 
-KEY = cred.generate_key()
+KEY = keypairs.generate_key()
 
 
 def spec_of(
@@ -365,7 +365,7 @@ def test_signed_request_example_passes_the_registrars_check() -> None:
     )
     assert verified == payload
     # Signed by the Walrus of the examples, for the CLC of the examples.
-    assert cred.fingerprint(key) == example("walrus").txt["fp"]
+    assert keypairs.fingerprint(key) == example("walrus").txt["fp"]
     assert payload["component_id"] == example("walrus").txt["id"]
 
 

@@ -29,6 +29,7 @@ from eucareg.core.transitions import Write
 from eucareg.core.trust import Task
 from eucareg.core.view import RegistrarSettings
 from eucareg.mdns.types import Change, Sighting
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 from eucareg.registrar.batch import Batching
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
@@ -455,8 +456,8 @@ def _record(a: Announcement) -> Record:
 
 @pytest.fixture(scope="module")
 def cloud_issuer() -> Issuer:
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "test")
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, "test")
     return Issuer(key=key, cert=ca, cloud_cert=ca)
 
 
@@ -464,8 +465,8 @@ async def test_credentials_only_for_the_registered_key_and_long_poll_wakes(
     tmp_path: Path, cloud_issuer: Issuer
 ) -> None:
     reg = await make_registrar(tmp_path, issuer=cloud_issuer)
-    key = cred.generate_key()
-    cc = ann(Role.CC, "c1", fingerprint=cred.fingerprint(key.public_key()))
+    key = keypairs.generate_key()
+    cc = ann(Role.CC, "c1", fingerprint=keypairs.fingerprint(key.public_key()))
     # Before anything is known: no credentials, no error.
     early = await reg.credentials(cc.component_id, key.public_key(), wait=0)
     assert early.files is None and early.status is None
@@ -483,7 +484,7 @@ async def test_credentials_only_for_the_registered_key_and_long_poll_wakes(
     assert again.files == answer.files
     # Another key asking for this component's credentials is refused.
     with pytest.raises(CredentialRefused) as refused:
-        await reg.credentials(cc.component_id, cred.generate_key().public_key(), wait=0)
+        await reg.credentials(cc.component_id, keypairs.generate_key().public_key(), wait=0)
     assert refused.value.status == 403
 
 
@@ -556,8 +557,8 @@ async def test_token_admission_use_and_deregistration_revokes(
     )
     text = await reg.create_token(Role.NC, None, 600, 1, "sha256:" + "c" * 64)
     parsed = parse_token(text)
-    key = cred.generate_key()
-    base = ann(Role.NC, "c1", fingerprint=cred.fingerprint(key.public_key()))
+    key = keypairs.generate_key()
+    base = ann(Role.NC, "c1", fingerprint=keypairs.fingerprint(key.public_key()))
     stamp = int(time.time())
     with_token = replace(base, token_id=parsed.token_id, token_stamp=stamp)
     nc = replace(
@@ -571,7 +572,7 @@ async def test_token_admission_use_and_deregistration_revokes(
     assert answer.files is not None
     record = reg.store.get(nc.component_id)
     assert record is not None and record.admitted_by == f"token:{parsed.token_id}"
-    serial = format(cred.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
+    serial = format(certificates.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
     watcher = asyncio.create_task(reg.credentials(nc.component_id, key.public_key(), 5, serial))
     await asyncio.sleep(0.05)
     await reg.deregister(record)

@@ -14,7 +14,7 @@ from eucareg.core.model import Announcement, Role, Status
 from eucareg.core.trust import Mode, announcement_proof_message, make_proof, parse_token
 from eucareg.core.view import RegistrarSettings
 from eucareg.mdns.types import Change, Sighting
-from eucareg.pki import credentials as cred
+from eucareg.pki import certificates, keypairs
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
 from tests.factories import KEYS, ann, sighting
 from tests.unit.test_registrar import NC_SETTINGS, make_registrar, settle, write_hook
@@ -24,8 +24,8 @@ CLC = RegistrarSettings(registers=frozenset({Role.WALRUS, Role.CC, Role.SC}))
 
 @pytest.fixture(scope="module")
 def issuer() -> Issuer:
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "test")
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, "test")
     return Issuer(key=key, cert=ca, cloud_cert=ca)
 
 
@@ -133,7 +133,7 @@ async def test_a_reinstalled_node_replaces_its_silent_old_identity(
     key = KEYS[old.fingerprint]
     answer = await reg.credentials(old.component_id, key.public_key(), wait=0)
     assert answer.files is not None
-    serial = format(cred.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
+    serial = format(certificates.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
     # The machine goes away (goodbye), is wiped and comes back with a new identity.
     reg.on_sighting(Sighting(old.instance, Change.REMOVED))
     newcomer = ann(Role.NC, "c1", address="10.77.8.8")
@@ -168,7 +168,7 @@ async def test_a_component_known_only_by_its_long_poll_is_replaced_once_the_poll
     key = KEYS[old.fingerprint]
     answer = await reg.credentials(old.component_id, key.public_key(), wait=0)
     assert answer.files is not None
-    serial = format(cred.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
+    serial = format(certificates.load_cert_pem(answer.files["node-cert.pem"]).serial_number, "x")
     watch = asyncio.create_task(reg.credentials(old.component_id, key.public_key(), 30, serial))
     reg.on_sighting(Sighting(old.instance, Change.REMOVED))
     newcomer = ann(Role.NC, "c1", address="10.77.9.9")

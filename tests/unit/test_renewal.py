@@ -21,8 +21,8 @@ from eucareg.config.values import ConfigError
 from eucareg.core import renewal
 from eucareg.core.model import Role, Status
 from eucareg.core.view import RegistrarSettings
+from eucareg.pki import certificates, keypairs, names
 from eucareg.pki import credentials as cred
-from eucareg.pki import names
 from eucareg.registrar.engine import Issuer, Registrar, Timing
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, ann, fresh_key, sighting
@@ -45,9 +45,9 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def cloud() -> tuple[cred.PrivateKey, Issuer]:
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "renewal")
+def cloud() -> tuple[keypairs.PrivateKey, Issuer]:
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, "renewal")
     return key, Issuer(key=key, cert=ca, cloud_cert=ca, policy=SHORT)
 
 
@@ -66,7 +66,7 @@ async def make(tmp_path: Path, issuer: Issuer, clock: Clock) -> Registrar:
     return reg
 
 
-async def registered_cc(reg: Registrar) -> tuple[str, cred.PrivateKey]:
+async def registered_cc(reg: Registrar) -> tuple[str, keypairs.PrivateKey]:
     """A CC registered and holding its first certificate; its id and key."""
     cc = ann(Role.CC, "c1")
     key = KEYS[cc.fingerprint]
@@ -86,7 +86,7 @@ async def registered_cc(reg: Registrar) -> tuple[str, cred.PrivateKey]:
 
 def serial_of(files: dict[str, str] | None, role: Role = Role.CC) -> str:
     assert files is not None
-    return format(cred.load_cert_pem(files[cred.LAYOUTS[role].cert]).serial_number, "x")
+    return format(certificates.load_cert_pem(files[cred.LAYOUTS[role].cert]).serial_number, "x")
 
 
 # -- the pure decision -------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_the_agent_notes_its_expiry_only_within_the_margin() -> None:
 
 
 async def test_a_due_certificate_is_renewed_for_the_same_key_and_the_old_stays_valid(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     _, issuer = cloud
     clock = Clock()
@@ -201,7 +201,7 @@ async def test_a_due_certificate_is_renewed_for_the_same_key_and_the_old_stays_v
         assert new != old
         assert renewed.files is not None
         verified = cred.verify_bundle(renewed.files, Role.CC, key)  # same key, same chain
-        cert = cred.load_cert_pem(verified[cred.LAYOUTS[Role.CC].cert])
+        cert = certificates.load_cert_pem(verified[cred.LAYOUTS[Role.CC].cert])
         assert cert.not_valid_after_utc.timestamp() == pytest.approx(clock() + HOUR, abs=5)
         # Not revoked: a component still presenting it until it collects the new one works.
         assert old not in reg.memory.revoked
@@ -215,7 +215,7 @@ async def test_a_due_certificate_is_renewed_for_the_same_key_and_the_old_stays_v
 
 
 async def test_many_concurrent_requests_for_a_due_certificate_get_one_new_serial(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     _, issuer = cloud
     clock = Clock()
@@ -236,7 +236,7 @@ async def test_many_concurrent_requests_for_a_due_certificate_get_one_new_serial
 
 
 async def test_a_restarted_registrar_neither_loses_nor_repeats_a_renewal(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     _, issuer = cloud
     clock = Clock()
@@ -255,7 +255,7 @@ async def test_a_restarted_registrar_neither_loses_nor_repeats_a_renewal(
 
 
 async def test_a_watch_answers_when_its_certificate_falls_due(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     _, issuer = cloud
     # Due 2 s after it is issued (the certificate starts 5 minutes back: clocks differ).
@@ -275,7 +275,7 @@ async def test_a_watch_answers_when_its_certificate_falls_due(
 
 
 async def test_a_watch_answers_when_the_chain_above_it_is_renewed(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     """A CC's (or the CA's) certificate renewed for the same key: the watching components get
     the new chain, and their own certificates verify under it unchanged."""
@@ -298,20 +298,22 @@ async def test_a_watch_answers_when_the_chain_above_it_is_renewed(
         watch = asyncio.create_task(reg.credentials(cid, key.public_key(), 60, have))
         await asyncio.sleep(0.2)
         assert not watch.done()
-        new_ca = cred.renew_cloud_ca(key_ca, issuer.cloud_cert)
+        new_ca = certificates.renew_cloud_ca(key_ca, issuer.cloud_cert)
         holder[0] = replace(issuer, cert=new_ca, cloud_cert=new_ca)
         reg.desk.chain_changed()
         answer = await asyncio.wait_for(watch, 5)
         assert serial_of(answer.files) == have  # the same certificate ...
         assert answer.files is not None and first.files is not None
-        assert answer.files[cred.CLOUD_CERT] == cred.cert_pem(new_ca)  # ... under the new CA
+        assert answer.files[cred.CLOUD_CERT] == certificates.cert_pem(
+            new_ca
+        )  # ... under the new CA
         cred.verify_bundle(answer.files, Role.CC, key)
     finally:
         await reg.close()
 
 
 async def test_a_watch_opened_after_the_chain_changed_answers_at_once(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     """The chain renewed while the component was between two requests (no watch open to
     wake): its next watch must hand it the new chain at once, not hold it as current (CI:
@@ -331,12 +333,12 @@ async def test_a_watch_opened_after_the_chain_changed_answers_at_once(
     try:
         cid, key = await registered_cc(reg)
         have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
-        new_ca = cred.renew_cloud_ca(key_ca, issuer.cloud_cert)
+        new_ca = certificates.renew_cloud_ca(key_ca, issuer.cloud_cert)
         holder[0] = replace(issuer, cert=new_ca, cloud_cert=new_ca)
         reg.desk.chain_changed()  # wakes nobody: no watch is open
         answer = await asyncio.wait_for(reg.credentials(cid, key.public_key(), 60, have), 5)
         assert answer.files is not None
-        assert answer.files[cred.CLOUD_CERT] == cred.cert_pem(new_ca)
+        assert answer.files[cred.CLOUD_CERT] == certificates.cert_pem(new_ca)
         assert serial_of(answer.files) == have
         # Told of this chain now: the next watch is held, until the deadline it asked for.
         loop = asyncio.get_running_loop()
@@ -344,13 +346,13 @@ async def test_a_watch_opened_after_the_chain_changed_answers_at_once(
         answer = await asyncio.wait_for(reg.credentials(cid, key.public_key(), 1.0, have), 5)
         assert loop.time() - started >= 0.9
         assert answer.files is not None
-        assert answer.files[cred.CLOUD_CERT] == cred.cert_pem(new_ca)
+        assert answer.files[cred.CLOUD_CERT] == certificates.cert_pem(new_ca)
     finally:
         await reg.close()
 
 
 async def test_after_a_registrar_restart_the_first_watch_is_answered_at_once(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     """A new registrar process does not know which chain a component holds (its CC may have
     been renewed while it was down): it answers that component's first watch at once."""
@@ -375,7 +377,7 @@ async def test_after_a_registrar_restart_the_first_watch_is_answered_at_once(
 
 
 async def test_deregistering_after_a_renewal_revokes_the_current_certificate(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     _, issuer = cloud
     clock = Clock()
@@ -394,8 +396,8 @@ async def test_deregistering_after_a_renewal_revokes_the_current_certificate(
 
 
 def test_a_node_certificate_verifies_under_its_cc_s_renewed_certificate() -> None:
-    ca_key, cc_key, nc_key = cred.generate_key(), fresh_key(), fresh_key()
-    ca = cred.create_cloud_ca(ca_key, "chain")
+    ca_key, cc_key, nc_key = keypairs.generate_key(), fresh_key(), fresh_key()
+    ca = certificates.create_cloud_ca(ca_key, "chain")
     cc_args = {
         "issuer_key": ca_key,
         "issuer_cert": ca,
@@ -404,8 +406,8 @@ def test_a_node_certificate_verifies_under_its_cc_s_renewed_certificate() -> Non
         "component_id": "cc-000000000001",
         "cluster": "c1",
     }
-    cc_old = cred.issue_certificate(**cc_args)  # type: ignore[arg-type]
-    node = cred.issue_certificate(
+    cc_old = certificates.issue_certificate(**cc_args)  # type: ignore[arg-type]
+    node = certificates.issue_certificate(
         issuer_key=cc_key,
         issuer_cert=cc_old,
         subject_key=nc_key.public_key(),
@@ -413,27 +415,27 @@ def test_a_node_certificate_verifies_under_its_cc_s_renewed_certificate() -> Non
         component_id="nc-000000000001",
         cluster="c1",
     )
-    cc_new = cred.issue_certificate(**cc_args)  # type: ignore[arg-type]
+    cc_new = certificates.issue_certificate(**cc_args)  # type: ignore[arg-type]
     assert cc_new.serial_number != cc_old.serial_number
     files = {
-        cred.CLOUD_CERT: cred.cert_pem(ca),
-        "cluster-cert.pem": cred.cert_pem(cc_new),
-        "node-cert.pem": cred.cert_pem(node),
+        cred.CLOUD_CERT: certificates.cert_pem(ca),
+        "cluster-cert.pem": certificates.cert_pem(cc_new),
+        "node-cert.pem": certificates.cert_pem(node),
     }
     expect = names.CertIdentity(Role.NC, "c1", "nc-000000000001")
     cred.verify_bundle(files, Role.NC, nc_key, expect=expect)
 
 
 def test_a_renewed_cloud_ca_keeps_key_name_and_every_certificate_it_signed() -> None:
-    key = cred.generate_key()
-    old = cred.create_cloud_ca(key, "renew", now=1_700_000_000.0)
-    new = cred.renew_cloud_ca(key, old)
+    key = keypairs.generate_key()
+    old = certificates.create_cloud_ca(key, "renew", now=1_700_000_000.0)
+    new = certificates.renew_cloud_ca(key, old)
     assert new.serial_number != old.serial_number
-    assert cred.cert_fingerprint(new) == cred.cert_fingerprint(old)  # pins hold
+    assert certificates.cert_fingerprint(new) == certificates.cert_fingerprint(old)  # pins hold
     assert new.subject == old.subject
     assert new.not_valid_after_utc > old.not_valid_after_utc
     leaf_key = fresh_key()
-    leaf = cred.issue_certificate(
+    leaf = certificates.issue_certificate(
         issuer_key=key,
         issuer_cert=old,
         subject_key=leaf_key.public_key(),
@@ -442,15 +444,15 @@ def test_a_renewed_cloud_ca_keeps_key_name_and_every_certificate_it_signed() -> 
         cluster=None,
     )
     leaf.verify_directly_issued_by(new)
-    with pytest.raises(cred.CredentialError, match="does not certify this CLC's key"):
-        cred.renew_cloud_ca(cred.generate_key(), old)
+    with pytest.raises(keypairs.CredentialError, match="does not certify this CLC's key"):
+        certificates.renew_cloud_ca(keypairs.generate_key(), old)
 
 
 # -- the agent's side --------------------------------------------------------------------------
 
 
-def _bundle(issuer: Issuer, key: cred.PrivateKey, cid: str) -> dict[str, str]:
-    cert = cred.issue_certificate(
+def _bundle(issuer: Issuer, key: keypairs.PrivateKey, cid: str) -> dict[str, str]:
+    cert = certificates.issue_certificate(
         issuer_key=issuer.key,
         issuer_cert=issuer.cert,
         subject_key=key.public_key(),
@@ -459,17 +461,17 @@ def _bundle(issuer: Issuer, key: cred.PrivateKey, cid: str) -> dict[str, str]:
         cluster=None,
     )
     return {
-        cred.CLOUD_CERT: cred.cert_pem(issuer.cloud_cert),
-        "walrus-cert.pem": cred.cert_pem(cert),
+        cred.CLOUD_CERT: certificates.cert_pem(issuer.cloud_cert),
+        "walrus-cert.pem": certificates.cert_pem(cert),
     }
 
 
 def test_the_agent_replaces_renewed_files_in_place_and_only_those(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     ca_key, issuer = cloud
     key = fresh_key()
-    ident = Identity("walrus-00000000000a", key, cred.fingerprint(key.public_key()))
+    ident = Identity("walrus-00000000000a", key, keypairs.fingerprint(key.public_key()))
     endpoint = Endpoint("10.0.0.1", 8780, "clc-000000000001")
     key_dir = tmp_path / "keys"
     first = _bundle(issuer, key, ident.component_id)
@@ -490,29 +492,29 @@ def test_the_agent_replaces_renewed_files_in_place_and_only_those(
     assert after["walrus-pk.pem"] == inodes["walrus-pk.pem"]
     assert cred.credentials_present(key_dir, Role.WALRUS, key)
     # The CA renewed, our certificate not: the chain alone is replaced.
-    new_ca = cred.renew_cloud_ca(ca_key, issuer.cloud_cert)
-    chain_only = {**renewed, cred.CLOUD_CERT: cred.cert_pem(new_ca)}
+    new_ca = certificates.renew_cloud_ca(ca_key, issuer.cloud_cert)
+    chain_only = {**renewed, cred.CLOUD_CERT: certificates.cert_pem(new_ca)}
     have = serial_of(renewed, Role.WALRUS)
     outcome = collect._accept(chain_only, Role.WALRUS, ident, endpoint, key_dir, have, None, None)
     assert outcome is collect.Outcome.RENEWED
-    assert (key_dir / cred.CLOUD_CERT).read_text() == cred.cert_pem(new_ca)
+    assert (key_dir / cred.CLOUD_CERT).read_text() == certificates.cert_pem(new_ca)
     assert cred.credentials_present(key_dir, Role.WALRUS, key)
     assert not [p for p in key_dir.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
 def test_the_agent_refuses_a_renewal_for_another_key_and_keeps_what_it_holds(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     _, issuer = cloud
     key = fresh_key()
-    ident = Identity("walrus-00000000000b", key, cred.fingerprint(key.public_key()))
+    ident = Identity("walrus-00000000000b", key, keypairs.fingerprint(key.public_key()))
     endpoint = Endpoint("10.0.0.1", 8780, "clc-000000000001")
     key_dir = tmp_path / "keys"
     first = _bundle(issuer, key, ident.component_id)
     collect._accept(first, Role.WALRUS, ident, endpoint, key_dir, None, None, None)
     held = (key_dir / "walrus-cert.pem").read_bytes()
     other = _bundle(issuer, fresh_key(), ident.component_id)
-    with pytest.raises(cred.CredentialError, match="does not certify this component's key"):
+    with pytest.raises(keypairs.CredentialError, match="does not certify this component's key"):
         collect._accept(
             other, Role.WALRUS, ident, endpoint, key_dir, serial_of(first, Role.WALRUS), None, None
         )
@@ -521,19 +523,19 @@ def test_the_agent_refuses_a_renewal_for_another_key_and_keeps_what_it_holds(
 
 @pytest.mark.parametrize("shift", [-2 * HOUR, +2 * HOUR], ids=["expired", "future"])
 def test_the_agent_never_replaces_working_credentials_by_ones_not_valid_now(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer], shift: float
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer], shift: float
 ) -> None:
     """A registrar of our own CA (misconfigured, or its clock wrong) sends a 'renewal' that
     has ended or not begun: refused, and what we hold stays."""
     _, issuer = cloud
     key = fresh_key()
-    ident = Identity("walrus-00000000000c", key, cred.fingerprint(key.public_key()))
+    ident = Identity("walrus-00000000000c", key, keypairs.fingerprint(key.public_key()))
     endpoint = Endpoint("10.0.0.1", 8780, "clc-000000000001")
     key_dir = tmp_path / "keys"
     first = _bundle(issuer, key, ident.component_id)
     collect._accept(first, Role.WALRUS, ident, endpoint, key_dir, None, None, None)
     held = (key_dir / "walrus-cert.pem").read_bytes()
-    bad = cred.issue_certificate(
+    bad = certificates.issue_certificate(
         issuer_key=issuer.key,
         issuer_cert=issuer.cert,
         subject_key=key.public_key(),
@@ -543,21 +545,21 @@ def test_the_agent_never_replaces_working_credentials_by_ones_not_valid_now(
         now=Clock()() + shift,
         lifetime=datetime.timedelta(hours=1),
     )
-    files = {**first, "walrus-cert.pem": cred.cert_pem(bad)}
+    files = {**first, "walrus-cert.pem": certificates.cert_pem(bad)}
     have = serial_of(first, Role.WALRUS)
-    with pytest.raises(cred.CredentialError, match="is not valid now"):
+    with pytest.raises(keypairs.CredentialError, match="is not valid now"):
         collect._accept(files, Role.WALRUS, ident, endpoint, key_dir, have, None, None)
     assert (key_dir / "walrus-cert.pem").read_bytes() == held
 
 
 async def test_the_agent_warns_with_the_date_of_the_certificate_it_holds(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     _, issuer = cloud
     key = fresh_key()
     key_dir = tmp_path / "keys"
     assert await held_note(key_dir, Role.WALRUS) == ""  # nothing held: nothing to say
-    cert = cred.issue_certificate(
+    cert = certificates.issue_certificate(
         issuer_key=issuer.key,
         issuer_cert=issuer.cert,
         subject_key=key.public_key(),
@@ -567,7 +569,7 @@ async def test_the_agent_warns_with_the_date_of_the_certificate_it_holds(
         now=Clock()() - 50 * 60,  # 10 minutes (and the 5 backdated ones) of its hour left
         lifetime=datetime.timedelta(hours=1),
     )
-    cred.write_atomic(key_dir / "walrus-cert.pem", cred.cert_pem(cert).encode())
+    cred.write_atomic(key_dir / "walrus-cert.pem", certificates.cert_pem(cert).encode())
     end = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")
     assert await held_note(key_dir, Role.WALRUS) == (
         f"; our certificate is due for renewal and expires at {end}"
@@ -583,7 +585,7 @@ def test_a_certificate_not_valid_yet_is_due_at_once() -> None:
 
 
 async def test_a_certificate_made_while_the_clock_ran_ahead_is_replaced_when_it_is_right(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     """An NTP step forward, a certificate issued then, the clock set right: the component
     (which refuses a certificate not valid yet) gets one valid now at its next request,
@@ -600,14 +602,14 @@ async def test_a_certificate_made_while_the_clock_ran_ahead_is_replaced_when_it_
         answer = await reg.credentials(cid, key.public_key(), wait=0)
         assert serial_of(answer.files) != ahead
         assert answer.files is not None
-        own = cred.load_cert_pem(answer.files["cluster-cert.pem"])
+        own = certificates.load_cert_pem(answer.files["cluster-cert.pem"])
         assert own.not_valid_before_utc.timestamp() <= clock()
     finally:
         await reg.close()
 
 
 async def test_an_unreadable_stored_certificate_is_replaced_not_served(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     _, issuer = cloud
     reg = await make(tmp_path, issuer, Clock())
@@ -624,15 +626,15 @@ async def test_an_unreadable_stored_certificate_is_replaced_not_served(
 
 
 def test_an_unchanged_bundle_is_not_checked_against_the_agent_s_clock(
-    tmp_path: Path, cloud: tuple[cred.PrivateKey, Issuer]
+    tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     """What we hold already is not refused again (a wrong clock on our side must not turn an
     idle watch into a retry loop); only what would replace it must be valid now."""
     _, issuer = cloud
     key = fresh_key()
-    ident = Identity("walrus-00000000000e", key, cred.fingerprint(key.public_key()))
+    ident = Identity("walrus-00000000000e", key, keypairs.fingerprint(key.public_key()))
     endpoint = Endpoint("10.0.0.1", 8780, "clc-000000000001")
-    old = cred.issue_certificate(
+    old = certificates.issue_certificate(
         issuer_key=issuer.key,
         issuer_cert=issuer.cert,
         subject_key=key.public_key(),
@@ -643,8 +645,8 @@ def test_an_unchanged_bundle_is_not_checked_against_the_agent_s_clock(
         lifetime=datetime.timedelta(hours=1),
     )
     files = {
-        cred.CLOUD_CERT: cred.cert_pem(issuer.cloud_cert),
-        "walrus-cert.pem": cred.cert_pem(old),
+        cred.CLOUD_CERT: certificates.cert_pem(issuer.cloud_cert),
+        "walrus-cert.pem": certificates.cert_pem(old),
     }
     key_dir = tmp_path / "keys"
     collect._accept(files, Role.WALRUS, ident, endpoint, key_dir, None, None, None)

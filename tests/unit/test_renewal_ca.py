@@ -15,6 +15,7 @@ from eucareg.agent.cloudca import CloudCA
 from eucareg.cli.main import main
 from eucareg.core import renewal
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 from eucareg.pki.cloud import read_held
 from eucareg.registrar.engine import Issuer
@@ -23,12 +24,12 @@ from tests.unit.test_renewal import HOUR, SHORT, Clock, make, registered_cc
 YEAR = 365 * 86400.0
 
 
-def clc_dir(tmp_path: Path, *, issued_at: float | None = None) -> tuple[Path, cred.PrivateKey]:
+def clc_dir(tmp_path: Path, *, issued_at: float | None = None) -> tuple[Path, keypairs.PrivateKey]:
     """A CLC's key_dir with cloud-cert.pem (issued at `issued_at`), and its key."""
-    key = cred.generate_key()
+    key = keypairs.generate_key()
     key_dir = tmp_path / "keys"
-    ca = cred.create_cloud_ca(key, "ca-test", now=issued_at)
-    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(ca).encode())
+    ca = certificates.create_cloud_ca(key, "ca-test", now=issued_at)
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, certificates.cert_pem(ca).encode())
     return key_dir, key
 
 
@@ -48,8 +49,8 @@ async def test_a_cloud_ca_with_a_third_of_its_life_left_is_renewed_for_the_same_
     assert changes == [1]
     new = read_held(key_dir, key)
     assert new == ca.cert and new.serial_number != old.serial_number
-    assert cred.cert_fingerprint(new) == cred.cert_fingerprint(old)
-    assert renewal.phase(cred.validity(new), renewal.ca_margin(), clock()) is (
+    assert certificates.cert_fingerprint(new) == certificates.cert_fingerprint(old)
+    assert renewal.phase(certificates.validity(new), renewal.ca_margin(), clock()) is (
         renewal.Phase.CURRENT
     )
     assert await ca.check() is False  # renewed once, not again
@@ -68,8 +69,8 @@ async def test_a_current_cloud_ca_is_kept_and_a_foreign_one_is_not_taken_up(
     ca = CloudCA(key_dir, key, held, changed)
     assert await ca.check() is False
     # Someone puts another CA's certificate there: refused, the CLC keeps serving its own.
-    other = cred.create_cloud_ca(cred.generate_key(), "rogue")
-    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(other).encode())
+    other = certificates.create_cloud_ca(keypairs.generate_key(), "rogue")
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, certificates.cert_pem(other).encode())
     assert await ca.check() is False
     assert ca.cert == held and changes == []
 
@@ -86,8 +87,8 @@ async def test_the_running_clc_takes_up_an_operator_renewal_at_once(tmp_path: Pa
     task = asyncio.create_task(ca.run())
     try:
         await asyncio.sleep(0.2)  # the watch is armed
-        renewed = cred.renew_cloud_ca(key, held)
-        cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(renewed).encode())
+        renewed = certificates.renew_cloud_ca(key, held)
+        cred.write_atomic(key_dir / cred.CLOUD_CERT, certificates.cert_pem(renewed).encode())
         await asyncio.wait_for(seen.wait(), 10)
         assert ca.cert == renewed
     finally:
@@ -95,9 +96,9 @@ async def test_the_running_clc_takes_up_an_operator_renewal_at_once(tmp_path: Pa
         await asyncio.gather(task, return_exceptions=True)
 
 
-def _config(tmp_path: Path, key: cred.PrivateKey, roles: str = "clc = {}") -> Path:
+def _config(tmp_path: Path, key: keypairs.PrivateKey, roles: str = "clc = {}") -> Path:
     state = tmp_path / "state"
-    cred.write_atomic(state / "identity" / "clc.key.pem", cred.key_pem(key))
+    cred.write_atomic(state / "identity" / "clc.key.pem", keypairs.key_pem(key))
     path = tmp_path / "eucareg.toml"
     path.write_text(
         f'address = "10.0.0.1"\nstate_dir = "{state}"\nkey_dir = "{tmp_path / "keys"}"\n'
@@ -114,7 +115,7 @@ def test_ca_renew_and_show_on_the_clc(tmp_path: Path) -> None:
     shown = runner.invoke(main, ["ca", "show", "--config", str(config), "--json"])
     assert shown.exit_code == 0, shown.output
     info = json.loads(shown.output)
-    assert info["fingerprint"] == cred.fingerprint(key.public_key())
+    assert info["fingerprint"] == keypairs.fingerprint(key.public_key())
     assert info["serial"] == format(before.serial_number, "x") and info["state"] == "current"
     done = runner.invoke(main, ["ca", "renew", "--config", str(config), "--json"])
     assert done.exit_code == 0, done.output
@@ -132,8 +133,8 @@ def test_ca_renew_refuses_where_there_is_no_clc_or_a_foreign_certificate(tmp_pat
         main, ["ca", "renew", "--config", str(_config(tmp_path, key, 'nc = { cluster = "c1" }'))]
     )
     assert no_clc.exit_code != 0 and "this host runs no CLC" in no_clc.output
-    other = cred.create_cloud_ca(cred.generate_key(), "rogue")
-    cred.write_atomic(key_dir / cred.CLOUD_CERT, cred.cert_pem(other).encode())
+    other = certificates.create_cloud_ca(keypairs.generate_key(), "rogue")
+    cred.write_atomic(key_dir / cred.CLOUD_CERT, certificates.cert_pem(other).encode())
     held = (key_dir / cred.CLOUD_CERT).read_bytes()
     refused = runner.invoke(main, ["ca", "renew", "--config", str(_config(tmp_path, key))])
     assert refused.exit_code == 1 and "does not certify this CLC's key" in refused.output
@@ -145,8 +146,8 @@ def test_ca_renew_refuses_where_there_is_no_clc_or_a_foreign_certificate(tmp_pat
 
 @pytest.fixture(scope="module")
 def issuer() -> Issuer:
-    key = cred.generate_key()
-    ca = cred.create_cloud_ca(key, "expiry")
+    key = keypairs.generate_key()
+    ca = certificates.create_cloud_ca(key, "expiry")
     return Issuer(key=key, cert=ca, cloud_cert=ca, policy=SHORT)
 
 

@@ -27,8 +27,8 @@ from eucareg.config.file import SOCKET_FILE
 from eucareg.core import renewal
 from eucareg.core.model import Role, Status
 from eucareg.core.view import RegistrarSettings
+from eucareg.pki import certificates, handover, keypairs
 from eucareg.pki import credentials as cred
-from eucareg.pki import handover
 from eucareg.pki.cloud import read_held
 from eucareg.registrar.engine import Issuer, Registrar, Timing
 from eucareg.store.registry import Store, sqlite_url
@@ -54,14 +54,14 @@ def consistent(state: Path, keys: Path) -> tuple[str, handover.Handover | None]:
     ident = load_or_create_identity(state, Role.CLC)
     cert = ensure_cloud_ca(keys, ident)
     read_held(keys, ident.key)
-    pk = cred.load_key(keys / cred.LAYOUTS[Role.CLC].key)
-    assert cred.fingerprint(pk.public_key()) == ident.fingerprint
+    pk = keypairs.load_key(keys / cred.LAYOUTS[Role.CLC].key)
+    assert keypairs.fingerprint(pk.public_key()) == ident.fingerprint
     return ident.fingerprint, handover.load_held(keys / handover.HANDOVER, cert, time.time())
 
 
 def test_rotate_replaces_the_key_and_hands_over_from_the_old_one(tmp_path: Path) -> None:
     state, keys, old = make_clc(tmp_path)
-    old_cert = cred.load_cert(keys / cred.CLOUD_CERT)
+    old_cert = certificates.load_cert(keys / cred.CLOUD_CERT)
     done = rotation.rotate(state, keys, 7 * DAY, time.time())
     new_fp, passed = consistent(state, keys)
     assert done.old_fingerprint == old.fingerprint != new_fp == done.new_fingerprint
@@ -69,7 +69,7 @@ def test_rotate_replaces_the_key_and_hands_over_from_the_old_one(tmp_path: Path)
     assert passed.old == old_cert and abs(passed.ends - (time.time() + 7 * DAY)) < 60
     # The component id stays, the old key is kept for the record (root only).
     assert load_or_create_identity(state, Role.CLC).component_id == old.component_id
-    assert cred.fingerprint(cred.load_key(done.retired_key).public_key()) == old.fingerprint
+    assert keypairs.fingerprint(keypairs.load_key(done.retired_key).public_key()) == old.fingerprint
     assert done.retired_key.stat().st_mode & 0o077 == 0
     assert not (state / "identity" / rotation.STAGE).exists()
 
@@ -93,13 +93,13 @@ def test_rotating_twice_moves_an_agent_that_moved_once_again(
     state, keys, k1 = make_clc(tmp_path)
     agent_dir = tmp_path / "agent"
     key = fresh_key()
-    ident = Identity("walrus-00000000000a", key, cred.fingerprint(key.public_key()))
+    ident = Identity("walrus-00000000000a", key, keypairs.fingerprint(key.public_key()))
     endpoint = Endpoint("10.0.0.1", 8780, k1.component_id)
 
     def bundle(now: float) -> dict[str, str]:
         clc = load_or_create_identity(state, Role.CLC)
-        ca = cred.load_cert(keys / cred.CLOUD_CERT)
-        cert = cred.issue_certificate(
+        ca = certificates.load_cert(keys / cred.CLOUD_CERT)
+        cert = certificates.issue_certificate(
             issuer_key=clc.key,
             issuer_cert=ca,
             subject_key=key.public_key(),
@@ -108,13 +108,16 @@ def test_rotating_twice_moves_an_agent_that_moved_once_again(
             cluster=None,
             now=now,
         )
-        out = {cred.CLOUD_CERT: cred.cert_pem(ca), "walrus-cert.pem": cred.cert_pem(cert)}
+        out = {
+            cred.CLOUD_CERT: certificates.cert_pem(ca),
+            "walrus-cert.pem": certificates.cert_pem(cert),
+        }
         if (keys / handover.HANDOVER).exists():
             out[handover.HANDOVER] = (keys / handover.HANDOVER).read_text()
         return out
 
     def pinned() -> str:
-        return cred.cert_fingerprint(cred.load_cert(agent_dir / cred.CLOUD_CERT))
+        return certificates.cert_fingerprint(certificates.load_cert(agent_dir / cred.CLOUD_CERT))
 
     now = time.time()
     collect._accept(
@@ -128,18 +131,18 @@ def test_rotating_twice_moves_an_agent_that_moved_once_again(
     # After the first overlap has ended (the agent's clock moved on with it): K2 -> K3.
     later = now + 700
     rotation.rotate(state, keys, 600, later)
-    k3 = cred.cert_fingerprint(cred.load_cert(keys / cred.CLOUD_CERT))
+    k3 = certificates.cert_fingerprint(certificates.load_cert(keys / cred.CLOUD_CERT))
     assert k3 not in (k1.fingerprint, k2)
     monkeypatch.setattr(collect, "time", _At(later + 1))
     b3 = bundle(later)
     # An agent still on K1 cannot jump to K3: the handover is from K2 (one step only).
-    with pytest.raises(cred.CredentialError, match="its handover is from"):
+    with pytest.raises(keypairs.CredentialError, match="its handover is from"):
         collect._accept(
             b3, Role.WALRUS, ident, endpoint, tmp_path / "x", None, k1.fingerprint, None
         )
     # A replayed first handover next to the K3 CA moves the K2 agent nowhere.
     replayed = {**b3, handover.HANDOVER: first_handover}
-    with pytest.raises(cred.CredentialError, match="rogue"):
+    with pytest.raises(keypairs.CredentialError, match="rogue"):
         collect._accept(replayed, Role.WALRUS, ident, endpoint, agent_dir, "x", k2, None)
     assert pinned() == k2
     # The genuine second handover moves it again.
@@ -190,7 +193,7 @@ def test_a_crash_at_any_step_is_finished_or_undone_by_the_next_start(
 def test_an_unusable_stage_stops_the_start_with_its_reason(tmp_path: Path) -> None:
     state, keys, _ = make_clc(tmp_path)
     (state / "identity" / rotation.STAGE).mkdir()
-    with pytest.raises(cred.CredentialError, match="unusable staged rotation"):
+    with pytest.raises(keypairs.CredentialError, match="unusable staged rotation"):
         load_or_create_identity(state, Role.CLC)
     # Nothing was changed meanwhile.
     (state / "identity" / rotation.STAGE).rmdir()
@@ -259,7 +262,7 @@ async def make_registrar(tmp: Path, issuer: list[Issuer]) -> Registrar:
     return reg
 
 
-async def registered(reg: Registrar, n: int) -> list[tuple[str, cred.PrivateKey]]:
+async def registered(reg: Registrar, n: int) -> list[tuple[str, keypairs.PrivateKey]]:
     out = []
     for i in range(n):
         cc = ann(Role.CC, f"c{i}")
@@ -282,14 +285,14 @@ async def registered(reg: Registrar, n: int) -> list[tuple[str, cred.PrivateKey]
 
 def serial(files: dict[str, str] | None) -> str:
     assert files is not None
-    return format(cred.load_cert_pem(files["cluster-cert.pem"]).serial_number, "x")
+    return format(certificates.load_cert_pem(files["cluster-cert.pem"]).serial_number, "x")
 
 
 async def test_every_certificate_is_reissued_under_the_new_key_once_as_a_renewal(
     tmp_path: Path,
 ) -> None:
     state, keys, old = make_clc(tmp_path)
-    old_ca = cred.load_cert(keys / cred.CLOUD_CERT)
+    old_ca = certificates.load_cert(keys / cred.CLOUD_CERT)
     issuer = [Issuer(key=old.key, cert=old_ca, cloud_cert=old_ca)]
     reg = await make_registrar(tmp_path, issuer)
     try:
@@ -300,7 +303,7 @@ async def test_every_certificate_is_reissued_under_the_new_key_once_as_a_renewal
         runs = len(reg.store.hook_runs())
         rotation.rotate(state, keys, DAY, time.time())
         new = load_or_create_identity(state, Role.CLC)
-        new_ca = cred.load_cert(keys / cred.CLOUD_CERT)
+        new_ca = certificates.load_cert(keys / cred.CLOUD_CERT)
         pem = (keys / handover.HANDOVER).read_text()
         issuer[0] = Issuer(key=new.key, cert=new_ca, cloud_cert=new_ca, handover=pem)
         # N+1 concurrent requests (a watch and its retries): one new certificate per CC.
@@ -321,7 +324,7 @@ async def test_every_certificate_is_reissued_under_the_new_key_once_as_a_renewal
             assert len(serials) == 1 and first[cid] not in serials
             files = got[0].files
             assert files is not None and files[handover.HANDOVER] == pem
-            cert = cred.load_cert_pem(files["cluster-cert.pem"])
+            cert = certificates.load_cert_pem(files["cluster-cert.pem"])
             cert.verify_directly_issued_by(new_ca)
             codes = [e.code for e in reg.store.events(component_id=cid, kind="credentials")]
             assert codes.count("renewed") == 1 and "revoked" not in codes
@@ -351,7 +354,7 @@ async def test_after_a_registrar_restart_the_first_watch_gets_the_handover_at_on
     state, keys, _old = make_clc(tmp_path)
     rotation.rotate(state, keys, DAY, time.time())
     new = load_or_create_identity(state, Role.CLC)
-    new_ca = cred.load_cert(keys / cred.CLOUD_CERT)
+    new_ca = certificates.load_cert(keys / cred.CLOUD_CERT)
     pem = (keys / handover.HANDOVER).read_text()
     issuer = [Issuer(key=new.key, cert=new_ca, cloud_cert=new_ca, handover=pem)]
     reg = await make_registrar(tmp_path, issuer)

@@ -20,8 +20,8 @@ from eucareg.agent import collect
 from eucareg.agent.identity import Identity
 from eucareg.agent.locate import Endpoint
 from eucareg.core.model import Role
+from eucareg.pki import certificates, handover, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import handover, tls
 from tests.factories import fresh_key
 
 CLC_ID = "clc-00000000000a"
@@ -30,9 +30,9 @@ DAY = 86400.0
 
 @dataclass
 class Rotated:
-    old_key: cred.PrivateKey
+    old_key: keypairs.PrivateKey
     old: x509.Certificate
-    new_key: cred.PrivateKey
+    new_key: keypairs.PrivateKey
     new: x509.Certificate
     cross: x509.Certificate
 
@@ -44,12 +44,12 @@ class Rotated:
 def rotated(overlap: float = 30 * DAY, now: float | None = None) -> Rotated:
     now = time.time() if now is None else now
     old_key, new_key = fresh_key(), fresh_key()
-    old = cred.create_cloud_ca(old_key, CLC_ID, now=now - DAY)
+    old = certificates.create_cloud_ca(old_key, CLC_ID, now=now - DAY)
     new = handover.successor(new_key, old, now)
     return Rotated(old_key, old, new_key, new, handover.make_cross(old_key, old, new, now, overlap))
 
 
-def forged(r: Rotated, signer: cred.PrivateKey) -> x509.Certificate:
+def forged(r: Rotated, signer: keypairs.PrivateKey) -> x509.Certificate:
     """A cross-certificate for r's new key under the right names, signed by `signer`."""
     return handover.make_cross(signer, r.old, r.new, time.time(), DAY)
 
@@ -58,10 +58,14 @@ R = rotated()
 
 
 def issue(
-    key: cred.PrivateKey, issuer: x509.Certificate, role: Role, cid: str, cluster: str | None = None
-) -> tuple[cred.PrivateKey, x509.Certificate]:
+    key: keypairs.PrivateKey,
+    issuer: x509.Certificate,
+    role: Role,
+    cid: str,
+    cluster: str | None = None,
+) -> tuple[keypairs.PrivateKey, x509.Certificate]:
     own = fresh_key()
-    cert = cred.issue_certificate(
+    cert = certificates.issue_certificate(
         issuer_key=key,
         issuer_cert=issuer,
         subject_key=own.public_key(),
@@ -77,9 +81,9 @@ def issue(
 
 def test_a_genuine_handover_verifies_and_says_from_and_to() -> None:
     h = handover.parse(R.passed.pem())
-    handover.verify(h, cred.cert_fingerprint(R.old), R.new, time.time())
-    assert h.old_fingerprint == cred.cert_fingerprint(R.old)
-    assert h.new_fingerprint == cred.cert_fingerprint(R.new)
+    handover.verify(h, certificates.cert_fingerprint(R.old), R.new, time.time())
+    assert h.old_fingerprint == certificates.cert_fingerprint(R.old)
+    assert h.new_fingerprint == certificates.cert_fingerprint(R.new)
     assert R.new.subject == R.old.subject  # the same CLC, by name
     assert 29 * DAY < h.ends - time.time() <= 30 * DAY
 
@@ -100,16 +104,18 @@ def test_a_genuine_handover_verifies_and_says_from_and_to() -> None:
     ids=["forged-signature", "another-old-ca", "another-new-key", "ended"],
 )
 def test_a_handover_not_from_the_key_we_trust_to_this_one_is_refused(make, reason: str) -> None:
-    with pytest.raises(cred.CredentialError, match=reason):
-        handover.verify(make(), cred.cert_fingerprint(R.old), R.new, time.time())
+    with pytest.raises(keypairs.CredentialError, match=reason):
+        handover.verify(make(), certificates.cert_fingerprint(R.old), R.new, time.time())
 
 
 def test_a_handover_to_another_key_than_offered_is_refused() -> None:
     other = rotated()
     # Genuinely signed by the old key we trust, but for another new key than the bundle's.
     cross = handover.make_cross(R.old_key, R.old, other.new, time.time(), DAY)
-    with pytest.raises(cred.CredentialError, match="not the one offered"):
-        handover.verify(handover.Handover(cross, R.old), cred.cert_fingerprint(R.old), R.new, 0.0)
+    with pytest.raises(keypairs.CredentialError, match="not the one offered"):
+        handover.verify(
+            handover.Handover(cross, R.old), certificates.cert_fingerprint(R.old), R.new, 0.0
+        )
 
 
 def test_a_cc_certificate_is_never_a_cross_certificate() -> None:
@@ -121,19 +127,19 @@ def test_a_cc_certificate_is_never_a_cross_certificate() -> None:
 
 @pytest.mark.parametrize("data", ["", "junk", "x" * 20000])
 def test_an_unreadable_handover_is_refused_by_name(data: str) -> None:
-    with pytest.raises(cred.CredentialError, match=handover.HANDOVER):
+    with pytest.raises(keypairs.CredentialError, match=handover.HANDOVER):
         handover.parse(data)
-    three = R.passed.pem() + cred.cert_pem(R.new)
-    with pytest.raises(cred.CredentialError, match="holds 3 certificates"):
+    three = R.passed.pem() + certificates.cert_pem(R.new)
+    with pytest.raises(keypairs.CredentialError, match="holds 3 certificates"):
         handover.parse(three)
 
 
 # -- the agent moving its pin (collect._accept) ------------------------------------------------
 
 
-def walrus_bundle(r: Rotated, key: cred.PrivateKey, signer: str = "new") -> dict[str, str]:
+def walrus_bundle(r: Rotated, key: keypairs.PrivateKey, signer: str = "new") -> dict[str, str]:
     ca_key, ca = (r.new_key, r.new) if signer == "new" else (r.old_key, r.old)
-    cert = cred.issue_certificate(
+    cert = certificates.issue_certificate(
         issuer_key=ca_key,
         issuer_cert=ca,
         subject_key=key.public_key(),
@@ -141,23 +147,26 @@ def walrus_bundle(r: Rotated, key: cred.PrivateKey, signer: str = "new") -> dict
         component_id="walrus-00000000000a",
         cluster=None,
     )
-    return {cred.CLOUD_CERT: cred.cert_pem(ca), "walrus-cert.pem": cred.cert_pem(cert)}
+    return {
+        cred.CLOUD_CERT: certificates.cert_pem(ca),
+        "walrus-cert.pem": certificates.cert_pem(cert),
+    }
 
 
 @pytest.fixture
 def walrus(tmp_path: Path) -> tuple[Identity, Path, str]:
     """A Walrus registered under R's old CA: its identity, key_dir and certificate serial."""
     key = fresh_key()
-    ident = Identity("walrus-00000000000a", key, cred.fingerprint(key.public_key()))
+    ident = Identity("walrus-00000000000a", key, keypairs.fingerprint(key.public_key()))
     key_dir = tmp_path / "keys"
     first = walrus_bundle(R, key, signer="old")
     collect._accept(first, Role.WALRUS, ident, ENDPOINT, key_dir, None, OLD_FP, None)
-    serial = format(cred.load_cert(key_dir / "walrus-cert.pem").serial_number, "x")
+    serial = format(certificates.load_cert(key_dir / "walrus-cert.pem").serial_number, "x")
     return ident, key_dir, serial
 
 
 ENDPOINT = Endpoint("10.0.0.1", 8780, CLC_ID)
-OLD_FP = cred.cert_fingerprint(R.old)
+OLD_FP = certificates.cert_fingerprint(R.old)
 
 
 def test_an_agent_pinning_the_old_key_moves_only_through_a_valid_handover(
@@ -167,11 +176,11 @@ def test_an_agent_pinning_the_old_key_moves_only_through_a_valid_handover(
     held = {p.name: p.read_bytes() for p in key_dir.iterdir()}
     bundle = walrus_bundle(R, ident.key)
     # Without a handover, the new CA is another CA: refused, nothing touched.
-    with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+    with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
         collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, have, OLD_FP, None)
     # A forged one (right names, another signer), or one from another old CA: the same.
     for bad in (handover.Handover(forged(R, fresh_key()), R.old), rotated().passed):
-        with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+        with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
             collect._accept(
                 {**bundle, handover.HANDOVER: bad.pem()},
                 Role.WALRUS,
@@ -187,14 +196,14 @@ def test_an_agent_pinning_the_old_key_moves_only_through_a_valid_handover(
     genuine = {**bundle, handover.HANDOVER: R.passed.pem()}
     outcome = collect._accept(genuine, Role.WALRUS, ident, ENDPOINT, key_dir, have, OLD_FP, None)
     assert outcome is collect.Outcome.RENEWED
-    assert cred.cert_fingerprint(
-        cred.load_cert(key_dir / cred.CLOUD_CERT)
-    ) == cred.cert_fingerprint(R.new)
+    assert certificates.cert_fingerprint(
+        certificates.load_cert(key_dir / cred.CLOUD_CERT)
+    ) == certificates.cert_fingerprint(R.new)
     assert (key_dir / handover.HANDOVER).read_text() == R.passed.pem()
     assert cred.credentials_present(key_dir, Role.WALRUS, ident.key)
     # From now on, the old CA's bundles are the rogue ones (no way back).
-    new_fp = cred.cert_fingerprint(R.new)
-    with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+    new_fp = certificates.cert_fingerprint(R.new)
+    with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
         collect._accept(
             walrus_bundle(R, ident.key, signer="old"),
             Role.WALRUS,
@@ -209,20 +218,20 @@ def test_an_agent_pinning_the_old_key_moves_only_through_a_valid_handover(
 
 def test_a_joining_agent_with_an_old_pin_is_moved_by_the_handover(tmp_path: Path) -> None:
     key = fresh_key()
-    ident = Identity("walrus-00000000000a", key, cred.fingerprint(key.public_key()))
+    ident = Identity("walrus-00000000000a", key, keypairs.fingerprint(key.public_key()))
     bundle = {**walrus_bundle(R, key), handover.HANDOVER: R.passed.pem()}
     key_dir = tmp_path / "keys"
     outcome = collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, None, OLD_FP, None)
     assert outcome is collect.Outcome.WRITTEN
-    assert (key_dir / cred.CLOUD_CERT).read_text() == cred.cert_pem(R.new)
+    assert (key_dir / cred.CLOUD_CERT).read_text() == certificates.cert_pem(R.new)
 
 
 def test_an_ended_handover_moves_nobody(walrus: tuple[Identity, Path, str]) -> None:
     ident, key_dir, have = walrus
     ended = rotated(overlap=600, now=time.time() - 700)
-    old_fp = cred.cert_fingerprint(ended.old)
+    old_fp = certificates.cert_fingerprint(ended.old)
     bundle = {**walrus_bundle(ended, ident.key), handover.HANDOVER: ended.passed.pem()}
-    with pytest.raises(cred.CredentialError, match="refusing a rogue registrar"):
+    with pytest.raises(keypairs.CredentialError, match="refusing a rogue registrar"):
         collect._accept(bundle, Role.WALRUS, ident, ENDPOINT, key_dir, have, old_fp, None)
 
 
@@ -231,14 +240,14 @@ def test_an_ended_handover_moves_nobody(walrus: tuple[Identity, Path, str]) -> N
 
 async def serve(
     tmp: Path,
-    key: cred.PrivateKey,
+    key: keypairs.PrivateKey,
     chain: list[x509.Certificate],
     client_ca: x509.Certificate | None = None,
     also_trusted: x509.Certificate | None = None,
 ) -> AsyncIterator[str]:
     chain_file, key_file = tmp / "chain.pem", tmp / "key.pem"
     tls.write_chain(chain_file, chain)
-    cred.write_atomic(key_file, cred.key_pem(key))
+    cred.write_atomic(key_file, keypairs.key_pem(key))
 
     async def who(request: web.Request) -> web.Response:
         assert request.transport is not None
@@ -278,7 +287,7 @@ async def test_the_rotated_clc_is_accepted_through_the_handover_in_its_chain(
             clc_expect(root=R.old),  # registered before the rotation
             clc_expect(pin=OLD_FP),  # joining with an old token or ca_fingerprint
             clc_expect(root=R.new),  # moved already
-            clc_expect(pin=cred.cert_fingerprint(R.new)),
+            clc_expect(pin=certificates.cert_fingerprint(R.new)),
         ):
             assert await get(url, expect) == {"peer": None}
 
@@ -311,15 +320,15 @@ async def test_a_cc_certificate_cannot_hand_the_cloud_over(tmp_path: Path) -> No
     """A registered CC (a CA signed by the pinned key) makes itself a 'CLC' certificate and
     puts its own certificate where a cross-certificate would be: refused."""
     cc_key, cc = issue(R.old_key, R.old, Role.CC, "cc-00000000000a", "c1")
-    fake = cred.create_cloud_ca_named(cc_key, R.old.subject)
+    fake = certificates.create_cloud_ca_named(cc_key, R.old.subject)
     async for url in serve(tmp_path, cc_key, [fake, cc, R.old]):
         with pytest.raises(aiohttp.ClientConnectorCertificateError):
             await get(url, clc_expect(root=R.old))
 
 
-def files(tmp: Path, key: cred.PrivateKey, chain: list[x509.Certificate]) -> tls.ClientCert:
+def files(tmp: Path, key: keypairs.PrivateKey, chain: list[x509.Certificate]) -> tls.ClientCert:
     tls.write_chain(tmp / "client.pem", chain)
-    cred.write_atomic(tmp / "client-key.pem", cred.key_pem(key))
+    cred.write_atomic(tmp / "client-key.pem", keypairs.key_pem(key))
     # (client contexts are cached by this value: the serial tells two chains apart)
     serial = "-".join(format(c.serial_number, "x") for c in chain)
     return tls.ClientCert(tmp / "client.pem", tmp / "client-key.pem", serial)
@@ -332,7 +341,7 @@ async def test_a_moved_cc_serves_nodes_that_pin_the_old_key_and_both_kinds_of_no
     chain: an NC holding the old CA accepts it; the CC accepts the client certificates of
     nodes still chained to its old certificate and of those chained to its new one."""
     cc_key = fresh_key()
-    old_cc = cred.issue_certificate(
+    old_cc = certificates.issue_certificate(
         issuer_key=R.old_key,
         issuer_cert=R.old,
         subject_key=cc_key.public_key(),
@@ -340,7 +349,7 @@ async def test_a_moved_cc_serves_nodes_that_pin_the_old_key_and_both_kinds_of_no
         component_id="cc-00000000000a",
         cluster="c1",
     )
-    new_cc = cred.issue_certificate(
+    new_cc = certificates.issue_certificate(
         issuer_key=R.new_key,
         issuer_cert=R.new,
         subject_key=cc_key.public_key(),

@@ -17,8 +17,8 @@ from cryptography import x509
 from eucareg.agent.host import Agent
 from eucareg.agent.rotation import MIN_OVERLAP, rotate
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import tls
 from tests.unit.test_agent_fakes import FakeMdns, key, make_config, seed_identity
 from tests.unit.test_attack_tls import TIMING, loopback_only
 from tests.unit.test_rotation_handover import issue
@@ -37,10 +37,10 @@ async def handshake(url: str, expect: tls.Expect, client: tls.ClientCert) -> int
         return response.status
 
 
-def client_files(tmp: Path, own: cred.PrivateKey, cert: x509.Certificate) -> tls.ClientCert:
+def client_files(tmp: Path, own: keypairs.PrivateKey, cert: x509.Certificate) -> tls.ClientCert:
     name = format(cert.serial_number, "x")  # client contexts are cached by this value
     tls.write_chain(tmp / f"{name}.pem", [cert])
-    cred.write_atomic(tmp / f"{name}-key.pem", cred.key_pem(own))
+    cred.write_atomic(tmp / f"{name}-key.pem", keypairs.key_pem(own))
     return tls.ClientCert(tmp / f"{name}.pem", tmp / f"{name}-key.pem", name)
 
 
@@ -54,13 +54,17 @@ async def test_old_ca_client_certificates_are_refused_once_the_overlap_ends(
     first = Agent(cfg, backend=FakeMdns(), timing=TIMING)
     await first.start()
     await first.stop()
-    old_cert = cred.load_cert(cfg.key_dir / cred.CLOUD_CERT)
+    old_cert = certificates.load_cert(cfg.key_dir / cred.CLOUD_CERT)
     old_key = key(4)
     # A rotation made (MIN_OVERLAP - LEFT) seconds ago: LEFT seconds of its overlap remain.
     made = time.time() - (MIN_OVERLAP - LEFT)
     rotated = await asyncio.to_thread(rotate, state, cfg.key_dir, MIN_OVERLAP, made)
-    new_cert = cred.load_cert(cfg.key_dir / cred.CLOUD_CERT)
-    assert cred.cert_fingerprint(new_cert) == rotated.new_fingerprint != rotated.old_fingerprint
+    new_cert = certificates.load_cert(cfg.key_dir / cred.CLOUD_CERT)
+    assert (
+        certificates.cert_fingerprint(new_cert)
+        == rotated.new_fingerprint
+        != rotated.old_fingerprint
+    )
     # A Walrus still holding a certificate of the old CA.
     own, walrus = issue(old_key, old_cert, Role.WALRUS, "walrus-00000000000a")
     client = client_files(tmp_path, own, walrus)
@@ -85,7 +89,7 @@ async def test_old_ca_client_certificates_are_refused_once_the_overlap_ends(
         assert time.time() >= rotated.overlap_ends  # not before the end
         # A component of the new CA is still served, and the chain no longer holds the cross.
         own_new, walrus_new = issue(
-            cred.load_key(state / "identity" / "clc.key.pem"),
+            keypairs.load_key(state / "identity" / "clc.key.pem"),
             new_cert,
             Role.WALRUS,
             "walrus-00000000000b",

@@ -36,7 +36,7 @@ from eucareg.api.auth import (
 from eucareg.api.context import CONTEXT, ApiContext
 from eucareg.api.validate import ApiError
 from eucareg.core.model import AnnouncedState, Role
-from eucareg.pki import credentials as cred
+from eucareg.pki import keypairs, signatures
 from eucareg.pki.signing import SIGNATURE_HEADER, SIGNED_VERSION, signed_body, socket_audience
 from tests.factories import ann
 from tests.unit.test_api_harness import CC_SETTINGS, CLC_SETTINGS, Harness, served
@@ -49,8 +49,8 @@ Envelope = tuple[bytes, dict[str, str]]
 
 
 @pytest.fixture(scope="module")
-def key() -> cred.PrivateKey:
-    return cred.generate_key()
+def key() -> keypairs.PrivateKey:
+    return keypairs.generate_key()
 
 
 @pytest.fixture
@@ -65,9 +65,9 @@ def at(h: Harness) -> str:
     return socket_audience(str(h.client.host), h.client.port or 0)
 
 
-def fields(key: cred.PrivateKey | None, audience: str, **overrides: Any) -> dict[str, Any]:
+def fields(key: keypairs.PrivateKey | None, audience: str, **overrides: Any) -> dict[str, Any]:
     """A credential request's envelope, field by field (signed_body fills these itself)."""
-    pem = cred.public_pem(key.public_key()) if key is not None else ""
+    pem = keypairs.public_pem(key.public_key()) if key is not None else ""
     return {
         "component_id": "walrus-000000000001",
         "v": SIGNED_VERSION,
@@ -81,13 +81,13 @@ def fields(key: cred.PrivateKey | None, audience: str, **overrides: Any) -> dict
     }
 
 
-def sign_raw(key: cred.PrivateKey, payload: dict[str, Any]) -> Envelope:
+def sign_raw(key: keypairs.PrivateKey, payload: dict[str, Any]) -> Envelope:
     """Exactly this payload, signed (json.dumps writes NaN and Infinity as Python does)."""
     body = json.dumps(payload).encode()
-    return body, {SIGNATURE_HEADER: cred.sign(key, body), "Content-Type": "application/json"}
+    return body, {SIGNATURE_HEADER: signatures.sign(key, body), "Content-Type": "application/json"}
 
 
-def request_for(key: cred.PrivateKey, audience: str, path: str = CREDENTIALS) -> Envelope:
+def request_for(key: keypairs.PrivateKey, audience: str, path: str = CREDENTIALS) -> Envelope:
     body = {"component_id": "walrus-000000000001"}
     return signed_body(key, body, method="POST", path=path, audience=audience)
 
@@ -105,7 +105,7 @@ async def send(
 
 
 def test_the_envelope_names_its_version_method_path_registrar_time_and_nonce(
-    key: cred.PrivateKey,
+    key: keypairs.PrivateKey,
 ) -> None:
     body, headers = signed_body(
         key, {"component_id": "nc-1"}, method="POST", path=CREDENTIALS, audience="cc-1"
@@ -119,7 +119,7 @@ def test_the_envelope_names_its_version_method_path_registrar_time_and_nonce(
     )
     assert payload["component_id"] == "nc-1"
     assert abs(payload["timestamp"] - time.time()) < 5 and len(payload["nonce"]) == 32
-    assert cred.verify(key.public_key(), body, headers[SIGNATURE_HEADER])
+    assert signatures.verify(key.public_key(), body, headers[SIGNATURE_HEADER])
     nonces = NonceCache(started=0.0)
     checked, _key = verify_signed(
         body,
@@ -133,7 +133,7 @@ def test_the_envelope_names_its_version_method_path_registrar_time_and_nonce(
 
 
 async def test_a_request_is_refused_on_another_path_or_query(
-    clc: Harness, key: cred.PrivateKey
+    clc: Harness, key: keypairs.PrivateKey
 ) -> None:
     envelope = request_for(key, CLC_ID)
     for path in ("/v1/announce", "/v1/peer/registry", "/v1/credentials?wait=30"):
@@ -144,7 +144,7 @@ async def test_a_request_is_refused_on_another_path_or_query(
     assert (await send(clc, CREDENTIALS, envelope))[0] == 202
 
 
-async def test_a_request_is_refused_with_another_method(key: cred.PrivateKey) -> None:
+async def test_a_request_is_refused_with_another_method(key: keypairs.PrivateKey) -> None:
     async def echo(request: web.Request) -> web.Response:
         payload, _key = await read_signed(request)
         return web.json_response({"component_id": payload["component_id"]})
@@ -172,7 +172,7 @@ async def test_a_request_is_refused_with_another_method(key: cred.PrivateKey) ->
 
 
 async def test_a_request_for_one_registrar_is_refused_by_another(
-    tmp_path: Path, key: cred.PrivateKey
+    tmp_path: Path, key: keypairs.PrivateKey
 ) -> None:
     async with (
         served(tmp_path / "a", CC_SETTINGS) as cc_a,
@@ -216,7 +216,7 @@ async def test_the_clcs_peer_request_is_good_for_the_cc_it_names_only(
 
 
 async def test_a_request_is_refused_after_the_registrar_restarts(
-    tmp_path: Path, key: cred.PrivateKey
+    tmp_path: Path, key: keypairs.PrivateKey
 ) -> None:
     local = {"role": "clc", "component_id": CLC_ID}
     async with served(tmp_path, CLC_SETTINGS) as before:
@@ -258,25 +258,25 @@ async def test_a_request_is_refused_after_the_registrar_restarts(
     ],
 )
 async def test_impossible_timestamps_are_400(
-    clc: Harness, key: cred.PrivateKey, verifies: list[int], stamp: str, message: str
+    clc: Harness, key: keypairs.PrivateKey, verifies: list[int], stamp: str, message: str
 ) -> None:
     payload = fields(key, CLC_ID, timestamp="@STAMP@")
     body = json.dumps(payload).replace('"@STAMP@"', stamp).encode()
-    headers = {SIGNATURE_HEADER: cred.sign(key, body)}  # a valid signature over all of it
+    headers = {SIGNATURE_HEADER: signatures.sign(key, body)}  # a valid signature over all of it
     status, answer = await send(clc, CREDENTIALS, (body, headers))
     assert status == 400, answer
     assert message in answer["error"]
     assert verifies == []
 
 
-def public_numbers_key(bits: int, exponent: int = 65537) -> cred.PublicKey:
+def public_numbers_key(bits: int, exponent: int = 65537) -> keypairs.PublicKey:
     """A public key of any size without generating one (8192-bit generation takes seconds)."""
     modulus = secrets.randbits(bits) | (1 << (bits - 1)) | 1
     return rsa.RSAPublicNumbers(exponent, modulus).public_key()
 
 
 def pem_of(public_key: Any) -> str:
-    return cred.public_pem(public_key)
+    return keypairs.public_pem(public_key)
 
 
 @pytest.mark.parametrize(
@@ -303,28 +303,30 @@ async def test_keys_of_another_type_size_or_exponent_are_403_before_any_verify(
     assert answer["error"].startswith(f"key refused: {refused}")
     assert answer["error"].endswith(KEY_RULE)
     assert verifies == []
-    with pytest.raises(cred.KeyRefused):
-        cred.load_request_key(payload["public_key"])
+    with pytest.raises(signatures.KeyRefused):
+        signatures.load_request_key(payload["public_key"])
 
 
 async def test_rsa_2048_to_4096_with_e_65537_is_accepted(
-    clc: Harness, key: cred.PrivateKey
+    clc: Harness, key: keypairs.PrivateKey
 ) -> None:
     big = rsa.generate_private_key(65537, 4096)
     for signer in (key, big):
         assert (await send(clc, CREDENTIALS, request_for(signer, CLC_ID)))[0] == 202
-    assert cred.load_request_key(pem_of(public_numbers_key(3072))).key_size == 3072
-    with pytest.raises(cred.CredentialError, match="not a PEM public key"):
-        cred.load_request_key("-----BEGIN PUBLIC KEY-----\nnonsense\n-----END PUBLIC KEY-----")
-    with pytest.raises(cred.CredentialError, match="not a PEM public key"):
-        cred.load_request_key("\ud800")  # a lone surrogate JSON may carry: 400, not 500
+    assert signatures.load_request_key(pem_of(public_numbers_key(3072))).key_size == 3072
+    with pytest.raises(keypairs.CredentialError, match="not a PEM public key"):
+        signatures.load_request_key(
+            "-----BEGIN PUBLIC KEY-----\nnonsense\n-----END PUBLIC KEY-----"
+        )
+    with pytest.raises(keypairs.CredentialError, match="not a PEM public key"):
+        signatures.load_request_key("\ud800")  # a lone surrogate JSON may carry: 400, not 500
 
 
 # -- cheap before expensive --------------------------------------------------------------------
 
 
 async def test_a_flood_failing_any_cheaper_check_never_reaches_verify(
-    clc: Harness, key: cred.PrivateKey, verifies: list[int]
+    clc: Harness, key: keypairs.PrivateKey, verifies: list[int]
 ) -> None:
     accepted = request_for(key, CLC_ID)
     assert (await send(clc, CREDENTIALS, accepted))[0] == 202
@@ -357,7 +359,7 @@ async def test_a_flood_failing_any_cheaper_check_never_reaches_verify(
             assert status == expected, (name, answer)
     assert len(verifies) == 1  # 240 refusals, not one signature check among them
     # A bad signature is the one refusal that costs a check.
-    forged = sign_raw(cred.generate_key(), fields(key, CLC_ID))
+    forged = sign_raw(keypairs.generate_key(), fields(key, CLC_ID))
     assert await send(clc, CREDENTIALS, forged) == (
         401,
         {"error": "signature does not verify with the enclosed key", "code": "unauthorized"},
@@ -366,17 +368,17 @@ async def test_a_flood_failing_any_cheaper_check_never_reaches_verify(
 
 
 async def test_a_forged_request_does_not_use_up_its_nonce(
-    clc: Harness, key: cred.PrivateKey
+    clc: Harness, key: keypairs.PrivateKey
 ) -> None:
     payload = fields(key, CLC_ID)
-    forged = sign_raw(cred.generate_key(), payload)
+    forged = sign_raw(keypairs.generate_key(), payload)
     assert (await send(clc, CREDENTIALS, forged))[0] == 401
     # The nonce is remembered only once a signature verified: the real request still passes.
     assert (await send(clc, CREDENTIALS, sign_raw(key, payload)))[0] == 202
     assert (await send(clc, CREDENTIALS, sign_raw(key, payload)))[0] == 401
 
 
-def test_checks_run_in_the_documented_order(key: cred.PrivateKey) -> None:
+def test_checks_run_in_the_documented_order(key: keypairs.PrivateKey) -> None:
     """Stale and for another path and replayed and a small key: the clock speaks first; then
     the binding; then the nonce; then the key; and only then the signature."""
     nonces = NonceCache(started=0.0)
@@ -443,7 +445,7 @@ def test_the_nonce_cache_stays_bounded_and_drops_what_expired() -> None:
     assert len(nonces) == 0
 
 
-def test_a_request_whose_nonce_was_evicted_is_still_refused(key: cred.PrivateKey) -> None:
+def test_a_request_whose_nonce_was_evicted_is_still_refused(key: keypairs.PrivateKey) -> None:
     nonces = NonceCache(cap=3, started=0.0)
     now = time.time()
     first = sign_raw(key, fields(key, CLC_ID, timestamp=now - 10))
@@ -482,9 +484,9 @@ def test_the_default_nonce_cache_holds_a_busy_windows_worth() -> None:
 
 
 async def test_the_agent_signs_for_the_registrar_it_heard_or_the_address_it_dials(
-    tmp_path: Path, key: cred.PrivateKey
+    tmp_path: Path, key: keypairs.PrivateKey
 ) -> None:
-    identity = Identity("walrus-000000000001", key, cred.fingerprint(key.public_key()))
+    identity = Identity("walrus-000000000001", key, keypairs.fingerprint(key.public_key()))
     async with served(tmp_path / "clc", CLC_SETTINGS, tls_dir=tmp_path / "tls") as clc:
         clc.local.append({"role": "clc", "component_id": CLC_ID})
         port = clc.client.port or 0

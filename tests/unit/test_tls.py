@@ -15,14 +15,14 @@ from aiohttp import web
 from cryptography import x509
 
 from eucareg.core.model import Role
+from eucareg.pki import certificates, keypairs, names, tls
 from eucareg.pki import credentials as cred
-from eucareg.pki import names, tls
 from tests.factories import fresh_key
 
 
 @dataclass
 class Cloud:
-    key: cred.PrivateKey
+    key: keypairs.PrivateKey
     root: x509.Certificate
 
     def issue(self, role: Role, cid: str, cluster: str | None = None) -> tuple:
@@ -30,15 +30,15 @@ class Cloud:
 
 
 def signed_by(
-    issuer_key: cred.PrivateKey,
+    issuer_key: keypairs.PrivateKey,
     issuer: x509.Certificate,
     role: Role,
     cid: str,
     cluster: str | None = None,
-) -> tuple[cred.PrivateKey, x509.Certificate]:
+) -> tuple[keypairs.PrivateKey, x509.Certificate]:
     """A fresh key and a certificate for it, naming (role, cluster, cid), signed by `issuer`."""
     key = fresh_key()
-    cert = cred.issue_certificate(
+    cert = certificates.issue_certificate(
         issuer_key=issuer_key,
         issuer_cert=issuer,
         subject_key=key.public_key(),
@@ -51,17 +51,19 @@ def signed_by(
 
 def make_cloud(name: str = "clc-00000001") -> Cloud:
     key = fresh_key()
-    return Cloud(key, cred.create_cloud_ca(key, name))
+    return Cloud(key, certificates.create_cloud_ca(key, name))
 
 
 CLOUD = make_cloud()
 CC_KEY, CC_CERT = CLOUD.issue(Role.CC, "cc-00000001", "cluster1")
 
 
-async def serve(tmp: Path, key: cred.PrivateKey, chain: list[x509.Certificate]) -> AsyncIterator:
+async def serve(
+    tmp: Path, key: keypairs.PrivateKey, chain: list[x509.Certificate]
+) -> AsyncIterator:
     chain_file, key_file = tmp / "chain.pem", tmp / "key.pem"
     tls.write_chain(chain_file, chain)
-    cred.write_atomic(key_file, cred.key_pem(key))
+    cred.write_atomic(key_file, keypairs.key_pem(key))
 
     async def hello(_: web.Request) -> web.Response:
         return web.json_response({"hello": 1})
@@ -98,7 +100,7 @@ CC_EXPECT = tls.Expect(Role.CC, "cluster1", "cc-00000001", root=CLOUD.root)
 
 async def test_the_genuine_cc_is_accepted_by_held_root_and_by_pin(cc_url: str) -> None:
     assert await get(cc_url, CC_EXPECT) == {"hello": 1}
-    by_pin = replace(CC_EXPECT, root=None, pin=cred.cert_fingerprint(CLOUD.root))
+    by_pin = replace(CC_EXPECT, root=None, pin=certificates.cert_fingerprint(CLOUD.root))
     assert await get(cc_url, by_pin) == {"hello": 1}
 
 
@@ -194,7 +196,7 @@ async def whoami(tmp: Path, client: tls.ClientCert | None) -> dict:
     """Ask a CC registrar (which accepts client certificates of CLOUD) who we proved to be."""
     chain_file, key_file = tmp / "server.pem", tmp / "server-key.pem"
     tls.write_chain(chain_file, [CC_CERT, CLOUD.root])
-    cred.write_atomic(key_file, cred.key_pem(CC_KEY))
+    cred.write_atomic(key_file, keypairs.key_pem(CC_KEY))
 
     async def who(request: web.Request) -> web.Response:
         assert request.transport is not None
@@ -219,15 +221,17 @@ async def whoami(tmp: Path, client: tls.ClientCert | None) -> dict:
         await runner.cleanup()
 
 
-def client_files(tmp: Path, key: cred.PrivateKey, chain: list[x509.Certificate]) -> tls.ClientCert:
+def client_files(
+    tmp: Path, key: keypairs.PrivateKey, chain: list[x509.Certificate]
+) -> tls.ClientCert:
     tls.write_chain(tmp / "client.pem", chain)
-    cred.write_atomic(tmp / "client-key.pem", cred.key_pem(key))
+    cred.write_atomic(tmp / "client-key.pem", keypairs.key_pem(key))
     return tls.ClientCert(
         tmp / "client.pem", tmp / "client-key.pem", format(chain[0].serial_number, "x")
     )
 
 
-def node_of(cc_key: cred.PrivateKey, cc_cert: x509.Certificate, cluster: str) -> tuple:
+def node_of(cc_key: keypairs.PrivateKey, cc_cert: x509.Certificate, cluster: str) -> tuple:
     return signed_by(cc_key, cc_cert, Role.NC, "nc-000000000001", cluster)
 
 
@@ -276,7 +280,7 @@ async def test_small_read_buffers_still_carry_a_full_body(
 
     chain_file, key_file = tmp_path / "chain.pem", tmp_path / "key.pem"
     tls.write_chain(chain_file, [CC_CERT, CLOUD.root])
-    cred.write_atomic(key_file, cred.key_pem(CC_KEY))
+    cred.write_atomic(key_file, keypairs.key_pem(CC_KEY))
     app = web.Application(client_max_size=128 * 1024)
     app.router.add_post("/", echo)
     runner = web.AppRunner(app)

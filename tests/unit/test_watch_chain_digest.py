@@ -17,8 +17,7 @@ from eucareg.agent import collect
 from eucareg.agent.identity import Identity
 from eucareg.agent.locate import Endpoint
 from eucareg.core.model import Role
-from eucareg.pki import credentials as cred
-from eucareg.pki import names, tls
+from eucareg.pki import certificates, keypairs, names, tls
 from eucareg.pki.chain import chain_digest
 from eucareg.pki.handover import HANDOVER
 from tests.factories import ann
@@ -55,7 +54,7 @@ async def test_the_agent_sends_the_chain_it_holds_and_hears_of_a_change_it_misse
             )
             assert given.files is not None
             assert held.digest == chain_digest(given.files, Role.WALRUS)
-            serial = format(cred.load_cert(key_dir / "walrus-cert.pem").serial_number, "x")
+            serial = format(certificates.load_cert(key_dir / "walrus-cert.pem").serial_number, "x")
             # The chain changes and the answer carrying it is lost (a watch nobody reads).
             issuer = clc.cloud.issuer
             clc.registrar.desk._issuer_for = lambda _role: replace(issuer, handover="x\n")
@@ -83,8 +82,8 @@ async def test_an_older_registrar_refusing_the_field_is_watched_without_it(
     url = await registrar.start()
     try:
         port = int(url.rsplit(":", 1)[1])
-        key = cred.generate_key()
-        identity = Identity("walrus-0000000000c4", key, cred.fingerprint(key.public_key()))
+        key = keypairs.generate_key()
+        identity = Identity("walrus-0000000000c4", key, keypairs.fingerprint(key.public_key()))
         endpoint = Endpoint("127.0.0.1", port, "")  # dialled, not heard
         expect = tls.Expect(Role.CLC, pin=cloud.fingerprint)
         held = collect.HeldChain()
@@ -109,7 +108,7 @@ async def test_an_older_registrar_refusing_the_field_is_watched_without_it(
             assert await ask(None) is collect.Outcome.WRITTEN
             assert held.digest is not None
             serial = format(
-                cred.load_cert(tmp_path / "keys" / "walrus-cert.pem").serial_number, "x"
+                certificates.load_cert(tmp_path / "keys" / "walrus-cert.pem").serial_number, "x"
             )
             assert await ask(serial) in (collect.Outcome.UNCHANGED, collect.Outcome.RENEWED)
             assert not held.sent
