@@ -25,7 +25,7 @@ from .announce import TokenProver, instance_name, preconditions, service_spec
 from .euca_keys import EucaKeys
 from .identity import Identity, identity_key
 from .locate import Endpoint, Registrars
-from .presence import CredentialPresence, HeldRoot
+from .presence import CredentialPresence, HeldRoot, write_client_chain
 from .timing import AgentTiming, Backoff, first_of, wait_event
 from .watch import FileWatch
 
@@ -406,13 +406,3 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return str(exc.certificate_error)
     return str(exc) or type(exc).__name__
-
-
-def write_client_chain(key_dir: Path, role: Role, path: Path) -> None:
-    """Our certificate, then its issuer's when that is not the cloud CA (a node's CC), as
-    one file for the TLS client context (blocking)."""
-    layout = cred.LAYOUTS[role]
-    names = [layout.cert] + ([layout.issuer] if layout.issuer else [])
-    certs = [certificates.load_cert(key_dir / name) for name in names]
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    tls.write_chain(path, certs)

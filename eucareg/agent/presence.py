@@ -1,6 +1,7 @@
 """Whether a component's credentials are on disk ("key presence is registration"). They are
 verified once, then re-verified, in a thread, only when a stat of the files shows a change: a
 re-check (when a file watch fires, or polled where none works) costs stats, not RSA key loads.
+Also the chain file a registered component presents as a TLS client, made from those files.
 """
 
 from __future__ import annotations
@@ -94,3 +95,13 @@ class HeldRoot:
             self.cert = await asyncio.to_thread(tls.load_root, self.path) if stamp else None
             self.unusable = stamp is not None and self.cert is None
         return self.cert
+
+
+def write_client_chain(key_dir: Path, role: Role, path: Path) -> None:
+    """Our certificate, then its issuer's when that is not the cloud CA (a node's CC), as
+    one file for the TLS client context (blocking)."""
+    layout = cred.LAYOUTS[role]
+    names = [layout.cert] + ([layout.issuer] if layout.issuer else [])
+    certs = [certificates.load_cert(key_dir / name) for name in names]
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tls.write_chain(path, certs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Protocol
 from eucareg.core.model import HookOutcome, HookRun, Record, Role
 from eucareg.registrar.faults import crash_point
 from eucareg.registrar.hook_output import HookOutput
+from eucareg.registrar.hook_processes import exited, gone, kill_group, proc_start_time
 
 # Keep what a chatty script prints bounded; the tail is what explains a failure.
 OUTPUT_LIMIT = 64 * 1024
@@ -235,7 +235,7 @@ class HookRunner:
             kill_group(proc.pid)
             _close_quietly(proc)
             await asyncio.shield(exited(proc))
-            await _gone(started[0])
+            await gone(started[0])
             if not isinstance(exc, Exception):
                 raise  # a stop: the journal rows stay "running", and a restart re-runs them
             # Finish the journaled runs themselves, so no "running" row is left behind.
@@ -252,28 +252,12 @@ class HookRunner:
         for proc in procs:
             await exited(proc)
             # SIGKILL reaches the rest of the group asynchronously: wait until it took.
-            await _gone(HookRun("", "", "", 0.0, HookOutcome.RUNNING, pgid=proc.pid))
-        self._spawner.shutdown(wait=False)
-
-
-async def exited(proc: subprocess.Popen[bytes]) -> int:
-    """Wait for `proc` to end, on the loop (a pidfd), and reap it: its exit status."""
-    if proc.returncode is not None:
-        return proc.returncode
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except OSError:
-        # No pidfd (Linux before 5.3): a thread waits instead.
-        return await asyncio.to_thread(proc.wait)
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(pidfd, _settle, ready)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-    return proc.wait()  # it has ended: this only reaps
+            await gone(HookRun("", "", "", 0.0, HookOutcome.RUNNING, pgid=proc.pid))
+        # Starts not begun are dropped; one under way (cancelled while a worker forked it)
+        # finishes first, and is then let go unrun through its gate and reaped (_abandon):
+        # nothing is started behind our back once close() has returned.
+        await asyncio.to_thread(self._spawner.shutdown, True, cancel_futures=True)
+        await asyncio.sleep(0)  # the done-callbacks (_abandon) of those starts run now
 
 
 def _popen(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -289,11 +273,6 @@ def _popen(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[
         cwd=str(cwd),
         start_new_session=True,
     )
-
-
-def _settle(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
 
 
 def _close_quietly(proc: subprocess.Popen[bytes], *, output: bool = False) -> None:
@@ -345,62 +324,3 @@ def _finish(
 
 def _tail(data: bytes, limit: int = OUTPUT_LIMIT) -> str:
     return data[-limit:].decode("utf-8", errors="replace")
-
-
-def kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-# -- what a crash left behind ----------------------------------------------------------------
-
-
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, process group, start time in clock ticks) of a process, from /proc."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[2]), int(fields[19])
-
-
-def proc_start_time(pid: int) -> int | None:
-    stat = _stat(pid)
-    return None if stat is None else stat[2]
-
-
-def group_alive(pgid: int, not_before: int | None) -> bool:
-    """Whether a live (non-zombie) process of this group started no earlier than its leader
-    did. A group id is not reused while any member lives, so such a member is one of ours."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _stat(int(entry.name))
-        if stat is None or stat[1] != pgid or stat[0] == "Z":
-            continue
-        if not_before is None or stat[2] >= not_before:
-            return True
-    return False
-
-
-async def _gone(run: HookRun, wait: float = 3.0) -> bool:
-    """Wait (bounded) until no process of the run's group is alive."""
-    if run.pgid is None:
-        return True
-    deadline = time.monotonic() + wait
-    while group_alive(run.pgid, run.proc_start):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
-async def kill_orphaned(run: HookRun, wait: float = 10.0) -> bool:
-    """Kill what is left of a journaled run's process group; True once none of it lives."""
-    if run.pgid is None:
-        return True
-    if not group_alive(run.pgid, run.proc_start):
-        return True
-    kill_group(run.pgid)
-    return await _gone(run, wait)

@@ -17,7 +17,7 @@ from eucareg.core.registering import hook_finished, hook_interrupted
 from eucareg.core.transitions import EffectKind
 from eucareg.registrar.batch import Member
 from eucareg.registrar.faults import crash_point
-from eucareg.registrar.hooks import kill_orphaned
+from eucareg.registrar.hook_processes import kill_orphaned
 from eucareg.store.registry import Snapshot
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from eucareg.core.view import RegistrarSettings
 from eucareg.mdns.types import Change
 from eucareg.registrar.batch import BATCH_OUTPUT_LIMIT, Batching
 from eucareg.registrar.engine import Registrar, Timing
-from eucareg.registrar.hooks import group_alive
+from eucareg.registrar.hook_processes import group_alive
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, ann, sighting
 from tests.unit.test_api_harness import eventually

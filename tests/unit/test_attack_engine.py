@@ -33,7 +33,7 @@ from eucareg.core.view import RegistrarSettings
 from eucareg.mdns.types import Change, Sighting
 from eucareg.pki import certificates, keypairs
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
-from eucareg.registrar.hooks import group_alive
+from eucareg.registrar.hook_processes import group_alive
 from eucareg.store.registry import Store, StoreBusy, sqlite_url
 from tests.factories import KEYS, ann, fake_fingerprint, sighting
 

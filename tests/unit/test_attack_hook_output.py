@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from eucareg.core.model import HookOutcome, Role
-from eucareg.registrar.hooks import OUTPUT_LIMIT, HookRunner, group_alive
+from eucareg.registrar.hook_processes import group_alive
+from eucareg.registrar.hooks import OUTPUT_LIMIT, HookRunner
 from tests.unit.test_hooks import Journal, record_of, script
 from tests.unit.test_hooks_output import alive, fds
 

@@ -19,7 +19,7 @@ from eucareg.core.transitions import Write
 from eucareg.core.view import RegistrarSettings
 from eucareg.registrar.batch import Batching, parse_results
 from eucareg.registrar.engine import Registrar, Timing
-from eucareg.registrar.hooks import proc_start_time
+from eucareg.registrar.hook_processes import proc_start_time
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, ann, record_from, sighting
 from tests.unit.test_registrar import make_registrar, settle, spawn_orphan, write_hook

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from eucareg.core.model import HookOutcome, HookRun, Record, Role, Status
-from eucareg.registrar.hooks import OUTPUT_LIMIT, HookRunner, group_alive
+from eucareg.registrar.hook_processes import group_alive
+from eucareg.registrar.hooks import OUTPUT_LIMIT, HookRunner
 from tests.factories import ann, record_from
 
 

@@ -33,7 +33,7 @@ from eucareg.pki import certificates, keypairs
 from eucareg.pki import credentials as cred
 from eucareg.registrar.batch import Batching
 from eucareg.registrar.engine import CredentialRefused, Issuer, Registrar, Timing
-from eucareg.registrar.hooks import proc_start_time
+from eucareg.registrar.hook_processes import proc_start_time
 from eucareg.store.registry import Store, sqlite_url
 from tests.factories import KEYS, ann, record_from, sighting
 
