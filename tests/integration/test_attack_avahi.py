@@ -135,8 +135,8 @@ def test_a_peer_daemon_restarting_again_and_again_leaks_no_resolver(
 ) -> None:
     """node1's avahi-daemon allows its agent 7 objects: 2 entry groups, the browser and one
     resolver per service it hears (the CLC's, the CC's and its own) leave 1 spare. The cloud's
-    daemon restarts 5 times; each time node1 hears its services leave and come back (a new
-    item, so a new resolver). A resolver kept for a service gone would use the spare and then
+    daemon restarts until node1 has heard its services leave and come back 3 times (each a
+    new item, so a new resolver). A resolver kept for a service gone would use the spare and then
     hit the limit, which the agent logs ("refuses more objects")."""
     plan: Plan = {"cloud": {"clc": None, "cc": "cluster1"}, "node1": {"nc": "cluster1"}}
     cloud = cloud_factory(
@@ -153,7 +153,12 @@ def test_a_peer_daemon_restarting_again_and_again_leaks_no_resolver(
     wait_until(lambda: heard in agent.log_text(), 20, "node1 hears the CLC")
     established = f"avahi: {clc} established as"
     cycles = 0
-    for round_ in range(1, 6):
+    # Until the CLC has been heard leaving and coming back 3 times, in 12 restarts at most:
+    # with goodbyes heard in about 2 rounds of 3, a fixed 5 rounds gave fewer than 2 one run
+    # in 20 (CI saw it); 12 rounds leave that about one in 20,000.
+    for round_ in range(1, 13):
+        if cycles >= 3:
+            break
         # A stopping avahi-daemon's goodbyes do not always reach node1 (measured: in about one
         # round in three, even 10 s after the last announcement); then node1 keeps the cached
         # service and its resolver, which is no leak. Rounds where the goodbye is heard count.
@@ -164,9 +169,9 @@ def test_a_peer_daemon_restarting_again_and_again_leaks_no_resolver(
             lambda n=before[1]: cloud.logs("cloud").count(established) > n, 30, f"round {round_}"
         )
         with contextlib.suppress(LabError):
-            wait_until(lambda n=before[0]: agent.log_text().count(heard) > n, 5, "heard again")
+            wait_until(lambda n=before[0]: agent.log_text().count(heard) > n, 10, "heard again")
             cycles += 1
-    assert cycles >= 2, f"node1 heard the CLC leave and come back only {cycles} times in 5"
+    assert cycles >= 2, f"node1 heard the CLC leave and come back only {cycles} times"
     # One more object than there is room for must be refused, so that the check means something.
     assert "refuses more objects for this client" not in agent.log_text()
     assert not agent.exited()
