@@ -56,17 +56,16 @@ class Tail:
             del self._held[: -self._limit]
         return len(data)
 
-    def drain(self) -> bytes:
+    def take_rest(self) -> bytes:
         """The tail, once the script ended: what it wrote is in the pipe by now, so what the
-        pipe holds is read, no more (a child it left running may write on), and it is closed.
-        That child then gets EPIPE, as it would with a closed terminal."""
+        pipe holds is read, no more (a child it left running may write on). The pipe stays
+        open until the caller closes it, once every stream of the run has been read."""
         try:
             budget = fcntl.fcntl(self._fd, fcntl.F_GETPIPE_SZ)
         except OSError:
             budget = PIPE_MAX
         while budget > 0 and (taken := self._take(min(CHUNK, budget))):
             budget -= taken
-        self.close()
         return bytes(self._held[-self._limit :])
 
     def _stop(self) -> None:
@@ -102,8 +101,12 @@ class HookOutput:
         return sum(tail.held for tail in self._tails)
 
     def drain(self) -> tuple[bytes, bytes]:
-        """The tails of stdout and stderr, once the script ended (or was killed)."""
-        out, err = (tail.drain() for tail in self._tails)
+        """The tails of stdout and stderr, once the script ended (or was killed). Both are read
+        before either is closed. A child the script left writing then gets EPIPE, as it would
+        with a closed terminal; had one pipe closed first, the child's complaint about it could
+        land in the other's tail as if the script wrote it (CI saw "echo: I/O error" there)."""
+        out, err = (tail.take_rest() for tail in self._tails)
+        self.close()
         return out, err
 
     def close(self) -> None:
