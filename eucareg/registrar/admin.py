@@ -43,13 +43,13 @@ from eucareg.upgrade import plan
 from eucareg.upgrade.plan import Candidate, PlanRow
 
 if TYPE_CHECKING:
-    from eucareg.registrar.engine import Registrar
+    from eucareg.registrar.ports import Engine
 
 log = logging.getLogger(__name__)
 
 
 class TrustAdmin:
-    def __init__(self, engine: Registrar) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._install_timer: asyncio.TimerHandle | None = None
 

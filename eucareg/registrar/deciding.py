@@ -27,7 +27,7 @@ from eucareg.registrar.notices import log_fields
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from eucareg.registrar.engine import Registrar
+    from eucareg.registrar.ports import Engine
 
 # The engine's logger: operators filter the journal on it (docs/systemd.md).
 log = logging.getLogger("eucareg.registrar.engine")
@@ -37,7 +37,7 @@ BLOCKED = frozenset({Status.PENDING, Status.REFUSED, Status.UNMATCHED})
 
 
 class Decider:
-    def __init__(self, engine: Registrar, self_registered: Callable[[], bool]) -> None:
+    def __init__(self, engine: Engine, self_registered: Callable[[], bool]) -> None:
         self.engine = engine
         self._self_registered = self_registered
         self._live_clusters: frozenset[str] | None = None  # while reconsider() runs

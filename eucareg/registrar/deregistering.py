@@ -16,7 +16,7 @@ from eucareg.core.transitions import Transition, Write
 from eucareg.registrar.hooks import DEREGISTER, script_for
 
 if TYPE_CHECKING:
-    from eucareg.registrar.engine import Registrar
+    from eucareg.registrar.ports import Engine
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Deregistering:
     """Runs deregister hooks, one task per deregistration, and keeps each outcome (the last
     KEPT of them) for the operator's request, which picks it up right after deregistering."""
 
-    def __init__(self, engine: Registrar) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._outcomes: OrderedDict[str, asyncio.Future[HookRun]] = OrderedDict()
 

@@ -31,7 +31,7 @@ from eucareg.registrar.faults import crash_point
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from eucareg.registrar.engine import Registrar
+    from eucareg.registrar.ports import Engine
 
 # A component whose registration is under way: a woken request keeps waiting for the outcome.
 IN_PROGRESS = frozenset({Status.AWAITING_KEY, Status.REGISTERING, Status.FAILED, Status.REGISTERED})
@@ -85,7 +85,7 @@ class CredentialAnswer:
 class CredentialDesk:
     def __init__(
         self,
-        engine: Registrar,
+        engine: Engine,
         issuer_for: Callable[[Role], Issuer | None],
         euca_keys: EucaKeySource | None = None,
     ) -> None:

@@ -15,7 +15,7 @@ from eucareg.core.operations import expired
 from eucareg.core.transitions import Effect, EffectKind, Transition
 
 if TYPE_CHECKING:
-    from eucareg.registrar.engine import Registrar
+    from eucareg.registrar.ports import Engine
 
 # The engine's logger: operators filter the journal on it (docs/systemd.md), whichever module
 # of the registrar a line comes from.
@@ -23,7 +23,7 @@ log = logging.getLogger("eucareg.registrar.engine")
 
 
 class Effects:
-    def __init__(self, engine: Registrar, on_fatal: Callable[[BaseException], None]) -> None:
+    def __init__(self, engine: Engine, on_fatal: Callable[[BaseException], None]) -> None:
         self.engine = engine
         self._on_fatal = on_fatal
         self.tasks: set[asyncio.Task[None]] = set()

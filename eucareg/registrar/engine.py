@@ -1,6 +1,7 @@
 """The registrar engine, as the agent and the API hold it: it builds the collaborators that carry
 an announcement through (intake.py -> deciding.py -> effects.py -> the store's writer) and those
 of the operator and the components (admin.py, desk.py), starts and stops them, and fronts them.
+They know it only as ports.py describes it, so nothing below imports this module.
 """
 
 from __future__ import annotations

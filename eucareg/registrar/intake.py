@@ -26,14 +26,14 @@ from eucareg.mdns.types import Sighting
 from eucareg.registrar.desk import CredentialRefused
 
 if TYPE_CHECKING:
-    from eucareg.registrar.engine import Registrar
+    from eucareg.registrar.ports import Engine
 
 # The engine's logger: operators filter the journal on it (docs/systemd.md).
 log = logging.getLogger("eucareg.registrar.engine")
 
 
 class Intake:
-    def __init__(self, engine: Registrar) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def on_sighting(self, sighting: Sighting) -> None:

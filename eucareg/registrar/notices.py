@@ -17,7 +17,7 @@ from eucareg.mdns.types import Sighting
 from eucareg.registrar.notes import Notes, legacy_event, refused_event, rejected_event
 
 if TYPE_CHECKING:
-    from eucareg.registrar.engine import Registrar
+    from eucareg.registrar.ports import Engine
 
 # The engine's logger: operators filter the journal on it (docs/systemd.md).
 log = logging.getLogger("eucareg.registrar.engine")
@@ -35,7 +35,7 @@ def log_fields(ann: Announcement, decision: Decision) -> dict[str, str]:
 
 
 class Notices:
-    def __init__(self, engine: Registrar) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.notes = Notes()
         # Pre-eucareg components heard now, by instance name: shown, never registered.

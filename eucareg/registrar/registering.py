@@ -21,13 +21,13 @@ from eucareg.registrar.hook_processes import kill_orphaned
 from eucareg.store.registry import Snapshot
 
 if TYPE_CHECKING:
-    from eucareg.registrar.engine import Registrar
+    from eucareg.registrar.ports import Engine
 
 log = logging.getLogger(__name__)
 
 
 class Registering:
-    def __init__(self, engine: Registrar) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._locks: dict[str, asyncio.Lock] = {}
         # Runs holding or waiting for each lock: a lock goes only when none is left. (Dropped

@@ -17,7 +17,7 @@ from eucareg.core.transitions import Transition, Write
 
 if TYPE_CHECKING:
     from eucareg.registrar.desk import Issuer
-    from eucareg.registrar.engine import Registrar
+    from eucareg.registrar.ports import Engine
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ExpiryReport:
     certificate and code: a restarted registrar looks in the events first, so that what its
     predecessor reported is not reported again."""
 
-    def __init__(self, engine: Registrar, issuer_for: Callable[[Role], Issuer | None]) -> None:
+    def __init__(self, engine: Engine, issuer_for: Callable[[Role], Issuer | None]) -> None:
         self.engine = engine
         self._issuer_for = issuer_for
         self._reported: set[tuple[str, str]] = set()  # (serial, code)
