@@ -18,7 +18,7 @@ import aiohttp
 
 from eucareg.agent.host import Agent
 from eucareg.config.file import Config, from_mapping
-from eucareg.core.model import Role
+from eucareg.core.model import IPAddress, Role
 from eucareg.mdns.types import ServiceSpec, SightingHandler
 from eucareg.pki import credentials as cred
 from eucareg.pki import keypairs
@@ -79,9 +79,9 @@ class FleetAgent(Agent):
         self.node = node
         self._own: aiohttp.ClientSession | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
+    def _client(self, address: IPAddress) -> aiohttp.ClientSession:
         if self._own is None:
-            base = super()._client()  # the agent's own session: its timeouts
+            base = super()._client(address)  # the agent's own session: its timeouts
             self._own = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(local_addr=(self.node.address, 0)),
                 timeout=base.timeout,

@@ -6,6 +6,7 @@ within a few seconds: goodbyes first, then the API (long-polls cut), then the se
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Awaitable
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 
 from eucareg.config.file import Config
-from eucareg.core.model import Role
+from eucareg.core.model import IPAddress, Role
 from eucareg.mdns.choice import ChosenBackend
 from eucareg.mdns.types import Announcer, Sighting, Watcher
 from eucareg.pki import tls
@@ -24,6 +25,7 @@ from .component import Component
 from .greet import Serving, greeting_for
 from .identity import Identity, ensure_cloud_ca, load_or_create_identity, read_or_create_secret
 from .locate import Endpoint, Registrars
+from .sessions import Sessions
 from .statedir import secure_state_dir
 from .systemd import Notifier, status_line
 from .tasks import AgentFailed, RestartPolicy, Supervisor
@@ -112,7 +114,7 @@ class Agent:
         )
         self.components: list[Component] = []
         self.service: RegistrarService | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.sessions: Sessions | None = None
         self._stopped = False
         self._tls_due = asyncio.Event()
         self._deadline = 0.0  # loop time by which stop() must be done
@@ -147,7 +149,7 @@ class Agent:
                 identity,
                 announcer=self.backend,
                 registrars=self.registrars,
-                session=self._client,
+                session=functools.partial(self._client, conf.address),
                 api_port=self._api_port,
                 on_registered=self._registration_changed,
                 timing=self.timing,
@@ -160,8 +162,8 @@ class Agent:
         )
         for comp in self.components:
             await comp.load_state()
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(
+        self.sessions = Sessions(
+            aiohttp.ClientTimeout(
                 total=self.timing.long_poll + 10, sock_connect=self.timing.connect
             )
         )
@@ -209,10 +211,11 @@ class Agent:
                 out[comp.role] = Serving(comp.instance, comp.conf.cluster)
         return out
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self.session is None:
+    def _client(self, address: IPAddress) -> aiohttp.ClientSession:
+        """The HTTP session of the components announcing `address`."""
+        if self.sessions is None:
             raise RuntimeError("the agent has not started")
-        return self.session
+        return self.sessions.for_address(address)
 
     def _api_port(self) -> int:
         return self.service.port if self.service else self.config.api_port
@@ -265,8 +268,8 @@ class Agent:
         if self.service is not None:
             # registrar.close() wakes held long-polls before the API stops waiting for them.
             await self._step("the registrar and its API", self.service.close(), problems, 2)
-        if self.session is not None:
-            await self._step("the HTTP client", self.session.close(), problems)
+        if self.sessions is not None:
+            await self._step("the HTTP clients", self.sessions.close(), problems)
         await self._step("mDNS", self.backend.close(), problems)
         log.info("agent stopped in %.2f s", loop.time() - began)
         if problems:

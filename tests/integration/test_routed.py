@@ -254,3 +254,42 @@ def test_over_http_the_sc_before_its_cc_the_nc_before_its_cc_and_a_registrar_res
     # The SC was decided once for good: one registered event, after the one pending wait.
     registered = cloud.events("cloud", f"&component={sc}&kind=registered")
     assert len(registered) == 1 and registered[0]["seq"] > pending["seq"]
+
+
+MULTI_HOMED = (
+    "subnet home 10.77.1.0/24\nsubnet remote 10.77.2.0/24\nsubnet side 10.77.3.0/24\n"
+    "host cloud home\nhost walrus remote\nlink walrus side\n"
+    "router r1 home remote\nrouter r2 home side\n"
+)
+PLAN_MULTI: dict[str, dict[str, str | None]] = {"cloud": {"clc": None}, "walrus": {"walrus": None}}
+
+
+def test_a_multi_homed_component_calls_in_from_the_address_it_announces(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    """The Walrus host's route to the CLC leaves from its `remote` address, but Walrus is
+    configured at its `side` address. Over HTTP, with no join token, the registrar takes an
+    address only from where the request comes: the agent's requests leave from the address
+    the component announces, so it is registered there (refused as address-mismatch when
+    the kernel picked the source)."""
+    lab = lab_factory(MULTI_HOMED)
+    side, cloud_address = lab.address("walrus", subnet="side"), lab.address("cloud")
+    route = lab.run("walrus", ["ip", "-4", "route", "get", str(cloud_address)], check=True)
+    assert f"src {lab.address('walrus')}" in route.stdout  # the route alone picks the other
+    settings: dict[str, Any] = {
+        "addresses": {"walrus": {"walrus": str(side)}},
+        "top_level": {
+            "walrus": [f'fallback_registrar = "{registrar_url(lab)}"', 'fallback_after = "2s"']
+        },
+    }
+    cloud = LabCloud(lab, PLAN_MULTI, tmp_path / "cloud", settings=settings)
+    cloud.start("cloud")
+    cloud.wait_for("cloud", lambda st: bool(st.get("tree")), timeout=60)
+    cloud.cli("cloud", "mode", "any")
+    cloud.start("walrus")
+    status = cloud.wait_for("cloud", all_registered(cloud.expected()), 90)
+    [walrus] = registered_components(status)
+    assert walrus["address"] == str(side), walrus
+    heard = cloud.events("cloud", f"&component={walrus['component_id']}")
+    assert {e["via"] for e in heard} - {""} == {"fallback"}, heard  # over HTTP, never mDNS
+    assert "address-mismatch" not in cloud.logs("walrus")

@@ -128,7 +128,7 @@ async def test_stop_raises_a_task_failure_after_stopping_everything(tmp_path: Pa
     with pytest.raises(AgentFailed, match="task extra failed while stopping"):
         await agent.stop()
     assert mdns.calls[-1] == ("close", "")
-    assert agent.session is not None and agent.session.closed
+    assert agent.sessions is not None and agent.sessions.closed
 
 
 async def test_run_forever_gives_up_and_raises_when_a_loop_keeps_dying(
@@ -159,7 +159,7 @@ async def test_stop_is_quick_with_our_long_poll_open_and_says_goodbye_first(
         await agent.stop()
         took = time.monotonic() - began
         assert took < STOP_LIMIT, took
-        assert agent.session is not None and agent.session.closed
+        assert agent.sessions is not None and agent.sessions.closed
         walrus = agent.runtime(Role.WALRUS)
         assert walrus is not None
         assert mdns.calls[-2:] == [("withdraw", walrus.instance), ("close", "")]
