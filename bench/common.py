@@ -1,5 +1,5 @@
-"""What the benchmark's parts share: where results go, the cloud they register with, and a lab
-with that cloud running and converged."""
+"""What the benchmark's parts share: where results go, the cloud they register with, a lab
+with that cloud running and converged, and the registrar's RSS and event-loop lag."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from eucalab.cloud import LabCloud
 from eucalab.cloud_probes import all_registered
-from eucalab.fleet import fleet_addresses
+from eucalab.fleet_nodes import fleet_addresses
 from eucalab.lab import Lab
 from eucalab.topology import parse_topology
 from eucareg.pki import certificates
@@ -21,7 +21,7 @@ from eucareg.pki import credentials as cred
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-KEY_CACHE = RESULTS / "fleet-keys"  # the fleet's keys, made once (eucalab.fleet layout)
+KEY_CACHE = RESULTS / "fleet-keys"  # the fleet's keys, made once (eucalab.fleet_nodes layout)
 CLOUD: dict[str, str | None] = {"clc": None, "walrus": None, "cc": "cluster1", "sc": "cluster1"}
 FLEET_FIRST_ADDRESS = "10.77.2.1"
 
@@ -87,3 +87,22 @@ def wait_until(check: Any, timeout: float, interval: float = 0.05) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+def rss_kib(lab: Lab, cloud: LabCloud, host: str) -> int:
+    pid = cloud.agents[host].pid
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def reset_loop_lag(cloud: LabCloud, host: str) -> dict[str, Any]:
+    """End the registrar's current loop-lag period (GET /v1/status?lag=reset) and start a new
+    one; the answer is the whole status, with the lag of the period that ended."""
+    return cloud.api(host, "/v1/status?lag=reset")
+
+
+def loop_lag(status: dict[str, Any]) -> dict[str, Any]:
+    lag: dict[str, Any] = status["registrar"]["loop_lag"]
+    return lag

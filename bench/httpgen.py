@@ -67,7 +67,7 @@ class Result:
 
 
 def key_path(cache: Path, prefix: str, index: int) -> Path:
-    return cache / f"{prefix}{index:06d}.pem"  # the layout of eucalab.fleet.fleet_identities
+    return cache / f"{prefix}{index:06d}.pem"  # the layout of eucalab.fleet_nodes.fleet_identities
 
 
 def load_nodes(cache: Path, prefix: str, count: int, first_address: str) -> list[Node]:

@@ -25,7 +25,8 @@ from bench.common import (
     python_module,
 )
 from bench.procstat import cpu, memory_kib
-from eucalab.fleet import fleet_identities, read_progress
+from eucalab.fleet_nodes import fleet_identities
+from eucalab.fleet_progress import read_progress
 from eucalab.lab import Lab
 from eucalab.process import LabProcess
 

@@ -8,18 +8,17 @@ import contextlib
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from eucalab.errors import LabError
+from eucalab.network import Network
 from eucalab.process import POLL, LabProcess, exited, stop_all, tail
-
-if TYPE_CHECKING:
-    from eucalab.lab import Lab
 
 __all__ = ["AvahiDaemon", "AvahiDaemons"]
 
@@ -125,10 +124,33 @@ _AVAHI_SHELL = (
 _AVAHI_RUNNING = 2  # AvahiServerState AVAHI_SERVER_RUNNING
 
 
+class LabHosts(Protocol):
+    """What the daemons need of their lab (eucalab/lab.py's Lab, which hands itself over): its
+    work directory and network, and processes run, spawned and stopped in a host's namespace."""
+
+    @property
+    def workdir(self) -> Path: ...
+
+    @property
+    def network(self) -> Network: ...
+
+    def netns(self, host: str) -> str: ...
+
+    def run(
+        self, host: str, argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None
+    ) -> subprocess.CompletedProcess[str]: ...
+
+    def spawn(
+        self, host: str, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> LabProcess: ...
+
+    def stop(self, proc: LabProcess) -> int | None: ...
+
+
 class AvahiDaemons:
     """The avahi-daemons of one lab, by host; the lab stops their processes at teardown."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: LabHosts) -> None:
         self.lab = lab
         self.daemons: dict[str, AvahiDaemon] = {}
         # Short socket directories outside the workdir, removed with the lab.

@@ -4,14 +4,14 @@ per-host settings) and its hook scripts, by default one that counts each call in
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from eucalab.errors import LabError
+from eucalab.lab import Lab
+from eucalab.plans import CloudPlan
 from eucareg.config.file import DEFAULT_API_PORT
-
-if TYPE_CHECKING:
-    from eucalab.cloud import LabCloud
 
 __all__ = [
     "HOOK_TYPES",
@@ -26,6 +26,29 @@ __all__ = [
 HOOK_TYPES = ("walrus", "cluster", "storage", "node")
 
 
+class PlannedCloud(Protocol):
+    """What the files are made from (eucalab/cloud.py's LabCloud, which hands itself over): the
+    plan, the settings, the lab's addresses and the host directories, and its own answers for a
+    host's settings, backend and config, so that each is decided in one place."""
+
+    @property
+    def lab(self) -> Lab: ...
+
+    @property
+    def plan(self) -> CloudPlan: ...
+
+    @property
+    def settings(self) -> Mapping[str, Any]: ...
+
+    def host_dir(self, host: str) -> Path: ...
+
+    def setting(self, name: str, host: str, default: Any) -> Any: ...
+
+    def backend(self, host: str) -> str: ...
+
+    def config_text(self, host: str) -> str: ...
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -36,7 +59,7 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
-def setting(cloud: LabCloud, name: str, host: str, default: Any) -> Any:
+def setting(cloud: PlannedCloud, name: str, host: str, default: Any) -> Any:
     """A setting for one host: a plain value applies to all, a dict is per host."""
     value = cloud.settings.get(name, default)
     if isinstance(value, dict):
@@ -44,7 +67,7 @@ def setting(cloud: LabCloud, name: str, host: str, default: Any) -> Any:
     return value
 
 
-def config_text(cloud: LabCloud, host: str) -> str:
+def config_text(cloud: PlannedCloud, host: str) -> str:
     """The TOML config a host's agent runs with."""
     base = cloud.host_dir(host)
     registrar = {"pending_timeout": "10m", "hook_timeout": "20s", "retry_base": "1s"}
@@ -82,7 +105,7 @@ def config_text(cloud: LabCloud, host: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def backend(cloud: LabCloud, host: str) -> str:
+def backend(cloud: PlannedCloud, host: str) -> str:
     """A host's `[mdns] backend`: ``settings["mdns_backend"]`` ("zeroconf" or "avahi",
     for all hosts, or a dict per host), "zeroconf" by default. Never "auto": a lab agent
     must not find the machine's own avahi-daemon (`ip netns exec` leaves the machine's
@@ -93,7 +116,7 @@ def backend(cloud: LabCloud, host: str) -> str:
     return backend
 
 
-def dnssd_lines(cloud: LabCloud, host: str) -> list[str]:
+def dnssd_lines(cloud: PlannedCloud, host: str) -> list[str]:
     """The `[dnssd]` table from ``settings["dnssd"]``, a mapping of its keys: a plain value
     applies to every host, a dict is per host (a host it leaves out gets no such key);
     an empty result leaves the table out."""
@@ -108,7 +131,7 @@ def dnssd_lines(cloud: LabCloud, host: str) -> list[str]:
     return ["", "[dnssd]", *pairs] if pairs else []
 
 
-def prepare(cloud: LabCloud, host: str) -> Path:
+def prepare(cloud: PlannedCloud, host: str) -> Path:
     """Write a host's config and hooks; returns the config path.
 
     Every hook type gets the counting script (one line per call in ``hooks.log``) unless

@@ -10,14 +10,13 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from eucalab.errors import LabError
+from eucalab.plans import CloudPlan
 from eucareg.config.file import SOCKET_FILE
 from eucareg.core.model import Role
-
-if TYPE_CHECKING:
-    from eucalab.cloud import LabCloud
 
 __all__ = [
     "admin_token",
@@ -41,11 +40,42 @@ __all__ = [
 T = TypeVar("T")
 
 
-def admin_token(cloud: LabCloud, host: str) -> str:
+class ProbedCloud(Protocol):
+    """What the probes read (eucalab/cloud.py's LabCloud, which hands itself over): the plan and
+    the host directories, and its own reads of the API, which the polls and waits go through."""
+
+    @property
+    def plan(self) -> CloudPlan: ...
+
+    def host_dir(self, host: str) -> Path: ...
+
+    def key_dir(self, host: str) -> Path: ...
+
+    def admin_token(self, host: str) -> str: ...
+
+    def api(self, host: str, path: str, timeout: float = 20) -> dict[str, Any]: ...
+
+    def status(self, host: str) -> dict[str, Any]: ...
+
+    def events(self, host: str, query: str = "") -> list[dict[str, Any]]: ...
+
+    def registry(self, host: str) -> list[dict[str, Any]]: ...
+
+    def wait_for_events(
+        self,
+        host: str,
+        done: Callable[[list[dict[str, Any]]], bool],
+        query: str = "",
+        timeout: float = 60,
+        interval: float = 0.3,
+    ) -> list[dict[str, Any]]: ...
+
+
+def admin_token(cloud: ProbedCloud, host: str) -> str:
     return (cloud.host_dir(host) / "state" / "admin.token").read_text().strip()
 
 
-def api(cloud: LabCloud, host: str, path: str, timeout: float = 20) -> dict[str, Any]:
+def api(cloud: ProbedCloud, host: str, path: str, timeout: float = 20) -> dict[str, Any]:
     """GET the registrar API as the host's operator, over its operator socket (a file: no
     need to enter the host's namespace)."""
     state = cloud.host_dir(host) / "state"
@@ -72,26 +102,26 @@ def api(cloud: LabCloud, host: str, path: str, timeout: float = 20) -> dict[str,
     return data
 
 
-def status(cloud: LabCloud, host: str) -> dict[str, Any]:
+def status(cloud: ProbedCloud, host: str) -> dict[str, Any]:
     return cloud.api(host, "/v1/status")
 
 
-def events(cloud: LabCloud, host: str, query: str = "") -> list[dict[str, Any]]:
+def events(cloud: ProbedCloud, host: str, query: str = "") -> list[dict[str, Any]]:
     return list(cloud.api(host, f"/v1/events?limit=100000{query}")["events"])
 
 
-def registry(cloud: LabCloud, host: str) -> list[dict[str, Any]]:
+def registry(cloud: ProbedCloud, host: str) -> list[dict[str, Any]]:
     """Every record of a registrar (``GET /v1/registry``), whatever its state."""
     return list(cloud.api(host, "/v1/registry")["components"])
 
 
-def hook_runs(cloud: LabCloud, host: str, component_id: str = "") -> list[dict[str, Any]]:
+def hook_runs(cloud: ProbedCloud, host: str, component_id: str = "") -> list[dict[str, Any]]:
     query = f"?component={component_id}" if component_id else ""
     return list(cloud.api(host, f"/v1/hooks{query}")["hook_runs"])
 
 
 def wait_for_events(
-    cloud: LabCloud,
+    cloud: ProbedCloud,
     host: str,
     done: Callable[[list[dict[str, Any]]], bool],
     query: str = "",
@@ -116,7 +146,7 @@ def wait_for_events(
 
 
 def wait_for_event(
-    cloud: LabCloud,
+    cloud: ProbedCloud,
     host: str,
     component_id: str,
     kind: str,
@@ -144,7 +174,7 @@ def wait_for_event(
 
 
 def wait_for(
-    cloud: LabCloud,
+    cloud: ProbedCloud,
     host: str,
     done: Callable[[dict[str, Any]], bool],
     timeout: float = 60,
@@ -155,7 +185,7 @@ def wait_for(
 
 
 def wait_for_registry(
-    cloud: LabCloud,
+    cloud: ProbedCloud,
     host: str,
     done: Callable[[list[dict[str, Any]]], bool],
     timeout: float = 60,
@@ -165,7 +195,7 @@ def wait_for_registry(
     return poll(f"registry on {host}", lambda: cloud.registry(host), done, timeout, interval)
 
 
-def expected(cloud: LabCloud) -> dict[str, int]:
+def expected(cloud: ProbedCloud) -> dict[str, int]:
     """How many components of each role the plan registers (the CLC registers itself)."""
     counts: dict[str, int] = {}
     for host_plan in cloud.plan.values():
@@ -175,7 +205,7 @@ def expected(cloud: LabCloud) -> dict[str, int]:
     return counts
 
 
-def credentials_complete(cloud: LabCloud) -> bool:
+def credentials_complete(cloud: ProbedCloud) -> bool:
     from eucareg.pki.credentials import required_files
 
     for host, host_plan in cloud.plan.items():
@@ -186,7 +216,7 @@ def credentials_complete(cloud: LabCloud) -> bool:
     return True
 
 
-def component_id(cloud: LabCloud, host: str, role: str) -> str:
+def component_id(cloud: ProbedCloud, host: str, role: str) -> str:
     """The id of a host's component, from its identity file (made at its first start,
     or by `eucareg fingerprint`)."""
     return (cloud.host_dir(host) / "state" / "identity" / f"{role}.id").read_text().strip()

@@ -54,7 +54,8 @@ from eucalab.fallback_fleet_agent import (
     node_config,
     seed_identity,
 )
-from eucalab.fleet import fleet_addresses, fleet_identities, write_json_atomic
+from eucalab.fleet_nodes import fleet_addresses, fleet_identities
+from eucalab.fleet_progress import write_json_atomic
 from eucareg.agent.host import Agent
 from eucareg.agent.timing import AgentTiming
 

@@ -23,7 +23,7 @@ from eucareg.mdns.types import ServiceSpec, SightingHandler
 from eucareg.pki import credentials as cred
 from eucareg.pki import keypairs
 
-# What an agent logs when a collection attempt failed (eucareg/agent/component.py).
+# What an agent logs when a collection attempt failed (eucareg/agent/collector.py).
 RETRYING = re.compile(r"collecting credentials of (\S+) failed: .*; retrying in ([0-9.]+) s$", re.S)
 
 

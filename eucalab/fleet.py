@@ -19,216 +19,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from eucareg.agent.collect import COLLECT_ERRORS, Outcome, collect_credentials
-from eucareg.agent.identity import Identity
+from eucalab.fleet_collect import API_PORT, LONG_POLL, collect, spec, watch_registrar
+from eucalab.fleet_nodes import fleet_addresses, fleet_identities
+from eucalab.fleet_progress import FleetState, NodeProgress, write_json_atomic
+from eucareg.agent.collect import COLLECT_ERRORS, collect_credentials
 from eucareg.agent.locate import Endpoint
-from eucareg.core import txt
-from eucareg.core.model import AnnouncedState, Announcement, Role
-from eucareg.mdns.types import ServiceSpec, Sighting
+from eucareg.core.model import Role
 from eucareg.mdns.zeroconf_backend import ZeroconfBackend
-from eucareg.pki import certificates, keypairs, tls
+from eucareg.pki import certificates, tls
 from eucareg.pki import credentials as cred
 
-API_PORT = 8780
-LONG_POLL = 25.0
-RETRY_FIRST = 0.2
-RETRY_MAX = 2.0
-# A "pending" answer that came back this fast was not a long poll: pause before asking again.
-QUICK_ANSWER = 0.2
 SAVE_INTERVAL = 0.5  # seconds between writes of the progress file, at least
-
-
-def node_id(prefix: str, index: int) -> str:
-    return f"nc-{prefix}{index:06d}"
-
-
-def fleet_identities(cache: Path, count: int, prefix: str = "fleet") -> list[Identity]:
-    """Ids `nc-<prefix>000000`…, with keys cached in `cache` (generation is ~35 ms each)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(count):
-        key = _cached_key(cache / f"{prefix}{i:06d}.pem")
-        out.append(Identity(node_id(prefix, i), key, keypairs.fingerprint(key.public_key())))
-    return out
-
-
-def _cached_key(path: Path) -> keypairs.PrivateKey:
-    """A key this lab made and cached, loaded without RSA's full validation: that takes
-    ~29 ms a key, a minute for a fleet of 2,000, and these keys are our own."""
-    if not path.exists():
-        return cred.load_or_create_key(path)
-    key = serialization.load_pem_private_key(
-        path.read_bytes(), password=None, unsafe_skip_rsa_key_validation=True
-    )
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise keypairs.CredentialError(f"{path} is not an RSA private key")
-    return key
-
-
-def fleet_addresses(first: str, count: int) -> list[str]:
-    base = ipaddress.ip_address(first)
-    return [str(base + i) for i in range(count)]
-
-
-@dataclass
-class NodeProgress:
-    """What one simulated NC did; the fleet's progress file lists these."""
-
-    component_id: str
-    address: str
-    fingerprint: str
-    batch: int
-    announced_at: float | None = None
-    collected_at: float | None = None
-    serial: str | None = None
-    requests: int = 0
-    errors: int = 0
-    verify_errors: int = 0
-    last_error: str = ""
-
-
-@dataclass
-class FleetState:
-    nodes: dict[str, NodeProgress]
-    started_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    endpoint: Endpoint | None = None
-    endpoint_seen: asyncio.Event = field(default_factory=asyncio.Event)
-    # The fleet's own CPU (user+system seconds, all threads) when it began to publish: what it
-    # used from then on is the load generator's cost of the burst (bench/run.py reports it).
-    cpu_at_publish_s: float | None = None
-
-    def summary(self) -> dict[str, Any]:
-        times = os.times()
-        return {
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "cpu_at_publish_s": self.cpu_at_publish_s,
-            "cpu_s": times.user + times.system,
-            "count": len(self.nodes),
-            "collected": sum(1 for n in self.nodes.values() if n.collected_at is not None),
-            "nodes": [asdict(n) for n in self.nodes.values()],
-        }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def read_progress(path: Path) -> dict[str, Any] | None:
-    """The progress file, or None before the fleet wrote it."""
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data
-
-
-def _spec(identity: Identity, address: str, cluster: str, index: int) -> ServiceSpec:
-    return ServiceSpec(
-        instance=f"node-{identity.component_id}",
-        port=API_PORT,
-        txt=txt.encode(
-            role=Role.NC,
-            component_id=identity.component_id,
-            cluster=cluster,
-            state=AnnouncedState.READY,
-            address=ipaddress.ip_address(address),
-            fingerprint=identity.fingerprint,
-            api_port=None,
-            eucavers="3.4",
-        ),
-        addresses=(address,),
-        server=f"fleet-{identity.component_id}.local.",
-    )
-
-
-def _watch_registrar(backend: ZeroconfBackend, state: FleetState, cluster: str) -> None:
-    """Follow the cluster's registered CC: its (re)announcements give the endpoint to use."""
-
-    def on_sighting(sighting: Sighting) -> None:
-        ann = txt.decode(sighting.instance, sighting.txt, sighting.addresses)
-        if (
-            isinstance(ann, Announcement)
-            and ann.role is Role.CC
-            and ann.cluster == cluster
-            and ann.state is AnnouncedState.REGISTERED
-            and ann.api_port
-        ):
-            state.endpoint = Endpoint(
-                str(ann.address), ann.api_port, ann.component_id, ann.fingerprint
-            )
-            state.endpoint_seen.set()
-
-    backend.watch(on_sighting)
-
-
-async def _collect(
-    state: FleetState,
-    identity: Identity,
-    session: aiohttp.ClientSession,
-    keys: Path,
-    pin: str | None,
-    cluster: str,
-    changed: asyncio.Event,
-) -> None:
-    """Ask until the registrar hands over a bundle that verifies; survive registrar crashes."""
-    node = state.nodes[identity.component_id]
-    delay = RETRY_FIRST
-    while True:
-        await state.endpoint_seen.wait()
-        endpoint = state.endpoint
-        assert endpoint is not None
-        node.requests += 1
-        asked = time.monotonic()
-        try:
-            outcome = await collect_credentials(
-                session,
-                identity,
-                Role.NC,
-                endpoint,
-                keys / identity.component_id,
-                wait=LONG_POLL,
-                expect=tls.Expect(Role.CC, cluster, endpoint.component_id, pin=pin),
-            )
-        except keypairs.CredentialError as exc:
-            node.verify_errors += 1
-            node.errors += 1
-            node.last_error = f"bundle refused: {exc}"
-        except COLLECT_ERRORS as exc:
-            node.errors += 1
-            node.last_error = str(exc) or type(exc).__name__
-        else:
-            if outcome is Outcome.WRITTEN:
-                cert = certificates.load_cert(
-                    keys / identity.component_id / cred.LAYOUTS[Role.NC].cert
-                )
-                node.serial = format(cert.serial_number, "x")
-                node.collected_at = time.time()
-                changed.set()
-                return
-            delay = RETRY_FIRST
-            if time.monotonic() - asked >= QUICK_ANSWER:
-                continue
-        changed.set()
-        await asyncio.sleep(delay)
-        delay = min(RETRY_MAX, delay * 2)
 
 
 async def _wait_for_go(go_dir: Path | None, batch: int, deadline: float) -> None:
@@ -272,7 +83,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     backend = ZeroconfBackend()
     await backend.start()
     tls.shrink_read_buffers()  # as the agent does: a thousand NCs in one process
-    _watch_registrar(backend, state, args.cluster)
+    watch_registrar(backend, state, args.cluster)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=LONG_POLL + 20)
     tasks: list[asyncio.Task[None]] = []
@@ -288,12 +99,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if state.nodes[ident.component_id].batch == batch
             ]
             for i, ident in members:
-                await backend.publish(_spec(ident, addresses[i], args.cluster, i))
+                await backend.publish(spec(ident, addresses[i], args.cluster, i))
                 state.nodes[ident.component_id].announced_at = time.time()
             print(f"published batch {batch}: {len(members)} services", flush=True)
             tasks.extend(
                 asyncio.create_task(
-                    _collect(state, ident, session, keys, args.pin, args.cluster, changed)
+                    collect(state, ident, session, keys, args.pin, args.cluster, changed)
                 )
                 for _, ident in members
             )

@@ -1,6 +1,6 @@
-"""One component of this host at run time: its state (registered, announced) and its two loops,
-announcing while its preconditions hold, and collecting its credentials (or, once it holds
-them, watching for their revocation). Both wait for events, not timers; failures back off.
+"""One component of this host at run time: its state (registered, announced, the credentials and
+cloud CA it holds, whom it accepts as its registrar) and its announce loop, announcing while its
+preconditions hold. Its collect loop is eucareg/agent/collector.py's; both wait for events.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
 from eucareg.config.components import ComponentConfig
 from eucareg.config.file import Config
 from eucareg.core.model import Role
@@ -20,20 +18,21 @@ from eucareg.mdns.types import Announcer, ServiceSpec
 from eucareg.pki import certificates, keypairs, names, tls
 from eucareg.pki import credentials as cred
 
-from . import collect, expiry
+from . import collect
 from .announce import TokenProver, instance_name, preconditions, service_spec
 from .euca_keys import EucaKeys
 from .identity import Identity, identity_key
-from .locate import Endpoint, Registrars
+from .locate import Endpoint
 from .presence import CredentialPresence, HeldRoot, write_client_chain
-from .timing import AgentTiming, Backoff, first_of, wait_event
+from .timing import AgentTiming, Backoff, wait_event
 from .watch import FileWatch
 
 log = logging.getLogger(__name__)
 
 
 class Component:
-    """A component's state and loops; the Agent runs the loops under its Supervisor."""
+    """A component's state and announce loop; the Agent runs the loop under its Supervisor
+    (and the component's Collector's collect loop beside it)."""
 
     def __init__(
         self,
@@ -42,8 +41,6 @@ class Component:
         identity: Identity,
         *,
         announcer: Announcer,
-        registrars: Registrars,
-        session: Callable[[], aiohttp.ClientSession],
         api_port: Callable[[], int],
         on_registered: Callable[[Component], None],
         timing: AgentTiming,
@@ -59,15 +56,12 @@ class Component:
             if cfg.eucalyptus.deliver and conf.role is not Role.CLC
             else None
         )
-        self._proven: Endpoint | None = None  # the registrar that last proved itself
         self.client_cert: tls.ClientCert | None = None  # presented once we are registered
         self.registered = False
         self.announced = False
         self.wake = asyncio.Event()  # re-check preconditions and credentials now
         self.changed = asyncio.Event()  # `announced` or `registered` moved
         self._announcer = announcer
-        self._registrars = registrars
-        self._session = session
         self._api_port = api_port
         self._on_registered = on_registered
         self._timing = timing
@@ -203,68 +197,7 @@ class Component:
             self.changed.set()
             await self._announcer.withdraw(self.instance)
 
-    # -- collecting -----------------------------------------------------------------------
-
-    async def collect_loop(self) -> None:
-        """Collect credentials while unregistered; once registered, watch for revocation."""
-        backoff = Backoff(self._timing.retry_base, self._timing.retry_max)
-        loop = asyncio.get_running_loop()
-        while True:
-            # Cleared before reading our state, so a change from here on is never missed.
-            self.changed.clear()
-            if not self.registered and not self.announced:
-                await self.changed.wait()
-                continue
-            held = self.presence.held
-            issuer = held.issuer_fingerprint if self.registered else None
-            # Once registered, the CA we hold decides (expect()); a token's or the
-            # configuration's pin must not hide the registrar that certified us.
-            endpoints = self._registrars.candidates(
-                self.role,
-                self.conf.cluster,
-                pin=None if self.registered else self.pin,
-                issuer=issuer,
-            )
-            if not endpoints:
-                # Woken by a registrar heard, our own change, or the fallback's time coming.
-                wait = self._registrars.wait_changed(self._registrars.fallback_in())
-                await first_of(wait, self.changed.wait())
-                continue
-            started = loop.time()
-            try:
-                outcome = await self._ask_each(endpoints, held.serial if self.registered else None)
-                if outcome is not None:
-                    await self._settle(outcome)
-            except collect.COLLECT_ERRORS as exc:
-                asked = getattr(exc, "retry_after", None)
-                delay = backoff.next(at_least=asked)
-                log.warning(
-                    "collecting credentials of %s failed: %s; retrying in %.1f s%s",
-                    self.identity.component_id,
-                    str(exc) or type(exc).__name__,
-                    delay,
-                    await expiry.held_note(self.cfg.key_dir, self.role) if self.registered else "",
-                )
-                # A registrar heard meanwhile cuts the wait short: after a decoy, the genuine
-                # registrar is asked as soon as it announces itself. Not sooner than a second,
-                # though: a decoy that re-announces itself all the time must not make us
-                # hammer it (or anyone) in a loop. A registrar's own Retry-After is waited out.
-                floor = delay if asked else min(delay, self._timing.min_request_interval)
-                await asyncio.sleep(floor)
-                await self._registrars.wait_changed(delay - floor)
-                continue
-            backoff.reset()
-            # None: our own state moved (a credential file vanished, say), so we ask afresh.
-            if outcome in (
-                collect.Outcome.PENDING,
-                collect.Outcome.UNCHANGED,
-                collect.Outcome.RENEWED,
-            ):
-                # A registrar answering at once (woken, or not holding requests) is not asked
-                # again straight away, or we would spin on it.
-                pause = self._timing.min_request_interval - (loop.time() - started)
-                if pause > 0:
-                    await wait_event(self.changed, pause)
+    # -- trust ----------------------------------------------------------------------------
 
     def expect(self, endpoint: Endpoint) -> tls.Expect:
         """Whom we accept as `endpoint`: once we hold a cloud CA, only a registrar it signed
@@ -292,117 +225,3 @@ class Component:
         """What our certificate must name."""
         cluster = self.conf.cluster if self.role in (Role.CC, Role.SC, Role.NC) else None
         return names.CertIdentity(self.role, cluster, self.identity.component_id)
-
-    async def _ask_each(
-        self, endpoints: list[Endpoint], have: str | None
-    ) -> collect.Outcome | None:
-        """Ask the candidates in turn, the one that last proved itself first, until one that
-        proves itself answers: a decoy costs one connect timeout, a rogue one handshake."""
-        if self._proven in endpoints:
-            endpoints = [self._proven, *(ep for ep in endpoints if ep != self._proven)]
-        problems: list[str] = []
-        asked: list[float] = []  # the Retry-After of each registrar that sent us away
-        for endpoint in endpoints:
-            try:
-                outcome = await self._ask(endpoint, have)
-            except collect.COLLECT_ERRORS as exc:
-                if self._proven == endpoint:
-                    self._proven = None
-                problems.append(f"{endpoint.url}: {_reason(exc)}")
-                later = getattr(exc, "retry_after", None)
-                if later is not None:
-                    asked.append(later)
-                if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-                    log.warning(
-                        "refusing registrar %s for %s: %s",
-                        endpoint.url,
-                        self.identity.component_id,
-                        _reason(exc),
-                    )
-                elif len(endpoints) > 1:
-                    log.info("no usable answer from registrar %s: %s", endpoint.url, _reason(exc))
-                continue
-            self._proven = endpoint
-            return outcome
-        # Asked again when the first registrar that sent us away will have us back.
-        raise collect.ProtocolError("; ".join(problems), min(asked) if asked else None)
-
-    async def _ask(self, endpoint: Endpoint, have: str | None) -> collect.Outcome | None:
-        """Announce over HTTP if need be, then one credential request; None when our own state
-        changes meanwhile (the request is abandoned)."""
-        session = self._session()
-        watch, poll = self._timing.watch_poll, self._timing.long_poll
-        if not endpoint.component_id:
-            # No registrar heard on the LAN: announce over HTTP (the design's fallback), and
-            # keep doing so once registered, or the registrar stops hearing us (what waits
-            # on us, our SC for one, would wait again).
-            client = self.client_cert if have is not None else None
-            try:
-                refresh = await collect.announce_over_http(
-                    session,
-                    self.identity,
-                    endpoint,
-                    self.spec().txt,
-                    self.expect(endpoint),
-                    client,
-                )
-            except collect.COLLECT_ERRORS as exc:
-                reason = str(exc) or type(exc).__name__
-                if have is None:
-                    raise collect.ProtocolError(
-                        f"fallback announcement failed: {reason}",
-                        getattr(exc, "retry_after", None),
-                    ) from exc
-                # Registered: the watch below must still go out, or a revocation is never
-                # heard; the report is tried again after the watch.
-                log.warning("report of %s to %s failed: %s", self.instance, endpoint.url, reason)
-                refresh = collect.DEFAULT_REFRESH
-            # Asked again within the registrar's refresh, so that its lease never lapses.
-            watch, poll = min(watch, refresh), min(poll, refresh)
-        request = asyncio.create_task(
-            collect.collect_credentials(
-                session,
-                self.identity,
-                self.role,
-                endpoint,
-                self.cfg.key_dir,
-                # Watching, the request is held until revoked: a few minutes per request.
-                wait=watch if have is not None else poll,
-                have=have,
-                expect=self.expect(endpoint),
-                named=self.named(),
-                client=self.client_cert if have is not None else None,
-                euca=self.euca,
-                chain=self.chain,
-            )
-        )
-        change = asyncio.create_task(self.changed.wait())
-        try:
-            await asyncio.wait({request, change}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # Both are ours: neither outlives this call, even when we are cancelled.
-            for task in (change, request):
-                if not task.done():
-                    task.cancel()
-            await asyncio.wait({request, change})
-            if not request.cancelled():
-                request.exception()  # retrieved here, even if we are cancelled and drop it
-        if request.cancelled():
-            return None
-        return request.result()
-
-    async def _settle(self, outcome: collect.Outcome) -> None:
-        if outcome in (collect.Outcome.WRITTEN, collect.Outcome.RENEWED):
-            # Verify what was written, through the same cache the re-checks use.
-            await self.refresh()
-            if not self.registered:
-                log.warning("credentials for %s were written but do not verify", self.instance)
-        elif outcome is collect.Outcome.REVOKED:
-            collect.remove_credentials(self.cfg.key_dir, self.role)
-            await self.refresh()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return str(exc.certificate_error)
-    return str(exc) or type(exc).__name__

@@ -21,6 +21,7 @@ from eucareg.mdns.types import Announcer, Sighting, Watcher
 from eucareg.pki import tls
 
 from .collect import collect_credentials
+from .collector import Collector
 from .component import Component
 from .greet import Serving, greeting_for
 from .identity import Identity, ensure_cloud_ca, load_or_create_identity, read_or_create_secret
@@ -148,8 +149,6 @@ class Agent:
                 conf,
                 identity,
                 announcer=self.backend,
-                registrars=self.registrars,
-                session=functools.partial(self._client, conf.address),
                 api_port=self._api_port,
                 on_registered=self._registration_changed,
                 timing=self.timing,
@@ -190,7 +189,13 @@ class Agent:
         for comp in self.components:
             self.supervisor.spawn(f"announce-{comp.role.value}", comp.announce_loop)
             if comp.role is not Role.CLC:
-                self.supervisor.spawn(f"collect-{comp.role.value}", comp.collect_loop)
+                collector = Collector(
+                    comp,
+                    registrars=self.registrars,
+                    session=functools.partial(self._client, comp.conf.address),
+                    timing=self.timing,
+                )
+                self.supervisor.spawn(f"collect-{comp.role.value}", collector.collect_loop)
         log.info(
             "agent started: %s",
             ", ".join(f"{c.role.value}={c.identity.component_id}" for c in self.components),

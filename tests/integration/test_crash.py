@@ -33,7 +33,8 @@ import pytest
 from eucalab.cloud import LabCloud
 from eucalab.cloud_probes import all_registered, registered_components
 from eucalab.errors import LabError
-from eucalab.fleet import fleet_addresses, node_id, read_progress
+from eucalab.fleet_nodes import fleet_addresses, node_id
+from eucalab.fleet_progress import read_progress
 from eucalab.lab import Lab
 from eucalab.process import LabProcess
 from eucalab.topology import parse_topology

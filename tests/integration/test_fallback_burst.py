@@ -51,7 +51,8 @@ from eucalab import fallback_fleet_analysis as fa
 from eucalab.cloud import LabCloud
 from eucalab.cloud_probes import all_registered
 from eucalab.errors import LabError
-from eucalab.fleet import fleet_identities, node_id, read_progress
+from eucalab.fleet_nodes import fleet_identities, node_id
+from eucalab.fleet_progress import read_progress
 from eucalab.lab import Lab
 from eucalab.process import LabProcess
 from eucalab.topology import parse_topology

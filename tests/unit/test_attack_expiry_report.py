@@ -15,7 +15,7 @@ from eucareg.core.transitions import Transition, Write
 from eucareg.pki import certificates, keypairs
 from eucareg.registrar.engine import Issuer, Registrar
 from eucareg.registrar.renewal import RECENT, _serial_of
-from tests.unit.test_renewal import HOUR, SHORT, Clock, make, registered_cc
+from tests.unit.test_renewal import HOUR, SHORT, Clock, registrar_with_cc
 
 OVERDUE = HOUR - 300  # due for 15 minutes: reported `expiring`
 
@@ -57,72 +57,52 @@ async def test_a_report_of_a_serial_that_is_a_prefix_does_not_hide_this_one(
     tmp_path: Path, issuer: Issuer
 ) -> None:
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, _ = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         serial = reg.memory.certificates[cid].serial
         # Earlier reports naming a prefix, an extension and the serial in another code.
         await write_event(reg, cid, "expiring", f"certificate {serial[:-1]} is due ...")
         await write_event(reg, cid, "expiring", f"certificate {serial}0 is due ...")
         await write_event(reg, cid, "expired", f"certificate {serial} expired at ...")
-    finally:
-        await reg.close()
     clock.offset = OVERDUE
-    reg = await make(tmp_path, issuer, clock)
-    try:
+    async with registrar_with_cc(tmp_path, issuer, clock, cc=(cid, key)) as (reg, _, _):
         await tick(reg)
         mine = [e for e in reports(reg, cid) if e.code == "expiring" and _serial_of(e.reason)]
         assert [_serial_of(e.reason) for e in mine][-1] == serial
         assert sum(_serial_of(e.reason) == serial for e in mine) == 1
-    finally:
-        await reg.close()
 
 
 async def test_quick_ticks_write_one_report(tmp_path: Path, issuer: Issuer) -> None:
     """Ticks following each other before the first report is written (its look-up in the
     store is pending): one event, not one per tick."""
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, _ = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, _):
         clock.offset = OVERDUE
         for _ in range(5):
             reg.expiry._tick()  # no idle between: the spawned reports race
         await reg.idle()
         assert [e.code for e in reports(reg, cid)] == ["expiring"]
-    finally:
-        await reg.close()
 
 
 async def test_a_stop_while_the_report_is_pending_reports_it_once_after_the_restart(
     tmp_path: Path, issuer: Issuer
 ) -> None:
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, _ = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         clock.offset = OVERDUE
         reg.expiry._tick()  # spawned, not awaited: the stop comes first
-    finally:
-        await reg.close()
     assert len(reports(reg, cid)) <= 1  # written or not; never twice
     for _ in range(2):
-        reg = await make(tmp_path, issuer, clock)
-        try:
+        async with registrar_with_cc(tmp_path, issuer, clock, cc=(cid, key)) as (reg, _, _):
             await tick(reg)
             await tick(reg)
             assert [e.code for e in reports(reg, cid)] == ["expiring"]
-        finally:
-            await reg.close()
 
 
 async def test_events_of_other_kinds_and_components_do_not_push_the_report_out(
     tmp_path: Path, issuer: Issuer
 ) -> None:
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, _ = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         clock.offset = OVERDUE
         await tick(reg)
         record = reg.memory.records[cid]
@@ -137,14 +117,9 @@ async def test_events_of_other_kinds_and_components_do_not_push_the_report_out(
             for n in range(2 * RECENT)
         )
         await reg.step(Transition(Write(events=chatter)))
-    finally:
-        await reg.close()
-    reg = await make(tmp_path, issuer, clock)
-    try:
+    async with registrar_with_cc(tmp_path, issuer, clock, cc=(cid, key)) as (reg, _, _):
         await tick(reg)
         assert [e.code for e in reports(reg, cid)] == ["expiring"]
-    finally:
-        await reg.close()
 
 
 async def test_more_than_recent_credential_events_after_a_report_repeat_it_after_a_restart(
@@ -155,22 +130,15 @@ async def test_more_than_recent_credential_events_after_a_report_repeat_it_after
     is not renewed (a request would renew it), so this needs events written by hand; then a
     restarted registrar reports it once more, and only once."""
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, _ = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         clock.offset = OVERDUE
         await tick(reg)
         for n in range(RECENT):
             await write_event(reg, cid, "euca-keys-sent", f"Eucalyptus key files sent: {n}")
-    finally:
-        await reg.close()
     for _ in range(2):
-        reg = await make(tmp_path, issuer, clock)
-        try:
+        async with registrar_with_cc(tmp_path, issuer, clock, cc=(cid, key)) as (reg, _, _):
             await tick(reg)
             assert [e.code for e in reports(reg, cid)] == ["expiring", "expiring"]
-        finally:
-            await reg.close()
 
 
 async def test_a_new_certificate_after_re_registration_is_reported_on_its_own(
@@ -179,9 +147,7 @@ async def test_a_new_certificate_after_re_registration_is_reported_on_its_own(
     """Deregistered and registered again: a new serial, whose lapse is news, however the
     old one's was reported."""
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         old = reg.memory.certificates[cid].serial
         clock.offset = OVERDUE
         await tick(reg)
@@ -198,5 +164,3 @@ async def test_a_new_certificate_after_re_registration_is_reported_on_its_own(
         await tick(reg)
         named = [(e.code, _serial_of(e.reason)) for e in reports(reg, cid)]
         assert named == [("expiring", old), ("expiring", new)]
-    finally:
-        await reg.close()

@@ -20,7 +20,7 @@ from eucareg.pki.handover import HANDOVER
 from eucareg.registrar.desk import CredentialAnswer, CredentialRefused
 from eucareg.registrar.engine import Issuer, Registrar
 from tests.factories import fresh_key
-from tests.unit.test_renewal import Clock, make, registered_cc, serial_of
+from tests.unit.test_renewal import Clock, registrar_with_cc, serial_of
 
 HELD = 1.0  # the wait of a watch that must be held to its deadline
 
@@ -75,9 +75,7 @@ def test_the_chain_digest_separates_names_from_contents() -> None:
 async def test_a_request_signed_by_another_key_neither_answers_nor_resets_the_watch(
     tmp_path: Path, issuer: Issuer
 ) -> None:
-    reg = await make(tmp_path, issuer, Clock())
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer) as (reg, cid, key):
         have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
         told = dict(reg.desk._told_chain)
         intruder = fresh_key()
@@ -90,14 +88,10 @@ async def test_a_request_signed_by_another_key_neither_answers_nor_resets_the_wa
         assert reg.desk._watching == {}
         # The component's own watch is still held to its deadline: nothing was reset.
         assert await held_watch(reg, cid, key, have) >= HELD * 0.9
-    finally:
-        await reg.close()
 
 
 async def test_unregistered_ids_leave_nothing_behind(tmp_path: Path, issuer: Issuer) -> None:
-    reg = await make(tmp_path, issuer, Clock())
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer) as (reg, cid, key):
         await reg.credentials(cid, key.public_key(), wait=0)
         before = dict(reg.desk._told_chain)
         for n in range(300):
@@ -110,8 +104,6 @@ async def test_unregistered_ids_leave_nothing_behind(tmp_path: Path, issuer: Iss
             assert answer.status is None and answer.files is None
         assert reg.desk._told_chain == before
         assert reg.desk._watching == {}
-    finally:
-        await reg.close()
 
 
 async def test_two_concurrent_watches_of_one_component_do_not_spin(
@@ -119,15 +111,11 @@ async def test_two_concurrent_watches_of_one_component_do_not_spin(
 ) -> None:
     """Two watches of one component, over and over: the shared "last told" entry never makes
     one answer at once because of the other (no ping-pong between them)."""
-    reg = await make(tmp_path, issuer, Clock())
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer) as (reg, cid, key):
         have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
         for _ in range(2):
             durations = await asyncio.gather(*(held_watch(reg, cid, key, have) for _ in range(2)))
             assert min(durations) >= HELD * 0.9
-    finally:
-        await reg.close()
 
 
 async def open_watches(
@@ -152,10 +140,8 @@ async def test_a_chain_change_answers_every_open_watch_of_the_component(
     tmp_path: Path, issuer: Issuer
 ) -> None:
     holder = [issuer]
-    reg = await make(tmp_path, issuer, Clock())
-    reg.desk._issuer_for = lambda _role: holder[0]
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer) as (reg, cid, key):
+        reg.desk._issuer_for = lambda _role: holder[0]
         have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
         stale, live = await open_watches(reg, cid, key, have, 2)
         holder[0] = replace(issuer, handover="a handover\n")
@@ -167,27 +153,18 @@ async def test_a_chain_change_answers_every_open_watch_of_the_component(
             assert live in done, "the live watch still holds the old chain"
         finally:
             live.cancel()
-    finally:
-        await reg.close()
 
 
 async def test_a_registrar_restart_answers_the_first_watch_once_not_every_time(
     tmp_path: Path, issuer: Issuer
 ) -> None:
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
-    finally:
-        await reg.close()
-    reg = await make(tmp_path, issuer, clock)
-    try:
+    async with registrar_with_cc(tmp_path, issuer, clock, cc=(cid, key)) as (reg, _, _):
         assert await held_watch(reg, cid, key, have) < HELD * 0.5  # unknown: at once
         assert await held_watch(reg, cid, key, have) >= HELD * 0.9
         assert await held_watch(reg, cid, key, have) >= HELD * 0.9
-    finally:
-        await reg.close()
 
 
 # -- deregistration --------------------------------------------------------------------------
@@ -199,9 +176,7 @@ async def test_after_deregistration_the_old_serial_is_refused_and_the_new_one_is
     """Deregistered, then admitted again (the window is open, it is still announced): the
     old certificate's watch is refused, and the new certificate's watch is held, not
     answered at once or refused because of what the old registration was told."""
-    reg = await make(tmp_path, issuer, Clock())
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer) as (reg, cid, key):
         old = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
         await reg.deregister(reg.memory.records[cid])
         await reg.idle()
@@ -221,8 +196,6 @@ async def test_after_deregistration_the_old_serial_is_refused_and_the_new_one_is
         with pytest.raises(CredentialRefused) as refused:
             await reg.credentials(cid, key.public_key(), 30, old)
         assert refused.value.status == 410
-    finally:
-        await reg.close()
 
 
 async def test_what_deregistered_components_were_told_does_not_pile_up(
@@ -230,9 +203,7 @@ async def test_what_deregistered_components_were_told_does_not_pile_up(
 ) -> None:
     """Entries of components no longer registered (deregistered, replaced, collected) are
     dropped once they outnumber the registered ones: the desk's memory stays bounded."""
-    reg = await make(tmp_path, issuer, Clock())
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer) as (reg, cid, key):
         await reg.credentials(cid, key.public_key(), wait=0)
         assert cid in reg.desk._told_chain
         await reg.close_install_window()
@@ -245,8 +216,6 @@ async def test_what_deregistered_components_were_told_does_not_pile_up(
             reg.desk._tell_chain(f"nc-{n:012x}", "0" * 64)
         assert len(reg.desk._told_chain) <= 2 * len(reg.memory.records) + 65
         assert cid not in reg.desk._told_chain  # dropped at the first pruning
-    finally:
-        await reg.close()
 
 
 # -- an answer the component never received --------------------------------------------------
@@ -256,10 +225,8 @@ async def test_a_new_chain_answered_into_a_dead_connection_is_still_given_at_onc
     tmp_path: Path, issuer: Issuer
 ) -> None:
     holder = [issuer]
-    reg = await make(tmp_path, issuer, Clock())
-    reg.desk._issuer_for = lambda _role: holder[0]
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer) as (reg, cid, key):
+        reg.desk._issuer_for = lambda _role: holder[0]
         first = await reg.credentials(cid, key.public_key(), wait=0)
         assert first.files is not None
         have, held = serial_of(first.files), chain_digest(first.files, Role.CC)
@@ -284,5 +251,3 @@ async def test_a_new_chain_answered_into_a_dead_connection_is_still_given_at_onc
         # An agent too old to say what it holds is measured against what it was told: the
         # lost answer then counts as received, and its watch is held (protocol.md, 8.1).
         assert await held_watch(reg, cid, key, have) >= HELD * 0.5
-    finally:
-        await reg.close()

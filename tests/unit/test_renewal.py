@@ -6,9 +6,12 @@ certificate falls due or its chain is renewed, and the agent's in-place update o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -51,13 +54,17 @@ def cloud() -> tuple[keypairs.PrivateKey, Issuer]:
     return key, Issuer(key=key, cert=ca, cloud_cert=ca, policy=SHORT)
 
 
-async def make(tmp_path: Path, issuer: Issuer, clock: Clock) -> Registrar:
+async def make(
+    tmp_path: Path, issuer: Issuer | Callable[[Role], Issuer], clock: Clock
+) -> Registrar:
+    """A started CLC registrar on an SQLite file in `tmp_path`, its install window open;
+    `issuer` may be a function of the role (a test that renews the chain swaps its answer)."""
     reg = Registrar(
         Store(sqlite_url(tmp_path / "registry.db")),
         CLC,
         hook_dir=tmp_path / "hooks",
         timing=Timing(retry_base=0.05, retry_max=0.2, hook_timeout=5),
-        issuer_for=lambda _role: issuer,
+        issuer_for=issuer if callable(issuer) else lambda _role: issuer,
         clock=clock,
         master_key=b"test-master-key",
     )
@@ -82,6 +89,37 @@ async def registered_cc(reg: Registrar) -> tuple[str, keypairs.PrivateKey]:
     first = await reg.credentials(cc.component_id, key.public_key(), wait=0)
     assert first.files is not None
     return cc.component_id, key
+
+
+class WithCC(NamedTuple):
+    """A started registrar and the CC registered with it: its id and key."""
+
+    reg: Registrar
+    cid: str
+    key: keypairs.PrivateKey
+
+
+@contextlib.asynccontextmanager
+async def registrar_with_cc(
+    tmp_path: Path,
+    issuer: Issuer | Callable[[Role], Issuer],
+    clock: Clock | None = None,
+    *,
+    cc: tuple[str, keypairs.PrivateKey] | None = None,
+    before: Callable[[Registrar], Awaitable[None]] | None = None,
+) -> AsyncIterator[WithCC]:
+    """`make()` (with `clock`, else wall time) and `registered_cc()`, the registrar closed
+    when the block ends, however it ends. `cc`: a restart on the same files, with the CC an
+    earlier registrar registered (none is registered now). `before` runs between the start
+    and the registration."""
+    reg = await make(tmp_path, issuer, clock if clock is not None else Clock())
+    try:
+        if before is not None:
+            await before(reg)
+        cid, key = cc if cc is not None else await registered_cc(reg)
+        yield WithCC(reg, cid, key)
+    finally:
+        await reg.close()
 
 
 def serial_of(files: dict[str, str] | None, role: Role = Role.CC) -> str:
@@ -186,9 +224,7 @@ async def test_a_due_certificate_is_renewed_for_the_same_key_and_the_old_stays_v
 ) -> None:
     _, issuer = cloud
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         first = await reg.credentials(cid, key.public_key(), wait=0)
         old = serial_of(first.files)
         # Not due yet: asked again, the same certificate (22 minutes left: before even the
@@ -210,8 +246,6 @@ async def test_a_due_certificate_is_renewed_for_the_same_key_and_the_old_stays_v
         assert old in events[-1].reason and new in events[-1].reason
         record = reg.memory.records[cid]
         assert record.status is Status.REGISTERED
-    finally:
-        await reg.close()
 
 
 async def test_many_concurrent_requests_for_a_due_certificate_get_one_new_serial(
@@ -219,9 +253,7 @@ async def test_many_concurrent_requests_for_a_due_certificate_get_one_new_serial
 ) -> None:
     _, issuer = cloud
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         old = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
         clock.offset = HOUR - 600
         answers = await asyncio.gather(
@@ -231,8 +263,6 @@ async def test_many_concurrent_requests_for_a_due_certificate_get_one_new_serial
         assert len(serials) == 1 and old not in serials
         codes = [e.code for e in reg.store.events(component_id=cid, kind="credentials")]
         assert codes.count("renewed") == 1
-    finally:
-        await reg.close()
 
 
 async def test_a_restarted_registrar_neither_loses_nor_repeats_a_renewal(
@@ -240,18 +270,13 @@ async def test_a_restarted_registrar_neither_loses_nor_repeats_a_renewal(
 ) -> None:
     _, issuer = cloud
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    cid, key = await registered_cc(reg)
-    clock.offset = HOUR - 600
-    renewed = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
-    await reg.close()
-    again = await make(tmp_path, issuer, clock)
-    try:
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
+        clock.offset = HOUR - 600
+        renewed = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
+    async with registrar_with_cc(tmp_path, issuer, clock, cc=(cid, key)) as (again, _, _):
         assert serial_of((await again.credentials(cid, key.public_key(), wait=0)).files) == renewed
         codes = [e.code for e in again.store.events(component_id=cid, kind="credentials")]
         assert codes == ["issued", "renewed"]
-    finally:
-        await again.close()
 
 
 async def test_a_watch_answers_when_its_certificate_falls_due(
@@ -260,9 +285,7 @@ async def test_a_watch_answers_when_its_certificate_falls_due(
     _, issuer = cloud
     # Due 2 s after it is issued (the certificate starts 5 minutes back: clocks differ).
     quick = replace(issuer, policy=renewal.RenewalPolicy(HOUR, HOUR - 2))
-    reg = await make(tmp_path, quick, Clock())
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, quick) as (reg, cid, key):
         have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -270,8 +293,6 @@ async def test_a_watch_answers_when_its_certificate_falls_due(
         took = loop.time() - started
         assert serial_of(answer.files) != have
         assert took < 10, f"the watch answered after {took:.1f} s, not when due"
-    finally:
-        await reg.close()
 
 
 async def test_a_watch_answers_when_the_chain_above_it_is_renewed(
@@ -281,18 +302,7 @@ async def test_a_watch_answers_when_the_chain_above_it_is_renewed(
     the new chain, and their own certificates verify under it unchanged."""
     key_ca, issuer = cloud
     holder = [issuer]
-    reg = Registrar(
-        Store(sqlite_url(tmp_path / "registry.db")),
-        CLC,
-        hook_dir=tmp_path / "hooks",
-        timing=Timing(retry_base=0.05, retry_max=0.2, hook_timeout=5),
-        issuer_for=lambda _role: holder[0],
-        master_key=b"test-master-key",
-    )
-    await reg.start()
-    await reg.open_install_window(3600)
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, lambda _role: holder[0]) as (reg, cid, key):
         first = await reg.credentials(cid, key.public_key(), wait=0)
         have = serial_of(first.files)
         watch = asyncio.create_task(reg.credentials(cid, key.public_key(), 60, have))
@@ -308,8 +318,6 @@ async def test_a_watch_answers_when_the_chain_above_it_is_renewed(
             new_ca
         )  # ... under the new CA
         cred.verify_bundle(answer.files, Role.CC, key)
-    finally:
-        await reg.close()
 
 
 async def test_a_watch_opened_after_the_chain_changed_answers_at_once(
@@ -320,18 +328,7 @@ async def test_a_watch_opened_after_the_chain_changed_answers_at_once(
     an NC missed its CC's renewal for minutes). With the chain it was given, a watch holds."""
     key_ca, issuer = cloud
     holder = [issuer]
-    reg = Registrar(
-        Store(sqlite_url(tmp_path / "registry.db")),
-        CLC,
-        hook_dir=tmp_path / "hooks",
-        timing=Timing(retry_base=0.05, retry_max=0.2, hook_timeout=5),
-        issuer_for=lambda _role: holder[0],
-        master_key=b"test-master-key",
-    )
-    await reg.start()
-    await reg.open_install_window(3600)
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, lambda _role: holder[0]) as (reg, cid, key):
         have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
         new_ca = certificates.renew_cloud_ca(key_ca, issuer.cloud_cert)
         holder[0] = replace(issuer, cert=new_ca, cloud_cert=new_ca)
@@ -347,8 +344,6 @@ async def test_a_watch_opened_after_the_chain_changed_answers_at_once(
         assert loop.time() - started >= 0.9
         assert answer.files is not None
         assert answer.files[cred.CLOUD_CERT] == certificates.cert_pem(new_ca)
-    finally:
-        await reg.close()
 
 
 async def test_after_a_registrar_restart_the_first_watch_is_answered_at_once(
@@ -358,22 +353,15 @@ async def test_after_a_registrar_restart_the_first_watch_is_answered_at_once(
     been renewed while it was down): it answers that component's first watch at once."""
     _, issuer = cloud
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         have = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
-    finally:
-        await reg.close()
-    reg = await make(tmp_path, issuer, clock)
-    try:
+    async with registrar_with_cc(tmp_path, issuer, clock, cc=(cid, key)) as (reg, _, _):
         answer = await asyncio.wait_for(reg.credentials(cid, key.public_key(), 60, have), 5)
         assert serial_of(answer.files) == have
         loop = asyncio.get_running_loop()
         started = loop.time()
         await asyncio.wait_for(reg.credentials(cid, key.public_key(), 1.0, have), 5)
         assert loop.time() - started >= 0.9  # the second is held to its deadline
-    finally:
-        await reg.close()
 
 
 async def test_deregistering_after_a_renewal_revokes_the_current_certificate(
@@ -381,15 +369,11 @@ async def test_deregistering_after_a_renewal_revokes_the_current_certificate(
 ) -> None:
     _, issuer = cloud
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer, clock) as (reg, cid, key):
         clock.offset = HOUR - 600
         new = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
         await reg.deregister(reg.memory.records[cid])
         assert new in reg.memory.revoked
-    finally:
-        await reg.close()
 
 
 # -- certificates and chains -------------------------------------------------------------------
@@ -592,11 +576,13 @@ async def test_a_certificate_made_while_the_clock_ran_ahead_is_replaced_when_it_
     instead of one that becomes due in years."""
     _, issuer = cloud
     clock = Clock()
-    reg = await make(tmp_path, issuer, clock)
-    try:
+
+    async def two_days_ahead(reg: Registrar) -> None:
         clock.offset = 2 * 86400
         await reg.open_install_window(3600)  # the one opened "two days ago" has closed
-        cid, key = await registered_cc(reg)
+
+    jumped = registrar_with_cc(tmp_path, issuer, clock, before=two_days_ahead)
+    async with jumped as (reg, cid, key):
         ahead = serial_of((await reg.credentials(cid, key.public_key(), wait=0)).files)
         clock.offset = 0
         answer = await reg.credentials(cid, key.public_key(), wait=0)
@@ -604,25 +590,19 @@ async def test_a_certificate_made_while_the_clock_ran_ahead_is_replaced_when_it_
         assert answer.files is not None
         own = certificates.load_cert_pem(answer.files["cluster-cert.pem"])
         assert own.not_valid_before_utc.timestamp() <= clock()
-    finally:
-        await reg.close()
 
 
 async def test_an_unreadable_stored_certificate_is_replaced_not_served(
     tmp_path: Path, cloud: tuple[keypairs.PrivateKey, Issuer]
 ) -> None:
     _, issuer = cloud
-    reg = await make(tmp_path, issuer, Clock())
-    try:
-        cid, key = await registered_cc(reg)
+    async with registrar_with_cc(tmp_path, issuer) as (reg, cid, key):
         stored = reg.memory.certificates[cid]
         reg.memory.certificates[cid] = replace(stored, cert_pem="-----BEGIN CERTIFICATE-----\nx")
         answer = await reg.credentials(cid, key.public_key(), wait=0)
         assert answer.files is not None
         cred.verify_bundle(answer.files, Role.CC, key)
         assert serial_of(answer.files) != stored.serial
-    finally:
-        await reg.close()
 
 
 def test_an_unchanged_bundle_is_not_checked_against_the_agent_s_clock(
