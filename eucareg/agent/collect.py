@@ -274,7 +274,10 @@ def _accept(
     cloud = certificates.load_cert_pem(verified[cred.CLOUD_CERT])
     passed = _handover_of(files, cloud, time.time())
     if passed is not None:
-        verified[handover.HANDOVER] = passed.pem().encode()  # kept, and a CC hands it on
+        # Kept, and a CC hands it on. First in the bundle, so written before the CA it leads
+        # to: a CC serving its NCs from its key directory meanwhile never hands out the new
+        # CA without it.
+        verified = {handover.HANDOVER: passed.pem().encode(), **verified}
     if pin is not None:
         ca = certificates.cert_fingerprint(cloud)
         if ca != pin and (passed is None or passed.old_fingerprint != pin):

@@ -108,6 +108,9 @@ def test_the_cloud_ca_key_is_replaced_while_every_component_stays_registered(
     # A registrar restart during the overlap: the CC carries on handing over to its nodes.
     cloud.restart("cc")
     wait_until(lambda: moved(FIRST), 240, "every component to move to the new CA")
+    # A bundle's files are replaced one by one: the handover may land a moment after the rest.
+    holders = [cloud.key_dir(host) / handover.HANDOVER for host in ("cc", "node1", "node2")]
+    wait_until(lambda: all(p.exists() for p in holders), 60, "the handover on every host")
     for host in ("cc", "node1", "node2"):
         held = handover.parse((cloud.key_dir(host) / handover.HANDOVER).read_bytes())
         assert held.old_fingerprint == old_fp and held.new_fingerprint == new_fp
