@@ -274,10 +274,8 @@ def _accept(
     cloud = certificates.load_cert_pem(verified[cred.CLOUD_CERT])
     passed = _handover_of(files, cloud, time.time())
     if passed is not None:
-        # Kept, and a CC hands it on. First in the bundle, so written before the CA it leads
-        # to: a CC serving its NCs from its key directory meanwhile never hands out the new
-        # CA without it.
-        verified = {handover.HANDOVER: passed.pem().encode(), **verified}
+        # Kept, and a CC hands it on (written before the CA it leads to: cred.*_credentials).
+        verified[handover.HANDOVER] = passed.pem().encode()
     if pin is not None:
         ca = certificates.cert_fingerprint(cloud)
         if ca != pin and (passed is None or passed.old_fingerprint != pin):

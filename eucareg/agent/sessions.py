@@ -7,9 +7,13 @@ choice of source (by route) may be another of the host's addresses.
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import logging
 import socket
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,8 +23,32 @@ from eucareg.core.model import IPAddress
 log = logging.getLogger(__name__)
 
 # Linux: bind the address now and the port at connect(), so that binding first does not use
-# up ephemeral ports per address rather than per destination.
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+# up ephemeral ports per address rather than per destination. (24 is Linux's number only.)
+IP_BIND_ADDRESS_NO_PORT: int | None = getattr(
+    socket, "IP_BIND_ADDRESS_NO_PORT", 24 if sys.platform.startswith("linux") else None
+)
+NONLOCAL_BIND = {4: "/proc/sys/net/ipv4/ip_nonlocal_bind", 6: "/proc/sys/net/ipv6/ip_nonlocal_bind"}
+
+
+def nonlocal_bind(version: int) -> bool:
+    """Whether this namespace lets bind() take addresses it does not hold (keepalived and
+    haproxy hosts turn it on for floating addresses): then a bind that works proves nothing."""
+    try:
+        return Path(NONLOCAL_BIND[version]).read_text().strip() != "0"
+    except OSError:
+        return False
+
+
+def route_source_is(address: IPAddress) -> bool:
+    """Whether the route to `address` leaves from `address` itself, as it does for an address
+    assigned here (a UDP connect chooses the route and sends nothing)."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(address), 9))
+            return bool(ipaddress.ip_address(probe.getsockname()[0]) == address)
+    except (OSError, ValueError):
+        return False
 
 
 def socket_factory(address: IPAddress) -> Callable[[tuple[Any, ...]], socket.socket]:
@@ -39,9 +67,12 @@ def socket_factory(address: IPAddress) -> Callable[[tuple[Any, ...]], socket.soc
         if sock_family != family or not bindable:
             return sock
         # An older kernel refuses it: bind() then picks the port now, which works all the same.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        if IP_BIND_ADDRESS_NO_PORT is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         try:
+            if nonlocal_bind(address.version) and not route_source_is(address):
+                raise OSError(errno.EADDRNOTAVAIL, "not an address of this host (non-local bind)")
             sock.bind((str(address), 0))
         except OSError as exc:
             if (code := exc.errno or 0) not in warned:  # once per cause, not per connection

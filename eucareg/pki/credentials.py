@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from eucareg.core.model import Role
 
 from . import certificates, keypairs
+from .handover import HANDOVER
 from .names import CertIdentity, cert_identity
 
 
@@ -148,9 +149,10 @@ def verify_bundle(
 
 
 def write_credentials(key_dir: Path, role: Role, files: Mapping[str, bytes]) -> None:
-    """Write a verified bundle; the role's own certificate goes last, as the 'registered' mark."""
+    """Write a verified bundle; the role's own certificate goes last, as the 'registered' mark,
+    and a handover first, before the CA it leads to (a CC serves its NCs from these files)."""
     own_cert = LAYOUTS[role].cert
-    for name in sorted(files):
+    for name in sorted(files, key=lambda n: (n != HANDOVER, n)):
         if name != own_cert:
             write_atomic(key_dir / name, files[name])
     write_atomic(key_dir / own_cert, files[own_cert])
@@ -181,7 +183,7 @@ def update_credentials(key_dir: Path, role: Role, files: Mapping[str, bytes]) ->
     place throughout, so the component never looks unregistered (key presence)."""
     changed = differing(key_dir, files)
     own_cert = LAYOUTS[role].cert
-    for name in sorted(changed, key=lambda n: n == own_cert):
+    for name in sorted(changed, key=lambda n: (n == own_cert, n != HANDOVER)):
         write_atomic(key_dir / name, files[name])
     return sorted(changed)
 
